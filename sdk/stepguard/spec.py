@@ -1,0 +1,280 @@
+"""The step specification: what a secured step reads, writes, needs, and how it is isolated.
+
+A spec is plain data (frozen dataclasses), loaded strictly from YAML/JSON or built in Python. The
+same spec drives the in-process runner, the bubblewrap sandbox, the Kubernetes pod, the Airflow
+operators and the KFP components.
+
+>>> from stepguard.spec import StepSpec
+>>> spec = StepSpec.from_dict({
+...     "name": "train",
+...     "inputs": [{"name": "data", "path": "data/", "manifest": "data.manifest.json"}],
+...     "outputs": [{"name": "model", "path": "out/model"}],
+...     "isolation": {"mode": "sandbox", "network": "none"},
+...     "deadline_s": 600,
+... })
+>>> spec.inputs[0].manifest
+'data.manifest.json'
+>>> spec.isolation.mode
+'sandbox'
+>>> StepSpec.from_dict({"name": "x", "isolaton": {}})
+Traceback (most recent call last):
+...
+stepguard.errors.ConfigurationError: unknown setting: step.isolaton
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from stepguard._private.schema import from_mapping, to_plain
+from stepguard.errors import ConfigurationError
+
+__all__ = [
+    "CredentialKind",
+    "CredentialRequest",
+    "InputSpec",
+    "IsolationMode",
+    "IsolationSpec",
+    "OutputSpec",
+    "PublishSpec",
+    "RunContext",
+    "SigningSpec",
+    "StepSpec",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+IsolationMode = Literal["process", "sandbox", "pod"]
+CredentialKind = Literal["database", "aws_iam", "aws_sts", "aws_web_identity", "kv", "dynamic"]
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME.match(name):
+        raise ConfigurationError(
+            f"invalid {kind} name {name!r} (letters, digits, '_', '.', '-'; at most 63)",
+            subject=name,
+        )
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who is running: the pipeline run and the step, as the orchestrator names them.
+
+    Goes into child-token metadata, STS session names, span attributes and the receipt.
+
+    >>> ctx = RunContext(pipeline="train_dag", run_id="manual__1", step="train")
+    >>> ctx.labels()["stepguard.dev/step"]
+    'train'
+    """
+
+    pipeline: str = "adhoc"
+    run_id: str = field(default_factory=lambda: f"run-{uuid.uuid4().hex[:12]}")
+    step: str = "step"
+    try_number: int = 1
+    orchestrator: Literal["python", "cli", "airflow", "kfp"] = "python"
+
+    def labels(self) -> dict[str, str]:
+        """Kubernetes-label-safe identifiers of this run and step."""
+        def clean(v: str) -> str:
+            v = re.sub(r"[^A-Za-z0-9_.-]", "-", v)[:63].strip("-_.")
+            return v or "x"
+
+        return {
+            "stepguard.dev/pipeline": clean(self.pipeline),
+            "stepguard.dev/run": clean(self.run_id),
+            "stepguard.dev/step": clean(self.step),
+            "stepguard.dev/try": str(self.try_number),
+        }
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """An input the body reads. It must be verified before the body runs.
+
+    Exactly one reference to verify against is required: a ``manifest`` file, a producer's
+    ``receipt`` (with ``receipt_output`` naming the output, default: this input's name), or a
+    pinned ``digest`` (the manifest root digest, with the manifest from ``manifest``/``receipt``).
+    ``unsafe_unverified`` skips verification and is recorded as such in the receipt and audit.
+    """
+
+    name: str
+    path: str
+    manifest: str | None = None
+    receipt: str | None = None
+    receipt_output: str | None = None
+    digest: str | None = None
+    allow_internal_symlinks: bool = False
+    signature_policy: str | None = None
+    unsafe_unverified: bool = False
+
+    def __post_init__(self) -> None:
+        _check_name("input", self.name)
+        if not self.unsafe_unverified and not (self.manifest or self.receipt):
+            raise ConfigurationError(
+                "input has nothing to verify against (set 'manifest' or 'receipt')",
+                subject=f"inputs.{self.name}",
+                hint="set unsafe_unverified: true only for data you trust unconditionally",
+            )
+
+
+@dataclass(frozen=True)
+class PublishSpec:
+    """Where an output is published (and signed) after the body succeeds."""
+
+    name: str
+    version: str
+    registry: str | None = None  # file:///dir or s3://bucket/prefix; default from settings
+    sign: bool = True
+    provenance: bool = True
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """A directory or file the body writes; hashed into a manifest after the body."""
+
+    name: str
+    path: str
+    publish: PublishSpec | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("output", self.name)
+
+
+@dataclass(frozen=True)
+class CredentialRequest:
+    """A just-in-time credential the step needs, minted under the step's child token.
+
+    ``kind`` selects the secret engine; ``role`` the engine role (database role, AWS role, OIDC
+    role); ``path`` a KV path or generic dynamic path; ``delivery`` how the body receives it.
+    """
+
+    name: str
+    kind: CredentialKind
+    role: str | None = None
+    path: str | None = None
+    mount: str | None = None
+    params: Mapping[str, str] = field(default_factory=dict)
+    delivery: Literal["env", "file"] = "env"
+    env_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("credential", self.name)
+        if self.kind in ("kv", "dynamic") and not self.path:
+            raise ConfigurationError("'path' is required for this kind",
+                                     subject=f"credentials.{self.name}.path")
+        if self.kind in ("database", "aws_iam", "aws_sts", "aws_web_identity") and not self.role:
+            raise ConfigurationError("'role' is required for this kind",
+                                     subject=f"credentials.{self.name}.role")
+
+
+@dataclass(frozen=True)
+class IsolationSpec:
+    """How the body is isolated. One spec for the local sandbox and the Kubernetes pod.
+
+    ``network`` is ``"none"`` (default: loopback only, nothing of the host) or an allowlist of
+    ``host:port`` entries (pods: NetworkPolicy egress; the local sandbox cannot filter by host and
+    refuses an allowlist unless ``unsafe_host_network`` is set).
+    """
+
+    mode: IsolationMode = "sandbox"
+    network: Literal["none"] | tuple[str, ...] = "none"
+    unsafe_host_network: bool = False
+    gpus: int = 0
+    cpu: str | None = None
+    memory: str | None = None
+    pids_limit: int | None = 1024
+    uid: int = 65534
+    image: str | None = None
+    allow_unpinned_image: bool = False
+    runtime_class: str | None = None
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, str], ...] = ()
+    namespace: str | None = None
+    service_account: str | None = None
+    vault_kubernetes_auth: bool = False
+    read_only_paths: tuple[str, ...] = ()
+    scratch_size: str = "1Gi"
+
+    def __post_init__(self) -> None:
+        if self.gpus < 0:
+            raise ConfigurationError("must be >= 0", subject="isolation.gpus")
+        if self.uid == 0:
+            raise ConfigurationError("the body never runs as root", subject="isolation.uid")
+
+
+@dataclass(frozen=True)
+class SigningSpec:
+    """How outputs are signed when published (OpenSSF model-signing bundles).
+
+    ``signer`` is ``key`` (``key`` = path to a PEM private key), ``transit`` (``key`` = Vault
+    Transit key name) or ``sigstore`` (keyless; ``identity_token_env`` names the variable holding
+    an OIDC token, ``trust_config`` a private Sigstore trust config).
+    """
+
+    signer: Literal["key", "transit", "sigstore"]
+    key: str | None = None
+    identity_token_env: str | None = None
+    trust_config: str | None = None
+    transit_mount: str = "transit"
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A secured step: inputs, outputs, credentials, isolation, signing and a deadline."""
+
+    name: str
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[OutputSpec, ...] = ()
+    credentials: tuple[CredentialRequest, ...] = ()
+    policies: tuple[str, ...] = ()
+    isolation: IsolationSpec = field(default_factory=IsolationSpec)
+    signing: SigningSpec | None = None
+    deadline_s: float = 3600.0
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("step", self.name)
+        if not 0 < self.deadline_s <= 7 * 24 * 3600:
+            raise ConfigurationError("must be between 0 and 7 days", subject="step.deadline_s")
+        for kind, items in (("input", self.inputs), ("output", self.outputs),
+                            ("credential", self.credentials)):
+            names = [i.name for i in items]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ConfigurationError(f"duplicate {kind} name", subject=sorted(dup)[0])
+        for key in self.env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ConfigurationError("invalid environment variable name",
+                                         subject=f"step.env.{key}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepSpec:
+        """Build a spec from plain data, refusing unknown keys and wrong types."""
+        return from_mapping(cls, data, "step")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> StepSpec:
+        """Load a spec from a YAML or JSON file."""
+        import yaml
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read step spec ({exc.strerror})",
+                                     subject=str(p)) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigurationError("step spec is not valid YAML", subject=str(p),
+                                     details=[str(exc)]) from exc
+        return cls.from_dict(data if data is not None else {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (round-trips through :meth:`from_dict`)."""
+        out: dict[str, Any] = to_plain(self)
+        return out
