@@ -1,0 +1,216 @@
+"""Settings: where Vault is and how to log in, where the registry is, where audit goes.
+
+Read from a YAML file (``$STEPGUARD_CONFIG``, else ``./stepguard.yaml`` when present) and then
+from the environment, which wins. Unknown keys and wrong types are refused with an error naming
+the setting. Environment variables:
+
+* ``VAULT_ADDR`` / ``BAO_ADDR``, ``VAULT_NAMESPACE``, ``VAULT_CACERT`` -- the standard names;
+* ``STEPGUARD_<SECTION>_<KEY>`` for everything else, e.g. ``STEPGUARD_VAULT_AUTH=approle``,
+  ``STEPGUARD_REGISTRY_URL=s3://models/prod``, ``STEPGUARD_AUDIT_PATH=/var/log/sg.jsonl``.
+
+>>> from stepguard.settings import Settings
+>>> s = Settings.load(path=None, environ={"VAULT_ADDR": "http://127.0.0.1:8200",
+...                                       "STEPGUARD_AUDIT_EXPORTER": "none"})
+>>> s.vault.addr, s.audit.exporter
+('http://127.0.0.1:8200', 'none')
+>>> Settings.load(path=None, environ={"STEPGUARD_VAULT_TIMEOUT_S": "soon"})
+Traceback (most recent call last):
+...
+stepguard.errors.ConfigurationError: expected a number, got 'soon': vault.timeout_s
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from stepguard._private.schema import from_mapping, to_plain
+from stepguard.errors import ConfigurationError
+from stepguard.spec import IsolationMode
+
+__all__ = [
+    "AuditSettings",
+    "IsolationSettings",
+    "RegistrySettings",
+    "Settings",
+    "VaultSettings",
+]
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    """How to reach Vault/OpenBao and log in.
+
+    ``auth`` is ``token`` (development only: ``VAULT_TOKEN``), ``approle``, ``jwt`` or
+    ``kubernetes``; ``role`` is the auth role; ``jwt_path`` a file holding the JWT (e.g. a
+    projected service-account token).
+    """
+
+    addr: str | None = None
+    auth: Literal["token", "approle", "jwt", "kubernetes"] = "token"
+    role: str | None = None
+    mount: str | None = None
+    jwt_path: str | None = None
+    namespace: str | None = None
+    ca_cert: str | None = None
+    timeout_s: float = 10.0
+    ttl_margin_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.addr is not None and not self.addr.startswith(("http://", "https://")):
+            raise ConfigurationError("must start with http:// or https://", subject="vault.addr")
+        if self.timeout_s <= 0:
+            raise ConfigurationError("must be > 0", subject="vault.timeout_s")
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Default model/dataset registry: ``file:///dir`` or ``s3://bucket/prefix``."""
+
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("file://", "s3://")):
+            raise ConfigurationError("must be a file:// or s3:// URL", subject="registry.url")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Where audit spans go. ``jsonl`` (default) is the local tamper-evident log; ``otlp`` uses
+    the standard ``OTEL_EXPORTER_OTLP_*`` variables; ``both``; ``none`` disables auditing."""
+
+    exporter: Literal["jsonl", "otlp", "both", "none"] = "jsonl"
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class IsolationSettings:
+    """Defaults applied when a step spec does not say otherwise."""
+
+    default_mode: IsolationMode = "sandbox"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All stepguard settings. ``state_dir`` holds receipts, manifests and the audit log."""
+
+    vault: VaultSettings = field(default_factory=VaultSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    isolation: IsolationSettings = field(default_factory=IsolationSettings)
+    state_dir: str = ".stepguard"
+
+    @property
+    def audit_path(self) -> Path:
+        """The local audit log location (default: ``<state_dir>/audit/audit.jsonl``)."""
+        if self.audit.path:
+            return Path(self.audit.path)
+        return Path(self.state_dir) / "audit" / "audit.jsonl"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Settings:
+        """Build settings from plain data, refusing unknown keys and wrong types."""
+        return from_mapping(cls, data, "")
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | Literal["auto"] | None = "auto",
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Load settings from ``path`` (``"auto"``: ``$STEPGUARD_CONFIG`` or ``./stepguard.yaml``
+        when it exists; ``None``: no file) and then the environment."""
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        if path == "auto":
+            candidate = env.get("STEPGUARD_CONFIG")
+            if candidate:
+                path = candidate
+            elif Path("stepguard.yaml").is_file():
+                path = "stepguard.yaml"
+            else:
+                path = None
+        if path is not None:
+            data = _read_yaml(Path(path))
+        _merge(data, _from_environ(env))
+        return cls.from_dict(data)
+
+    def with_overrides(self, **sections: Any) -> Settings:
+        """A copy with whole sections replaced, e.g. ``s.with_overrides(audit=AuditSettings())``."""
+        return replace(self, **sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form; holds no secret (secrets never live in settings)."""
+        out: dict[str, Any] = to_plain(self)
+        return out
+
+
+_SECTIONS = {
+    "vault": VaultSettings,
+    "registry": RegistrySettings,
+    "audit": AuditSettings,
+    "isolation": IsolationSettings,
+}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read settings file ({exc.strerror})",
+                                 subject=str(path)) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigurationError("settings file is not valid YAML", subject=str(path),
+                                 details=[str(exc).splitlines()[0]]) from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigurationError("settings file must hold a mapping", subject=str(path))
+    return loaded
+
+
+def _from_environ(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    std = {
+        "VAULT_ADDR": ("vault", "addr"),
+        "VAULT_NAMESPACE": ("vault", "namespace"),
+        "VAULT_CACERT": ("vault", "ca_cert"),
+    }
+    if "BAO_ADDR" in env and "VAULT_ADDR" not in env:
+        out.setdefault("vault", {})["addr"] = env["BAO_ADDR"]
+    for var, (section, key) in std.items():
+        if env.get(var):
+            out.setdefault(section, {})[key] = env[var]
+    for var, value in env.items():
+        if not var.startswith("STEPGUARD_"):
+            continue
+        rest = var[len("STEPGUARD_"):].lower()
+        if rest == "state_dir":
+            out["state_dir"] = value
+            continue
+        match = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if match is None:
+            continue
+        section = match
+        key = rest[len(section) + 1:]
+        known = {f.name for f in fields(_SECTIONS[section])}
+        if key not in known:
+            raise ConfigurationError(
+                "unknown setting in environment", subject=var,
+                hint=f"known {section} settings: {', '.join(sorted(known))}",
+            )
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> None:
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
