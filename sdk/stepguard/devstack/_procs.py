@@ -1,0 +1,264 @@
+"""Starting and stopping the stack's processes by pid, and waiting for them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepguard.errors import ServiceError
+
+PROCS_FILE = "processes.json"
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One process the stack started (its own session, so its pid is also its group id)."""
+
+    name: str
+    pid: int
+    port: int
+    log: str
+    #: A substring of /proc/<pid>/cmdline: guards against killing a recycled pid.
+    marker: str
+    #: Signal that asks for a fast, clean shutdown.
+    stop_signal: int = signal.SIGTERM
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int, marker: str | None = None) -> bool:
+    """True if ``pid`` runs and (when given) its command line contains ``marker``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # A zombie has exited; only its parent's wait() is missing.
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        if marker is None:
+            return True
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except (OSError, IndexError):
+        return marker is None
+    return marker.encode() in cmdline
+
+
+# Lines in which services print credentials (the dev server prints its root token).
+_SECRET_LINE = re.compile(r"(root token|unseal key|password|secret|token)\s*[:=]", re.IGNORECASE)
+_REDACT: set[str] = set()
+
+
+def redact_in_logs(*values: str) -> None:
+    """Never show ``values`` in a log tail (error details are printed and logged)."""
+    _REDACT.update(v for v in values if v)
+
+
+def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    out = []
+    for raw in text.splitlines()[-lines:]:
+        line = raw
+        if _SECRET_LINE.search(line):
+            line = _SECRET_LINE.split(line, 1)[0] + "[redacted]"
+        for value in _REDACT:
+            line = line.replace(value, "[redacted]")
+        out.append(f"log: {line}")
+    return out
+
+
+class ProcessTable:
+    """The processes of one stack, persisted as soon as each one starts.
+
+    Writing every pid before waiting for readiness means ``down`` can stop a half-started
+    stack even if ``up`` itself was killed.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / PROCS_FILE
+        self.procs: dict[str, Proc] = {}
+        self._popen: dict[str, subprocess.Popen[bytes]] = {}
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ProcessTable:
+        table = cls(state_dir)
+        try:
+            raw = json.loads(table.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return table
+        except ValueError:
+            return table
+        for item in raw:
+            table.procs[item["name"]] = Proc(**item)
+        return table
+
+    def _save(self) -> None:
+        data = [p.__dict__ for p in self.procs.values()]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        port: int,
+        log: Path,
+        marker: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+        stop_signal: int = signal.SIGTERM,
+    ) -> Proc:
+        """Start ``argv`` detached (own session), output to ``log``; record its pid at once."""
+        try:
+            with open(log, "ab") as out:
+                popen = subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=dict(env) if env is not None else None,
+                    cwd=cwd,
+                    start_new_session=True,
+                    close_fds=True,
+                    user=user,
+                    group=user,
+                    extra_groups=[] if user else None,
+                )
+        except OSError as exc:
+            raise ServiceError(
+                f"could not start {name}", subject=str(argv[0]), details=(f"{type(exc).__name__}",),
+            ) from exc
+        proc = Proc(name, popen.pid, port, str(log), marker, int(stop_signal))
+        self.procs[name] = proc
+        self._popen[name] = popen
+        self._save()
+        return proc
+
+    def check_running(self, name: str) -> None:
+        """Raise ServiceError with the log tail if ``name`` has exited."""
+        proc = self.procs[name]
+        popen = self._popen.get(name)
+        exited = popen.poll() is not None if popen is not None else not pid_alive(proc.pid)
+        if exited:
+            code = popen.returncode if popen is not None else None
+            status = f" (status {code})" if code is not None else ""
+            raise ServiceError(
+                f"{name} exited during start-up{status}",
+                subject=name,
+                details=log_tail(proc.log),
+            )
+
+    def wait_ready(
+        self, name: str, probe: Callable[[], bool], *, timeout: float, what: str = "ready"
+    ) -> None:
+        """Poll ``probe`` until true; fail early if the process exits; bounded by ``timeout``."""
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            self.check_running(name)
+            if probe():
+                return
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"{name} was not {what} within {timeout:g}s",
+                    subject=name,
+                    details=log_tail(self.procs[name].log),
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def stop_all(self, *, timeout: float = 10.0) -> list[str]:
+        """Stop every recorded process (clean signal, then KILL); return problems found."""
+        problems: list[str] = []
+        # Reverse start order: clients of a service stop before it.
+        procs = list(self.procs.values())[::-1]
+        ours = {p.name for p in procs if p.name in self._popen or pid_alive(p.pid, p.marker)}
+        for proc in procs:
+            if proc.name in ours:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(proc.pid, proc.stop_signal)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            while pid_alive(proc.pid, proc.marker) and time.monotonic() < deadline:
+                self._reap(proc.name)
+                time.sleep(0.05)
+            if pid_alive(proc.pid, proc.marker):
+                problems.append(f"{proc.name} (pid {proc.pid}) ignored signal; killed")
+            # The whole session goes, so helpers a service forked cannot outlive it; only for
+            # pids proven ours, never a recycled one.
+            if proc.name in ours:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            self._reap(proc.name)
+        for proc in procs:
+            if proc.name not in ours:
+                continue
+            end = time.monotonic() + 5.0
+            while port_open(proc.port) and time.monotonic() < end:
+                time.sleep(0.05)
+            if port_open(proc.port):
+                problems.append(f"{proc.name}: port {proc.port} still accepts connections")
+        self.procs.clear()
+        self._popen.clear()
+        self.path.unlink(missing_ok=True)
+        return problems
+
+    def _reap(self, name: str) -> None:
+        popen = self._popen.get(name)
+        if popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=0)
+            return
+        # Started by this process through an earlier table (e.g. up() then down() in one
+        # test session): collect the exit status so no zombie is left.
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(self.procs[name].pid, os.WNOHANG)
+
+
+def http_responds(url: str, *, ok_only: bool = False) -> Callable[[], bool]:
+    """A probe: true once ``url`` answers HTTP (any status unless ``ok_only``)."""
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:  # noqa: S310 -- loopback http
+                return bool(resp.status < 400 or not ok_only)
+        except urllib.error.HTTPError as exc:
+            return not ok_only or exc.code < 400
+        except (OSError, ValueError):
+            return False
+
+    return probe
