@@ -1,0 +1,497 @@
+"""The secured step: one lifecycle, wherever the body runs.
+
+::
+
+    spec -> acquire credentials (child token + leases) -> verify inputs against manifests
+         -> run body isolated (process | sandbox | pod) -> hash outputs into manifests
+         -> sign + publish outputs -> revoke credentials -> receipt
+
+Every arrow is an audit span. Every failure is a typed error, raised only after cleanup
+(revocation, sandbox/pod removal, span flush) ran -- on success, exception, deadline and SIGTERM
+alike. The body never runs unless every input verified.
+
+>>> import tempfile, pathlib
+>>> from stepguard.step import run_step
+>>> from stepguard.spec import StepSpec
+>>> from stepguard.settings import Settings
+>>> tmp = pathlib.Path(tempfile.mkdtemp())
+>>> spec = StepSpec.from_dict({"name": "hello", "isolation": {"mode": "process"},
+...     "outputs": [{"name": "greeting", "path": str(tmp / "out")}]})
+>>> settings = Settings.from_dict({"state_dir": str(tmp / "state"), "audit": {"exporter": "none"}})
+>>> def body(env):
+...     (env.outputs["greeting"] / "hello.txt").write_text("hi")
+>>> receipt = run_step(spec, body=body, settings=settings)
+>>> receipt.status, receipt.output("greeting").files
+('succeeded', 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from stepguard.errors import (
+    BodyFailed,
+    ConfigurationError,
+    IntegrityError,
+    StepguardError,
+    StepTimeout,
+)
+from stepguard.receipt import (
+    ErrorRecord,
+    InputRecord,
+    LeaseRecord,
+    OutputRecord,
+    PublishRecord,
+    Receipt,
+)
+from stepguard.settings import Settings
+from stepguard.spec import InputSpec, OutputSpec, RunContext, StepSpec
+
+if TYPE_CHECKING:
+    from stepguard._private.audit_bridge import StepAudit
+
+__all__ = ["Step", "StepEnv", "StepSpec", "run_step"]
+
+Body = Callable[["StepEnv"], object]
+
+
+@dataclass(frozen=True)
+class StepEnv:
+    """What an in-process body receives: verified input paths, output dirs, credentials.
+
+    ``credentials`` maps each requested credential name to a mapping whose values never print.
+    """
+
+    inputs: Mapping[str, Path]
+    outputs: Mapping[str, Path]
+    credentials: Mapping[str, Any] = field(repr=False)
+    context: RunContext
+
+
+def env_name(kind: str, name: str) -> str:
+    """Environment variable carrying an input/output path to a command body.
+
+    >>> env_name("input", "train-data.v1")
+    'STEPGUARD_INPUT_TRAIN_DATA_V1'
+    """
+    return f"STEPGUARD_{kind.upper()}_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+class Step:
+    """A configured secured step. :meth:`run` executes the whole lifecycle once.
+
+    ``settings`` default to :meth:`Settings.load`; ``context`` names the pipeline run and step
+    (default: an ad-hoc run named after the spec).
+    """
+
+    def __init__(
+        self,
+        spec: StepSpec,
+        *,
+        settings: Settings | None = None,
+        context: RunContext | None = None,
+        tracer_provider: object | None = None,
+    ) -> None:
+        self.spec = spec
+        self.settings = settings if settings is not None else Settings.load()
+        self.context = context if context is not None else RunContext(step=spec.name)
+        self.tracer_provider = tracer_provider
+
+    def __repr__(self) -> str:
+        return f"Step({self.spec.name!r}, run={self.context.run_id!r})"
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's receipt and output manifests are written."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.context.run_id)
+        return Path(self.settings.state_dir).resolve() / "runs" / safe / self.spec.name
+
+    def run(
+        self,
+        *,
+        command: Sequence[str] | None = None,
+        body: Body | None = None,
+    ) -> Receipt:
+        """Run the lifecycle around ``command`` (argv) or ``body`` (a Python callable)."""
+        if (command is None) == (body is None):
+            raise ConfigurationError("give exactly one of 'command' or 'body'",
+                                     subject=self.spec.name)
+        if body is not None and self.spec.isolation.mode != "process":
+            raise ConfigurationError(
+                "a Python callable runs in this process; it cannot be sandboxed",
+                subject=f"{self.spec.name}.isolation.mode",
+                hint="set isolation.mode: process, or pass the body as a command",
+            )
+        from stepguard._private.audit_bridge import StepAudit
+
+        return _Run(self, StepAudit(self.settings, self.tracer_provider)).execute(command, body)
+
+
+def run_step(
+    spec: StepSpec,
+    *,
+    command: Sequence[str] | None = None,
+    body: Body | None = None,
+    context: RunContext | None = None,
+    settings: Settings | None = None,
+    tracer_provider: object | None = None,
+) -> Receipt:
+    """Run one secured step and return its receipt (see the module docs for an example).
+
+    Raises the typed error of the first failing stage (:class:`~stepguard.errors.IntegrityError`,
+    :class:`~stepguard.errors.BodyFailed`, :class:`~stepguard.errors.StepTimeout`, ...) after
+    cleanup; the failed step's receipt is attached to it as ``err.receipt``.
+    """
+    step = Step(spec, settings=settings, context=context, tracer_provider=tracer_provider)
+    return step.run(command=command, body=body)
+
+
+class _Run:
+    """State of one execution; kept out of the public :class:`Step`."""
+
+    def __init__(self, step: Step, audit: StepAudit) -> None:
+        self.step = step
+        self.spec = step.spec
+        self.ctx = step.context
+        self.settings = step.settings
+        self.audit = audit
+        self.timings: dict[str, float] = {}
+        self.inputs: list[InputRecord] = []
+        self.outputs: list[OutputRecord] = []
+        self.leases: tuple[LeaseRecord, ...] = ()
+        self.isolation: dict[str, str] = {"mode": self.spec.isolation.mode}
+        self.started = datetime.now(UTC)
+        self.deadline = time.monotonic() + self.spec.deadline_s
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round((time.perf_counter() - t0) * 1000, 3)
+
+    def execute(self, command: Sequence[str] | None, body: Body | None) -> Receipt:
+        error: BaseException | None = None
+        run_dir = self.step.run_dir
+        try:
+            with self.audit.step(self.spec, self.ctx):
+                try:
+                    self._lifecycle(command, body, run_dir)
+                finally:
+                    self.isolation["trace_id"] = self.audit.trace_id or ""
+        except BaseException as exc:
+            error = exc
+        receipt = self._receipt(error)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "receipt.json").write_text(receipt.to_json(indent=2) + "\n")
+        except OSError:
+            if error is None:
+                raise
+        self.audit.flush()
+        if error is not None:
+            if isinstance(error, StepguardError):
+                error.receipt = receipt  # type: ignore[attr-defined]
+            raise error
+        return receipt
+
+    # -- the stages -----------------------------------------------------------------------
+
+    def _lifecycle(self, command: Sequence[str] | None, body: Body | None, run_dir: Path) -> None:
+        out_paths = self._prepare_outputs()
+        with self._credentials() as session:
+            verified = self._verify_inputs()
+            self._run_body(command, body, verified, out_paths, session)
+            manifests = self._hash_outputs(out_paths, run_dir)
+            self._publish(manifests)
+
+    def _prepare_outputs(self) -> dict[str, Path]:
+        paths: dict[str, Path] = {}
+        for out in self.spec.outputs:
+            p = Path(out.path).absolute()
+            if p.is_symlink() or (p.exists() and not p.is_dir()):
+                raise ConfigurationError("output path must be a directory", subject=str(p))
+            if p.is_dir() and any(p.iterdir()):
+                raise ConfigurationError(
+                    "output directory is not empty: stale files would be published as this "
+                    "run's output", subject=str(p),
+                    hint="use a fresh directory per run, e.g. one that includes the run id",
+                )
+            p.mkdir(parents=True, exist_ok=True)
+            paths[out.name] = p
+        return paths
+
+    @contextlib.contextmanager
+    def _credentials(self) -> Iterator[Any]:
+        if not self.spec.credentials:
+            yield None
+            return
+        from stepguard.credentials import open_session
+
+        ttl = self.spec.deadline_s + self.settings.vault.ttl_margin_s
+        session_cm = open_session(
+            self.spec.credentials,
+            settings=self.settings,
+            context=self.ctx,
+            ttl_s=ttl,
+            policies=self.spec.policies,
+        )
+        with self.audit.control("credentials", "acquire"), self._timed("credentials_acquire"):
+            session = session_cm.__enter__()
+        exc_info: tuple[Any, Any, Any] = (None, None, None)
+        try:
+            self.leases = tuple(_lease_record(r) for r in session.leases)
+            yield session
+        except BaseException as exc:
+            exc_info = (type(exc), exc, exc.__traceback__)
+            raise
+        finally:
+            with self.audit.control("credentials", "revoke"), self._timed("credentials_revoke"):
+                session_cm.__exit__(*exc_info)
+                self.leases = tuple(_lease_record(r) for r in session.leases)
+                for rec in self.leases:
+                    done = bool(rec.revoked) or not rec.revocable
+                    self.audit.verdict("credentials.revoked", done,
+                                       lease=rec.lease or "", kind=rec.kind)
+
+    def _verify_inputs(self) -> dict[str, Path]:
+        verified: dict[str, Path] = {}
+        with self._timed("verify_inputs"):
+            for inp in self.spec.inputs:
+                with self.audit.control("integrity", "verify", input=inp.name):
+                    record, path = self._verify_one(inp)
+                    self.audit.verdict("integrity.verified", record.verified,
+                                       input=inp.name, digest=record.digest or "")
+                self.inputs.append(record)
+                verified[inp.name] = path
+        return verified
+
+    def _verify_one(self, inp: InputSpec) -> tuple[InputRecord, Path]:
+        path = Path(inp.path).absolute()
+        if inp.unsafe_unverified:
+            warnings.warn(f"input {inp.name!r} is used without verification (unsafe_unverified)",
+                          stacklevel=4)
+            return InputRecord(name=inp.name, path=str(path), digest=None, verified=False,
+                               source="unverified"), path
+        from stepguard.integrity import Manifest, verify_manifest
+
+        if inp.receipt:
+            producer = Receipt.load(inp.receipt)
+            out = producer.output(inp.receipt_output or inp.name)
+            manifest = _load_manifest(Manifest, Path(out.manifest))
+            if manifest.digest != out.digest:
+                raise IntegrityError(
+                    "manifest does not match the producer's receipt", subject=out.manifest,
+                    details=[f"receipt: {out.digest}", f"manifest: {manifest.digest}"],
+                )
+            source = f"receipt:{inp.receipt}#{out.name}"
+        else:
+            assert inp.manifest is not None  # guaranteed by InputSpec
+            manifest = _load_manifest(Manifest, Path(inp.manifest))
+            source = f"manifest:{inp.manifest}"
+        if inp.digest and manifest.digest != inp.digest:
+            raise IntegrityError("manifest root digest differs from the pinned digest",
+                                 subject=inp.name,
+                                 details=[f"pinned: {inp.digest}", f"manifest: {manifest.digest}"])
+        signer = None
+        if inp.signature_policy:
+            from stepguard._private.publishing import verify_input_signature
+
+            signer = verify_input_signature(inp, manifest, self.settings)
+        verify_manifest(path, manifest, allow_internal_symlinks=inp.allow_internal_symlinks)
+        return InputRecord(
+            name=inp.name, path=str(path), digest=manifest.digest, verified=True,
+            files=len(manifest.entries), bytes=sum(e.size for e in manifest.entries),
+            source=source, signer=signer,
+        ), path
+
+    def _remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise StepTimeout("step deadline passed before the body started",
+                              subject=self.spec.name)
+        return left
+
+    def _run_body(
+        self,
+        command: Sequence[str] | None,
+        body: Body | None,
+        inputs: Mapping[str, Path],
+        outputs: Mapping[str, Path],
+        session: Any,
+    ) -> None:
+        mode = self.spec.isolation.mode
+        with self.audit.control("isolation", "run", mode=mode), self._timed("body"):
+            if body is not None:
+                creds = dict(session.values) if session is not None else {}
+                env = StepEnv(inputs=dict(inputs), outputs=dict(outputs), credentials=creds,
+                              context=self.ctx)
+                _call_with_deadline(body, env, self._remaining(), self.spec.name)
+                return
+            assert command is not None
+            from stepguard.isolation import run_isolated
+
+            child_env = dict(self.spec.env)
+            for name, p in inputs.items():
+                child_env[env_name("input", name)] = str(p)
+            for name, p in outputs.items():
+                child_env[env_name("output", name)] = str(p)
+            child_env["STEPGUARD_RUN_ID"] = self.ctx.run_id
+            child_env["STEPGUARD_STEP"] = self.spec.name
+            child_env.update(self.audit.trace_env())
+            secret_files: dict[str, bytes] | None = None
+            if session is not None:
+                child_env.update(session.env())
+                secret_files = getattr(session, "file_payloads", lambda: None)()
+            result = run_isolated(
+                list(command),
+                self.spec.isolation,
+                ro_binds={str(p): str(p) for p in inputs.values()},
+                rw_binds={str(p): str(p) for p in outputs.values()},
+                env=child_env,
+                secret_files=secret_files,
+                deadline_s=self._remaining(),
+                cwd=self.spec.workdir,
+            )
+            self.isolation["exit_code"] = str(result.exit_code)
+            if result.exit_code != 0:
+                raise BodyFailed(f"step body exited with status {result.exit_code}",
+                                 subject=self.spec.name)
+
+    def _hash_outputs(self, outputs: Mapping[str, Path], run_dir: Path) -> dict[str, Any]:
+        if not outputs:
+            return {}
+        from stepguard.integrity import create_manifest
+
+        manifests: dict[str, Any] = {}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with self._timed("hash_outputs"):
+            for out in self.spec.outputs:
+                with self.audit.control("integrity", "hash", output=out.name):
+                    manifest = create_manifest(outputs[out.name])
+                    mpath = run_dir / f"{out.name}.manifest.json"
+                    mpath.write_text(manifest.to_json())
+                    self.audit.artifact(out.name, manifest.digest)
+                manifests[out.name] = manifest
+                self.outputs.append(OutputRecord(
+                    name=out.name, path=str(outputs[out.name]), digest=manifest.digest,
+                    manifest=str(mpath), files=len(manifest.entries),
+                    bytes=sum(e.size for e in manifest.entries),
+                ))
+        return manifests
+
+    def _publish(self, manifests: Mapping[str, Any]) -> None:
+        todo = [o for o in self.spec.outputs if o.publish is not None]
+        if not todo:
+            return
+        from stepguard._private.publishing import publish_output
+
+        with self._timed("publish"):
+            for out in todo:
+                with self.audit.control("registry", "publish", output=out.name):
+                    record = publish_output(out, manifests[out.name], self.spec, self.settings,
+                                            self._partial_receipt())
+                self._attach(out, record)
+
+    def _attach(self, out: OutputSpec, record: PublishRecord) -> None:
+        for i, rec in enumerate(self.outputs):
+            if rec.name == out.name:
+                self.outputs[i] = OutputRecord(
+                    name=rec.name, path=rec.path, digest=rec.digest, manifest=rec.manifest,
+                    files=rec.files, bytes=rec.bytes, published=record,
+                )
+
+    # -- the receipt ----------------------------------------------------------------------
+
+    def _partial_receipt(self) -> Receipt:
+        return self._receipt(None)
+
+    def _receipt(self, error: BaseException | None) -> Receipt:
+        err = None
+        if error is not None:
+            if isinstance(error, StepguardError):
+                err = ErrorRecord(type=type(error).__name__, message=error.message,
+                                  subject=error.subject)
+            else:
+                # Foreign exceptions may carry anything in their text: record only the type.
+                err = ErrorRecord(type=type(error).__name__, message="step body raised")
+        return Receipt(
+            step=self.spec.name,
+            context=self.ctx,
+            status="failed" if error is not None else "succeeded",
+            inputs=tuple(self.inputs),
+            outputs=tuple(self.outputs),
+            credentials=self.leases,
+            isolation=dict(self.isolation),
+            trace_id=self.audit.trace_id,
+            started_at=self.started.isoformat(),
+            finished_at=datetime.now(UTC).isoformat(),
+            timings_ms=dict(self.timings),
+            error=err,
+        )
+
+
+def _load_manifest(manifest_cls: Any, path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read manifest ({exc.strerror})",
+                                 subject=str(path)) from exc
+    return manifest_cls.from_json(text)
+
+
+def _lease_record(rec: Any) -> LeaseRecord:
+    if isinstance(rec, LeaseRecord):
+        return rec
+    to_dict = getattr(rec, "to_receipt", None)
+    if callable(to_dict):
+        out = to_dict()
+        if isinstance(out, LeaseRecord):
+            return out
+    raise TypeError(f"unsupported lease record {type(rec).__name__}")
+
+
+def _call_with_deadline(body: Body, env: StepEnv, seconds: float, name: str) -> None:
+    """Run an in-process body; in the main thread the deadline interrupts it (SIGALRM)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    if not in_main or not hasattr(signal, "setitimer"):
+        t0 = time.monotonic()
+        _call(body, env, name)
+        if time.monotonic() - t0 > seconds:
+            raise StepTimeout("step body exceeded its deadline", subject=name)
+        return
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise StepTimeout("step body exceeded its deadline and was interrupted", subject=name)
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        _call(body, env, name)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _call(body: Body, env: StepEnv, name: str) -> None:
+    try:
+        body(env)
+    except StepguardError:
+        raise
+    except Exception as exc:
+        # The body's own exception text may hold data; keep the type, chain the original.
+        raise BodyFailed(f"step body raised {type(exc).__name__}", subject=name) from exc
+
+

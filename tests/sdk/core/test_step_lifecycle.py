@@ -1,0 +1,204 @@
+"""The step lifecycle: ordering, verification before the body, receipts, cleanup on every path."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from stepguard.errors import BodyFailed, ConfigurationError, IntegrityError, StepTimeout
+from stepguard.integrity import create_manifest
+from stepguard.receipt import Receipt
+from stepguard.settings import Settings
+from stepguard.spec import RunContext, StepSpec
+from stepguard.step import run_step
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings.from_dict({"state_dir": str(tmp_path / "state"), "audit": {"exporter": "none"}})
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "train.csv").write_text("x,y\n1,2\n3,4\n")
+    (data / "sub" / "labels.txt").write_text("a\nb\n")
+    manifest = tmp_path / "data.manifest.json"
+    manifest.write_text(create_manifest(data).to_json())
+    return data, manifest
+
+
+def _spec(tmp_path: Path, data: Path, manifest: Path, **extra: object) -> StepSpec:
+    return StepSpec.from_dict({
+        "name": "train",
+        "inputs": [{"name": "data", "path": str(data), "manifest": str(manifest)}],
+        "outputs": [{"name": "model", "path": str(tmp_path / "out" / "model")}],
+        "isolation": {"mode": "process"},
+        **extra,
+    })
+
+
+def test_success_verifies_runs_hashes_and_writes_receipt(tmp_path, settings, dataset):
+    data, manifest = dataset
+    seen: dict[str, object] = {}
+
+    def body(env):
+        seen["input"] = env.inputs["data"]
+        rows = (env.inputs["data"] / "train.csv").read_text().splitlines()
+        (env.outputs["model"] / "weights.json").write_text(json.dumps({"rows": len(rows)}))
+
+    ctx = RunContext(pipeline="p1", run_id="run-1", step="train")
+    receipt = run_step(_spec(tmp_path, data, manifest), body=body, settings=settings, context=ctx)
+
+    assert receipt.status == "succeeded"
+    assert seen["input"] == data
+    [inp] = receipt.inputs
+    assert inp.verified and inp.digest == create_manifest(data).digest and inp.files == 2
+    out = receipt.output("model")
+    assert out.files == 1 and out.digest.startswith("sha256:")
+    assert Path(out.manifest).is_file()
+    on_disk = Receipt.load(Path(settings.state_dir) / "runs" / "run-1" / "train" / "receipt.json")
+    assert on_disk == receipt
+    assert set(receipt.timings_ms) >= {"verify_inputs", "body", "hash_outputs"}
+
+
+def test_consumer_verifies_inputs_against_producer_receipt(tmp_path, settings, dataset):
+    data, manifest = dataset
+
+    def produce(env):
+        (env.outputs["model"] / "w.bin").write_bytes(b"\x00" * 1000)
+
+    producer = run_step(_spec(tmp_path, data, manifest), body=produce, settings=settings,
+                        context=RunContext(run_id="r2", step="train"))
+    rpath = tmp_path / "producer-receipt.json"
+    rpath.write_text(producer.to_json())
+    model_dir = Path(producer.output("model").path)
+
+    consumer = StepSpec.from_dict({
+        "name": "evaluate", "isolation": {"mode": "process"},
+        "inputs": [{"name": "model", "path": str(model_dir), "receipt": str(rpath)}],
+    })
+    ran = []
+    r = run_step(consumer, body=lambda env: ran.append(1), settings=settings,
+                 context=RunContext(run_id="r2", step="evaluate"))
+    assert ran == [1]
+    assert r.inputs[0].digest == producer.output("model").digest
+    assert r.inputs[0].source.startswith("receipt:")
+
+    # Chain of custody: a byte changed between producer and consumer stops the consumer.
+    (model_dir / "w.bin").write_bytes(b"\x01" + b"\x00" * 999)
+    with pytest.raises(IntegrityError) as info:
+        run_step(consumer, body=lambda env: ran.append(2), settings=settings,
+                 context=RunContext(run_id="r3", step="evaluate"))
+    assert ran == [1]
+    assert "w.bin" in info.value.diagnostics()
+
+
+def test_swapped_manifest_not_matching_receipt_is_refused(tmp_path, settings, dataset):
+    data, manifest = dataset
+    producer = run_step(_spec(tmp_path, data, manifest),
+                        body=lambda env: (env.outputs["model"] / "a").write_text("1"),
+                        settings=settings, context=RunContext(run_id="r4", step="train"))
+    out = producer.output("model")
+    # An attacker rewrites both the model and its manifest file; the receipt still pins the digest.
+    (Path(out.path) / "a").write_text("2")
+    Path(out.manifest).write_text(create_manifest(Path(out.path)).to_json())
+    rpath = tmp_path / "r.json"
+    rpath.write_text(producer.to_json())
+    consumer = StepSpec.from_dict({"name": "use", "isolation": {"mode": "process"},
+                                   "inputs": [{"name": "model", "path": out.path, "receipt": str(rpath)}]})
+    with pytest.raises(IntegrityError, match="producer's receipt"):
+        run_step(consumer, body=lambda env: None, settings=settings)
+
+
+@pytest.mark.parametrize("attack", ["modify", "add", "remove"])
+def test_tampered_input_stops_step_before_body(tmp_path, settings, dataset, attack):
+    data, manifest = dataset
+    if attack == "modify":
+        (data / "train.csv").write_text("x,y\n1,2\n3,5\n")
+    elif attack == "add":
+        (data / "poison.csv").write_text("evil\n")
+    else:
+        (data / "sub" / "labels.txt").unlink()
+    ran = []
+    with pytest.raises(IntegrityError) as info:
+        run_step(_spec(tmp_path, data, manifest), body=lambda env: ran.append(1), settings=settings,
+                 context=RunContext(run_id=f"t-{attack}", step="train"))
+    assert ran == [], "the body ran on unverified data"
+    err = info.value
+    assert err.receipt.status == "failed"
+    assert err.receipt.error.type == "IntegrityError"
+    assert any(n in err.diagnostics() for n in ("train.csv", "poison.csv", "labels.txt"))
+    # the failed receipt is on disk too, and no output manifest was produced
+    assert Receipt.load(Path(settings.state_dir) / "runs" / f"t-{attack}" / "train" / "receipt.json").status == "failed"
+    assert err.receipt.outputs == ()
+
+
+def test_pinned_digest_mismatch_is_refused(tmp_path, settings, dataset):
+    data, manifest = dataset
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "process"},
+        "inputs": [{"name": "data", "path": str(data), "manifest": str(manifest),
+                    "digest": "sha256:" + "0" * 64}],
+    })
+    with pytest.raises(IntegrityError, match="pinned digest"):
+        run_step(spec, body=lambda env: None, settings=settings)
+
+
+def test_body_exception_is_typed_and_keeps_text_out_of_receipt(tmp_path, settings, dataset):
+    data, manifest = dataset
+
+    def body(env):
+        raise RuntimeError("password=hunter2-canary")
+
+    with pytest.raises(BodyFailed) as info:
+        run_step(_spec(tmp_path, data, manifest), body=body, settings=settings)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "hunter2" not in info.value.receipt.to_json()
+    assert "hunter2" not in str(info.value)
+
+
+def test_in_process_deadline_interrupts_body(tmp_path, settings, dataset):
+    data, manifest = dataset
+    spec = _spec(tmp_path, data, manifest, deadline_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(StepTimeout):
+        run_step(spec, body=lambda env: time.sleep(30), settings=settings)
+    assert time.monotonic() - t0 < 5
+
+
+def test_non_empty_output_dir_is_refused(tmp_path, settings, dataset):
+    data, manifest = dataset
+    stale = tmp_path / "out" / "model"
+    stale.mkdir(parents=True)
+    (stale / "old.bin").write_text("from a previous run")
+    ran = []
+    with pytest.raises(ConfigurationError, match="not empty"):
+        run_step(_spec(tmp_path, data, manifest), body=lambda env: ran.append(1), settings=settings)
+    assert ran == []
+
+
+def test_callable_body_cannot_claim_sandbox(tmp_path, settings, dataset):
+    data, manifest = dataset
+    spec = StepSpec.from_dict({"name": "s", "isolation": {"mode": "sandbox"}})
+    with pytest.raises(ConfigurationError, match="cannot be sandboxed"):
+        run_step(spec, body=lambda env: None, settings=settings)
+
+
+def test_input_without_verification_reference_is_refused():
+    with pytest.raises(ConfigurationError, match="nothing to verify against") as info:
+        StepSpec.from_dict({"name": "s", "inputs": [{"name": "d", "path": "/data"}]})
+    assert info.value.subject == "inputs.d"
+
+
+def test_unsafe_unverified_input_is_recorded_and_warns(tmp_path, settings, dataset):
+    data, _ = dataset
+    spec = StepSpec.from_dict({"name": "s", "isolation": {"mode": "process"},
+                               "inputs": [{"name": "d", "path": str(data), "unsafe_unverified": True}]})
+    with pytest.warns(UserWarning, match="without verification"):
+        r = run_step(spec, body=lambda env: None, settings=settings)
+    assert r.inputs[0].verified is False and r.inputs[0].source == "unverified"
