@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exec", help="run a command as a secured step (the step runner)")
     p.add_argument("--spec", required=True, help="step spec (YAML or JSON)")
-    p.add_argument("--settings", help="settings file (default: $STEPGUARD_CONFIG or ./stepguard.yaml)")
+    p.add_argument("--settings",
+                   help="settings file (default: $STEPGUARD_CONFIG or ./stepguard.yaml)")
     p.add_argument("--pipeline", default=os.environ.get("STEPGUARD_PIPELINE", "adhoc"))
     p.add_argument("--run-id", default=os.environ.get("STEPGUARD_RUN_ID"))
     p.add_argument("--step-id", default=None, help="step id (default: the spec name)")
@@ -59,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_exec)
 
     p = sub.add_parser("demo", help="run the secured example pipeline end to end and report")
-    p.add_argument("--workdir", default=None, help="where to put the demo run (default: .stepguard/demo)")
+    p.add_argument("--workdir", default=None,
+                   help="where to put the demo run (default: .stepguard/demo)")
     p.add_argument("--tampered", action="store_true",
                    help="tamper with the dataset after it was published: the pipeline must stop")
     p.add_argument("--keep-services", action="store_true", help="leave the dev stack running")
