@@ -1,0 +1,360 @@
+"""The manifest value: entries, root digest, JSON (in-toto Statement v1) and sha256sum export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stepguard.errors import ManifestError
+from stepguard.integrity._paths import find_collisions, path_problems
+
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "PREDICATE_TYPE",
+    "STATEMENT_TYPE",
+    "Manifest",
+    "ManifestEntry",
+    "expected_scheme",
+    "root_digest_of",
+]
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://stepguard.dev/manifest/v1"
+
+#: Files larger than this are hashed as independent shards of this size (SHA-256 only).
+#: 64 MiB keeps a 1.5 GiB file in 24 pieces (enough to feed many cores) and equals an S3
+#: multipart part size, so an upload with this part size has a composite checksum equal to
+#: the sharded digest.
+DEFAULT_SHARD_SIZE = 64 * 1024 * 1024
+
+ALGORITHMS = ("sha256", "blake3")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_MAX_SIZE = 2**63 - 1
+
+
+def expected_scheme(algorithm: str, params: Mapping[str, Any], size: int) -> str:
+    """The digest scheme an entry of ``size`` bytes must use under ``algorithm``/``params``.
+
+    ``sha256``: plain SHA-256 of the bytes. ``sha256-sharded``: SHA-256 over the concatenated raw
+    SHA-256 digests of consecutive ``shard_size`` pieces (the S3 multipart composite rule).
+    """
+    if algorithm == "sha256":
+        shard = int(params.get("shard_size", 0))
+        if shard and size > shard:
+            return "sha256-sharded"
+        return "sha256"
+    return algorithm
+
+
+@dataclass(frozen=True, order=True)
+class ManifestEntry:
+    """One file: relative POSIX ``path``, ``size`` in bytes and ``digest`` as ``scheme:hex``."""
+
+    path: str
+    size: int
+    digest: str
+
+    @property
+    def scheme(self) -> str:
+        """The digest scheme, e.g. ``sha256``, ``sha256-sharded`` or ``blake3``."""
+        return self.digest.partition(":")[0]
+
+    @property
+    def hexdigest(self) -> str:
+        """The digest without its scheme prefix."""
+        return self.digest.partition(":")[2]
+
+
+def _canonical(
+    algorithm: str, params: Mapping[str, Any], entries: Iterable[ManifestEntry]
+) -> bytes:
+    doc = {
+        "algorithm": algorithm,
+        "params": dict(params),
+        "entries": [[e.path, e.size, e.digest] for e in entries],
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def root_digest_of(
+    algorithm: str, params: Mapping[str, Any], entries: Iterable[ManifestEntry]
+) -> str:
+    """Root digest: SHA-256 of the canonical JSON of algorithm, params and sorted entries."""
+    return "sha256:" + hashlib.sha256(_canonical(algorithm, params, entries)).hexdigest()
+
+
+def _param_problems(algorithm: str, params: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    if algorithm not in ALGORITHMS:
+        return [f"unknown algorithm {algorithm!r} (expected one of {', '.join(ALGORITHMS)})"]
+    allowed = {"root", "shard_size"} if algorithm == "sha256" else {"root"}
+    for key in sorted(set(params) - allowed):
+        problems.append(f"unknown parameter {key!r} for {algorithm}")
+    for key in sorted(allowed - set(params)):
+        problems.append(f"missing parameter {key!r}")
+    if params.get("root", "directory") not in ("directory", "file"):
+        problems.append("parameter 'root' must be 'directory' or 'file'")
+    if "shard_size" in params:
+        shard = params["shard_size"]
+        if type(shard) is not int or shard < 0 or (0 < shard < 1024 * 1024):
+            problems.append("parameter 'shard_size' must be 0 or an integer >= 1 MiB")
+    return problems
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A content manifest: every file's path, size and digest, plus one root digest.
+
+    Construction validates everything (unsafe paths, duplicates, collisions, digest formats, the
+    root digest), so a ``Manifest`` object is always safe to use. Invalid input raises
+    :class:`~stepguard.errors.ManifestError` naming the bad entry.
+
+    >>> import tempfile, pathlib
+    >>> from stepguard.integrity import create_manifest, Manifest
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "a.txt").write_text("hello\\n")
+    >>> m = create_manifest(d)
+    >>> [(e.path, e.size) for e in m.entries]
+    [('a.txt', 6)]
+    >>> Manifest.from_json(m.to_json()) == m
+    True
+    >>> m.digest.startswith("sha256:")
+    True
+    """
+
+    algorithm: str
+    params: Mapping[str, Any]
+    entries: tuple[ManifestEntry, ...]
+    root_digest: str = field(default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "entries", tuple(self.entries))
+        expected_root = _validate(self.algorithm, self.params, self.entries)
+        if not self.root_digest:
+            object.__setattr__(self, "root_digest", expected_root)
+        elif self.root_digest != expected_root:
+            raise ManifestError(
+                "manifest root digest does not match its entries",
+                subject=self.root_digest,
+                details=(f"recorded {self.root_digest}", f"computed {expected_root}"),
+            )
+
+    @property
+    def digest(self) -> str:
+        """The root digest (``sha256:<hex>``): what receipts and audit spans record."""
+        return self.root_digest
+
+    @property
+    def total_size(self) -> int:
+        """Sum of all entry sizes in bytes."""
+        return sum(e.size for e in self.entries)
+
+    def __hash__(self) -> int:
+        return hash(self.root_digest)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        return self.root_digest == other.root_digest and self.entries == other.entries
+
+    # -- JSON -----------------------------------------------------------------------------------
+
+    def to_statement(self) -> dict[str, Any]:
+        """The manifest as an in-toto Statement v1 dictionary (subjects = files)."""
+        return {
+            "_type": STATEMENT_TYPE,
+            "subject": [
+                {
+                    "name": e.path,
+                    "digest": {e.scheme: e.hexdigest},
+                    "annotations": {"size": e.size},
+                }
+                for e in self.entries
+            ],
+            "predicateType": PREDICATE_TYPE,
+            "predicate": {
+                "algorithm": self.algorithm,
+                "params": dict(self.params),
+                "rootDigest": self.root_digest,
+            },
+        }
+
+    def to_json(self) -> str:
+        """Deterministic JSON text (an in-toto Statement v1) ending in a newline."""
+        return json.dumps(self.to_statement(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse and strictly validate manifest JSON; raise ManifestError naming the bad entry."""
+        try:
+            doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as exc:
+            raise ManifestError("manifest JSON repeats a key", subject=str(exc)) from exc
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestError("manifest is not valid JSON", details=(str(exc),)) from exc
+        return cls.from_statement(doc)
+
+    @classmethod
+    def from_statement(cls, doc: object) -> Manifest:
+        """Build from an already-parsed in-toto Statement dictionary (strictly validated)."""
+        if not isinstance(doc, dict):
+            raise ManifestError("manifest must be a JSON object")
+        if set(doc) != {"_type", "subject", "predicateType", "predicate"}:
+            raise ManifestError(
+                "manifest must have exactly _type, subject, predicateType, predicate",
+                details=tuple(f"key: {k}" for k in sorted(map(str, doc))),
+            )
+        if doc["_type"] != STATEMENT_TYPE:
+            raise ManifestError("manifest _type is not an in-toto Statement v1",
+                                subject=str(doc["_type"]))
+        if doc["predicateType"] != PREDICATE_TYPE:
+            raise ManifestError("unsupported predicateType", subject=str(doc["predicateType"]))
+        pred = doc["predicate"]
+        if not isinstance(pred, dict) or set(pred) != {"algorithm", "params", "rootDigest"}:
+            raise ManifestError("predicate must have exactly algorithm, params, rootDigest")
+        algorithm, params, root = pred["algorithm"], pred["params"], pred["rootDigest"]
+        if not isinstance(algorithm, str) or not isinstance(params, dict):
+            raise ManifestError("predicate algorithm/params have the wrong type")
+        if not isinstance(root, str) or not root.startswith("sha256:") or not _HEX64.fullmatch(
+            root[7:]
+        ):
+            raise ManifestError("rootDigest must be sha256:<64 lowercase hex>", subject=str(root))
+        subjects = doc["subject"]
+        if not isinstance(subjects, list):
+            raise ManifestError("subject must be a list")
+        entries: list[ManifestEntry] = []
+        bad: list[str] = []
+        for i, s in enumerate(subjects):
+            name = s.get("name") if isinstance(s, dict) else None
+            label = repr(name) if isinstance(name, str) else f"subject[{i}]"
+            if not isinstance(s, dict) or set(s) != {"name", "digest", "annotations"}:
+                bad.append(f"{label}: must have exactly name, digest, annotations")
+                continue
+            dig, ann = s["digest"], s["annotations"]
+            if not isinstance(name, str):
+                bad.append(f"{label}: name is not a string")
+                continue
+            if not isinstance(dig, dict) or len(dig) != 1:
+                bad.append(f"{label}: digest must have exactly one algorithm")
+                continue
+            if not isinstance(ann, dict) or set(ann) != {"size"}:
+                bad.append(f"{label}: annotations must be exactly {{size}}")
+                continue
+            ((scheme, hexd),) = dig.items()
+            size = ann["size"]
+            if type(size) is not int:
+                bad.append(f"{label}: size is not an integer")
+                continue
+            entries.append(ManifestEntry(name, size, f"{scheme}:{hexd}"))
+        if bad:
+            raise ManifestError("manifest has malformed entries", subject=bad[0].split(":")[0],
+                                details=bad)
+        return cls(algorithm, params, tuple(entries), root)
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def export_sha256sum(self, plain_digests: Mapping[str, str] | None = None) -> str:
+        """Lines ``sha256sum -c`` accepts (``<hex>  <path>``), run from the manifest's root.
+
+        Files hashed as shards (``sha256-sharded``, larger than ``shard_size``) have no plain
+        SHA-256 in the manifest; pass ``plain_digests`` (path -> hex, e.g. from
+        :func:`stepguard.integrity.plain_sha256_digests`, which re-checks the sharded digest in
+        the same pass) or create the manifest with ``shard_size=0``.
+        """
+        if self.algorithm != "sha256":
+            raise ManifestError(
+                f"a {self.algorithm} manifest cannot be exported as sha256sum lines",
+                hint="use --format b3sum for BLAKE3 manifests",
+            )
+        return self._export("sha256", plain_digests)
+
+    def export_b3sum(self) -> str:
+        """Lines ``b3sum -c`` accepts, for BLAKE3 manifests."""
+        if self.algorithm != "blake3":
+            raise ManifestError(f"a {self.algorithm} manifest cannot be exported as b3sum lines")
+        return self._export("blake3", None)
+
+    def _export(self, scheme: str, plain: Mapping[str, str] | None) -> str:
+        lines: list[str] = []
+        missing: list[str] = []
+        for e in self.entries:
+            if e.scheme == scheme:
+                hexd = e.hexdigest
+            elif plain is not None and e.path in plain:
+                hexd = plain[e.path]
+            else:
+                missing.append(e.path)
+                continue
+            if "\n" in e.path:
+                raise ManifestError("path cannot be written as a checksum line", subject=e.path)
+            name = "./" + e.path if self.params.get("root") != "file" else e.path
+            lines.append(f"{hexd}  {name}\n")
+        if missing:
+            raise ManifestError(
+                "entries are sharded digests with no plain SHA-256",
+                subject=missing[0],
+                details=tuple(f"sharded: {p}" for p in missing),
+                hint="pass the data directory (--data) or create the manifest with shard_size=0",
+            )
+        return "".join(lines)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _validate(algorithm: str, params: Mapping[str, Any], entries: tuple[ManifestEntry, ...]) -> str:
+    problems = _param_problems(algorithm, params)
+    if problems:
+        raise ManifestError("manifest parameters are invalid", subject=algorithm, details=problems)
+    bad: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    prev: str | None = None
+    for e in entries:
+        if not isinstance(e, ManifestEntry):
+            raise ManifestError("manifest entries must be ManifestEntry values")
+        label = e.path if isinstance(e.path, str) else repr(e.path)
+        for p in path_problems(e.path):
+            bad.append((label, p))
+        if e.path in seen:
+            bad.append((label, "duplicated entry"))
+        elif prev is not None and isinstance(e.path, str) and e.path < prev:
+            bad.append((label, "entries are not sorted by path"))
+        seen.add(e.path)
+        prev = e.path if isinstance(e.path, str) else prev
+        if type(e.size) is not int or not 0 <= e.size <= _MAX_SIZE:
+            bad.append((label, "size must be a non-negative integer"))
+            continue
+        scheme, sep, hexd = e.digest.partition(":") if isinstance(e.digest, str) else ("", "", "")
+        want = expected_scheme(algorithm, params, e.size)
+        if not sep or scheme != want:
+            bad.append((label, f"digest must be {want}:<hex>, got {str(e.digest)[:24]!r}"))
+        elif not _HEX64.fullmatch(hexd):
+            bad.append((label, "digest must be 64 lowercase hex characters"))
+    if params.get("root") == "file" and len(entries) != 1:
+        bad.append(("<root>", "a single-file manifest must have exactly one entry"))
+    if not bad:
+        for a, b in find_collisions(e.path for e in entries):
+            bad.append((b, f"collides with {a!r} after Unicode NFC normalization/case folding"
+                        if not b.endswith("/...") else "is both a file and a directory"))
+    if bad:
+        raise ManifestError(
+            "manifest has unsafe or malformed entries",
+            subject=bad[0][0],
+            details=tuple(f"{p}: {why}" for p, why in bad),
+        )
+    return root_digest_of(algorithm, params, entries)

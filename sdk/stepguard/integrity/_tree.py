@@ -1,0 +1,737 @@
+"""Walking a tree safely, hashing it in parallel, creating and verifying manifests.
+
+Time-of-check/time-of-use: every file is opened once with ``O_NOFOLLOW`` and its ``fstat``
+identity (device, inode, size) is compared with what the walk saw, so a file or parent directory
+swapped between the walk and the read is reported rather than silently hashed. The bytes hashed are
+the bytes read through that descriptor; a size or mtime change while reading is a finding. Nothing
+is cached: every verification rereads every byte. See docs/concepts/integrity.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from stepguard.errors import ConfigurationError, IntegrityError, ManifestError, OperationalError
+from stepguard.integrity._manifest import (
+    ALGORITHMS,
+    DEFAULT_SHARD_SIZE,
+    Manifest,
+    ManifestEntry,
+)
+
+__all__ = [
+    "ProgressCallback",
+    "VerificationReport",
+    "create_manifest",
+    "default_jobs",
+    "plain_sha256_digests",
+    "stage_and_verify",
+    "verify_manifest",
+]
+
+ProgressCallback = Callable[[int], None]
+"""Called from worker threads with the number of bytes just hashed."""
+
+_BUF = 1024 * 1024
+_BLAKE3_BUF = 8 * 1024 * 1024
+_SMALL = 256 * 1024
+# Small files are handed to workers in batches: one future per 4 KiB file would cost more than
+# hashing it.
+_BATCH_FILES = 128
+_BATCH_BYTES = 16 * 1024 * 1024
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def default_jobs() -> int:
+    """Worker threads by default: the CPUs this process may run on.
+
+    >>> default_jobs() >= 1
+    True
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """What a successful verification covered."""
+
+    root: str
+    manifest_digest: str
+    files: int
+    bytes: int
+    seconds: float
+
+
+# -- walking ------------------------------------------------------------------------------------
+
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "directory",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+@dataclass
+class _Node:
+    rel: str
+    kind: str
+    open_path: str
+    ident: tuple[int, int] = (0, 0)
+    size: int = 0
+    nlink: int = 1
+    note: str = ""
+
+
+@dataclass
+class _Scan:
+    root: str
+    is_file: bool
+    nodes: dict[str, _Node] = field(default_factory=dict)
+    dirs: set[str] = field(default_factory=set)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+def _resolve_root(path: str | os.PathLike[str]) -> str:
+    # The caller names the root; following a symlink there is the caller's choice. Below the
+    # root nothing is followed unless allowed.
+    real = os.path.realpath(os.fspath(path))
+    if not os.path.lexists(real):
+        raise IntegrityError("input does not exist", subject=os.fspath(path),
+                             details=(f"missing: {os.fspath(path)}",))
+    return real
+
+
+def _scan(root: str, allow_internal_symlinks: bool) -> _Scan:
+    st = os.lstat(root)
+    if stat.S_ISREG(st.st_mode):
+        name = os.path.basename(root)
+        scan = _Scan(root, True)
+        scan.nodes[name] = _Node(name, "file", root, (st.st_dev, st.st_ino), st.st_size,
+                                 st.st_nlink)
+        return scan
+    if not stat.S_ISDIR(st.st_mode):
+        raise IntegrityError("input is neither a regular file nor a directory", subject=root,
+                             details=(f"type: {root} is a {_kind(st.st_mode)}",))
+    scan = _Scan(root, False)
+    stack: list[tuple[str, tuple[int, int]]] = [("", (st.st_dev, st.st_ino))]
+    while stack:
+        rel_dir, ident = stack.pop()
+        abs_dir = os.path.join(root, rel_dir) if rel_dir else root
+        try:
+            fd = os.open(abs_dir, _DIR_FLAGS)
+        except OSError as exc:
+            scan.problems.append((rel_dir or ".", f"unreadable directory ({exc.strerror})"))
+            continue
+        try:
+            dst = os.fstat(fd)
+            if (dst.st_dev, dst.st_ino) != ident:
+                scan.problems.append((rel_dir, "directory replaced while walking"))
+                continue
+            with os.scandir(fd) as it:
+                entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        except OSError as exc:
+            scan.problems.append((rel_dir or ".", f"unreadable directory ({exc.strerror})"))
+            continue
+        finally:
+            os.close(fd)
+        for name, est in entries:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            abs_path = os.path.join(abs_dir, name)
+            mode = est.st_mode
+            if stat.S_ISDIR(mode):
+                scan.dirs.add(rel)
+                stack.append((rel, (est.st_dev, est.st_ino)))
+            elif stat.S_ISREG(mode):
+                scan.nodes[rel] = _Node(rel, "file", abs_path, (est.st_dev, est.st_ino),
+                                        est.st_size, est.st_nlink)
+            elif stat.S_ISLNK(mode):
+                scan.nodes[rel] = _link_node(root, rel, abs_path, allow_internal_symlinks)
+            else:
+                scan.nodes[rel] = _Node(rel, _kind(mode), abs_path)
+    return scan
+
+
+def _link_node(root: str, rel: str, abs_path: str, allowed: bool) -> _Node:
+    try:
+        target = os.readlink(abs_path)
+    except OSError:
+        target = "?"
+    node = _Node(rel, "symlink", abs_path, note=f"-> {target}")
+    if not allowed:
+        return node
+    real = os.path.realpath(abs_path)
+    if os.path.commonpath([real, root]) != root:
+        node.note += " (resolves outside the root)"
+        return node
+    try:
+        tst = os.lstat(real)
+    except OSError:
+        node.note += " (dangling)"
+        return node
+    if not stat.S_ISREG(tst.st_mode):
+        node.note += f" (resolves to a {_kind(tst.st_mode)}; only links to files are allowed)"
+        return node
+    # The body reads through the link, so the link's target bytes are what gets verified; the
+    # target is itself in the tree and counted once for hard-link purposes.
+    return _Node(rel, "file", real, (tst.st_dev, tst.st_ino), tst.st_size, 1,
+                 note=f"symlink -> {target}")
+
+
+def _hardlink_problems(scan: _Scan) -> list[tuple[str, str]]:
+    """Files whose inode has names outside the tree: bytes could change there after we check."""
+    seen: dict[tuple[int, int], int] = {}
+    for n in scan.nodes.values():
+        if n.kind == "file" and not n.note:
+            seen[n.ident] = seen.get(n.ident, 0) + 1
+    out = []
+    for n in scan.nodes.values():
+        if n.kind == "file" and not n.note and n.nlink > seen[n.ident]:
+            outside = n.nlink - seen[n.ident]
+            out.append((n.rel, f"hard link with {outside} name(s) outside the root"))
+    return out
+
+
+# -- hashing ------------------------------------------------------------------------------------
+
+
+class _Changed(Exception):
+    """The file changed (or was replaced) between the walk and the read."""
+
+
+@dataclass
+class _Job:
+    rel: str
+    path: str
+    ident: tuple[int, int]
+    file_size: int
+    offset: int
+    length: int
+    index: int  # shard number, -1 for a whole file
+    dest: str | None = None
+
+
+_local = threading.local()
+
+
+def _buffer(size: int) -> memoryview:
+    buf: memoryview | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = memoryview(bytearray(size))
+        _local.buf = buf
+    return buf
+
+
+def _new_hasher(algorithm: str, big: bool) -> Any:
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    import blake3
+
+    return blake3.blake3(max_threads=blake3.blake3.AUTO if big else 1)
+
+
+def _hash_small(job: _Job, algorithm: str) -> bytes:
+    # One read() of size+1 bytes both takes the whole file and detects growth; the bytes hashed
+    # are exactly one read's worth, so no after-read fstat is needed.
+    try:
+        fd = os.open(job.path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _Changed(f"cannot open ({exc.strerror})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != job.ident:
+            raise _Changed("replaced while verifying")
+        data = os.read(fd, job.file_size + 1)
+    except OSError as exc:
+        raise _Changed(f"read failed ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    if len(data) != job.file_size:
+        raise _Changed(f"size changed while verifying ({job.file_size} -> {len(data)})")
+    if algorithm == "sha256":
+        return hashlib.sha256(data).digest()
+    h = _new_hasher(algorithm, False)
+    h.update(data)
+    digest: bytes = h.digest()
+    return digest
+
+
+def _hash_job(job: _Job, algorithm: str, progress: ProgressCallback | None) -> bytes:
+    if job.index < 0 and job.file_size < _SMALL and job.dest is None:
+        digest = _hash_small(job, algorithm)
+        if progress is not None:
+            progress(job.file_size)
+        return digest
+    try:
+        fd = os.open(job.path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _Changed(f"cannot open ({exc.strerror})") from exc
+    out_fd = -1
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != job.ident:
+            raise _Changed("replaced while verifying")
+        if st.st_size != job.file_size:
+            raise _Changed(f"size changed while verifying ({job.file_size} -> {st.st_size})")
+        if job.dest is not None:
+            out_fd = os.open(job.dest, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        big = job.length > _BLAKE3_BUF and algorithm == "blake3"
+        h = _new_hasher(algorithm, big)
+        buf = _buffer(_BLAKE3_BUF if big else _BUF)
+        off, remaining = job.offset, job.length
+        while remaining > 0:
+            n = os.preadv(fd, [buf[: min(len(buf), remaining)]], off)
+            if n == 0:
+                raise _Changed("truncated while verifying")
+            chunk = buf[:n]
+            h.update(chunk)
+            if out_fd >= 0:
+                _write_all(out_fd, chunk, off)
+            off += n
+            remaining -= n
+            if progress is not None:
+                progress(n)
+        st2 = os.fstat(fd)
+        if st2.st_size != st.st_size or st2.st_mtime_ns != st.st_mtime_ns:
+            raise _Changed("modified while verifying")
+        digest: bytes = h.digest()
+        return digest
+    except OSError as exc:
+        raise _Changed(f"read failed ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+        if out_fd >= 0:
+            os.close(out_fd)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _jobs_for(nodes: Iterable[tuple[str, _Node]], algorithm: str, shard_size: int,
+              dest_root: str | None) -> Iterator[_Job]:
+    for key, n in nodes:
+        dest = os.path.join(dest_root, key) if dest_root else None
+        if algorithm == "sha256" and shard_size and n.size > shard_size:
+            for i, off in enumerate(range(0, n.size, shard_size)):
+                yield _Job(key, n.open_path, n.ident, n.size, off,
+                           min(shard_size, n.size - off), i, dest)
+        else:
+            yield _Job(key, n.open_path, n.ident, n.size, 0, n.size, -1, dest)
+
+
+def _batches(jobs: Iterable[_Job]) -> list[list[_Job]]:
+    big: list[list[_Job]] = []
+    small: list[list[_Job]] = []
+    cur: list[_Job] = []
+    cur_bytes = 0
+    for j in jobs:
+        if j.length >= _BATCH_BYTES:
+            big.append([j])
+            continue
+        cur.append(j)
+        cur_bytes += j.length
+        if len(cur) >= _BATCH_FILES or cur_bytes >= _BATCH_BYTES:
+            small.append(cur)
+            cur, cur_bytes = [], 0
+    if cur:
+        small.append(cur)
+    # Largest work first so the tail of the run is short pieces spread over all workers.
+    big.sort(key=lambda b: -b[0].length)
+    return big + small
+
+
+def _run_batch(batch: list[_Job], algorithm: str, progress: ProgressCallback | None
+               ) -> list[tuple[_Job, bytes | str]]:
+    out: list[tuple[_Job, bytes | str]] = []
+    for job in batch:
+        try:
+            out.append((job, _hash_job(job, algorithm, progress)))
+        except _Changed as exc:
+            out.append((job, str(exc)))
+    return out
+
+
+def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: int, jobs: int,
+                progress: ProgressCallback | None, dest_root: str | None = None
+                ) -> tuple[dict[str, str], dict[str, str]]:
+    """Hash files; return (key -> ``scheme:hex``, key -> problem)."""
+    if algorithm == "blake3":
+        try:
+            import blake3  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - blake3 is a dependency
+            raise ConfigurationError("BLAKE3 needs the 'blake3' package") from exc
+    shards: dict[str, dict[int, bytes]] = {}
+    digests: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    batches = _batches(_jobs_for(nodes, algorithm, shard_size, dest_root))
+
+    def collect(results: list[tuple[_Job, bytes | str]]) -> None:
+        for job, res in results:
+            if isinstance(res, str):
+                errors.setdefault(job.rel, res)
+            elif job.index < 0:
+                digests[job.rel] = f"{algorithm}:{res.hex()}"
+            else:
+                shards.setdefault(job.rel, {})[job.index] = res
+
+    if jobs <= 1 or len(batches) <= 1:
+        for b in batches:
+            collect(_run_batch(b, algorithm, progress))
+    else:
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="stepguard-hash") as pool:
+            futures: list[Future[list[tuple[_Job, bytes | str]]]] = [
+                pool.submit(_run_batch, b, algorithm, progress) for b in batches
+            ]
+            for f in futures:
+                collect(f.result())
+    for key, parts in shards.items():
+        if key in errors:
+            continue
+        # The S3 multipart composite rule: SHA-256 over the concatenated raw part digests.
+        joined = b"".join(parts[i] for i in range(len(parts)))
+        digests[key] = "sha256-sharded:" + hashlib.sha256(joined).hexdigest()
+    for key in errors:
+        digests.pop(key, None)
+    return digests, errors
+
+
+def _check_algorithm(algorithm: str, shard_size: int) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ConfigurationError(f"unknown algorithm {algorithm!r}",
+                                 hint=f"use one of {', '.join(ALGORITHMS)}")
+    if shard_size < 0 or 0 < shard_size < 1024 * 1024:
+        raise ConfigurationError("shard_size must be 0 (no sharding) or at least 1 MiB",
+                                 subject=str(shard_size))
+
+
+def _jobs_arg(jobs: int | None) -> int:
+    if jobs is None:
+        return default_jobs()
+    if type(jobs) is not int or jobs < 1:
+        raise ConfigurationError("jobs must be a positive integer", subject=str(jobs))
+    return jobs
+
+
+def _warn_hardlinks(flag: bool) -> None:
+    if flag:
+        warnings.warn("unsafe_allow_external_hardlinks: bytes may change through names outside "
+                      "the verified tree", stacklevel=3)
+
+
+# -- public operations ---------------------------------------------------------------------------
+
+
+def create_manifest(
+    path: str | os.PathLike[str],
+    *,
+    algorithm: str = "sha256",
+    jobs: int | None = None,
+    allow_internal_symlinks: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    unsafe_allow_external_hardlinks: bool = False,
+    progress: ProgressCallback | None = None,
+) -> Manifest:
+    """Hash a file or directory tree into a :class:`Manifest`.
+
+    Symlinks, FIFOs, sockets, devices and files hard-linked from outside the tree are refused
+    (:class:`~stepguard.errors.IntegrityError` naming each); names that cannot be a safe manifest
+    entry are refused with :class:`~stepguard.errors.ManifestError`. ``algorithm`` is ``"sha256"``
+    (files above ``shard_size`` hashed as parallel shards; ``shard_size=0`` gives plain SHA-256
+    everywhere) or ``"blake3"``. ``jobs`` defaults to the usable CPUs.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "sub").mkdir(); _ = (d / "sub" / "x.bin").write_bytes(b"abc")
+    >>> m = create_manifest(d)
+    >>> e = m.entries[0]
+    >>> e.path, e.size, e.digest[:20]
+    ('sub/x.bin', 3, 'sha256:ba7816bf8f01c')
+    """
+    _check_algorithm(algorithm, shard_size)
+    n_jobs = _jobs_arg(jobs)
+    _warn_hardlinks(unsafe_allow_external_hardlinks)
+    root = _resolve_root(path)
+    scan = _scan(root, allow_internal_symlinks)
+    problems = list(scan.problems)
+    for n in scan.nodes.values():
+        if n.kind != "file":
+            problems.append((n.rel, f"{n.kind} {n.note}".strip() + " refused"))
+    if not unsafe_allow_external_hardlinks:
+        problems += _hardlink_problems(scan)
+    if problems:
+        problems.sort()
+        raise IntegrityError(
+            "refusing to create a manifest", subject=problems[0][0],
+            details=tuple(f"{p}: {why}" for p, why in problems),
+            hint="remove or replace the entries named above" + (
+                "" if allow_internal_symlinks else
+                " (allow_internal_symlinks permits links to files inside the root)"),
+        )
+    items = sorted(scan.nodes.items())
+    digests, errors = _hash_nodes(items, algorithm=algorithm, shard_size=shard_size,
+                                  jobs=n_jobs, progress=progress)
+    if errors:
+        raise IntegrityError("files changed while the manifest was being created",
+                             subject=min(errors),
+                             details=tuple(f"{p}: {why}" for p, why in sorted(errors.items())))
+    params: dict[str, Any] = {"root": "file" if scan.is_file else "directory"}
+    if algorithm == "sha256":
+        params["shard_size"] = shard_size
+    entries = tuple(ManifestEntry(k, n.size, digests[k]) for k, n in items)
+    return Manifest(algorithm, params, entries)
+
+
+def _differences(scan: _Scan, manifest: Manifest, unsafe_allow_external_hardlinks: bool
+                 ) -> tuple[list[str], list[tuple[str, _Node, ManifestEntry]]]:
+    findings: list[str] = [f"unreadable: {p} ({why})" for p, why in scan.problems]
+    to_hash: list[tuple[str, _Node, ManifestEntry]] = []
+    is_file_manifest = manifest.params.get("root") == "file"
+    if is_file_manifest != scan.is_file:
+        want = "a single file" if is_file_manifest else "a directory"
+        got = "a file" if scan.is_file else "a directory"
+        return [f"type changed: {scan.root} (manifest describes {want}, found {got})"], []
+    nodes = scan.nodes
+    if is_file_manifest:
+        # A single staged file may be renamed; its content is what is verified.
+        ((_, only),) = nodes.items()
+        nodes = {manifest.entries[0].path: only}
+    expected = {e.path for e in manifest.entries}
+    for e in manifest.entries:
+        node = nodes.get(e.path)
+        if node is None:
+            if e.path in scan.dirs:
+                findings.append(f"type changed: {e.path} (expected file, found directory)")
+            else:
+                findings.append(f"missing: {e.path}")
+        elif node.kind != "file":
+            findings.append(f"type changed: {e.path} (expected file, found {node.kind}"
+                            f"{' ' + node.note if node.note else ''})")
+        elif node.size != e.size:
+            findings.append(f"modified: {e.path} (size {node.size}, manifest {e.size})")
+        else:
+            to_hash.append((e.path, node, e))
+    for rel, node in nodes.items():
+        if rel not in expected:
+            findings.append(f"added: {rel} ({node.kind}{' ' + node.note if node.note else ''})")
+    if not unsafe_allow_external_hardlinks:
+        findings += [f"hard link: {p} ({why})" for p, why in _hardlink_problems(scan)
+                     if p in expected]
+    return findings, to_hash
+
+
+def _finish(findings: list[str], root: str) -> None:
+    if not findings:
+        return
+    findings.sort(key=_finding_path)
+    first = _finding_path(findings[0])
+    raise IntegrityError(
+        f"{len(findings)} difference(s) between the data and its manifest",
+        subject=first,
+        details=tuple(findings),
+        hint=f"data root: {root}",
+    )
+
+
+def verify_manifest(
+    path: str | os.PathLike[str],
+    manifest: Manifest,
+    *,
+    jobs: int | None = None,
+    allow_internal_symlinks: bool = False,
+    unsafe_allow_external_hardlinks: bool = False,
+    progress: ProgressCallback | None = None,
+) -> VerificationReport:
+    """Check every byte under ``path`` against ``manifest``; return a report or raise.
+
+    Raises :class:`~stepguard.errors.IntegrityError` whose ``details`` list *every* difference
+    (``modified:``, ``missing:``, ``added:``, ``type changed:``, ``hard link:``), each naming the
+    file. No mtime or inode cache is consulted: all content is re-hashed.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "a").write_bytes(b"1"); _ = (d / "b").write_bytes(b"2")
+    >>> m = create_manifest(d)
+    >>> verify_manifest(d, m).files
+    2
+    >>> _ = (d / "a").write_bytes(b"X"); (d / "b").unlink()
+    >>> try:
+    ...     verify_manifest(d, m)
+    ... except IntegrityError as err:
+    ...     print(err.details)
+    ('modified: a (content differs)', 'missing: b')
+    """
+    if not isinstance(manifest, Manifest):
+        raise ConfigurationError("verify_manifest needs a Manifest (use Manifest.from_json)")
+    n_jobs = _jobs_arg(jobs)
+    _warn_hardlinks(unsafe_allow_external_hardlinks)
+    start = time.monotonic()
+    root = _resolve_root(path)
+    scan = _scan(root, allow_internal_symlinks)
+    findings, to_hash = _differences(scan, manifest, unsafe_allow_external_hardlinks)
+    digests, errors = _hash_nodes([(k, n) for k, n, _ in to_hash], algorithm=manifest.algorithm,
+                                  shard_size=int(manifest.params.get("shard_size", 0)),
+                                  jobs=n_jobs, progress=progress)
+    for key, _node, entry in to_hash:
+        if key in errors:
+            findings.append(f"modified: {key} ({errors[key]})")
+        elif digests[key] != entry.digest:
+            findings.append(f"modified: {key} (content differs)")
+    _finish(findings, root)
+    return VerificationReport(root, manifest.digest, len(to_hash),
+                              sum(e.size for _, _, e in to_hash), time.monotonic() - start)
+
+
+def stage_and_verify(
+    source: str | os.PathLike[str],
+    manifest: Manifest,
+    staging: str | os.PathLike[str],
+    *,
+    jobs: int | None = None,
+    allow_internal_symlinks: bool = False,
+    progress: ProgressCallback | None = None,
+) -> VerificationReport:
+    """Copy ``source`` into a new ``staging`` directory, hashing the bytes as they are copied.
+
+    The copy is verified against ``manifest`` from the very bytes written, then made read-only.
+    The step body reads the staged copy, so nothing can change between check and use short of
+    write access to the staging area. On any difference the staging directory is removed and
+    :class:`~stepguard.errors.IntegrityError` is raised. ``staging`` must not exist yet.
+
+    >>> import tempfile, pathlib
+    >>> src = pathlib.Path(tempfile.mkdtemp()); _ = (src / "d.csv").write_text("x,y\\n")
+    >>> dst = pathlib.Path(tempfile.mkdtemp()) / "staged"
+    >>> stage_and_verify(src, create_manifest(src), dst).files
+    1
+    >>> (dst / "d.csv").read_text()
+    'x,y\\n'
+    """
+    if not isinstance(manifest, Manifest):
+        raise ConfigurationError("stage_and_verify needs a Manifest")
+    n_jobs = _jobs_arg(jobs)
+    start = time.monotonic()
+    dest_root = os.path.abspath(os.fspath(staging))
+    if os.path.lexists(dest_root):
+        raise ConfigurationError("staging directory must not exist yet", subject=dest_root)
+    root = _resolve_root(source)
+    scan = _scan(root, allow_internal_symlinks)
+    findings, to_hash = _differences(scan, manifest, False)
+    if findings:
+        _finish(findings, root)
+    try:
+        os.makedirs(dest_root, mode=0o700)
+        for key, _node, _entry in to_hash:
+            target = os.path.join(dest_root, key)
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.ftruncate(fd, _entry.size)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        shutil.rmtree(dest_root, ignore_errors=True)
+        raise OperationalError("cannot create the staging area", subject=dest_root) from exc
+    ok = False
+    try:
+        digests, errors = _hash_nodes([(k, n) for k, n, _ in to_hash],
+                                      algorithm=manifest.algorithm,
+                                      shard_size=int(manifest.params.get("shard_size", 0)),
+                                      jobs=n_jobs, progress=progress, dest_root=dest_root)
+        for key, _node, entry in to_hash:
+            if key in errors:
+                findings.append(f"modified: {key} ({errors[key]})")
+            elif digests[key] != entry.digest:
+                findings.append(f"modified: {key} (content differs)")
+        _finish(findings, root)
+        _make_read_only(dest_root)
+        ok = True
+    finally:
+        if not ok:
+            shutil.rmtree(dest_root, ignore_errors=True)
+    return VerificationReport(dest_root, manifest.digest, len(to_hash),
+                              sum(e.size for _, _, e in to_hash), time.monotonic() - start)
+
+
+def _make_read_only(root: str) -> None:
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o400, follow_symlinks=False)
+        os.chmod(dirpath, 0o500)
+
+
+def plain_sha256_digests(
+    path: str | os.PathLike[str], manifest: Manifest, *, jobs: int | None = None
+) -> dict[str, str]:
+    """Plain SHA-256 (hex) of every sharded entry, for ``sha256sum`` export.
+
+    Each file is read once, computing its plain digest and its shard digests together; if the
+    shards do not match the manifest the file is reported (IntegrityError) instead of exported.
+    """
+    if manifest.algorithm != "sha256":
+        raise ManifestError("plain SHA-256 digests only apply to sha256 manifests")
+    n_jobs = _jobs_arg(jobs)
+    root = _resolve_root(path)
+    scan = _scan(root, False)
+    findings, to_hash = _differences(scan, manifest, True)
+    sharded = {e.path for e in manifest.entries if e.scheme == "sha256-sharded"}
+    # Only the files being exported matter here; the rest is verify_manifest's job.
+    findings = [f for f in findings if _finding_path(f) in sharded]
+    shard = int(manifest.params.get("shard_size", 0))
+    wanted = [(k, n, e) for k, n, e in to_hash if k in sharded]
+
+    def one(item: tuple[str, _Node, ManifestEntry]) -> tuple[str, str, bool]:
+        key, node, entry = item
+        plain = hashlib.sha256()
+        parts = []
+        with open(node.open_path, "rb", buffering=0) as fh:
+            for _ in range(0, node.size, shard):
+                h = hashlib.sha256()
+                left = shard
+                while left:
+                    data = fh.read(min(_BUF, left))
+                    if not data:
+                        break
+                    h.update(data)
+                    plain.update(data)
+                    left -= len(data)
+                parts.append(h.digest())
+        ok = "sha256-sharded:" + hashlib.sha256(b"".join(parts)).hexdigest() == entry.digest
+        return key, plain.hexdigest(), ok
+
+    out: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        for key, hexd, ok in pool.map(one, wanted):
+            if ok:
+                out[key] = hexd
+            else:
+                findings.append(f"modified: {key} (content differs)")
+    _finish(findings, root)
+    return out
+
+
+def _finding_path(finding: str) -> str:
+    return finding.split(": ", 1)[1].split(" (", maxsplit=1)[0]
