@@ -1,0 +1,138 @@
+"""Audit trail: OpenTelemetry spans for every control, a tamper-evident local log, and trace
+context across process boundaries.
+
+Library code (the step lifecycle, the controls, the Airflow listener) uses :class:`Auditor`, which
+depends on the OpenTelemetry *API* only and takes an optional tracer provider. :func:`configure`
+builds the SDK side: a hash-chained JSON-lines log written synchronously, and OTLP over
+http/protobuf when the standard ``OTEL_*`` variables name an endpoint.
+
+>>> import tempfile
+>>> from stepguard import audit
+>>> setup = audit.configure(audit_dir=tempfile.mkdtemp(), otlp=False,
+...                         install_signal_handlers=False)
+>>> auditor = setup.auditor()
+>>> with auditor.step_span("fit", audit.pipeline_attributes("train", "run-1", "fit")) as step:
+...     with auditor.control_span("credentials", "acquire",
+...                               audit.credential_attributes(["db/creds/r/lease-1"])):
+...         pass
+...     with auditor.control_span("integrity", "verify"):
+...         auditor.verdict("inputs-match-manifest", True, files=2)
+>>> audit.verify_chain(setup.audit_log).records
+4
+>>> setup.shutdown()
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stepguard.audit._attributes import (
+    STEP_SPAN,
+    TASK_SPAN,
+    VERDICT_EVENT,
+    Attr,
+    Attributes,
+    AttributeValue,
+    artifact_attributes,
+    credential_attributes,
+    k8s_attributes,
+    pipeline_attributes,
+    stepguard_attributes,
+)
+from stepguard.audit._auditor import Auditor, AuditSpan, TaskSpan, get_auditor
+from stepguard.audit._chain import (
+    AuditLog,
+    ChainHead,
+    ChainReport,
+    FsyncPolicy,
+    read_head,
+    verify_chain,
+)
+from stepguard.audit._propagation import attach_env, extract_env, inject_env
+from stepguard.audit._redact import (
+    REDACTED,
+    contains_secret,
+    hash_identifier,
+    redact,
+    register_secret,
+    set_hash_key,
+)
+from stepguard.audit._show import show, timeline
+from stepguard.audit._signals import flush_all, install_signal_flush, uninstall_signal_flush
+
+if TYPE_CHECKING:
+    from stepguard.audit._setup import (
+        AuditSetup,
+        audit_log_processor,
+        configure,
+        default_log_path,
+        otlp_endpoint_from_env,
+        setup_tracing,
+    )
+
+# These pull in opentelemetry-sdk: resolved on first use, not at import.
+_LAZY = {
+    "AuditSetup": "stepguard.audit._setup",
+    "audit_log_processor": "stepguard.audit._setup",
+    "configure": "stepguard.audit._setup",
+    "default_log_path": "stepguard.audit._setup",
+    "otlp_endpoint_from_env": "stepguard.audit._setup",
+    "setup_tracing": "stepguard.audit._setup",
+    "JsonlSpanExporter": "stepguard.audit._exporters",
+    "RedactingSpanExporter": "stepguard.audit._exporters",
+}
+
+__all__ = [
+    "REDACTED",
+    "STEP_SPAN",
+    "TASK_SPAN",
+    "VERDICT_EVENT",
+    "Attr",
+    "AttributeValue",
+    "Attributes",
+    "AuditLog",
+    "AuditSetup",
+    "AuditSpan",
+    "Auditor",
+    "ChainHead",
+    "ChainReport",
+    "FsyncPolicy",
+    "JsonlSpanExporter",
+    "RedactingSpanExporter",
+    "TaskSpan",
+    "artifact_attributes",
+    "attach_env",
+    "audit_log_processor",
+    "configure",
+    "contains_secret",
+    "credential_attributes",
+    "default_log_path",
+    "extract_env",
+    "flush_all",
+    "get_auditor",
+    "hash_identifier",
+    "inject_env",
+    "install_signal_flush",
+    "k8s_attributes",
+    "otlp_endpoint_from_env",
+    "pipeline_attributes",
+    "read_head",
+    "redact",
+    "register_secret",
+    "set_hash_key",
+    "setup_tracing",
+    "show",
+    "stepguard_attributes",
+    "timeline",
+    "uninstall_signal_flush",
+    "verify_chain",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stepguard.audit' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,367 @@
+"""The tamper-evident local audit log: JSON lines, each carrying the digest of the previous one.
+
+Record layout (one JSON object per line)::
+
+    {"v": 1, "seq": N, "prev": "sha256:<digest of record N-1>", "kind": "genesis" | "span" | ...,
+     "ts": "<UTC ISO time>", ...payload..., "digest": "sha256:<digest of this record>"}
+
+``digest`` is SHA-256 over the canonical JSON (sorted keys, no spaces, UTF-8) of the record without
+its ``digest`` field. Record 0 is the genesis record (``prev`` is all zeros) and names the log.
+Beside the log, ``<log>.head`` holds the sequence number, digest and byte size of the last record,
+so a cut-off tail is detectable; :class:`ChainHead` values shipped elsewhere (receipts, OTLP) are
+stronger anchors still, since whoever can rewrite the log can rewrite the head file too.
+
+Writers serialise on an exclusive ``flock`` of the log, so several processes (task runners on
+one worker, a step and its sandbox) can share one chain.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from stepguard.audit import _signals
+from stepguard.audit._redact import has_secrets, redact
+from stepguard.errors import AuditError, ConfigurationError
+
+GENESIS_PREV = "sha256:" + "0" * 64
+HEAD_SUFFIX = ".head"
+_HEAD_LEN = 20 + 1 + 71 + 1 + 20 + 1
+_REQUIRED = ("v", "seq", "prev", "kind", "digest")
+
+FsyncPolicy = Literal["always", "step", "never"]
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The last record of a chain: enough to anchor the log against truncation elsewhere."""
+
+    seq: int
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """Result of a successful :func:`verify_chain`."""
+
+    path: str
+    records: int
+    log_id: str | None
+    head: ChainHead | None
+    #: True when a head file (or an explicit anchor) confirmed the log's tail is complete.
+    tail_anchored: bool
+    kinds: Mapping[str, int]
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def record_digest(record: Mapping[str, Any]) -> str:
+    """Digest of a record without its ``digest`` field (the value the next record chains to)."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return "sha256:" + hashlib.sha256(canonical(body)).hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _encode_head(head: ChainHead) -> bytes:
+    return f"{head.seq:020d} {head.digest} {head.size:020d}\n".encode("ascii")
+
+
+def _decode_head(raw: bytes) -> ChainHead | None:
+    try:
+        seq, digest, size = raw.decode("ascii").split()
+        if len(digest) != 71 or not digest.startswith("sha256:"):
+            return None
+        return ChainHead(int(seq), digest, int(size))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def read_head(log_path: str | os.PathLike[str]) -> ChainHead | None:
+    """The head recorded beside ``log_path``, or None when there is none (or it is unreadable)."""
+    try:
+        raw = Path(str(log_path) + HEAD_SUFFIX).read_bytes()
+    except FileNotFoundError:
+        return None
+    return _decode_head(raw)
+
+
+class AuditLog:
+    """Appends records to a hash-chained JSON-lines log, synchronously.
+
+    Every append is one ``write(2)`` of whole lines on an ``O_APPEND`` descriptor before
+    :meth:`append` returns: the record is in the kernel, so ``os._exit`` or SIGKILL afterwards
+    cannot lose it. ``fsync`` decides when it also reaches the disk (survives power loss):
+    ``"always"`` after each append, ``"step"`` (default) on :meth:`flush` -- which the exporter
+    runs at each step's end -- and on close, ``"never"`` leaves it to the kernel.
+
+    >>> import tempfile, pathlib
+    >>> d = tempfile.mkdtemp()
+    >>> log = AuditLog(pathlib.Path(d) / "audit.jsonl")
+    >>> log.append("note", {"text": "hello"}).seq
+    1
+    >>> verify_chain(pathlib.Path(d) / "audit.jsonl").records
+    2
+    >>> log.close()
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: FsyncPolicy = "step") -> None:
+        if fsync not in ("always", "step", "never"):
+            raise ConfigurationError("unknown fsync policy", subject=str(fsync),
+                                     hint="use 'always', 'step' or 'never'")
+        self.path = Path(path)
+        self.head_path = Path(str(self.path) + HEAD_SUFFIX)
+        self.fsync = fsync
+        self._lock = threading.RLock()
+        self._fd: int | None = None
+        self._head_fd: int | None = None
+        self._pid = -1
+
+    def _open(self) -> tuple[int, int]:
+        # After fork the descriptors (and their flock) are shared with the parent: reopen.
+        if self._fd is None or self._head_fd is None or self._pid != os.getpid():
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            flags = os.O_CLOEXEC | os.O_CREAT
+            self._fd = os.open(self.path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
+            self._head_fd = os.open(self.head_path, flags | os.O_RDWR, 0o600)
+            self._pid = os.getpid()
+        return self._fd, self._head_fd
+
+    def _tail(self, fd: int, head_fd: int) -> tuple[int, str, int, list[str], bool]:
+        """(last seq, last digest, size, anomalies, needs newline) under the lock."""
+        size = os.fstat(fd).st_size
+        head = _decode_head(os.pread(head_fd, _HEAD_LEN, 0))
+        anomalies: list[str] = []
+        if head is not None and head.size == size and size > 0:
+            return head.seq, head.digest, size, anomalies, False
+        if size == 0:
+            if head is not None and head.size > 0:
+                anomalies.append(f"log was emptied: its head named record {head.seq}")
+            return -1, GENESIS_PREV, size, anomalies, False
+        if head is not None and head.size > size:
+            anomalies.append(f"log is shorter than its head (record {head.seq} at "
+                             f"{head.size} bytes, log {size} bytes): tail truncated")
+        last, newline = self._last_record(size)
+        if last is None:
+            anomalies.append("last record unreadable (torn write or edit)")
+            if head is not None:
+                return head.seq, head.digest, size, anomalies, not newline
+            return 0, GENESIS_PREV, size, anomalies, not newline
+        return int(last["seq"]), str(last["digest"]), size, anomalies, False
+
+    def _last_record(self, size: int) -> tuple[dict[str, Any] | None, bool]:
+        with open(self.path, "rb") as fh:
+            window = 65536
+            while True:
+                start = max(0, size - window)
+                fh.seek(start)
+                chunk = fh.read(size - start)
+                newline = chunk.endswith(b"\n")
+                body = chunk[:-1] if newline else chunk
+                cut = body.rfind(b"\n")
+                if cut >= 0 or start == 0:
+                    line = body[cut + 1:]
+                    break
+                window *= 4
+        try:
+            rec = json.loads(line)
+            if isinstance(rec, dict) and all(k in rec for k in _REQUIRED) and newline:
+                return rec, newline
+        except ValueError:
+            pass
+        return None, newline
+
+    def append(self, kind: str, payload: Mapping[str, Any]) -> ChainHead:
+        """Append one record; returns the new head."""
+        return self.append_many([(kind, payload)])
+
+    def append_many(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> ChainHead:
+        """Append several records with one lock, one write and one head update."""
+        batch = list(items)
+        with self._lock, _signals.critical():
+            fd, head_fd = self._open()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                seq, prev, size, anomalies, newline = self._tail(fd, head_fd)
+                lines: list[bytes] = [b"\n"] if newline else []
+                if seq < 0:
+                    batch.insert(0, ("genesis", {
+                        "log_id": uuid.uuid4().hex,
+                        "host": socket.gethostname(),
+                        "pid": os.getpid(),
+                    }))
+                ts = _now()
+                for kind, payload in batch:
+                    seq += 1
+                    record: dict[str, Any] = dict(payload)
+                    record.update(v=1, seq=seq, prev=prev, kind=kind, ts=ts)
+                    if anomalies:
+                        record["anomaly"] = anomalies
+                        anomalies = []
+                    if has_secrets():
+                        record = redact(record)
+                    record.pop("digest", None)
+                    body = canonical(record)
+                    prev = "sha256:" + hashlib.sha256(body).hexdigest()
+                    lines.append(body[:-1] + b',"digest":"' + prev.encode() + b'"}\n')
+                data = b"".join(lines)
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                head = ChainHead(seq, prev, size + len(data))
+                os.pwrite(head_fd, _encode_head(head), 0)
+                if self.fsync == "always":
+                    os.fsync(fd)
+                    os.fsync(head_fd)
+                return head
+            except OSError as exc:
+                raise AuditError("could not append to the audit log", subject=str(self.path),
+                                 details=(f"{type(exc).__name__}: {exc.strerror}",)) from exc
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def flush(self) -> None:
+        """fsync the log and its head (unless the policy is ``"never"``)."""
+        with self._lock:
+            if self.fsync == "never" or self._fd is None or self._pid != os.getpid():
+                return
+            try:
+                os.fsync(self._fd)
+                if self._head_fd is not None:
+                    os.fsync(self._head_fd)
+            except OSError as exc:
+                raise AuditError("could not fsync the audit log", subject=str(self.path)) from exc
+
+    def head(self) -> ChainHead | None:
+        """The current head (sequence number, digest, size) as recorded beside the log."""
+        return read_head(self.path)
+
+    def close(self) -> None:
+        """Flush per the policy and close the descriptors."""
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                self.flush()
+            finally:
+                if self._pid == os.getpid():
+                    os.close(self._fd)
+                    if self._head_fd is not None:
+                        os.close(self._head_fd)
+                self._fd = self._head_fd = None
+
+
+def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every parseable line, without verifying anything."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                yield lineno, rec
+
+
+def _broken(path: Path, lineno: int, finding: str) -> AuditError:
+    return AuditError(f"audit chain broken in {path.name}", subject=f"line {lineno}",
+                      details=(finding,),
+                      hint="the log was modified after it was written; keep it as evidence")
+
+
+def verify_chain(path: str | os.PathLike[str], *, anchor: ChainHead | None = None,
+                 require_head: bool = False) -> ChainReport:
+    """Verify the whole chain of the log at ``path``.
+
+    Raises :class:`~stepguard.errors.AuditError` whose ``subject`` is ``"line N"`` on the first
+    edited, deleted, inserted or reordered record, on an anomaly the writer recorded (tail cut
+    off, log emptied), and when the log ends before its head file (or ``anchor``) says it does.
+    Without a head file a cut-off tail is undetectable (``tail_anchored`` is False) unless an
+    ``anchor`` kept elsewhere is given; ``require_head=True`` makes a missing head an error.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise AuditError("cannot read the audit log", subject=str(p)) from exc
+    lines = data.split(b"\n")
+    tail = lines.pop()  # text after the final newline: empty unless a record is incomplete
+    expected_prev, expected_seq = GENESIS_PREV, 0
+    kinds: dict[str, int] = {}
+    log_id: str | None = None
+    digests: dict[int, str] = {}
+    lineno = 0
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            raise _broken(p, lineno, "not a JSON record") from None
+        if not isinstance(rec, dict) or any(k not in rec for k in _REQUIRED):
+            raise _broken(p, lineno, "not an audit record (fields missing)")
+        digest = rec.pop("digest")
+        if "sha256:" + hashlib.sha256(canonical(rec)).hexdigest() != digest:
+            raise _broken(p, lineno, "record edited: its content does not match its digest")
+        seq = rec["seq"]
+        if lineno == 1 and rec["kind"] != "genesis":
+            raise _broken(p, lineno, "first record is not the genesis record "
+                                     "(start of the log deleted?)")
+        if rec["kind"] == "genesis" and lineno != 1:
+            raise _broken(p, lineno, "a second genesis record (records inserted or logs spliced)")
+        if rec["prev"] != expected_prev or seq != expected_seq:
+            if isinstance(seq, int) and seq > expected_seq:
+                what = f"record(s) deleted: expected record {expected_seq}, found {seq}"
+            elif isinstance(seq, int) and seq < expected_seq:
+                what = (f"record inserted, replayed or reordered: expected record "
+                        f"{expected_seq}, found {seq}")
+            else:
+                what = "record inserted or replaced: link to the previous record broken"
+            raise _broken(p, lineno, what)
+        if "anomaly" in rec:
+            raise _broken(p, lineno, "writer found the log damaged: " + "; ".join(
+                str(a) for a in rec["anomaly"]))
+        if rec["kind"] == "genesis":
+            log_id = rec.get("log_id")
+        kinds[rec["kind"]] = kinds.get(rec["kind"], 0) + 1
+        digests[seq] = digest
+        expected_prev, expected_seq = digest, seq + 1
+    if tail:
+        raise _broken(p, lineno + 1, "incomplete final record (torn write or truncation)")
+    last = ChainHead(expected_seq - 1, expected_prev, len(data)) if lineno else None
+    head = read_head(p)
+    anchored = False
+    if head is not None:
+        if last is None or head.seq > last.seq or head.size > len(data):
+            raise _broken(p, lineno + 1, f"log ends before its head: head names record "
+                                         f"{head.seq}, log has {expected_seq} record(s)")
+        if head != last:
+            raise _broken(p, lineno, "head file does not match the last record")
+        anchored = True
+    elif require_head:
+        raise AuditError("audit log has no head file; truncation cannot be ruled out",
+                         subject=str(p) + HEAD_SUFFIX)
+    if anchor is not None:
+        if anchor.seq not in digests:
+            raise _broken(p, lineno + 1, f"anchored record {anchor.seq} is missing (log "
+                                         f"truncated)")
+        if digests[anchor.seq] != anchor.digest:
+            raise _broken(p, anchor.seq + 1, "record does not match the anchor kept elsewhere")
+        anchored = True
+    return ChainReport(path=str(p), records=lineno, log_id=log_id, head=last,
+                       tail_anchored=anchored, kinds=kinds)

@@ -1,0 +1,149 @@
+"""OpenTelemetry SDK exporters: the hash-chained JSON-lines log and the redaction wrapper.
+
+Imported only by :func:`stepguard.audit.configure` and friends: it pulls in ``opentelemetry.sdk``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import Link, Status
+
+from stepguard.audit._chain import AuditLog
+from stepguard.audit._redact import contains_secret, has_secrets, redact
+from stepguard.errors import AuditError
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and math.isnan(value):  # NaN is not JSON
+        return None
+    return value
+
+
+def _attrs(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: _jsonable(v) for k, v in (attributes or {}).items()}
+
+
+def span_to_record(span: ReadableSpan) -> dict[str, Any]:
+    """The audit-log payload for one finished span."""
+    ctx = span.context
+    parent = span.parent
+    status = span.status
+    record: dict[str, Any] = {
+        "name": span.name,
+        "trace_id": f"{ctx.trace_id:032x}" if ctx else None,
+        "span_id": f"{ctx.span_id:016x}" if ctx else None,
+        "parent_span_id": f"{parent.span_id:016x}" if parent else None,
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": status.status_code.name,
+        "attributes": _attrs(span.attributes),
+        "events": [{"name": e.name, "time_ns": e.timestamp, "attributes": _attrs(e.attributes)}
+                   for e in span.events],
+    }
+    if status.description:
+        record["status_message"] = status.description
+    if span.links:
+        record["links"] = [{"trace_id": f"{link.context.trace_id:032x}",
+                            "span_id": f"{link.context.span_id:016x}"} for link in span.links]
+    if span.resource is not None:
+        record["resource"] = _attrs(span.resource.attributes)
+    return record
+
+
+class JsonlSpanExporter(SpanExporter):
+    """Writes each finished span as one record of the hash-chained audit log.
+
+    Use with a ``SimpleSpanProcessor`` so the record is written when the span ends, not when a
+    batch fills. ``force_flush`` applies the log's fsync policy.
+    """
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            self.log.append_many([("span", span_to_record(s)) for s in spans])
+        except AuditError:
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            self.log.flush()
+        except AuditError:
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        self.log.close()
+
+
+def _span_has_secret(span: ReadableSpan) -> bool:
+    def values(attrs: Mapping[str, Any] | None) -> Any:
+        for k, v in (attrs or {}).items():
+            yield k
+            if isinstance(v, str):
+                yield v
+            elif isinstance(v, list | tuple):
+                yield from (x for x in v if isinstance(x, str))
+
+    texts = [span.name, span.status.description or ""]
+    texts += list(values(span.attributes))
+    for event in span.events:
+        texts.append(event.name)
+        texts += list(values(event.attributes))
+    for link in span.links:
+        texts += list(values(link.attributes))
+    return any(contains_secret(t) for t in texts)
+
+
+def redact_span(span: ReadableSpan) -> ReadableSpan:
+    """A copy of ``span`` with every value holding a registered secret replaced."""
+    status = span.status
+    return ReadableSpan(
+        name=redact(span.name),
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=redact(dict(span.attributes or {})),
+        events=[Event(redact(e.name), redact(dict(e.attributes or {})), e.timestamp)
+                for e in span.events],
+        links=[Link(link.context, redact(dict(link.attributes or {}))) for link in span.links],
+        kind=span.kind,
+        status=Status(status.status_code, redact(status.description))
+        if status.description else status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class RedactingSpanExporter(SpanExporter):
+    """Wraps any exporter: spans holding a registered secret are redacted before export.
+
+    The guard at the source (:class:`~stepguard.audit.AuditSpan`) covers our own spans; this
+    covers every span the provider exports, including other libraries' and Airflow's.
+    """
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if has_secrets():
+            spans = [redact_span(s) if _span_has_secret(s) else s for s in spans]
+        return self.inner.export(spans)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.inner.force_flush(timeout_millis))
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
