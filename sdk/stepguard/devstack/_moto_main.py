@@ -1,6 +1,6 @@
-"""Run moto's server with AWS's web-identity semantics (``python -m stepguard.devstack._moto_main``).
+"""moto's server with AWS's web-identity semantics: ``python -m stepguard.devstack._moto_main``.
 
-Stock moto, with IAM enforcement on, differs from AWS in two ways that matter to stepguard:
+Stock moto, with IAM enforcement on, differs from AWS in three ways that matter to stepguard:
 
 * it demands a SigV4 signature on ``AssumeRoleWithWebIdentity``, which AWS serves unsigned (and
   botocore sends unsigned), so the call could never succeed;
@@ -163,7 +163,9 @@ def install() -> None:
         if "Authorization" not in headers and not presigned:
             if isinstance(self, S3IAMRequest):
                 raise S3AccessDeniedError()
-            err = _RESTError("MissingAuthenticationToken", "Request is missing Authentication Token")
+            err = _RESTError(
+                "MissingAuthenticationToken", "Request is missing Authentication Token"
+            )
             err.code = 403
             raise err
         original_init(self, *args, **kwargs)

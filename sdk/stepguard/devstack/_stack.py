@@ -224,7 +224,8 @@ def _start(
     moto_endpoint = f"http://127.0.0.1:{moto_port}"
     table.start(
         "moto",
-        [sys.executable, "-m", "stepguard.devstack._moto_main", "-H", "127.0.0.1", "-p", str(moto_port)],
+        [sys.executable, "-m", "stepguard.devstack._moto_main",
+         "-H", "127.0.0.1", "-p", str(moto_port)],
         port=moto_port, log=sdir / "logs" / "moto.log", marker="devstack._moto_main",
         env=base_env | {"INITIAL_NO_AUTH_ACTION_COUNT": str(_aws.BOOTSTRAP_CALLS)}, cwd=sdir,
     )
