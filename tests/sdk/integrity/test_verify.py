@@ -1,0 +1,308 @@
+"""The tamper corpus: every change to verified data is detected and the file is named."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from stepguard.errors import ConfigurationError, IntegrityError
+from stepguard.integrity import (
+    Manifest,
+    create_manifest,
+    plain_sha256_digests,
+    stage_and_verify,
+    verify_manifest,
+)
+
+MiB = 2**20
+
+
+def _tree(root: Path) -> Path:
+    (root / "data" / "train").mkdir(parents=True)
+    (root / "data" / "train" / "part-0.csv").write_bytes(b"a,b\n1,2\n" * 50)
+    (root / "data" / "train" / "part-1.csv").write_bytes(b"a,b\n3,4\n" * 70)
+    (root / "data" / "labels.json").write_bytes(b'{"x": 1}')
+    (root / "empty.bin").write_bytes(b"")
+    # Above the 1 MiB shard size used below: hashed as 3 parallel shards.
+    (root / "weights.bin").write_bytes(os.urandom(2 * MiB + 12345))
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return _tree(tmp_path / "ds")
+
+
+@pytest.fixture
+def manifest(tree: Path) -> Manifest:
+    return create_manifest(tree, shard_size=MiB)
+
+
+def _fails(root: Path, m: Manifest, *names: str, **kw) -> IntegrityError:
+    with pytest.raises(IntegrityError) as info:
+        verify_manifest(root, m, **kw)
+    err = info.value
+    for name in names:
+        assert any(name in d for d in err.details), (name, err.details)
+    return err
+
+
+def test_clean_tree_verifies(tree: Path, manifest: Manifest) -> None:
+    assert manifest.entries[-1].scheme == "sha256-sharded"
+    report = verify_manifest(tree, manifest)
+    assert report.files == 5 and report.bytes == manifest.total_size
+    assert report.manifest_digest == manifest.digest
+    assert verify_manifest(tree, manifest, jobs=1).files == 5
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(which=st.integers(min_value=0, max_value=3), where=st.floats(0, 1, exclude_max=True),
+       bit=st.integers(0, 7))
+def test_any_flipped_bit_is_detected(which: int, where: float, bit: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _tree(Path(tmp))
+        m = create_manifest(root, shard_size=MiB)
+        files = [e for e in m.entries if e.size]
+        entry = files[which % len(files)]
+        path = root / entry.path
+        data = bytearray(path.read_bytes())
+        data[int(where * len(data))] ^= 1 << bit
+        st0 = path.stat()
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+        err = _fails(root, m, f"modified: {entry.path}")
+        assert err.subject == entry.path
+
+
+def test_same_size_rewrite_with_mtime_restored(tree: Path, manifest: Manifest) -> None:
+    path = tree / "data" / "train" / "part-0.csv"
+    before = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"1,2", b"9,9"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+    assert path.stat().st_size == before.st_size
+    _fails(tree, manifest, "modified: data/train/part-0.csv (content differs)")
+
+
+def test_truncation_and_extension(tree: Path, manifest: Manifest) -> None:
+    with open(tree / "weights.bin", "r+b") as fh:
+        fh.truncate(MiB)
+    with open(tree / "data" / "labels.json", "ab") as fh:
+        fh.write(b" ")
+    err = _fails(tree, manifest, "modified: weights.bin", "modified: data/labels.json")
+    assert len(err.details) == 2
+
+
+def test_added_removed_renamed_all_reported(tree: Path, manifest: Manifest) -> None:
+    (tree / "data" / "train" / "part-2.csv").write_bytes(b"poison")
+    (tree / "data" / "labels.json").unlink()
+    (tree / "data" / "train" / "part-1.csv").rename(tree / "data" / "train" / "renamed.csv")
+    err = _fails(tree, manifest, "added: data/train/part-2.csv", "missing: data/labels.json",
+                 "missing: data/train/part-1.csv", "added: data/train/renamed.csv")
+    assert len(err.details) == 4
+
+
+def test_added_hidden_and_empty_file(tree: Path, manifest: Manifest) -> None:
+    (tree / ".hidden").write_bytes(b"")
+    _fails(tree, manifest, "added: .hidden")
+
+
+def test_replaced_by_symlink(tree: Path, manifest: Manifest) -> None:
+    target = tree.parent / "outside.csv"
+    shutil.copy(tree / "data" / "train" / "part-0.csv", target)
+    (tree / "data" / "train" / "part-0.csv").unlink()
+    (tree / "data" / "train" / "part-0.csv").symlink_to(target)
+    _fails(tree, manifest, "type changed: data/train/part-0.csv (expected file, found symlink")
+    # Even with internal links allowed, a link leaving the root is refused.
+    _fails(tree, manifest, "resolves outside the root", allow_internal_symlinks=True)
+
+
+def test_replaced_by_fifo_directory_and_socket(tree: Path, manifest: Manifest) -> None:
+    (tree / "data" / "labels.json").unlink()
+    os.mkfifo(tree / "data" / "labels.json")
+    (tree / "empty.bin").unlink()
+    (tree / "empty.bin").mkdir()
+    sock_path = tree / "data" / "train" / "part-1.csv"
+    sock_path.unlink()
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(sock_path))
+        _fails(tree, manifest, "type changed: data/labels.json (expected file, found FIFO)",
+               "type changed: empty.bin (expected file, found directory)",
+               "type changed: data/train/part-1.csv (expected file, found socket)")
+    finally:
+        s.close()
+
+
+def test_directory_replaced_by_symlink(tree: Path, manifest: Manifest) -> None:
+    shutil.copytree(tree / "data" / "train", tree.parent / "elsewhere")
+    shutil.rmtree(tree / "data" / "train")
+    (tree / "data" / "train").symlink_to(tree.parent / "elsewhere")
+    _fails(tree, manifest, "missing: data/train/part-0.csv", "added: data/train (symlink")
+
+
+def test_external_hard_link_refused(tree: Path, manifest: Manifest) -> None:
+    os.link(tree / "data" / "labels.json", tree.parent / "backdoor")
+    _fails(tree, manifest, "hard link: data/labels.json")
+    with pytest.warns(UserWarning, match="unsafe_allow_external_hardlinks"):
+        verify_manifest(tree, manifest, unsafe_allow_external_hardlinks=True)
+    with pytest.raises(IntegrityError, match="data/labels.json"):
+        create_manifest(tree)
+
+
+def test_internal_hard_link_allowed(tree: Path) -> None:
+    os.link(tree / "data" / "labels.json", tree / "labels-copy.json")
+    m = create_manifest(tree)
+    verify_manifest(tree, m)
+
+
+def test_create_refuses_links_and_special_files(tree: Path) -> None:
+    (tree / "link").symlink_to("data/labels.json")
+    os.mkfifo(tree / "pipe")
+    with pytest.raises(IntegrityError) as info:
+        create_manifest(tree)
+    text = "\n".join(info.value.details)
+    assert "link: symlink -> data/labels.json refused" in text
+    assert "pipe: FIFO refused" in text
+
+
+def test_internal_symlink_option(tree: Path) -> None:
+    (tree / "link.json").symlink_to("data/labels.json")
+    m = create_manifest(tree, allow_internal_symlinks=True)
+    assert any(e.path == "link.json" for e in m.entries)
+    verify_manifest(tree, m, allow_internal_symlinks=True)
+    # Without the option the same tree is refused at verification.
+    _fails(tree, m, "type changed: link.json (expected file, found symlink")
+    # Retargeting the link to other content is caught.
+    (tree / "link.json").unlink()
+    (tree / "link.json").symlink_to("data/train/part-0.csv")
+    _fails(tree, m, "modified: link.json", allow_internal_symlinks=True)
+    (tree / "link.json").unlink()
+    (tree / "link.json").symlink_to("data")
+    _fails(tree, m, "only links to files", allow_internal_symlinks=True)
+
+
+def test_unsafe_file_names_refused_at_create(tmp_path: Path) -> None:
+    (tmp_path / "a\\b").write_bytes(b"")
+    (tmp_path / "Readme").write_bytes(b"")
+    (tmp_path / "README").write_bytes(b"")
+    from stepguard.errors import ManifestError
+
+    with pytest.raises(ManifestError) as info:
+        create_manifest(tmp_path)
+    text = "\n".join(info.value.details)
+    assert "a\\b: path contains a backslash" in text
+
+
+def test_change_during_hashing_is_caught(tree: Path, manifest: Manifest) -> None:
+    grown = []
+
+    def progress(n: int) -> None:
+        if not grown:
+            grown.append(n)
+            with open(tree / "weights.bin", "ab") as fh:
+                fh.write(b"!")
+
+    err = _fails(tree, manifest, "modified: weights.bin", jobs=1, progress=progress)
+    assert "while verifying" in "\n".join(err.details) or "size" in "\n".join(err.details)
+
+
+def test_file_swapped_after_walk_is_caught(tree: Path, manifest: Manifest) -> None:
+    """Same bytes, different inode: the descriptor no longer refers to what was walked."""
+    swapped = []
+    # Hashed last (paths are sorted), so the swap happens between the walk and its read.
+    target = tree / "weights.bin"
+
+    def progress(n: int) -> None:
+        if not swapped:
+            swapped.append(n)
+            tmp = target.with_name("tmp")
+            tmp.write_bytes(target.read_bytes())
+            os.replace(tmp, target)
+
+    _fails(tree, manifest, "modified: weights.bin (replaced while verifying)", jobs=1,
+           progress=progress)
+
+
+def test_single_file_input(tmp_path: Path) -> None:
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(os.urandom(3 * MiB))
+    m = create_manifest(f, shard_size=MiB)
+    assert m.params["root"] == "file" and [e.path for e in m.entries] == ["model.safetensors"]
+    staged = tmp_path / "renamed.bin"
+    shutil.copy(f, staged)
+    verify_manifest(staged, m)
+    with open(staged, "r+b") as fh:
+        fh.seek(2 * MiB)
+        fh.write(b"\0")
+    _fails(staged, m, "modified: model.safetensors")
+    _fails(tmp_path, m, "manifest describes a single file")
+    with pytest.raises(IntegrityError, match="does not exist"):
+        verify_manifest(tmp_path / "nope", m)
+
+
+def test_blake3(tree: Path) -> None:
+    m = create_manifest(tree, algorithm="blake3")
+    assert {e.scheme for e in m.entries} == {"blake3"}
+    verify_manifest(tree, Manifest.from_json(m.to_json()))
+    (tree / "weights.bin").write_bytes(b"x")
+    _fails(tree, m, "modified: weights.bin")
+
+
+@pytest.mark.skipif(shutil.which("b3sum") is None, reason="b3sum not installed")
+def test_b3sum_accepts_export(tree: Path) -> None:
+    m = create_manifest(tree, algorithm="blake3")
+    sums = tree.parent / "sums"
+    sums.write_text(m.export_b3sum())
+    subprocess.run(["b3sum", "-c", str(sums)], cwd=tree, check=True, capture_output=True)
+
+
+def test_sha256sum_accepts_export(tree: Path) -> None:
+    sums = tree.parent / "sums"
+    plain = create_manifest(tree, shard_size=0)
+    sums.write_text(plain.export_sha256sum())
+    out = subprocess.run(["sha256sum", "-c", str(sums)], cwd=tree, check=True,
+                         capture_output=True, text=True)
+    assert out.stdout.count(": OK") == 5
+    sharded = create_manifest(tree, shard_size=MiB)
+    sums.write_text(sharded.export_sha256sum(plain_sha256_digests(tree, sharded)))
+    subprocess.run(["sha256sum", "-c", str(sums)], cwd=tree, check=True, capture_output=True)
+    # The export itself is bound to the manifest: tampered data is not exported.
+    (tree / "weights.bin").write_bytes(os.urandom(2 * MiB + 12345))
+    with pytest.raises(IntegrityError, match="weights.bin"):
+        plain_sha256_digests(tree, sharded)
+    bad = subprocess.run(["sha256sum", "-c", str(sums)], cwd=tree, capture_output=True)
+    assert bad.returncode != 0
+
+
+def test_stage_and_verify(tree: Path, manifest: Manifest, tmp_path: Path) -> None:
+    dest = tmp_path / "staging"
+    report = stage_and_verify(tree, manifest, dest)
+    assert report.files == 5
+    assert (dest / "weights.bin").read_bytes() == (tree / "weights.bin").read_bytes()
+    assert not os.access(dest / "weights.bin", os.W_OK) or os.geteuid() == 0
+    verify_manifest(dest, manifest)
+    with pytest.raises(ConfigurationError):
+        stage_and_verify(tree, manifest, dest)
+    (tree / "data" / "labels.json").write_bytes(b'{"x": 2}')
+    with pytest.raises(IntegrityError, match="data/labels.json"):
+        stage_and_verify(tree, manifest, tmp_path / "staging2")
+    assert not (tmp_path / "staging2").exists()
+
+
+def test_bad_arguments(tree: Path, manifest: Manifest) -> None:
+    with pytest.raises(ConfigurationError):
+        create_manifest(tree, algorithm="md5")
+    with pytest.raises(ConfigurationError):
+        create_manifest(tree, jobs=0)
+    with pytest.raises(ConfigurationError):
+        create_manifest(tree, shard_size=10)
+    with pytest.raises(ConfigurationError):
+        verify_manifest(tree, manifest.to_json())  # type: ignore[arg-type]
