@@ -56,14 +56,15 @@ class VaultSettings:
     jwt_path: str | None = None
     namespace: str | None = None
     ca_cert: str | None = None
-    timeout_s: float = 10.0
+    timeout_s: float = 5.0
+    heartbeat_s: float = 300.0
     ttl_margin_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.addr is not None and not self.addr.startswith(("http://", "https://")):
             raise ConfigurationError("must start with http:// or https://", subject="vault.addr")
-        if self.timeout_s <= 0:
-            raise ConfigurationError("must be > 0", subject="vault.timeout_s")
+        if not 0 < self.timeout_s <= 30:
+            raise ConfigurationError("must be in (0, 30]", subject="vault.timeout_s")
 
 
 @dataclass(frozen=True)

@@ -238,12 +238,13 @@ class _Run:
         if not self.spec.credentials:
             yield None
             return
+        from stepguard._private.vault_config import vault_config
         from stepguard.credentials import open_session
 
         ttl = self.spec.deadline_s + self.settings.vault.ttl_margin_s
         session_cm = open_session(
             self.spec.credentials,
-            settings=self.settings,
+            settings=vault_config(self.settings),
             context=self.ctx,
             ttl_s=ttl,
             policies=self.spec.policies,
