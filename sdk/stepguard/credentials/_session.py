@@ -1,0 +1,515 @@
+"""The per-step credential session: one child token, every lease under it, revoked on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType, MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from stepguard.credentials._masking import hash_identifier, register_secret
+from stepguard.credentials._secret import SecretMapping
+from stepguard.errors import ConfigurationError, CredentialError, StepguardError
+
+if TYPE_CHECKING:
+    from stepguard.credentials._api import VaultApi
+    from stepguard.credentials._config import Login, VaultConfig
+    from stepguard.credentials._kinds import Issued
+    from stepguard.spec import CredentialRequest, RunContext
+
+log = logging.getLogger("stepguard.credentials")
+
+_ENV_UNSAFE = re.compile(r"[^A-Za-z0-9]")
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """What the receipt and the audit span say about one credential. Never a secret value.
+
+    ``revocable`` is False for credentials that can only expire (STS, web identity) or are
+    static (KV); ``revoked_by`` is ``"lease"`` when the lease itself was revoked and ``"token"``
+    when the step token's revocation took it down.
+    """
+
+    name: str
+    kind: str
+    lease_id_hash: str | None
+    revocable: bool
+    static: bool
+    renewable: bool
+    ttl_s: int
+    issue_s: float = 0.0
+    revoked: bool = False
+    revoked_by: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for receipts and span attributes."""
+        return {
+            "name": self.name, "kind": self.kind, "lease_id_hash": self.lease_id_hash,
+            "revocable": self.revocable, "static": self.static, "renewable": self.renewable,
+            "ttl_s": self.ttl_s, "revoked": self.revoked, "revoked_by": self.revoked_by,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """The step token, described without revealing it (the accessor is hashed)."""
+
+    accessor_hash: str
+    child: bool
+    policies: tuple[str, ...]
+    ttl_s: int
+    explicit_max_ttl_s: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    renewals: int = 0
+    revoked: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accessor_hash": self.accessor_hash, "child": self.child,
+            "policies": list(self.policies), "ttl_s": self.ttl_s,
+            "explicit_max_ttl_s": self.explicit_max_ttl_s, "metadata": dict(self.metadata),
+            "renewals": self.renewals, "revoked": self.revoked, "error": self.error,
+        }
+
+
+def env_prefix(name: str, explicit: str | None) -> str:
+    """Variable prefix of a credential: ``env_prefix`` as given, else ``NAME_``.
+
+    >>> env_prefix("train-db", None), env_prefix("aws", "")
+    ('TRAIN_DB_', '')
+    """
+    if explicit is not None:
+        return explicit
+    return _ENV_UNSAFE.sub("_", name).upper() + "_"
+
+
+def _env_key(prefix: str, key: str) -> str:
+    return prefix + _ENV_UNSAFE.sub("_", key).upper()
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The filesystem type of the mount holding ``path`` (Linux), e.g. ``tmpfs``."""
+    target = os.path.realpath(path)
+    best, fstype = "", None
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        parts = left.split()
+        if len(parts) < 5 or not right:
+            continue
+        mount = parts[4].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and \
+                len(mount) >= len(best):
+            best, fstype = mount, right.split()[0]
+    return fstype
+
+
+@dataclass
+class _Item:
+    name: str
+    kind: str
+    delivery: str
+    prefix: str
+    values: SecretMapping
+
+
+class CredentialSet:
+    """Issued credentials and the ways a body receives them (mapping, environment, files)."""
+
+    def __init__(self) -> None:
+        self._items: list[_Item] = []
+        self._files: list[Path] = []
+        self._dirs: list[Path] = []
+
+    @property
+    def values(self) -> Mapping[str, SecretMapping]:
+        """Credential name -> its values (``SecretMapping``; nothing here prints a value)."""
+        return MappingProxyType({i.name: i.values for i in self._items})
+
+    def env(self, *, all_credentials: bool = False) -> dict[str, str]:
+        """Environment variables for a subprocess or sandbox: ``<PREFIX><KEY>`` per value.
+
+        Only credentials with ``delivery: env`` unless ``all_credentials``. The prefix is the
+        request's ``env_prefix`` (``""`` gives plain ``AWS_ACCESS_KEY_ID`` etc.), else ``NAME_``.
+        The returned dict holds plain values: pass it to the child process, never log it.
+        """
+        out: dict[str, str] = {}
+        for item in self._items:
+            if item.delivery != "env" and not all_credentials:
+                continue
+            for key in item.values:
+                out[_env_key(item.prefix, key)] = item.values.reveal(key)
+        return out
+
+    def write_files(self, directory: str | Path, *, all_credentials: bool = False,
+                    uid: int | None = None, gid: int | None = None,
+                    require_tmpfs: bool = False) -> dict[str, str]:
+        """Write each value to ``directory/<name>/<key>`` (mode 0400) and return
+        ``<PREFIX><KEY>_FILE`` variables pointing at them.
+
+        Only credentials with ``delivery: file`` unless ``all_credentials``. Give a tmpfs
+        directory so values never reach a disk (``require_tmpfs`` refuses anything else; without
+        it a non-tmpfs directory is logged as a warning). ``uid``/``gid`` hand the files to the
+        sandbox user. Files are removed when the session ends.
+        """
+        root = Path(directory)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fstype = filesystem_type(root)
+        if fstype != "tmpfs":
+            if require_tmpfs:
+                raise ConfigurationError("credential files must go to a tmpfs",
+                                         subject=str(root), details=(f"filesystem: {fstype}",))
+            log.warning("credential files written to a %s filesystem, not tmpfs: %s",
+                        fstype or "unknown", root)
+        out: dict[str, str] = {}
+        for item in self._items:
+            if item.delivery != "file" and not all_credentials:
+                continue
+            sub = root / item.name
+            sub.mkdir(mode=0o700, exist_ok=False)
+            self._dirs.append(sub)
+            if uid is not None or gid is not None:
+                os.chown(sub, -1 if uid is None else uid, -1 if gid is None else gid)
+            for key in item.values:
+                path = sub / _ENV_UNSAFE.sub("_", key)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+                try:
+                    if uid is not None or gid is not None:
+                        os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+                    os.write(fd, item.values.reveal(key).encode("utf-8"))
+                finally:
+                    os.close(fd)
+                self._files.append(path)
+                out[_env_key(item.prefix, key) + "_FILE"] = str(path)
+        return out
+
+    def _remove_files(self) -> None:
+        for path in self._files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for d in reversed(self._dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self._files.clear()
+        self._dirs.clear()
+
+    def _add(self, name: str, kind: str, delivery: str, prefix: str,
+             values: Mapping[str, str]) -> None:
+        for v in values.values():
+            register_secret(v)
+        self._items.append(_Item(name, kind, delivery, prefix, SecretMapping(values)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(credentials={[i.name for i in self._items]!r})"
+
+
+class CredentialSession(CredentialSet):
+    """The credentials of one step run, under one step token. Made by :func:`open_session`.
+
+    ``values``/``env()``/``write_files()`` deliver them; ``leases`` and ``token`` describe them
+    for the receipt (hashed ids only); :meth:`revoke` (run by the context manager on every exit
+    path) revokes the leases, then the token.
+    """
+
+    def __init__(self, config: VaultConfig, context: RunContext, api: VaultApi, login: Login,
+                 *, ttl_s: float, policies: tuple[str, ...]) -> None:
+        super().__init__()
+        self.config = config
+        self.context = context
+        self._api = api
+        self._login = login
+        self._ttl_s = ttl_s
+        self._policies = policies
+        self._step_api: VaultApi | None = None
+        self._step_token: str | None = None
+        self._token: TokenRecord | None = None
+        self._leases: list[LeaseRecord] = []
+        self._issued: list[Issued] = []
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._closed = False
+        self.timings: dict[str, float] = {}
+
+    # -- read-only views ------------------------------------------------------------------------
+
+    @property
+    def leases(self) -> tuple[LeaseRecord, ...]:
+        """One record per credential, in request order (lease ids hashed)."""
+        with self._lock:
+            return tuple(self._leases)
+
+    @property
+    def token(self) -> TokenRecord | None:
+        """The step token's record (accessor hashed), None before it exists."""
+        return self._token
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def revocation_ok(self) -> bool:
+        """True when every revocable lease and the token were revoked."""
+        tok = self._token
+        return (tok is None or tok.revoked) and all(
+            r.revoked for r in self._leases if r.revocable)
+
+    def step_api(self) -> VaultApi:
+        """A Vault client authenticated as the step token (e.g. for Transit signing)."""
+        if self._step_api is None or self._closed:
+            raise CredentialError("credential session is not open", subject="step token")
+        return self._step_api
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _start(self, requests: Sequence[CredentialRequest]) -> None:
+        from stepguard.credentials._kinds import issue
+
+        t0 = time.monotonic()
+        cfg, ctx = self.config, self.context
+        meta = {"stepguard": "step", "pipeline": ctx.pipeline, "run_id": ctx.run_id,
+                "step": ctx.step, "try": str(ctx.try_number), "orchestrator": ctx.orchestrator}
+        heartbeat = int(max(2, min(self._ttl_s, cfg.token_heartbeat_s)))
+        max_ttl = math.ceil(self._ttl_s)
+        if cfg.child_token:
+            payload: dict[str, Any] = {
+                "policies": list(self._policies), "meta": meta, "ttl": f"{heartbeat}s",
+                "explicit_max_ttl": f"{max_ttl}s", "renewable": True, "no_parent": False,
+                "display_name": f"stepguard-{ctx.step}"[:60],
+            }
+            path = "auth/token/create" + (f"/{cfg.token_role}" if cfg.token_role else "")
+            body = self._api.with_token(self._login.token).request(
+                "POST", path, what="step token creation", json=payload)
+            auth = (body or {}).get("auth") or {}
+            if not auth.get("client_token"):
+                raise CredentialError("Vault returned no step token", subject=path)
+            self._step_token = str(auth["client_token"])
+            register_secret(self._step_token)
+            self._token = TokenRecord(
+                accessor_hash=hash_identifier(str(auth.get("accessor", ""))), child=True,
+                policies=tuple(auth.get("policies") or self._policies),
+                ttl_s=int(auth.get("lease_duration") or heartbeat), explicit_max_ttl_s=max_ttl,
+                metadata=meta)
+        else:
+            self._step_token = self._login.token
+            self._token = TokenRecord(
+                accessor_hash=hash_identifier(self._login.accessor), child=False,
+                policies=self._login.policies, ttl_s=self._login.ttl_s,
+                explicit_max_ttl_s=self._login.ttl_s, metadata={})
+        self._step_api = self._api.with_token(self._step_token)
+        self.timings["token_s"] = time.monotonic() - t0
+
+        for req in requests:
+            t1 = time.monotonic()
+            issued = issue(self._step_api, req, ctx, ttl_s=self._ttl_s)
+            with self._lock:
+                self._issued.append(issued)
+                self._leases.append(LeaseRecord(
+                    name=req.name, kind=req.kind,
+                    lease_id_hash=hash_identifier(issued.lease_id) if issued.lease_id else None,
+                    revocable=issued.revocable, static=issued.static,
+                    renewable=issued.renewable, ttl_s=issued.lease_duration_s,
+                    issue_s=issued.issue_s))
+            self._add(req.name, req.kind, req.delivery, env_prefix(req.name, req.env_prefix),
+                      issued.values)
+            self.timings[f"issue_s.{req.name}"] = time.monotonic() - t1
+        self._start_renewer()
+
+    def _renew_interval(self) -> float | None:
+        """Seconds until the next renewal (2/3 of the shortest TTL that ends before the step)."""
+        horizon = self._ttl_s
+        ttls: list[float] = []
+        tok = self._token
+        if tok is not None and tok.child and tok.ttl_s < horizon:
+            ttls.append(tok.ttl_s)
+        for rec in self._leases:
+            if rec.renewable and rec.revocable and 0 < rec.ttl_s < horizon:
+                ttls.append(rec.ttl_s)
+        if not ttls:
+            return None
+        return max(1.0, min(ttls) * 2 / 3)
+
+    def _start_renewer(self) -> None:
+        if self._renew_interval() is None:
+            return
+        self._renewer = threading.Thread(target=self._renew_loop, daemon=True,
+                                         name=f"stepguard-renew-{self.context.step}")
+        self._renewer.start()
+
+    def _renew_loop(self) -> None:
+        started = time.monotonic()
+        while True:
+            interval = self._renew_interval()
+            if interval is None or self._stop.wait(interval):
+                return
+            remaining = self._ttl_s - (time.monotonic() - started)
+            if remaining <= 0:
+                return
+            try:
+                self._renew_once(remaining)
+            except StepguardError as exc:
+                # Logged without values; the next tick tries again, expiry is the backstop.
+                log.warning("renewal for step %s failed: %s", self.context.step, exc)
+
+    def _renew_once(self, remaining: float) -> None:
+        api = self.step_api()
+        tok = self._token
+        if tok is not None and tok.child:
+            inc = int(max(2, min(self.config.token_heartbeat_s, remaining + 30)))
+            body = api.request("POST", "auth/token/renew-self", what="step token renewal",
+                               json={"increment": f"{inc}s"})
+            ttl = int(((body or {}).get("auth") or {}).get("lease_duration") or tok.ttl_s)
+            with self._lock:
+                self._token = replace(tok, ttl_s=ttl, renewals=tok.renewals + 1)
+        for i, issued in enumerate(list(self._issued)):
+            rec = self._leases[i]
+            if not (issued.lease_id and rec.renewable and rec.revocable):
+                continue
+            body = api.request("PUT", "sys/leases/renew", what=f"lease renewal {rec.name!r}",
+                               json={"lease_id": issued.lease_id,
+                                     "increment": int(remaining + 30)})
+            ttl = int((body or {}).get("lease_duration") or rec.ttl_s)
+            with self._lock:
+                self._leases[i] = replace(rec, ttl_s=ttl)
+
+    def revoke(self) -> tuple[LeaseRecord, ...]:
+        """Revoke every revocable lease, then the step token (and our own login token).
+
+        Idempotent; never raises (results are recorded in :attr:`leases` and :attr:`token`;
+        failures are logged without values). Token revocation also revokes any lease whose own
+        revocation failed, and any lease a retried issuance left behind.
+        """
+        with self._lock:
+            if self._closed:
+                return tuple(self._leases)
+            self._closed = True
+        self._stop.set()
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join(timeout=self.config.timeout_s + 1)
+        self._remove_files()
+        t0 = time.monotonic()
+        api = self._step_api
+        for i, issued in enumerate(self._issued):
+            rec = self._leases[i]
+            if not (issued.revocable and issued.lease_id) or api is None:
+                continue
+            try:
+                api.request("PUT", "sys/leases/revoke", what=f"lease revocation {rec.name!r}",
+                            json={"lease_id": issued.lease_id})
+                self._leases[i] = replace(rec, revoked=True, revoked_by="lease")
+            except StepguardError as exc:
+                log.warning("lease revocation for %s failed (%s); token revocation covers it",
+                            rec.name, type(exc).__name__)
+                self._leases[i] = replace(rec, error=str(exc))
+        tok = self._token
+        if tok is not None and self._step_token is not None and api is not None:
+            owned_step = tok.child or self._login.owned
+            if owned_step:
+                try:
+                    api.request("POST", "auth/token/revoke-self", what="step token revocation")
+                    self._token = replace(tok, revoked=True)
+                except StepguardError as exc:
+                    log.warning("step token revocation failed (%s); its TTL (%d s) bounds it",
+                                type(exc).__name__, tok.ttl_s)
+                    self._token = replace(tok, error=str(exc))
+        if self._token is not None and self._token.revoked:
+            self._leases = [r if r.revoked or not r.revocable else
+                            replace(r, revoked=True, revoked_by="token") for r in self._leases]
+        if self._login.owned and (tok is None or tok.child):
+            try:
+                self._api.with_token(self._login.token).request(
+                    "POST", "auth/token/revoke-self", what="login token revocation")
+            except StepguardError as exc:
+                log.warning("login token revocation failed (%s)", type(exc).__name__)
+        self.timings["revoke_s"] = time.monotonic() - t0
+        self._step_api = None
+        self._api.close()
+        return tuple(self._leases)
+
+
+def _sigterm_to_exit(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM's default action skips every finally block: turn it into SystemExit once so the
+    # revocation runs; later SIGTERMs are ignored until it has.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def open_session(
+    requests: Sequence[CredentialRequest],
+    *,
+    settings: VaultConfig | None = None,
+    context: RunContext | None = None,
+    ttl_s: float,
+    policies: Sequence[str] = (),
+    handle_sigterm: bool = True,
+) -> Iterator[CredentialSession]:
+    """Log in, create the step's child token, mint every requested credential under it, and
+    revoke leases then token when the block exits -- on success, exception, or SIGTERM.
+
+    ``ttl_s`` is the step deadline plus a margin: the token's explicit max TTL. The token's
+    renewable TTL is ``min(ttl_s, settings.token_heartbeat_s)``, renewed in the background at
+    two thirds, so a SIGKILLed step's credentials die within one heartbeat. ``policies`` (the
+    step's declared subset; default ``settings.default_policies``) are the child's only policies.
+    ``handle_sigterm`` turns SIGTERM into ``SystemExit(143)`` while the session is open, when
+    called from the main thread and no other handler is installed.
+    """
+    from stepguard.credentials._api import VaultApi
+    from stepguard.credentials._config import VaultConfig
+    from stepguard.spec import RunContext
+
+    cfg = settings if settings is not None else VaultConfig.from_env()
+    ctx = context if context is not None else RunContext()
+    if cfg.auth is None:
+        raise ConfigurationError("no Vault auth method configured", subject="vault.auth")
+    if not 0 < ttl_s <= 7 * 24 * 3600 + 3600:
+        raise ConfigurationError("ttl_s must be positive and at most 7 days + 1 h",
+                                 subject="ttl_s")
+    pols = tuple(policies) or cfg.default_policies
+    names = [r.name for r in requests]
+    if len(set(names)) != len(names):
+        raise ConfigurationError("duplicate credential name", subject=",".join(names))
+
+    previous: Any = None
+    installed = False
+    if handle_sigterm and threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _sigterm_to_exit)
+            installed = True
+    api = VaultApi(cfg)
+    session: CredentialSession | None = None
+    try:
+        t0 = time.monotonic()
+        login = cfg.auth.login(api)
+        register_secret(login.token)
+        session = CredentialSession(cfg, ctx, api, login, ttl_s=ttl_s, policies=pols)
+        session.timings["login_s"] = time.monotonic() - t0
+        session._start(requests)
+        yield session
+    finally:
+        try:
+            if session is not None:
+                session.revoke()
+            else:
+                api.close()
+        finally:
+            if installed:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
