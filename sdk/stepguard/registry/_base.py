@@ -1,0 +1,281 @@
+"""The registry interface and the publish/fetch protocol shared by every backend.
+
+Layout of one version under the registry root (a directory or an S3 prefix)::
+
+    <name>/<version>/files/<relative path>      model files (uploaded first, with SHA-256)
+    <name>/<version>/manifest.json              integrity manifest (optional)
+    <name>/<version>/provenance.sigstore.json   signed SLSA provenance (optional)
+    <name>/<version>/model.sig                  signature bundle: written LAST, the commit marker
+
+A version without ``model.sig`` does not exist for ``fetch`` and ``list``. ``model.sig`` is
+created exclusively (``O_EXCL`` / S3 ``If-None-Match: *``), so a version is published once.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepguard.errors import (
+    ConfigurationError,
+    IntegrityError,
+    RegistryError,
+    StepguardError,
+    VerificationError,
+)
+
+BUNDLE_NAME = "model.sig"
+PROVENANCE_NAME = "provenance.sigstore.json"
+MANIFEST_NAME = "manifest.json"
+FILES_DIR = "files"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+
+
+def _check(kind: str, value: str, pattern: re.Pattern[str]) -> None:
+    if not isinstance(value, str) or not pattern.match(value) or ".." in value:
+        raise ConfigurationError(f"invalid model {kind} {value!r}", subject=str(value))
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """What a publish produced: where it is, what was signed, by whom (no secrets)."""
+
+    name: str
+    version: str
+    registry: str
+    uri: str
+    bundle_uri: str
+    bundle_digest: str
+    root_digest: str
+    signer: str
+    files: int
+    size: int
+    provenance_uri: str | None = None
+    manifest_uri: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for receipts and ``--json`` output."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One committed version (its bundle exists; with a policy, its signature verified)."""
+
+    name: str
+    version: str
+    signer: str | None = None
+
+
+@dataclass
+class _Upload:
+    keys: list[str] = field(default_factory=list)
+
+
+class Registry(abc.ABC):
+    """A model registry: publish signs and uploads; fetch downloads and verifies first."""
+
+    url: str
+
+    # -- storage primitives (keys are '/'-joined, relative to the registry root) --------------
+
+    @abc.abstractmethod
+    def _any_under(self, prefix: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _put_file(self, key: str, src: Path, sha256_hex: str, size: int) -> None: ...
+
+    @abc.abstractmethod
+    def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None: ...
+
+    @abc.abstractmethod
+    def _get_bytes(self, key: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def _list_keys(self, prefix: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _download(self, key: str, dest: Path) -> str:
+        """Copy an object to ``dest`` (created exclusively); return its SHA-256 hex."""
+
+    @abc.abstractmethod
+    def _delete(self, keys: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def _uri(self, key: str) -> str: ...
+
+    # -- protocol -----------------------------------------------------------------------------
+
+    def publish(self, model_dir: str | Path, name: str, version: str, *, signer: Any,
+                provenance: Mapping[str, Any] | None = None, manifest: Any = None,
+                allow_pickle: bool = False) -> PublishedModel:
+        """Sign ``model_dir`` and upload it as ``name``/``version``; the bundle goes last.
+
+        ``signer``: a :class:`~stepguard.signing.Signer`. ``provenance``: a step receipt dict
+        (see :func:`~stepguard.signing.build_provenance`), signed with the same signer and
+        stored beside the model. ``manifest``: an integrity ``Manifest`` of the same tree; its
+        root digest is bound into the signed statement. On any failure everything this call
+        uploaded is removed. A version that already exists raises RegistryError.
+        """
+        from stepguard.signing import sign_model, sign_provenance
+
+        _check("name", name, _NAME)
+        _check("version", version, _VERSION)
+        base = f"{name}/{version}/"
+        if self._any_under(base):
+            raise RegistryError("version already exists (versions are immutable)",
+                                subject=f"{name}:{version}")
+        binding: dict[str, Any] = {"registry_name": name, "version": version}
+        if manifest is not None:
+            binding["manifest_digest"] = manifest.digest
+        signed = sign_model(model_dir, signer, name=name, binding=binding,
+                            allow_pickle=allow_pickle)
+        root = Path(model_dir)
+        up = _Upload()
+        total = 0
+        prov_uri = man_uri = None
+        try:
+            for rel, digest in sorted(signed.files.items()):
+                src = root / rel
+                size = os.lstat(src).st_size
+                key = f"{base}{FILES_DIR}/{rel}"
+                up.keys.append(key)
+                self._put_file(key, src, digest, size)
+                total += size
+            if manifest is not None:
+                key = base + MANIFEST_NAME
+                up.keys.append(key)
+                self._put_bytes(key, manifest.to_json().encode(), exclusive=True)
+                man_uri = self._uri(key)
+            if provenance is not None:
+                key = base + PROVENANCE_NAME
+                bundle = sign_provenance(provenance, {name: signed.root_digest}, signer)
+                up.keys.append(key)
+                self._put_bytes(key, bundle, exclusive=True)
+                prov_uri = self._uri(key)
+            key = base + BUNDLE_NAME
+            up.keys.append(key)
+            self._put_bytes(key, signed.bundle, exclusive=True)
+        except BaseException as exc:
+            self._cleanup(up.keys)
+            if isinstance(exc, StepguardError):
+                raise
+            if isinstance(exc, Exception):
+                raise RegistryError("publish failed; partial upload removed",
+                                    subject=f"{name}:{version}",
+                                    details=(f"{type(exc).__name__}: {exc}"[:300],)) from exc
+            raise
+        return PublishedModel(
+            name=name, version=version, registry=self.url, uri=self._uri(base),
+            bundle_uri=self._uri(base + BUNDLE_NAME),
+            bundle_digest="sha256:" + hashlib.sha256(signed.bundle).hexdigest(),
+            root_digest=signed.root_digest, signer=signed.signer, files=len(signed.files),
+            size=total, provenance_uri=prov_uri, manifest_uri=man_uri)
+
+    def _cleanup(self, keys: list[str]) -> None:
+        # The original error matters more than a failed cleanup; nothing was committed.
+        with contextlib.suppress(Exception):
+            self._delete(keys)
+
+    def fetch(self, name: str, version: str, *, policy: Any, dest: str | Path) -> Path:
+        """Download ``name``/``version`` into a staging directory, verify, then move to ``dest``.
+
+        Verified before the path is returned: the bundle signature against ``policy``
+        (mandatory), the signed name/version binding, every file's digest, no unsigned extra
+        objects, unsafe formats. ``dest`` must not exist. Nothing is returned (or left behind)
+        when any check fails.
+        """
+        from stepguard.signing import Policy, verify_model
+        from stepguard.signing._bundle import load_bundle, parse_model_statement
+
+        if not isinstance(policy, Policy):
+            raise ConfigurationError("fetch needs an explicit verification policy",
+                                     subject="policy")
+        _check("name", name, _NAME)
+        _check("version", version, _VERSION)
+        dest = Path(dest)
+        if os.path.lexists(dest):
+            raise ConfigurationError("destination already exists", subject=str(dest))
+        base = f"{name}/{version}/"
+        raw = self._get_bytes(base + BUNDLE_NAME)
+        if raw is None:
+            raise RegistryError("no such model version (or not committed)",
+                                subject=f"{name}:{version}")
+        label = self._uri(base + BUNDLE_NAME)
+        verified = policy.verify_bundle(load_bundle(raw, subject=label), subject=label)
+        signed = parse_model_statement(verified.payload_type, verified.payload, subject=label)
+        prefix = f"{base}{FILES_DIR}/"
+        stored = {k[len(prefix):] for k in self._list_keys(prefix)}
+        extra = sorted(stored - set(signed.files))
+        missing = sorted(set(signed.files) - stored)
+        if extra or missing:
+            raise IntegrityError(
+                "registry version does not match its signature",
+                subject=(extra or missing)[0],
+                details=[f"unsigned file (not in signature): {e}" for e in extra]
+                + [f"missing: {m}" for m in missing])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.parent / f".{dest.name}.staging-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(mode=0o700)
+        try:
+            for rel, want in sorted(signed.files.items()):
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                got = self._download(prefix + rel, target)
+                if got != want:
+                    raise IntegrityError("downloaded file does not match its signature",
+                                         subject=rel, details=(f"modified: {rel}",))
+            verify_model(staging, raw, policy, expected_name=name,
+                         expected_binding={"registry_name": name, "version": version})
+            os.rename(staging, dest)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, StepguardError | KeyboardInterrupt | SystemExit):
+                raise
+            if isinstance(exc, Exception):
+                raise RegistryError("fetch failed", subject=f"{name}:{version}",
+                                    details=(f"{type(exc).__name__}: {exc}"[:300],)) from exc
+            raise
+        return dest
+
+    def list(self, name: str | None = None, *, policy: Any = None) -> list[RegistryEntry]:
+        """Committed versions (bundle present). With ``policy``, only those whose bundle
+        verifies under it and is bound to its own name and version."""
+        from stepguard.signing._bundle import load_bundle, parse_model_statement
+
+        out: list[RegistryEntry] = []
+        for key in sorted(self._list_keys(f"{name}/" if name else "")):
+            parts = key.split("/")
+            if len(parts) != 3 or parts[2] != BUNDLE_NAME:
+                continue
+            mname, mversion = parts[0], parts[1]
+            signer = None
+            if policy is not None:
+                raw = self._get_bytes(key)
+                if raw is None:
+                    continue
+                try:
+                    verified = policy.verify_bundle(load_bundle(raw, subject=key), subject=key)
+                    signed = parse_model_statement(verified.payload_type, verified.payload,
+                                                   subject=key)
+                except VerificationError:
+                    continue
+                if signed.binding.get("registry_name") != mname or \
+                        signed.binding.get("version") != mversion:
+                    continue
+                signer = verified.signer
+            out.append(RegistryEntry(mname, mversion, signer))
+        return out

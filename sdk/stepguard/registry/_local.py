@@ -1,0 +1,123 @@
+"""A registry in a local (or network-mounted) directory."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+from stepguard.errors import IntegrityError, RegistryError
+from stepguard.registry._base import Registry
+
+_BUF = 8 * 1024 * 1024
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+class LocalRegistry(Registry):
+    """``file:///path``: one directory tree; files created exclusively, never overwritten."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+        self.url = "file://" + str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalRegistry({self.url!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*key.split("/"))
+
+    def _uri(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    def _any_under(self, prefix: str) -> bool:
+        return os.path.lexists(self._path(prefix.rstrip("/")))
+
+    def _open_new(self, key: str) -> int:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(path, _FLAGS, 0o644)
+        except FileExistsError as exc:
+            raise RegistryError("object already exists (versions are immutable)",
+                                subject=self._uri(key)) from exc
+
+    def _put_file(self, key: str, src: Path, sha256_hex: str, size: int) -> None:
+        # Hash what is actually written: a source changed since signing is caught here.
+        h = hashlib.sha256()
+        fd = self._open_new(key)
+        try:
+            with open(src, "rb", buffering=0) as fin:
+                buf = bytearray(_BUF)
+                view = memoryview(buf)
+                while True:
+                    n = fin.readinto(buf)
+                    if not n:
+                        break
+                    h.update(view[:n])
+                    os.write(fd, view[:n])
+        finally:
+            os.close(fd)
+        if h.hexdigest() != sha256_hex:
+            raise IntegrityError("file changed between signing and upload",
+                                 subject=str(src), details=(f"modified: {key}",))
+
+    def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None:
+        fd = self._open_new(key)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _get_bytes(self, key: str) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def _list_keys(self, prefix: str) -> list[str]:
+        start = self._path(prefix.rstrip("/")) if prefix else self.root
+        if not start.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(start):
+            for f in files:
+                full = Path(dirpath) / f
+                out.append(full.relative_to(self.root).as_posix())
+        return out
+
+    def _download(self, key: str, dest: Path) -> str:
+        h = hashlib.sha256()
+        src = self._path(key)
+        fd = os.open(dest, _FLAGS, 0o644)
+        try:
+            sfd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                buf = bytearray(_BUF)
+                view = memoryview(buf)
+                while True:
+                    n = os.readv(sfd, [buf])
+                    if not n:
+                        break
+                    h.update(view[:n])
+                    os.write(fd, view[:n])
+            finally:
+                os.close(sfd)
+        finally:
+            os.close(fd)
+        return h.hexdigest()
+
+    def _delete(self, keys: list[str]) -> None:
+        dirs: set[Path] = set()
+        for key in keys:
+            path = self._path(key)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            dirs.update(path.parents)
+        for d in sorted(dirs, key=lambda p: -len(p.parts)):
+            if d == self.root or self.root not in d.parents:
+                continue
+            with contextlib.suppress(OSError):
+                d.rmdir()

@@ -1,0 +1,143 @@
+"""Sign and verify model directories as OpenSSF model-signing bundles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stepguard.errors import ConfigurationError, IntegrityError, SignatureError
+from stepguard.signing._bundle import build_model_statement, load_bundle, parse_model_statement
+from stepguard.signing._formats import check_formats
+from stepguard.signing._hashing import diff, hash_files, walk
+from stepguard.signing._policy import Policy
+from stepguard.signing._signers import Signer
+
+
+@dataclass(frozen=True)
+class SignedArtifact:
+    """The result of signing: the bundle bytes and what they cover."""
+
+    bundle: bytes = field(repr=False)
+    root_digest: str
+    files: Mapping[str, str]
+    signer: str
+    name: str
+
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    """A model that passed signature, policy, integrity and format checks."""
+
+    path: Path
+    name: str
+    root_digest: str
+    files: Mapping[str, str]
+    signer: str
+    policy: str
+    binding: Mapping[str, Any]
+    pickles_scanned: tuple[str, ...] = ()
+
+
+def _inside(model_dir: Path, bundle_path: Path | None) -> str | None:
+    if bundle_path is None:
+        return None
+    try:
+        rel = os.path.relpath(os.path.abspath(bundle_path), os.path.abspath(model_dir))
+    except ValueError:
+        return None
+    return None if rel.startswith("..") else rel.replace(os.sep, "/")
+
+
+def _model_files(model_dir: Path, skip: set[str]) -> dict[str, Path]:
+    if not model_dir.is_dir() or model_dir.is_symlink():
+        raise ConfigurationError("model path must be a directory (not a link)",
+                                 subject=str(model_dir))
+    result = walk(model_dir, skip=skip)
+    if result.problems:
+        raise IntegrityError("model contains entries that cannot be signed or verified",
+                             subject=result.problems[0].split(": ", 1)[-1],
+                             details=result.problems)
+    return result.files
+
+
+def sign_model(model_dir: str | Path, signer: Signer, *, bundle_path: str | Path | None = None,
+               name: str | None = None, binding: Mapping[str, Any] | None = None,
+               allow_pickle: bool = False, jobs: int | None = None) -> SignedArtifact:
+    """Hash every file of ``model_dir`` and sign the model-signing statement.
+
+    Refuses symlinks, special files and (unless ``allow_pickle``) pickle-based files. Writes
+    the bundle to ``bundle_path`` when given (a bundle inside the model directory is left out
+    of the signature, as ``model_signing`` does).
+    """
+    model_dir = Path(model_dir)
+    bpath = Path(bundle_path) if bundle_path is not None else None
+    inside = _inside(model_dir, bpath)
+    files = _model_files(model_dir, {inside} if inside else set())
+    if not files:
+        raise ConfigurationError("model directory is empty", subject=str(model_dir))
+    check_formats(files, allow_pickle=allow_pickle)
+    digests = hash_files(files, jobs=jobs)
+    model_name = name or model_dir.resolve().name
+    statement = build_model_statement(model_name, digests, binding=binding)
+    bundle = signer.sign_dsse(statement)
+    signed = parse_model_statement("application/vnd.in-toto+json", statement)
+    if bpath is not None:
+        bpath.write_bytes(bundle)
+    return SignedArtifact(bundle=bundle, root_digest=signed.root_digest, files=digests,
+                          signer=signer.identity, name=model_name)
+
+
+def verify_model(model_dir: str | Path, bundle: str | Path | bytes, policy: Policy, *,
+                 expected_name: str | None = None,
+                 expected_binding: Mapping[str, Any] | None = None,
+                 jobs: int | None = None) -> VerifiedModel:
+    """Verify ``model_dir`` against a bundle under ``policy`` (mandatory, no default).
+
+    Order: the bundle's signature against the policy; the signed statement against the
+    serialization allow-list (files/sha256, no symlinks, only git paths ignorable, no unsafe
+    names); every file on disk against the signed digests (nothing missing, modified or
+    unsigned, no links); the binding (name, registry coordinates); finally unsafe formats.
+    Nothing in the directory is loaded or executed.
+    """
+    if not isinstance(policy, Policy):
+        raise ConfigurationError("verification needs an explicit policy (KeyPolicy, "
+                                 "TransitPolicy, SigstorePolicy)", subject="policy")
+    model_dir = Path(model_dir)
+    inside = None
+    if isinstance(bundle, bytes):
+        raw, label = bundle, "bundle"
+    else:
+        bpath = Path(bundle)
+        label = str(bpath)
+        inside = _inside(model_dir, bpath)
+        try:
+            raw = bpath.read_bytes()
+        except OSError as exc:
+            raise SignatureError(f"cannot read signature bundle ({exc.strerror})",
+                                 subject=label) from exc
+    verified = policy.verify_bundle(load_bundle(raw, subject=label), subject=label)
+    signed = parse_model_statement(verified.payload_type, verified.payload, subject=label,
+                                   extra_ignored=frozenset({inside}) if inside else frozenset())
+    walked = walk(model_dir, skip={inside} if inside else set())
+    actual = hash_files(walked.files, jobs=jobs)
+    problems = diff(dict(signed.files), actual, walked.problems)
+    if problems:
+        first = problems[0].split(": ", 1)[-1]
+        raise IntegrityError("model does not match its signature", subject=first,
+                             details=problems)
+    if expected_name is not None and signed.name != expected_name:
+        raise SignatureError("bundle was signed for a different model", subject=label,
+                             details=(f"signed name {signed.name!r}, expected {expected_name!r}",))
+    for key, want in (expected_binding or {}).items():
+        got = signed.binding.get(key)
+        if got != want:
+            raise SignatureError("bundle is bound to a different artifact", subject=label,
+                                 details=(f"{key}: signed {got!r}, expected {want!r}",))
+    scanned = check_formats(walked.files, allow_pickle=policy.allow_pickle)
+    return VerifiedModel(path=model_dir, name=signed.name, root_digest=signed.root_digest,
+                         files=dict(signed.files), signer=verified.signer,
+                         policy=policy.describe(), binding=dict(signed.binding),
+                         pickles_scanned=tuple(scanned))
