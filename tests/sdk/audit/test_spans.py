@@ -1,0 +1,257 @@
+"""The span model, exported for real over OTLP/HTTP (protobuf) to a loopback receiver and to the
+local hash-chained log."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stepguard import audit
+from stepguard.audit import Attr
+from stepguard.errors import ConfigurationError, IntegrityError
+
+CONTROLS = [
+    ("credentials", "acquire"),
+    ("integrity", "verify"),
+    ("isolation", "run"),
+    ("integrity", "hash"),
+    ("signing", "sign"),
+    ("registry", "publish"),
+    ("credentials", "revoke"),
+]
+
+
+def run_full_step(auditor: audit.Auditor, *, fail_verify: bool = False) -> str:
+    """One secured step as the lifecycle emits it; returns its trace id."""
+    attrs = {**audit.pipeline_attributes("train", "run-42", "fit"),
+             **audit.stepguard_attributes(step__id="fit-1")}
+    with auditor.step_span("fit", attrs) as step:
+        with auditor.control_span("credentials", "acquire", audit.credential_attributes(
+                ["database/creds/trainer/lease-abc123"], token_accessor="accessor-xyz789",
+                kind="database")):
+            pass
+        with auditor.control_span("integrity", "verify",
+                                  {Attr.MANIFEST_DIGEST: "sha256:" + "a" * 64}):
+            auditor.verdict("inputs-match-manifest", not fail_verify, files=3)
+            if fail_verify:
+                raise IntegrityError("inputs do not match manifest", subject="data/x.csv")
+        with auditor.control_span("isolation", "run", {Attr.ISOLATION_MODE: "sandbox",
+                                                       **audit.k8s_attributes(namespace="ml")}):
+            pass
+        with auditor.control_span("integrity", "hash", audit.artifact_attributes(
+                hash="sha256:" + "b" * 64, filename="model.safetensors")):
+            pass
+        with auditor.control_span("signing", "sign", {
+                Attr.SIGNER: "key:sha256:cafe", **audit.artifact_attributes(
+                    attestation_filename="model.sig", attestation_hash="sha256:" + "c" * 64)}):
+            auditor.verdict("signature-made", True)
+        with auditor.control_span("registry", "publish", {Attr.REGISTRY_URI: "file:///reg"}):
+            pass
+        with auditor.control_span("credentials", "revoke"):
+            auditor.verdict("leases-revoked", True, count=1)
+        return step.trace_id
+
+
+def test_full_step_reaches_a_real_otlp_receiver_as_the_expected_tree(otlp_receiver, tmp_path):
+    setup = audit.configure(audit_dir=tmp_path, install_signal_handlers=False)
+    assert setup.otlp_endpoint == otlp_receiver.endpoint
+    trace_id = run_full_step(setup.auditor())
+    # No wait needed in principle: the step end force-flushes the batch processor.
+    spans = list(otlp_receiver.spans)
+    assert len(spans) == 1 + len(CONTROLS)
+    by_name = {(s["name"]): s for s in spans}
+    step = by_name["stepguard.step"]
+    assert step["parent_span_id"] is None
+    assert {s["trace_id"] for s in spans} == {trace_id}
+    children = [s for s in spans if s is not step]
+    assert [s["name"] for s in children] == [f"stepguard.{c}.{o}" for c, o in CONTROLS]
+    assert all(s["parent_span_id"] == step["span_id"] for s in children)
+    assert all(s["status"] == 1 for s in spans)  # STATUS_CODE_OK
+    assert step["attributes"]["cicd.pipeline.name"] == "train"
+    assert step["attributes"]["cicd.pipeline.run.id"] == "run-42"
+    assert step["attributes"]["cicd.pipeline.task.name"] == "fit"
+    assert step["attributes"]["stepguard.secured"] is True
+    assert step["attributes"]["stepguard.step.id"] == "fit-1"
+    assert step["resource"]["service.name"] == "stepguard"
+    acquire = by_name["stepguard.credentials.acquire"]["attributes"]
+    assert acquire["stepguard.control"] == "credentials"
+    assert acquire["stepguard.operation"] == "acquire"
+    assert acquire["stepguard.credentials.lease_ids"][0].startswith("sha256:")
+    assert "lease-abc123" not in json.dumps(acquire)
+    assert "accessor-xyz789" not in json.dumps(acquire)
+    verify = by_name["stepguard.integrity.verify"]
+    assert verify["events"] == [("stepguard.verdict", {
+        "stepguard.verdict.name": "inputs-match-manifest", "stepguard.verdict.passed": True,
+        "stepguard.verdict.files": 3})]
+    assert by_name["stepguard.integrity.hash"]["attributes"]["artifact.hash"] == "sha256:" + "b" * 64
+    sign = by_name["stepguard.signing.sign"]["attributes"]
+    assert sign["artifact.attestation.filename"] == "model.sig"
+    assert sign["stepguard.signing.signer"] == "key:sha256:cafe"
+    assert by_name["stepguard.isolation.run"]["attributes"]["k8s.namespace.name"] == "ml"
+    # The same spans are in the local log, chained.
+    report = audit.verify_chain(setup.audit_log)
+    assert report.kinds["span"] == len(spans)
+    setup.shutdown()
+
+
+def test_failed_control_sets_error_status_and_error_type(otlp_receiver, tmp_path):
+    setup = audit.configure(audit_dir=tmp_path, install_signal_handlers=False)
+    with pytest.raises(IntegrityError):
+        run_full_step(setup.auditor(), fail_verify=True)
+    spans = {s["name"]: s for s in otlp_receiver.wait_for(2)}
+    assert set(spans) == {"stepguard.step", "stepguard.credentials.acquire",
+                          "stepguard.integrity.verify"}
+    for name in ("stepguard.step", "stepguard.integrity.verify"):
+        assert spans[name]["status"] == 2  # STATUS_CODE_ERROR
+        assert spans[name]["attributes"]["error.type"] == "stepguard.errors.IntegrityError"
+    events = dict(spans["stepguard.integrity.verify"]["events"])
+    assert events["stepguard.verdict"]["stepguard.verdict.passed"] is False
+    assert events["exception"]["exception.message"] == \
+        "inputs do not match manifest: data/x.csv"
+    text = audit.show(setup.audit_log)
+    assert "FAIL inputs-match-manifest" in text
+    assert "error.type=stepguard.errors.IntegrityError" in text
+    setup.shutdown()
+
+
+def _forms(secret: str) -> list[bytes]:
+    raw = secret.encode()
+    return [raw, secret.upper().encode(), base64.b64encode(raw), base64.b64encode(raw).rstrip(b"="),
+            urllib.parse.quote(secret, safe="").encode(), raw.hex().encode()]
+
+
+def test_canary_secret_appears_in_no_exported_byte(otlp_receiver, tmp_path):
+    canary = "sg-canary-7f3a9c1e/+=&Zq"
+    audit.register_secret(canary)
+    setup = audit.configure(audit_dir=tmp_path, install_signal_handlers=False)
+    auditor = setup.auditor()
+    with pytest.raises(RuntimeError):
+        with auditor.step_span("leaky", {"stepguard.note": f"password={canary}"}) as step:
+            step.set_attribute("stepguard.header",
+                               "Basic " + base64.b64encode(f"user:{canary}".encode()).decode())
+            step.add_event("stepguard.debug", {"url": "https://h/?t=" +
+                                               urllib.parse.quote(canary, safe="")})
+            auditor.verdict("token-check", True, token=canary.upper())
+            with auditor.control_span("credentials", "acquire", {"stepguard.x": [canary, "ok"]}):
+                raise RuntimeError(f"vault said {canary}")
+    # A span made outside the guard (another library, the raw OTel tracer) is caught at export.
+    raw = setup.tracer_provider.get_tracer("other-lib").start_span(
+        "other", attributes={"token": canary})
+    raw.end()
+    setup.flush()
+    spans = otlp_receiver.wait_for(3)
+    assert len(spans) == 3
+    wire = b"".join(otlp_receiver.bodies)
+    local = Path(setup.audit_log).read_bytes()
+    for blob in (wire, local):
+        for form in _forms(canary):
+            assert form not in blob, form
+        assert b"[REDACTED]" in blob  # the guard ran; the values were there to redact
+    assert audit.verify_chain(setup.audit_log).records == 4
+    setup.shutdown()
+
+
+def test_redaction_helpers():
+    audit.register_secret("hunter2-canary-zz")
+    assert audit.redact({"a": ["x", "my hunter2-canary-zz"]}) == {"a": ["x", "[REDACTED]"]}
+    header = base64.b64encode(b"alice:hunter2-canary-zz").decode()
+    assert audit.contains_secret(header)
+    assert audit.contains_secret("HUNTER2-CANARY-ZZ")
+    assert not audit.contains_secret("hunter2-canary")
+    audit.register_secret("")  # nothing to leak: ignored
+    with pytest.raises(ConfigurationError):
+        audit.register_secret("abc")
+
+
+def test_hash_identifier_is_one_way_stable_and_keyed():
+    lease = "database/creds/trainer/8Hk2mQ"
+    h = audit.hash_identifier(lease)
+    assert h == audit.hash_identifier(lease) and "8Hk2mQ" not in h
+    assert h != audit.hash_identifier(lease + "x")
+    keyed = audit.hash_identifier(lease, key=b"0123456789abcdef")
+    assert keyed.startswith("hmac-sha256:") and keyed[12:] != h[7:]
+    assert keyed != audit.hash_identifier(lease, key=b"0123456789abcdeX")
+    with pytest.raises(ConfigurationError):
+        audit.hash_identifier("")
+
+
+def test_control_names_are_checked():
+    with pytest.raises(ConfigurationError):
+        audit.Auditor().control_span("Credentials", "acquire")
+    with pytest.raises(ConfigurationError):
+        audit.Auditor().control_span("credentials", "acquire.now")
+
+
+def _memory_auditor() -> tuple[audit.Auditor, Any]:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    mem = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(mem))
+    return audit.Auditor(provider), mem
+
+
+def test_task_spans_mark_secured_only_when_a_step_ran_inside():
+    auditor, mem = _memory_auditor()
+    stock = auditor.begin_task("load_csv", attributes=audit.pipeline_attributes("train", "r1"))
+    stock.end("success")
+    ours = auditor.begin_task("fit", attributes=audit.pipeline_attributes("train", "r1"),
+                              activate=True)
+    with auditor.step_span("fit"):
+        pass
+    ours.end("success")
+    auditor.record_task("notify", secured=False, state="failed", error="AirflowException")
+    spans = mem.get_finished_spans()
+    tasks = {s.attributes["cicd.pipeline.task.name"]: s for s in spans
+             if s.name == "stepguard.task"}
+    assert tasks["load_csv"].attributes["stepguard.secured"] is False
+    assert tasks["fit"].attributes["stepguard.secured"] is True
+    assert tasks["notify"].attributes["stepguard.secured"] is False
+    assert tasks["notify"].status.status_code.name == "ERROR"
+    step = next(s for s in spans if s.name == "stepguard.step")
+    assert step.parent.span_id == tasks["fit"].context.span_id  # nested under the task span
+
+
+def test_steps_nest_under_the_current_span_of_the_orchestrator():
+    auditor, mem = _memory_auditor()
+    outer = auditor.tracer_provider.get_tracer("airflow").start_as_current_span("task_run")
+    with outer as task_span:
+        with auditor.step_span("fit"):
+            pass
+    step = next(s for s in mem.get_finished_spans() if s.name == "stepguard.step")
+    assert step.parent.span_id == task_span.get_span_context().span_id
+
+
+def test_disabled_auditor_records_nothing():
+    auditor = audit.Auditor.disabled()
+    with auditor.step_span("fit") as span:
+        with auditor.control_span("integrity", "verify"):
+            auditor.verdict("x", True)
+    assert not span.is_recording()
+
+
+def test_setup_tracing_follows_settings_and_reuses_the_provider(tmp_path, monkeypatch):
+    from stepguard.settings import Settings
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    settings = Settings.from_dict({"state_dir": str(tmp_path / "state")})
+    provider = audit.setup_tracing(settings, install_signal_handlers=False)
+    assert provider is audit.setup_tracing(settings, install_signal_handlers=False)
+    with audit.Auditor(provider).step_span("x"):
+        pass
+    assert audit.verify_chain(settings.audit_path).records == 2
+    assert audit.setup_tracing(Settings.from_dict({"audit": {"exporter": "none"}})) is None
+
+
+def test_unsupported_otlp_protocol_is_a_configuration_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(ConfigurationError):
+        audit.configure(audit_dir=tmp_path, otlp=True, install_signal_handlers=False)
