@@ -1,0 +1,28 @@
+"""Isolation: run a step body in a bubblewrap sandbox, a plain process, or a restricted pod.
+
+The lifecycle calls :func:`run_isolated`; the pod builder (:func:`build_pod`,
+:func:`build_network_policy`) and the validator (:func:`check_pod`, :func:`assert_pod_ok`) also
+serve ``stepguard pod render`` / ``stepguard pod check`` and the Airflow/KFP adapters.
+
+Nothing heavy is imported here: ``kubernetes`` and ``kubernetes_validate`` load only when a pod
+is run or a manifest is checked against the schema.
+"""
+
+from __future__ import annotations
+
+from stepguard.isolation._check import Violation, assert_pod_ok, check_pod
+from stepguard.isolation._pod import build_network_policy, build_pod
+from stepguard.isolation._result import RunResult
+from stepguard.isolation._run import run_isolated
+from stepguard.isolation._sandbox import find_bwrap
+
+__all__ = [
+    "RunResult",
+    "Violation",
+    "assert_pod_ok",
+    "build_network_policy",
+    "build_pod",
+    "check_pod",
+    "find_bwrap",
+    "run_isolated",
+]

@@ -1,0 +1,79 @@
+"""The one entry point the step lifecycle calls, whatever the isolation mode."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from stepguard.errors import ConfigurationError
+from stepguard.isolation._local import Output, run_local
+from stepguard.isolation._result import RunResult
+from stepguard.spec import IsolationSpec, RunContext
+
+
+def run_isolated(
+    command: Sequence[str],
+    spec: IsolationSpec,
+    *,
+    ro_binds: Mapping[str, str] | None = None,
+    rw_binds: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    secret_files: Mapping[str, bytes] | None = None,
+    deadline_s: float,
+    cwd: str | None = None,
+    stdout: Output = None,
+    stderr: Output = None,
+    gpus: int | None = None,
+    bind_python: bool = True,
+    context: RunContext | None = None,
+    pod_name: str | None = None,
+    kube_api: Any = None,
+) -> RunResult:
+    """Run ``command`` isolated as ``spec.mode`` says, and wait for it (at most ``deadline_s``).
+
+    * ``ro_binds`` / ``rw_binds``: host path -> sandbox path (sandbox mode only). Verified inputs go
+      in ``ro_binds``; the output directory in ``rw_binds``. Host paths are resolved once, here.
+    * ``env``: the body's whole environment (plus a minimal ``PATH`` unless given; in the sandbox
+      also ``HOME`` and ``TMPDIR``). Nothing of the caller's environment is inherited.
+    * ``secret_files``: environment variable name -> content. Each is written mode 0400 on a
+      private tmpfs (sandbox: ``/run/stepguard/secrets/NAME`` inside; process: a 0700 directory
+      under ``/dev/shm`` removed afterwards) and the variable is set to its path. Secrets never
+      appear on a command line.
+    * ``stdout`` / ``stderr``: ``None`` inherits ours; a path captures to a new 0600 file; an open
+      file or descriptor is used as is.
+    * ``gpus``: overrides ``spec.gpus`` (0 hides GPUs even when the spec asks for them).
+
+    Returns a :class:`RunResult` whatever the body's exit status (a non-zero status is the
+    caller's verdict). Raises :class:`~stepguard.errors.StepTimeout` after killing the whole
+    process tree when the deadline passes (``err.result`` holds the RunResult), and
+    :class:`~stepguard.errors.IsolationError` when the isolation cannot be set up.
+
+    >>> import tempfile, pathlib
+    >>> from stepguard.spec import IsolationSpec
+    >>> out = pathlib.Path(tempfile.mkdtemp())
+    >>> r = run_isolated(["sh", "-c", "echo $GREETING > $OUT/hello"], IsolationSpec(mode="process"),
+    ...                  env={"GREETING": "hi", "OUT": str(out)}, deadline_s=10)
+    >>> r.exit_code, (out / "hello").read_text()
+    (0, 'hi\\n')
+    """
+    effective_gpus = spec.gpus if gpus is None else gpus
+    if spec.mode == "pod":
+        if ro_binds or rw_binds:
+            raise ConfigurationError(
+                "a pod cannot bind host paths; inputs are fetched and verified inside the pod",
+                subject="isolation.mode",
+            )
+        from stepguard.isolation._kube import run_pod
+
+        return run_pod(
+            command, spec, env=env or {}, secret_files=secret_files or {},
+            deadline_s=deadline_s, context=context or RunContext(), name=pod_name,
+            stdout=stdout, api=kube_api, gpus=effective_gpus,
+        )
+    if spec.mode not in ("process", "sandbox"):
+        raise ConfigurationError(f"unknown isolation mode {spec.mode!r}", subject="isolation.mode")
+    return run_local(
+        command, spec, mode=spec.mode, ro_binds=ro_binds or {}, rw_binds=rw_binds or {},
+        env=env or {}, secret_files=secret_files or {}, deadline_s=deadline_s, cwd=cwd,
+        stdout=stdout, stderr=stderr, gpus=effective_gpus, bind_python=bind_python,
+    )

@@ -1,0 +1,280 @@
+"""The bubblewrap command line for one sandboxed body.
+
+Everything the body can see is listed here. The root is an empty tmpfs made read-only at the end;
+the host appears only through the read-only system binds, the Python installation, the caller's
+binds, and -- when GPUs are requested and present -- the NVIDIA device nodes and driver libraries.
+Home directories, ``/root``, ``/run/secrets``, Vault token files, cloud credential files and the
+host environment are never bound: they do not exist inside.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from stepguard.errors import ConfigurationError, IsolationError
+
+SANDBOX_HOME = "/home/stepguard"
+SECRETS_DIR = "/run/stepguard/secrets"
+
+# Only what dynamic linking, name-service lookups of our synthetic user, time zones and TLS
+# roots need. Never /etc/shadow, /etc/resolv.conf (no network), /etc/hosts of the host.
+_ETC = (
+    "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
+    "/etc/localtime", "/etc/nsswitch.conf", "/etc/ssl", "/etc/ca-certificates",
+    "/etc/pki", "/etc/mime.types", "/etc/protocols", "/etc/services",
+)
+_SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_NVIDIA_CONTROL = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+_NVIDIA_LIB = re.compile(r"lib(cuda|nvidia)[^ ]*\.so")
+_SEARCH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_NVIDIA_BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced",
+                    "nvidia-cuda-mps-control", "nvidia-cuda-mps-server")
+# Mounting over these would hide the sandbox's own plumbing.
+_RESERVED = ("/proc", "/dev", "/usr", "/etc", "/run/stepguard")
+
+
+def find_bwrap() -> str:
+    """Path of the bubblewrap binary, or IsolationError saying how to install it."""
+    path = shutil.which("bwrap") or ("/usr/bin/bwrap" if os.path.exists("/usr/bin/bwrap")
+                                     else None)
+    if path is None:
+        raise IsolationError(
+            "bubblewrap (bwrap) is not installed; the sandbox cannot start",
+            subject="bwrap",
+            hint="apt-get install bubblewrap (Debian/Ubuntu) or dnf install bubblewrap (Fedora)",
+        )
+    return path
+
+
+def check_sandbox_path(path: str, *, subject: str) -> str:
+    """A clean absolute path inside the sandbox, not on top of its plumbing."""
+    p = PurePosixPath(path)
+    if not p.is_absolute() or ".." in p.parts:
+        raise ConfigurationError("sandbox paths must be absolute, without '..'", subject=subject)
+    clean = str(p)
+    if clean == "/" or any(clean == r or clean.startswith(r + "/") for r in _RESERVED):
+        raise ConfigurationError("sandbox path would cover the sandbox's system directories",
+                                 subject=subject)
+    return clean
+
+
+def check_host_path(path: str, *, subject: str) -> str:
+    """The resolved host path of a bind source (refusing the host root)."""
+    if not os.path.isabs(path):
+        raise ConfigurationError("host paths must be absolute", subject=subject)
+    real = os.path.realpath(path)
+    if real == "/":
+        raise ConfigurationError("refusing to bind the host root", subject=subject)
+    if not os.path.exists(real):
+        raise ConfigurationError("bind source does not exist", subject=subject)
+    return real
+
+
+def python_prefixes() -> list[str]:
+    """The directories a Python body needs: the venv and the real installation behind it.
+
+    Bound exactly (e.g. ``/root/.pyenv/versions/3.11.7``), never a parent such as ``/root``.
+    """
+    exe_root = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+    found: list[str] = []
+    for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, exe_root):
+        real = os.path.realpath(p)
+        if real in ("/", "/usr") or real.startswith("/usr/") or real in found:
+            continue
+        found.append(real)
+    # Venv layouts point bin/python at the base installation through a symlink; keep both sides.
+    if os.path.realpath(sys.prefix) != os.path.abspath(sys.prefix):
+        found.append(os.path.abspath(sys.prefix))
+    return sorted(set(found))
+
+
+def _nvidia_libraries() -> list[str]:
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    libs: set[str] = set()
+    for line in out.splitlines():
+        if "=>" not in line:
+            continue
+        name, _, target = line.partition("=>")
+        if _NVIDIA_LIB.search(name.strip().split(" ")[0]):
+            path = target.strip()
+            libs.add(path)
+            libs.add(os.path.realpath(path))
+    return sorted(p for p in libs if os.path.exists(p))
+
+
+def _nvidia_binaries() -> list[str]:
+    found = set()
+    for name in _NVIDIA_BINARIES:
+        path = shutil.which(name, path=_SEARCH)
+        if path:
+            found.add(path)
+            found.add(os.path.realpath(path))
+    return sorted(found)
+
+
+def gpu_device_nodes(gpus: int) -> list[str]:
+    """The control nodes plus the first ``gpus`` numbered GPU nodes (empty without a driver)."""
+    numbered = sorted(
+        (p for p in glob.glob("/dev/nvidia[0-9]*") if re.fullmatch(r"/dev/nvidia\d+", p)),
+        key=lambda p: int(p[len("/dev/nvidia"):]),
+    )
+    if not numbered:
+        return []
+    nodes = [f"/dev/{n}" for n in _NVIDIA_CONTROL if os.path.exists(f"/dev/{n}")]
+    nodes += numbered[:gpus]
+    if os.path.isdir("/dev/nvidia-caps"):
+        nodes.append("/dev/nvidia-caps")
+    if os.path.isdir("/dev/dri"):
+        nodes.append("/dev/dri")
+    return nodes
+
+
+def _covered(path: str, roots: Iterable[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+@dataclass
+class BwrapPlan:
+    """The argv plus the file descriptors bwrap must inherit (synthetic files, secrets)."""
+
+    argv: list[str]
+    pass_fds: list[int] = field(default_factory=list)
+    gpus_visible: bool = False
+
+
+def _data_fd(data: bytes) -> int:
+    # A memfd holds any size without a writer thread, and never touches a disk.
+    fd = os.memfd_create("stepguard", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def build_bwrap(
+    command: Sequence[str],
+    *,
+    uid: int,
+    ro_binds: Mapping[str, str],
+    rw_binds: Mapping[str, str],
+    extra_ro: Sequence[str],
+    secret_files: Mapping[str, bytes],
+    cwd: str | None,
+    gpus: int,
+    share_net: bool,
+    bind_python: bool,
+    tmp_size: int | None,
+) -> BwrapPlan:
+    """Assemble the bwrap invocation. The caller closes ``plan.pass_fds`` after spawning."""
+    plan = BwrapPlan([find_bwrap()])
+    try:
+        _fill(plan, command, uid=uid, ro_binds=ro_binds, rw_binds=rw_binds, extra_ro=extra_ro,
+              secret_files=secret_files, cwd=cwd, gpus=gpus, share_net=share_net,
+              bind_python=bind_python, tmp_size=tmp_size)
+    except BaseException:
+        for fd in plan.pass_fds:
+            os.close(fd)
+        raise
+    return plan
+
+
+def _fill(
+    plan: BwrapPlan,
+    command: Sequence[str],
+    *,
+    uid: int,
+    ro_binds: Mapping[str, str],
+    rw_binds: Mapping[str, str],
+    extra_ro: Sequence[str],
+    secret_files: Mapping[str, bytes],
+    cwd: str | None,
+    gpus: int,
+    share_net: bool,
+    bind_python: bool,
+    tmp_size: int | None,
+) -> None:
+    a = plan.argv.extend
+    a(["--unshare-all", "--unshare-user", "--unshare-cgroup-try", "--disable-userns",
+       "--uid", str(uid), "--gid", str(uid), "--hostname", "stepguard",
+       "--cap-drop", "ALL", "--new-session", "--die-with-parent"])
+    if share_net:
+        a(["--share-net"])
+    a(["--ro-bind", "/usr", "/usr"])
+    for d in _SYSTEM_DIRS:
+        if os.path.islink(d):
+            a(["--symlink", os.readlink(d), d])
+        elif os.path.isdir(d):
+            a(["--ro-bind", d, d])
+    for e in _ETC:
+        if os.path.exists(e):
+            a(["--ro-bind", e, e])
+    if share_net and os.path.exists("/etc/resolv.conf"):
+        a(["--ro-bind", "/etc/resolv.conf", "/etc/resolv.conf"])
+
+    def data(dest: str, content: bytes, perms: str = "0444") -> None:
+        fd = _data_fd(content)
+        plan.pass_fds.append(fd)
+        a(["--perms", perms, "--ro-bind-data", str(fd), dest])
+
+    data("/etc/passwd", (f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+                         f"stepguard:x:{uid}:{uid}:stepguard:{SANDBOX_HOME}:/usr/sbin/nologin\n"
+                         ).encode())
+    data("/etc/group", f"root:x:0:\nstepguard:x:{uid}:\n".encode())
+    data("/etc/hosts", b"127.0.0.1 localhost stepguard\n::1 localhost\n")
+
+    a(["--proc", "/proc", "--dev", "/dev"])
+    if tmp_size:
+        a(["--size", str(tmp_size)])
+    a(["--tmpfs", "/tmp", "--tmpfs", SANDBOX_HOME])  # noqa: S108 -- private tmpfs
+
+    if gpus > 0:
+        nodes = gpu_device_nodes(gpus)
+        for node in nodes:
+            a(["--dev-bind", node, node])
+        if nodes:
+            plan.gpus_visible = True
+            for lib in _nvidia_libraries() + _nvidia_binaries():
+                if not _covered(lib, ["/usr"]):
+                    a(["--ro-bind", lib, lib])
+    else:
+        # /usr is bound whole, so driver libraries and tools must be masked, not merely omitted.
+        for path in _nvidia_libraries() + _nvidia_binaries():
+            if _covered(path, ["/usr"]) and not os.path.islink(path):
+                a(["--ro-bind", "/dev/null", path])
+
+    if bind_python:
+        for prefix in python_prefixes():
+            a(["--ro-bind", prefix, prefix])
+    for path in extra_ro:
+        real = check_host_path(path, subject=f"isolation.read_only_paths:{path}")
+        a(["--ro-bind", real, check_sandbox_path(path, subject=path)])
+    for host, inside in ro_binds.items():
+        a(["--ro-bind", check_host_path(host, subject=host),
+           check_sandbox_path(inside, subject=inside)])
+    for host, inside in rw_binds.items():
+        a(["--bind", check_host_path(host, subject=host),
+           check_sandbox_path(inside, subject=inside)])
+
+    if secret_files:
+        a(["--perms", "0700", "--size", str(max(1 << 20, 2 * sum(map(len, secret_files.values())))),
+           "--tmpfs", SECRETS_DIR])
+        for name, content in secret_files.items():
+            fd = _data_fd(content)
+            plan.pass_fds.append(fd)
+            a(["--perms", "0400", "--file", str(fd), f"{SECRETS_DIR}/{name}"])
+
+    # Last: the root tmpfs (and the directories bwrap created in it) becomes read-only.
+    a(["--remount-ro", "/", "--chdir", cwd or SANDBOX_HOME, "--", *command])
