@@ -101,7 +101,8 @@ def get_provider_info() -> dict[str, Any]:
                         "label": "Role (kubernetes/jwt)",
                         "schema": {"type": ["string", "null"]},
                     },
-                    "namespace": {"label": "Vault namespace", "schema": {"type": ["string", "null"]}},
+                    "namespace": {"label": "Vault namespace",
+                                  "schema": {"type": ["string", "null"]}},
                     "ca_cert": {"label": "CA bundle path", "schema": {"type": ["string", "null"]}},
                     "registry": {
                         "label": "Registry URL (file:///dir or s3://bucket/prefix)",

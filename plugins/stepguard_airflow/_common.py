@@ -1,0 +1,242 @@
+"""Shared plumbing of the operators: spec building, run context, running a step, failures.
+
+Nothing here runs at DAG-parse time except :func:`coerce_spec` (pure data, cheap).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stepguard.receipt import Receipt
+    from stepguard.settings import Settings
+    from stepguard.spec import RunContext, StepSpec
+
+log = logging.getLogger("stepguard.airflow")
+
+#: Marker read by the listener: tasks of these classes are stepguard-secured.
+SECURED_ATTR = "_stepguard_secured"
+
+
+def step_name(task_id: str) -> str:
+    """A valid stepguard step name from an Airflow task id (dots of task groups kept)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", task_id)[:63].lstrip("_.-")
+    return name or "step"
+
+
+def coerce_spec(spec: Any, default_name: str) -> StepSpec | Mapping[str, Any] | str:
+    """Keep the spec as given (templating may still change it); validate what can be validated.
+
+    A :class:`~stepguard.spec.StepSpec` or a mapping without templates is checked now, at parse
+    time, so a malformed spec is a DAG import error instead of a task failure at 3 a.m.
+    """
+    from stepguard.spec import StepSpec
+
+    if spec is None:
+        return {"name": default_name}
+    if isinstance(spec, StepSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        data = dict(spec)
+        data.setdefault("name", default_name)
+        if "{{" not in json.dumps(data, default=str):
+            StepSpec.from_dict(data)
+        return data
+    if isinstance(spec, (str, Path)):
+        return str(spec)
+    from stepguard.errors import ConfigurationError
+
+    raise ConfigurationError("spec must be a StepSpec, a mapping or a path to a YAML file",
+                             subject=type(spec).__name__)
+
+
+def resolve_spec(spec: StepSpec | Mapping[str, Any] | str, isolation: str | None,
+                 env: Mapping[str, str] | None) -> StepSpec:
+    """The final spec at run time: loaded, with the operator's overrides applied."""
+    from stepguard.spec import StepSpec
+
+    if isinstance(spec, StepSpec):
+        resolved = spec
+    elif isinstance(spec, Mapping):
+        resolved = StepSpec.from_dict(spec)
+    else:
+        resolved = StepSpec.from_file(spec)
+    if isolation:
+        resolved = replace(resolved, isolation=replace(resolved.isolation,
+                                                       mode=isolation))  # type: ignore[arg-type]
+    if env:
+        resolved = replace(resolved, env={**resolved.env, **{k: str(v) for k, v in env.items()}})
+    return resolved
+
+
+def run_context(context: Mapping[str, Any], step: str) -> RunContext:
+    """The stepguard run context of the Airflow task instance being executed."""
+    from stepguard.spec import RunContext
+
+    ti = context.get("ti") or context.get("task_instance")
+    dag_id = getattr(ti, "dag_id", None) or "airflow"
+    run_id = str(context.get("run_id") or getattr(ti, "run_id", "") or "manual")
+    try_number = int(getattr(ti, "try_number", 1) or 1)
+    map_index = getattr(ti, "map_index", -1)
+    if isinstance(map_index, int) and map_index >= 0:
+        step = f"{step}.{map_index}"[:63]
+    return RunContext(pipeline=dag_id, run_id=run_id, step=step, try_number=try_number,
+                      orchestrator="airflow")
+
+
+@contextmanager
+def receipts_as_inputs(spec: StepSpec, receipts: Mapping[str, Any] | None) -> Iterator[StepSpec]:
+    """Point inputs at upstream receipts pulled from XCom (chain of custody across tasks).
+
+    ``receipts`` maps an input name to a receipt (dict from XCom, JSON text or a path). Each is
+    written to a private temporary file for the duration of the step and set as that input's
+    ``receipt``; the input is then verified against the digest the producer recorded.
+    """
+    if not receipts:
+        yield spec
+        return
+    from stepguard.errors import ConfigurationError
+
+    known = {i.name: i for i in spec.inputs}
+    with tempfile.TemporaryDirectory(prefix="stepguard-receipts-") as tmp:
+        inputs = list(spec.inputs)
+        for name, receipt in receipts.items():
+            if isinstance(receipt, (str, Path)) and Path(str(receipt)).is_file():
+                path = str(receipt)
+            else:
+                text = receipt if isinstance(receipt, str) else json.dumps(receipt)
+                p = Path(tmp) / f"{name}.receipt.json"
+                p.write_text(text, encoding="utf-8")
+                path = str(p)
+            if name not in known:
+                raise ConfigurationError(
+                    "a receipt is given for an input the step does not declare",
+                    subject=f"receipts.{name}",
+                    hint=f"declared inputs: {', '.join(known) or 'none'}",
+                )
+            old = known[name]
+            output = old.receipt_output or _sole_output(receipt, name)
+            inputs[inputs.index(old)] = replace(old, receipt=path, manifest=None,
+                                                receipt_output=output)
+        yield replace(spec, inputs=tuple(inputs))
+
+
+def _sole_output(receipt: Any, name: str) -> str | None:
+    """The producer's output to verify against when the names differ and there is only one."""
+    data = receipt
+    if isinstance(receipt, (str, Path)):
+        try:
+            text = Path(str(receipt)).read_text(encoding="utf-8") \
+                if Path(str(receipt)).is_file() else str(receipt)
+            data = json.loads(text)
+        except (OSError, ValueError):
+            return None
+    outputs = data.get("outputs") if isinstance(data, Mapping) else None
+    if not isinstance(outputs, list) or not outputs:
+        return None
+    names = [o.get("name") for o in outputs if isinstance(o, Mapping)]
+    if name in names or len(names) != 1:
+        return None
+    return str(names[0])
+
+
+def execute_step(
+    *,
+    context: Mapping[str, Any],
+    spec: StepSpec | Callable[[Settings], StepSpec],
+    command: Sequence[str] | None = None,
+    body: Callable[[Any], object] | None = None,
+    conn_id: str | None,
+    settings_file: str | None = None,
+    receipts: Mapping[str, Any] | None = None,
+) -> Receipt:
+    """Run ``spec`` through :func:`stepguard.step.run_step` for an Airflow task instance.
+
+    Settings come from the ``stepguard`` connection (when defined) on top of the settings
+    file/environment; ``spec`` may be a function of those settings. Relative output paths are
+    anchored in a fresh per-try directory under the state dir. Every stepguard error ends the
+    task with one message naming the step, what failed and the subject; security verdicts and
+    caller mistakes are not retried. A failed step's receipt (no secrets) is pushed to XCom
+    under ``stepguard_failed_receipt`` for forensics.
+    """
+    from stepguard.errors import StepguardError
+    from stepguard.step import run_step
+
+    from stepguard_airflow.hooks import StepguardHook
+
+    try:
+        hook = StepguardHook(conn_id)
+        settings: Settings = hook.get_settings(settings_file)
+        if callable(spec):
+            spec = spec(settings)
+    except StepguardError as err:
+        raise task_failure(context["task"].task_id if "task" in context else "step",
+                           err) from err
+    ctx = run_context(context, spec.name)
+    try:
+        spec = anchor_outputs(spec, settings, ctx)
+        with receipts_as_inputs(spec, receipts) as final, hook.login_env(settings):
+            receipt = run_step(final, command=command, body=body, context=ctx,
+                               settings=settings)
+    except StepguardError as err:
+        failed = getattr(err, "receipt", None)
+        ti = context.get("ti")
+        if failed is not None and ti is not None:
+            try:
+                ti.xcom_push(key="stepguard_failed_receipt", value=receipt_xcom(failed))
+            except Exception:  # forensics must not mask the real failure
+                log.warning("could not push the failed step's receipt to XCom")
+        raise task_failure(spec.name, err) from err
+    return receipt
+
+
+def anchor_outputs(spec: StepSpec, settings: Settings, ctx: RunContext) -> StepSpec:
+    """Relative output paths go to ``<state_dir>/airflow/<dag>/<run>/<step>/try-<n>/``.
+
+    A retry gets a fresh directory, so a half-written output of a failed try is never
+    published as the retry's result.
+    """
+    if not any(not Path(o.path).is_absolute() for o in spec.outputs):
+        return spec
+    safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", v) for v in (ctx.pipeline, ctx.run_id, ctx.step)]
+    root = Path(settings.state_dir).absolute().joinpath("airflow", *safe,
+                                                        f"try-{ctx.try_number}")
+    outputs = tuple(o if Path(o.path).is_absolute() else replace(o, path=str(root / o.path))
+                    for o in spec.outputs)
+    return replace(spec, outputs=outputs)
+
+
+def task_failure(step: str, err: Exception) -> Exception:
+    """The Airflow exception that ends the task: one line naming the step and what failed."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from stepguard.errors import (
+        ConfigurationError,
+        StepguardError,
+        TransientError,
+        VerificationError,
+    )
+
+    if isinstance(err, StepguardError):
+        for line in err.diagnostics().splitlines()[1:]:
+            log.error("%s", line)
+        message = f"stepguard step {step!r} failed: {type(err).__name__}: {err}"
+        # A verdict or a mistake will not change on retry; an outage or a body failure may.
+        if isinstance(err, (VerificationError, ConfigurationError)) and \
+                not isinstance(err, TransientError):
+            return AirflowFailException(message)
+        return AirflowException(message)
+    return AirflowException(f"stepguard step {step!r} failed: {type(err).__name__}")
+
+
+def receipt_xcom(receipt: Receipt) -> dict[str, Any]:
+    """The XCom value of a receipt: plain JSON data (never a credential)."""
+    data: dict[str, Any] = json.loads(receipt.to_json())
+    return data

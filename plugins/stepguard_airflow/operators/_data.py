@@ -1,0 +1,341 @@
+"""Operators for the data and model stages: ingest, verify a dataset, sign and publish a model,
+and the deployment gate that verifies a published model against an identity policy.
+
+Each is a thin shape over one stepguard step, so each gets the same lifecycle, spans and
+receipt as any other step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperator
+
+from stepguard_airflow._common import execute_step, receipt_xcom, step_name
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from stepguard.settings import Settings
+    from stepguard.spec import CredentialRequest, SigningSpec, StepSpec
+
+__all__ = [
+    "IngestDatasetOperator",
+    "SignAndPublishModelOperator",
+    "VerifyDatasetOperator",
+    "VerifyModelOperator",
+]
+
+
+def _credential(value: CredentialRequest | Mapping[str, Any] | None) -> CredentialRequest | None:
+    from stepguard._private.schema import from_mapping
+    from stepguard.spec import CredentialRequest
+
+    if value is None or isinstance(value, CredentialRequest):
+        return value
+    req: CredentialRequest = from_mapping(CredentialRequest, dict(value), "credential")
+    return req
+
+
+def _signing(value: SigningSpec | Mapping[str, Any] | None) -> SigningSpec | None:
+    from stepguard._private.schema import from_mapping
+    from stepguard.spec import SigningSpec
+
+    if value is None or isinstance(value, SigningSpec):
+        return value
+    spec: SigningSpec = from_mapping(SigningSpec, dict(value), "signing")
+    return spec
+
+
+def _receipt_output(receipt: Any, output: str, subject: str) -> Mapping[str, Any]:
+    """The named output record of an upstream receipt (a dict from XCom or JSON text)."""
+    from stepguard.errors import ConfigurationError
+
+    data = json.loads(receipt) if isinstance(receipt, str) else receipt
+    if not isinstance(data, Mapping):
+        raise ConfigurationError("expected an upstream receipt (XCom of a stepguard task)",
+                                 subject=subject)
+    for rec in data.get("outputs") or ():
+        if isinstance(rec, Mapping) and rec.get("name") == output:
+            return rec
+    names = [r.get("name") for r in data.get("outputs") or () if isinstance(r, Mapping)]
+    raise ConfigurationError(f"the upstream receipt has no output {output!r}", subject=subject,
+                             hint=f"its outputs: {', '.join(map(str, names)) or 'none'}")
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy regular files only; a symlink or special file in the source is refused."""
+    from stepguard.errors import IntegrityError
+
+    if src.is_file():
+        shutil.copy2(src, dst / src.name)
+        return
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        for name in dirs + files:
+            p = Path(root) / name
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise IntegrityError("source holds a symlink or special file; refused",
+                                     subject=str(rel / name))
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copy2(Path(root) / name, dst / rel / name)
+
+
+def _fetch_s3(url: str, dst: Path, creds: Mapping[str, str] | None) -> int:
+    """Download every object under ``s3://bucket/prefix`` with the step's JIT credentials."""
+    import boto3
+    from stepguard.errors import ConfigurationError, IntegrityError
+
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    kwargs = {k: creds[k] for k in ("aws_access_key_id", "aws_secret_access_key",
+                                    "aws_session_token") if creds and creds.get(k)}
+    client = boto3.client("s3", **kwargs)
+    count = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", ()):
+            key = obj["Key"]
+            rel = key[len(prefix):].lstrip("/") if prefix else key
+            if not rel or key.endswith("/"):
+                continue
+            target = (dst / rel).resolve()
+            if not target.is_relative_to(dst.resolve()):
+                raise IntegrityError("object key escapes the dataset directory", subject=key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(target))
+            count += 1
+    if count == 0:
+        raise ConfigurationError("no objects under the source prefix", subject=url)
+    return count
+
+
+class IngestDatasetOperator(BaseOperator):
+    """Fetch a dataset with just-in-time credentials, hash it, and publish it with a manifest.
+
+    :param source: a local directory/file, ``file:///...`` or ``s3://bucket/prefix``
+        (templated). S3 is read with the step's credential ``credential`` (an ``aws_*`` kind).
+    :param dataset: dataset name in the registry (templated).
+    :param version: dataset version, e.g. ``"{{ ds_nodash }}"`` (templated).
+    :param credential: the JIT credential used for the fetch (a
+        :class:`~stepguard.spec.CredentialRequest` or mapping); none for local sources.
+    :param registry: registry URL (default: the settings' registry); ``None`` and no default
+        means the dataset is hashed but not published.
+    :param signing: sign the published dataset (a :class:`~stepguard.spec.SigningSpec`).
+    :param conn_id: the ``stepguard`` connection.
+
+    The receipt's output ``dataset`` carries the manifest digest that later steps verify.
+    """
+
+    template_fields: Sequence[str] = ("source", "dataset", "version", "registry")
+    ui_color = "#d6f5e3"
+    _stepguard_secured = True
+
+    def __init__(self, *, source: str, dataset: str, version: str,
+                 credential: CredentialRequest | Mapping[str, Any] | None = None,
+                 registry: str | None = None,
+                 signing: SigningSpec | Mapping[str, Any] | None = None,
+                 conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+        self.dataset = dataset
+        self.version = version
+        self.credential = _credential(credential)
+        self.registry = registry
+        self.signing = _signing(signing)
+        self.conn_id = conn_id
+
+    def build_spec(self, settings: Settings) -> StepSpec:
+        """The step this operator runs (published when a registry is configured)."""
+        from stepguard.spec import IsolationSpec, OutputSpec, PublishSpec, StepSpec
+
+        publish = None
+        if self.registry or settings.registry.url:
+            publish = PublishSpec(name=self.dataset, version=str(self.version),
+                                  registry=self.registry, sign=self.signing is not None,
+                                  provenance=self.signing is not None)
+        return StepSpec(
+            name=step_name(self.task_id),
+            outputs=(OutputSpec(name="dataset", path="dataset", publish=publish),),
+            credentials=(self.credential,) if self.credential else (),
+            isolation=IsolationSpec(mode="process"),
+            signing=self.signing,
+        )
+
+    def execute(self, context: Context) -> Any:
+        source = str(self.source)
+        cred = self.credential.name if self.credential else None
+
+        def body(step_env: Any) -> None:
+            dst = step_env.outputs["dataset"]
+            if source.startswith("s3://"):
+                _fetch_s3(source, dst, step_env.credentials.get(cred) if cred else None)
+            else:
+                path = Path(source[len("file://"):] if source.startswith("file://") else source)
+                _copy_tree(path, dst)
+
+        receipt = execute_step(context=context, spec=self.build_spec, body=body,
+                               conn_id=self.conn_id)
+        return receipt_xcom(receipt)
+
+
+class VerifyDatasetOperator(BaseOperator):
+    """Verify a dataset against the manifest its producer recorded; fail on any difference.
+
+    :param dataset: the upstream receipt (e.g. ``ingest.output``) (templated).
+    :param output: the output of that receipt to verify (default ``dataset``).
+    :param path: where the data is now (default: where the producer wrote it) (templated).
+
+    A modified, added, missing or swapped file ends the task (no retry) naming the file; tasks
+    downstream never start.
+    """
+
+    template_fields: Sequence[str] = ("dataset", "path")
+    template_fields_renderers: ClassVar[dict[str, str]] = {"dataset": "json"}
+    ui_color = "#d6f5e3"
+    _stepguard_secured = True
+
+    def __init__(self, *, dataset: Any, output: str = "dataset", path: str | None = None,
+                 conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dataset = dataset
+        self.output = output
+        self.path = path
+        self.conn_id = conn_id
+
+    def execute(self, context: Context) -> Any:
+        from stepguard.spec import InputSpec, IsolationSpec, StepSpec
+
+        rec = _receipt_output(self.dataset, self.output, f"{self.task_id}.dataset")
+        path = self.path or str(rec["path"])
+        with tempfile.TemporaryDirectory(prefix="stepguard-verify-") as tmp:
+            rpath = Path(tmp) / "receipt.json"
+            rpath.write_text(json.dumps(self.dataset) if not isinstance(self.dataset, str)
+                             else self.dataset, encoding="utf-8")
+            spec = StepSpec(
+                name=step_name(self.task_id),
+                inputs=(InputSpec(name=self.output, path=path, receipt=str(rpath)),),
+                isolation=IsolationSpec(mode="process"),
+            )
+            receipt = execute_step(context=context, spec=spec, body=lambda _env: None,
+                                   conn_id=self.conn_id)
+        return receipt_xcom(receipt)
+
+
+class SignAndPublishModelOperator(BaseOperator):
+    """Sign a trained model (OpenSSF model-signing bundle) and publish it to the registry.
+
+    The model is first verified against the training step's receipt (so what is signed is
+    exactly what training produced), then copied, hashed, signed and published in one step.
+
+    :param model: the training task's receipt (templated).
+    :param output: that receipt's output holding the model (default ``model``).
+    :param name: model name in the registry (templated).
+    :param version: model version (templated).
+    :param signing: how to sign (:class:`~stepguard.spec.SigningSpec` or mapping): ``key``,
+        ``transit`` (Vault Transit key) or ``sigstore``.
+    :param registry: registry URL (default: the settings' registry).
+    """
+
+    template_fields: Sequence[str] = ("model", "name", "version", "registry")
+    template_fields_renderers: ClassVar[dict[str, str]] = {"model": "json"}
+    ui_color = "#d6f5e3"
+    _stepguard_secured = True
+
+    def __init__(self, *, model: Any, name: str, version: str,
+                 signing: SigningSpec | Mapping[str, Any], output: str = "model",
+                 registry: str | None = None, conn_id: str | None = "stepguard_default",
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.output = output
+        self.name = name
+        self.version = version
+        self.signing = _signing(signing)
+        self.registry = registry
+        self.conn_id = conn_id
+
+    def execute(self, context: Context) -> Any:
+        from stepguard.spec import (
+            InputSpec,
+            IsolationSpec,
+            OutputSpec,
+            PublishSpec,
+            StepSpec,
+        )
+
+        rec = _receipt_output(self.model, self.output, f"{self.task_id}.model")
+        spec = StepSpec(
+            name=step_name(self.task_id),
+            inputs=(InputSpec(name="trained", path=str(rec["path"]), manifest="unused"),),
+            outputs=(OutputSpec(name="model", path="model", publish=PublishSpec(
+                name=str(self.name), version=str(self.version), registry=self.registry,
+                sign=True, provenance=True)),),
+            isolation=IsolationSpec(mode="process"),
+            signing=self.signing,
+        )
+
+        def body(step_env: Any) -> None:
+            _copy_tree(step_env.inputs["trained"], step_env.outputs["model"])
+
+        receipt = execute_step(context=context, spec=spec, body=body, conn_id=self.conn_id,
+                               receipts={"trained": self.model})
+        return receipt_xcom(receipt)
+
+
+class VerifyModelOperator(BaseOperator):
+    """The deployment gate: verify a published model's signature and files against a policy.
+
+    :param model: the publishing task's receipt (templated).
+    :param policy: the identity policy the signature must satisfy: a path to a policy file
+        (templated). There is no default: a gate without a policy is refused.
+    :param output: the receipt's output holding the model (default ``model``).
+
+    On success the receipt records the verified digest and the signer; deployment steps take
+    this receipt as their input, so they only ever see verified bytes.
+    """
+
+    template_fields: Sequence[str] = ("model", "policy")
+    template_fields_renderers: ClassVar[dict[str, str]] = {"model": "json"}
+    ui_color = "#d6f5e3"
+    _stepguard_secured = True
+
+    def __init__(self, *, model: Any, policy: str, output: str = "model",
+                 conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not policy:
+            from stepguard.errors import ConfigurationError
+
+            raise ConfigurationError("a verification gate needs an explicit policy",
+                                     subject=f"{self.task_id}.policy")
+        self.model = model
+        self.policy = policy
+        self.output = output
+        self.conn_id = conn_id
+
+    def execute(self, context: Context) -> Any:
+        from stepguard.spec import InputSpec, IsolationSpec, StepSpec
+
+        rec = _receipt_output(self.model, self.output, f"{self.task_id}.model")
+        published = rec.get("published") or {}
+        path = _local_path(published.get("uri")) or str(rec["path"])
+        spec = StepSpec(
+            name=step_name(self.task_id),
+            inputs=(InputSpec(name=self.output, path=path, manifest="unused",
+                              signature_policy=str(self.policy)),),
+            isolation=IsolationSpec(mode="process"),
+        )
+        receipt = execute_step(context=context, spec=spec, body=lambda _env: None,
+                               conn_id=self.conn_id, receipts={self.output: self.model})
+        return receipt_xcom(receipt)
+
+
+def _local_path(uri: Any) -> str | None:
+    if isinstance(uri, str) and uri.startswith("file://"):
+        return uri[len("file://"):]
+    return None
+

@@ -1,0 +1,154 @@
+"""``SecureStepOperator``: a command or a Python callable run as a stepguard step."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperator
+
+from stepguard_airflow._common import (
+    coerce_spec,
+    execute_step,
+    receipt_xcom,
+    resolve_spec,
+    step_name,
+)
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from stepguard.spec import StepSpec
+
+#: Name of the parameter through which a Python body receives its :class:`stepguard.step.StepEnv`.
+STEP_ENV_PARAM = "step_env"
+
+
+class SecureStepOperator(BaseOperator):
+    """Run a command or a Python callable as a secured step; push the receipt to XCom.
+
+    The lifecycle is :func:`stepguard.step.run_step`: just-in-time credentials, inputs verified
+    before the body starts, the body isolated, outputs hashed (and signed and published when the
+    spec says so), credentials revoked, a receipt. The receipt is the task's return value (XCom
+    ``return_value``); a credential never is.
+
+    :param spec: the step: a :class:`~stepguard.spec.StepSpec`, a mapping in the same shape, or
+        the path of a YAML file (templated). Default: a step named after the task.
+    :param command: argv list, or a string run with ``/bin/sh -c`` (templated).
+    :param python_callable: a Python body, run in this process (isolation mode ``process``). A
+        parameter named ``step_env`` receives the :class:`~stepguard.step.StepEnv` (verified
+        input paths, output dirs, credentials).
+    :param op_args: positional arguments for ``python_callable`` (templated).
+    :param op_kwargs: keyword arguments for ``python_callable`` (templated).
+    :param isolation: override of the spec's isolation mode: ``process``, ``sandbox`` or
+        ``pod``.
+    :param receipts: input name -> upstream receipt (e.g. ``other_task.output``): the input is
+        verified against the digest its producer recorded (templated).
+    :param env: extra, non-secret environment for a command body (templated).
+    :param conn_id: the ``stepguard`` connection with Vault address/login (optional).
+    """
+
+    template_fields: Sequence[str] = ("spec", "command", "op_args", "op_kwargs", "receipts",
+                                      "env")
+    template_fields_renderers: ClassVar[dict[str, str]] = {
+        "spec": "json", "receipts": "json", "env": "json", "command": "bash",
+    }
+    ui_color = "#d6f5e3"
+    _stepguard_secured = True
+
+    def __init__(
+        self,
+        *,
+        spec: StepSpec | Mapping[str, Any] | str | None = None,
+        command: str | Sequence[str] | None = None,
+        python_callable: Callable[..., Any] | None = None,
+        op_args: Collection[Any] | None = None,
+        op_kwargs: Mapping[str, Any] | None = None,
+        isolation: str | None = None,
+        receipts: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        conn_id: str | None = "stepguard_default",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (command is None) == (python_callable is None) and not getattr(
+                self, "_stepguard_body_later", False):
+            from stepguard.errors import ConfigurationError
+
+            raise ConfigurationError("give exactly one of 'command' or 'python_callable'",
+                                     subject=self.task_id)
+        if python_callable is not None and not callable(python_callable):
+            from stepguard.errors import ConfigurationError
+
+            raise ConfigurationError("python_callable is not callable", subject=self.task_id)
+        if isolation is not None and isolation not in ("process", "sandbox", "pod"):
+            from stepguard.errors import ConfigurationError
+
+            raise ConfigurationError("must be process, sandbox or pod",
+                                     subject=f"{self.task_id}.isolation")
+        self.spec = coerce_spec(spec, step_name(self.task_id))
+        self.command = command
+        self.python_callable = python_callable
+        self.op_args = list(op_args or [])
+        self.op_kwargs = dict(op_kwargs or {})
+        self.isolation = isolation
+        self.receipts = dict(receipts) if receipts else None
+        self.env = dict(env) if env else None
+        self.conn_id = conn_id
+
+    def _argv(self) -> list[str] | None:
+        if self.command is None:
+            return None
+        if isinstance(self.command, str):
+            return ["/bin/sh", "-c", self.command]
+        return [str(a) for a in self.command]
+
+    def _body(self, box: dict[str, Any]) -> Callable[[Any], None] | None:
+        fn = self.python_callable
+        if fn is None:
+            return None
+        wants_env = _accepts(fn, STEP_ENV_PARAM)
+        args, kwargs = list(self.op_args), dict(self.op_kwargs)
+
+        def body(step_env: Any) -> None:
+            extra = {STEP_ENV_PARAM: step_env} if wants_env else {}
+            box["result"] = fn(*args, **kwargs, **extra)
+
+        return body
+
+    def execute(self, context: Context) -> Any:
+        isolation = self.isolation
+        if self.python_callable is not None and isolation is None:
+            isolation = "process"
+        spec = resolve_spec(self.spec, isolation, self.env)
+        box: dict[str, Any] = {}
+        receipt = execute_step(context=context, spec=spec, command=self._argv(),
+                               body=self._body(box), conn_id=self.conn_id,
+                               receipts=self.receipts)
+        result = box.get("result")
+        if result is not None:
+            context["ti"].xcom_push(key="result", value=_jsonable(result))
+        return receipt_xcom(receipt)
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    target = getattr(fn, "__stepguard_wrapped__", fn)
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    try:
+        json.dumps(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
