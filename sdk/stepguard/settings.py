@@ -34,6 +34,7 @@ from stepguard.spec import IsolationMode
 __all__ = [
     "AuditSettings",
     "IsolationSettings",
+    "PolicySettings",
     "RegistrySettings",
     "Settings",
     "VaultSettings",
@@ -95,6 +96,34 @@ class IsolationSettings:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    """A named signature verification policy, referenced by steps and gates.
+
+    ``kind: key`` needs ``public_keys`` (PEM paths); ``transit`` needs ``key`` (the Transit key
+    name; ``versions``/``min_version`` say which key versions are accepted after rotation);
+    ``sigstore`` needs ``identity`` and ``issuer``. There is no default policy.
+    """
+
+    kind: Literal["key", "transit", "sigstore"]
+    public_keys: tuple[str, ...] = ()
+    key: str | None = None
+    versions: tuple[int, ...] = ()
+    min_version: int | None = None
+    mount: str = "transit"
+    identity: str | None = None
+    issuer: str | None = None
+    trust_config: str | None = None
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        need = {"key": ("public_keys", self.public_keys), "transit": ("key", self.key),
+                "sigstore": ("identity", self.identity and self.issuer)}[self.kind]
+        if not need[1]:
+            raise ConfigurationError(f"a {self.kind} policy needs '{need[0]}'",
+                                     subject=f"policies.{need[0]}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """All stepguard settings. ``state_dir`` holds receipts, manifests and the audit log."""
 
@@ -102,7 +131,18 @@ class Settings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     isolation: IsolationSettings = field(default_factory=IsolationSettings)
+    policies: Mapping[str, PolicySettings] = field(default_factory=dict)
     state_dir: str = ".stepguard"
+
+    def policy(self, name: str) -> PolicySettings:
+        """The verification policy called ``name`` (ConfigurationError naming it if absent)."""
+        try:
+            return self.policies[name]
+        except KeyError:
+            raise ConfigurationError(
+                "no such verification policy", subject=f"policies.{name}",
+                hint=f"defined: {', '.join(sorted(self.policies)) or 'none'}",
+            ) from None
 
     @property
     def audit_path(self) -> Path:

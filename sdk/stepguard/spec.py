@@ -99,6 +99,8 @@ class InputSpec:
     Exactly one reference to verify against is required: a ``manifest`` file, a producer's
     ``receipt`` (with ``receipt_output`` naming the output, default: this input's name), or a
     pinned ``digest`` (the manifest root digest, with the manifest from ``manifest``/``receipt``).
+    ``signature`` + ``signature_policy`` additionally require the manifest to be signed by the
+    identity that the named policy in settings accepts ("data signed by the ingestion identity").
     ``unsafe_unverified`` skips verification and is recorded as such in the receipt and audit.
     """
 
@@ -109,11 +111,16 @@ class InputSpec:
     receipt_output: str | None = None
     digest: str | None = None
     allow_internal_symlinks: bool = False
+    signature: str | None = None
     signature_policy: str | None = None
     unsafe_unverified: bool = False
 
     def __post_init__(self) -> None:
         _check_name("input", self.name)
+        if bool(self.signature) != bool(self.signature_policy):
+            raise ConfigurationError(
+                "'signature' (a bundle over the manifest) and 'signature_policy' go together",
+                subject=f"inputs.{self.name}")
         if not self.unsafe_unverified and not (self.manifest or self.receipt):
             raise ConfigurationError(
                 "input has nothing to verify against (set 'manifest' or 'receipt')",
@@ -129,8 +136,8 @@ class PublishSpec:
     name: str
     version: str
     registry: str | None = None  # file:///dir or s3://bucket/prefix; default from settings
-    sign: bool = True
     provenance: bool = True
+    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)
