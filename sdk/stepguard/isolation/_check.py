@@ -111,11 +111,45 @@ def _schema(manifest: Mapping[str, Any], version: str | None) -> list[Violation]
     try:
         kubernetes_validate.validate(dict(manifest), target, strict=True)
     except kubernetes_validate.ValidationError as exc:
+        every = _all_schema_errors(manifest, target)
+        if every:
+            return every
         where = ".".join(str(p) for p in exc.path) or "(root)"
         return [Violation("schema", where, exc.message)]
     except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as exc:
         return [Violation("schema", "(root)", f"no schema for this object: {exc}")]
     return []
+
+
+def _all_schema_errors(manifest: Mapping[str, Any], version: str) -> list[Violation]:
+    """Every schema error, not just the first (kubernetes_validate stops at one).
+
+    Uses kubernetes_validate's bundled strict schemas with the same resolution it performs; if
+    its internals ever change, the caller falls back to the single error it raised.
+    """
+    try:
+        import re
+
+        import jsonschema  # type: ignore[import-untyped]
+        from kubernetes_validate import utils
+        from referencing import Registry, Resource
+
+        mm = utils.major_minor(version)
+        chosen = [v for v in utils.all_versions() if utils.major_minor(v) <= mm][-1]
+        api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", str(manifest["apiVersion"]))
+        schema_dir = f"v{chosen}-local-strict"
+        schema = utils.schema_contents(
+            f"kubernetes-json-schema/{schema_dir}/{str(manifest['kind']).lower()}-{api}.json",
+            version)
+        defs = utils.schema_contents(f"kubernetes-json-schema/{schema_dir}/_definitions.json",
+                                     version)
+        registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
+        validator = jsonschema.validators.Draft202012Validator(schema, registry=registry)
+        errors = sorted(validator.iter_errors(dict(manifest)), key=lambda e: list(map(str, e.path)))
+    except Exception:  # the single error already raised is still reported
+        return []
+    return [Violation("schema", ".".join(str(p) for p in e.path) or "(root)", e.message)
+            for e in errors]
 
 
 def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,

@@ -1,0 +1,128 @@
+"""``stepguard pod``: render the restricted Pod + NetworkPolicy for a step, check any pod manifest.
+
+``render`` prints what ``mode: pod`` would create (for review or GitOps); ``check`` holds any
+manifest -- ours or hand-written -- to Pod Security "restricted", stepguard's rules and the strict
+Kubernetes schema, naming every violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from stepguard.errors import ConfigurationError, PolicyViolation
+
+__all__ = ["register"]
+
+_POD_KINDS = {"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+    from stepguard.isolation import assert_pod_ok, build_network_policy, build_pod
+    from stepguard.spec import RunContext, StepSpec
+
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigurationError("no command to render (stepguard pod render --spec S -- CMD)",
+                                 subject="CMD")
+    spec = StepSpec.from_file(args.spec)
+    ctx = RunContext(pipeline=args.pipeline, run_id=args.run_id or "render",
+                     step=spec.name, orchestrator="cli")
+    name = args.name or f"sg-{spec.name.lower().replace('_', '-').replace('.', '-')}"[:63]
+    pod = build_pod(spec.isolation, name=name, command=command, env=dict(spec.env), context=ctx,
+                    deadline_s=spec.deadline_s)
+    policy = build_network_policy(spec.isolation, name=name, context=ctx)
+    assert_pod_ok(pod, kubernetes_version=args.kubernetes_version)
+    if args.json:
+        print(json.dumps([pod, policy], indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(yaml.safe_dump_all([pod, policy], sort_keys=True))
+    return 0
+
+
+def _load(path: str) -> list[Any]:
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read manifest ({exc.strerror})", subject=path) from exc
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ConfigurationError("manifest is not valid YAML", subject=path,
+                                 details=[str(exc).splitlines()[0]]) from exc
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from stepguard.isolation import check_pod
+    from stepguard.isolation._check import _schema
+
+    findings: list[dict[str, str]] = []
+    checked = 0
+    for path in args.files:
+        for i, doc in enumerate(_load(path)):
+            where = f"{path}[{i}]"
+            if not isinstance(doc, dict):
+                findings.append({"file": where, "rule": "schema", "path": "(root)",
+                                 "message": "not a mapping"})
+                continue
+            kind = doc.get("kind")
+            if kind in _POD_KINDS:
+                found = check_pod(doc, schema=not args.no_schema,
+                                  kubernetes_version=args.kubernetes_version)
+            elif args.no_schema:
+                continue
+            else:
+                found = _schema(doc, args.kubernetes_version)
+            checked += 1
+            findings += [{"file": where, "rule": v.rule, "path": v.path, "message": v.message}
+                         for v in found]
+    if args.json:
+        print(json.dumps({"ok": not findings, "documents": checked, "violations": findings},
+                         indent=2, sort_keys=True))
+    elif not findings:
+        print(f"ok: {checked} document{'s' if checked != 1 else ''} pass Pod Security "
+              "restricted and stepguard's rules")
+    if findings:
+        raise PolicyViolation(
+            f"{len(findings)} violation{'s' if len(findings) != 1 else ''}",
+            subject=", ".join(args.files),
+            details=[f"{f['file']}: {f['rule']}: {f['path']}: {f['message']}" for f in findings],
+            hint="each rule is explained in docs/reference/isolation.md",
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``stepguard pod render`` and ``stepguard pod check``."""
+    p = sub.add_parser("pod", help="render or check restricted pod manifests")
+    psub = p.add_subparsers(dest="pod_cmd", metavar="ACTION")
+    psub.required = True
+
+    r = psub.add_parser("render", help="print the Pod and NetworkPolicy a step would run as")
+    r.add_argument("--spec", required=True, help="step spec (YAML or JSON)")
+    r.add_argument("--name", help="pod name (DNS-1123; default sg-<step>)")
+    r.add_argument("--pipeline", default="adhoc", help="pipeline label")
+    r.add_argument("--run-id", default=None, help="run label (default: render)")
+    r.add_argument("--kubernetes-version", default=None,
+                   help="schema version to validate against (default: newest bundled)")
+    r.add_argument("--json", action="store_true", help="JSON list instead of YAML documents")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    r.set_defaults(func=_cmd_render)
+
+    c = psub.add_parser("check", help="check pod manifests against Pod Security restricted "
+                                      "and stepguard's rules")
+    c.add_argument("files", nargs="+", metavar="FILE", help="YAML/JSON manifest(s)")
+    c.add_argument("--kubernetes-version", default=None,
+                   help="schema version to validate against (default: newest bundled)")
+    c.add_argument("--no-schema", action="store_true",
+                   help="skip the strict OpenAPI schema check (rules only)")
+    c.add_argument("--json", action="store_true", help="machine-readable findings")
+    c.set_defaults(func=_cmd_check)
