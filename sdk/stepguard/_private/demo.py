@@ -230,7 +230,8 @@ def _report(root: Path, run_id: str, settings: Settings,
     ds = ingest.output("dataset")
     line(f"  dataset   {ds.digest}  ({ds.files} file, {ds.bytes} bytes)")
     for rec in ingest.credentials:
-        state = "revoked" if rec.revoked else ("expires only" if not rec.revocable else "NOT revoked")
+        state = ("revoked" if rec.revoked
+                 else "expires only" if not rec.revocable else "NOT revoked")
         line(f"  ingest    credential '{rec.name}' ({rec.kind}) lease {rec.lease}: {state}")
     if "train_error" in results:
         err = results["train_error"]
