@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from stepguard.audit import AuditLog, ChainHead, read_head, verify_chain
 from stepguard.audit._chain import record_digest
 from stepguard.cli import main

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from stepguard import audit
 from stepguard.audit import _signals
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from stepguard import audit
 from stepguard.audit import Attr
 from stepguard.errors import ConfigurationError, IntegrityError
