@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from stepguard.credentials._masking import hash_identifier, register_secret
 from stepguard.credentials._secret import SecretMapping
-from stepguard.errors import ConfigurationError, CredentialError, StepguardError
+from stepguard.errors import (
+    ConfigurationError,
+    CredentialDenied,
+    CredentialError,
+    StepguardError,
+)
 
 if TYPE_CHECKING:
     from stepguard.credentials._api import VaultApi
@@ -295,8 +300,16 @@ class CredentialSession(CredentialSet):
                 "display_name": f"stepguard-{ctx.step}"[:60],
             }
             path = "auth/token/create" + (f"/{cfg.token_role}" if cfg.token_role else "")
-            body = self._api.with_token(self._login.token).request(
-                "POST", path, what="step token creation", json=payload)
+            try:
+                body = self._api.with_token(self._login.token).request(
+                    "POST", path, what="step token creation", json=payload)
+            except CredentialError as exc:
+                if type(exc) is CredentialError and any("subset" in d for d in exc.details):
+                    # Vault's answer to a privilege escalation attempt: a denial, not a fault.
+                    raise CredentialDenied(
+                        "the step asks for policies its parent token does not hold",
+                        subject=",".join(self._policies), details=exc.details) from exc
+                raise
             auth = (body or {}).get("auth") or {}
             if not auth.get("client_token"):
                 raise CredentialError("Vault returned no step token", subject=path)

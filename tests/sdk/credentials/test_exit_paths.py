@@ -1,0 +1,112 @@
+"""Revocation on every exit path a step runner can take: SIGTERM, SIGKILL (token TTL),
+a deadline-style interruption, and a long step kept alive by background renewal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from stepguard.credentials import VaultConfig, open_session
+from stepguard.spec import CredentialRequest, RunContext
+
+pytestmark = [pytest.mark.services]
+
+DB = CredentialRequest(name="db", kind="database", role="stepguard-step")
+
+RUNNER = textwrap.dedent("""
+    import json, sys, time
+    from stepguard.credentials import VaultConfig, open_session
+    from stepguard.spec import CredentialRequest, RunContext
+    cfg = VaultConfig.from_env()
+    cfg = VaultConfig(**{**cfg.__dict__, "token_heartbeat_s": float(sys.argv[2])})
+    req = CredentialRequest(name="db", kind="database", role="stepguard-step")
+    with open_session([req], settings=cfg, context=RunContext(step="runner"),
+                      ttl_s=float(sys.argv[3])) as s:
+        info = {"user": s.values["db"].reveal("username"),
+                "lease": [i.lease_id for i in s._issued][0]}
+        with open(sys.argv[1], "w") as fh:
+            json.dump(info, fh)
+        time.sleep(120)
+""")
+
+
+def _runner_env(dev_stack, approle_auth):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "STEPGUARD_"))}
+    env.update(VAULT_ADDR=dev_stack.vault_addr, VAULT_ROLE_ID=approle_auth.role_id,
+               VAULT_SECRET_ID=approle_auth.secret_id)
+    return env
+
+
+def _start_runner(tmp_path, dev_stack, approle_auth, heartbeat, ttl):
+    out = tmp_path / "runner.json"
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(out), str(heartbeat), str(ttl)],
+                            env=_runner_env(dev_stack, approle_auth), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not out.exists() or not out.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"runner did not start: {err.decode()[-2000:]}")
+        time.sleep(0.1)
+    return proc, json.loads(out.read_text())
+
+
+def test_sigterm_of_runner_revokes(tmp_path, dev_stack, approle_auth, probes):
+    proc, info = _start_runner(tmp_path, dev_stack, approle_auth, heartbeat=300, ttl=600)
+    assert probes.role_exists(info["user"]) and probes.lease_exists(info["lease"])
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=20)
+    assert rc == 128 + signal.SIGTERM
+    # Revoked by the runner itself before it exited: no waiting on a TTL.
+    assert not probes.role_exists(info["user"])
+    assert not probes.lease_exists(info["lease"])
+
+
+@pytest.mark.slow
+def test_sigkill_of_runner_revoked_by_token_ttl(tmp_path, dev_stack, approle_auth, probes):
+    """SIGKILL runs no cleanup: the child token's short TTL (4 s) is what revokes the lease."""
+    proc, info = _start_runner(tmp_path, dev_stack, approle_auth, heartbeat=4, ttl=5)
+    assert probes.role_exists(info["user"])
+    proc.kill()
+    proc.wait(timeout=10)
+    # The database role itself grants 300 s; only the token's expiry can take it down now.
+    assert probes.wait_for(lambda: not probes.role_exists(info["user"]), timeout=25)
+    assert not probes.lease_exists(info["lease"])
+
+
+def test_deadline_interrupt_still_revokes(vault_cfg, probes):
+    """The lifecycle enforces deadlines by interrupting the body (StepTimeout); whatever
+    exception ends the block, the session revokes."""
+    from stepguard.errors import StepTimeout
+
+    with pytest.raises(StepTimeout):
+        with open_session([DB], settings=vault_cfg, context=RunContext(step="slow"),
+                          ttl_s=5) as session:
+            user = session.values["db"].reveal("username")
+            lease = session._issued[0].lease_id
+            raise StepTimeout("step body exceeded its deadline", subject="slow")
+    assert not probes.role_exists(user)
+    assert not probes.lease_exists(lease)
+
+
+@pytest.mark.slow
+def test_long_step_renews_token_and_stops_at_exit(dev_stack, approle_auth, vault_client):
+    cfg = VaultConfig(addr=dev_stack.vault_addr, auth=approle_auth, token_heartbeat_s=3)
+    with open_session([DB], settings=cfg, context=RunContext(step="long"), ttl_s=60) as s:
+        assert s.token.ttl_s <= 3 and s.token.explicit_max_ttl_s == 60
+        time.sleep(5.5)  # past the first heartbeat TTL: alive only if renewed
+        body = s.step_api().request("GET", "auth/token/lookup-self", what="test lookup")
+        assert body["data"]["ttl"] > 0
+        assert s.token.renewals >= 2
+        renewer = s._renewer
+    assert renewer is not None and not renewer.is_alive()
+    assert s.token.revoked
+    assert not [t for t in threading.enumerate() if t.name.startswith("stepguard-renew")]

@@ -1,0 +1,121 @@
+"""Vault down, slow, overloaded then recovering, refusing; and a retried issuance that must not
+leave an orphan lease. A small HTTP proxy in front of the real OpenBao injects the faults."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+from stepguard.credentials import VaultConfig, open_session
+from stepguard.errors import CredentialDenied, TransientCredentialError
+from stepguard.spec import CredentialRequest, RunContext
+
+pytestmark = pytest.mark.services
+
+DB = CredentialRequest(name="db", kind="database", role="stepguard-step")
+CREDS = "/v1/database/creds/stepguard-step"
+PREFIX = "database/creds/stepguard-step/"
+
+
+def _cfg(addr, auth, **kw):
+    base = {"timeout_s": 1.0, "retry_total_s": 8.0, "retry_backoff_s": 0.05}
+    base.update(kw)
+    return VaultConfig(addr=addr, auth=auth, **base)
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vault_down_gives_one_clear_error_after_bounded_retries(approle_auth, caplog):
+    caplog.set_level(logging.DEBUG)
+    cfg = _cfg(f"http://127.0.0.1:{_closed_port()}", approle_auth)
+    t0 = time.monotonic()
+    with pytest.raises(TransientCredentialError) as info:
+        with open_session([DB], settings=cfg, context=RunContext(), ttl_s=60):
+            pytest.fail("no session without Vault")
+    elapsed = time.monotonic() - t0
+    assert elapsed < cfg.retry_total_s + 2
+    err = info.value
+    assert "Vault unreachable" in str(err) and "4 attempt(s)" in err.diagnostics()
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 3
+    assert approle_auth.secret_id not in caplog.text
+
+
+def test_vault_slow_times_out_each_call(fault_proxy, approle_auth):
+    fault_proxy.rule = lambda m, p, n: ("delay", 3.0) if p.endswith("/login") else "pass"
+    cfg = _cfg(fault_proxy.url, approle_auth, timeout_s=0.5, retry_total_s=5)
+    t0 = time.monotonic()
+    with pytest.raises(TransientCredentialError) as info:
+        with open_session([DB], settings=cfg, context=RunContext(), ttl_s=60):
+            pass
+    assert time.monotonic() - t0 < 6.5
+    assert "timed out" in info.value.diagnostics()
+    assert fault_proxy.counts["/v1/auth/approle/login"] == 4
+
+
+def test_503_then_recovery(fault_proxy, approle_auth, probes):
+    fault_proxy.rule = lambda m, p, n: ("status", 503) if p == CREDS and n <= 2 else "pass"
+    cfg = _cfg(fault_proxy.url, approle_auth)
+    with open_session([DB], settings=cfg, context=RunContext(), ttl_s=60) as s:
+        user = s.values["db"].reveal("username")
+        assert probes.role_exists(user)
+    assert fault_proxy.counts[CREDS] == 3
+    assert not probes.role_exists(user)
+
+
+def test_429_and_502_are_retried_500_is_not(fault_proxy, approle_auth):
+    from stepguard.errors import CredentialError
+
+    fault_proxy.rule = lambda m, p, n: (("status", 429) if n == 1 else ("status", 502)
+                                        if n == 2 else "pass") if p == CREDS else "pass"
+    with open_session([DB], settings=_cfg(fault_proxy.url, approle_auth),
+                      context=RunContext(), ttl_s=60):
+        pass
+    assert fault_proxy.counts[CREDS] == 3
+    fault_proxy.counts.clear()
+    fault_proxy.rule = lambda m, p, n: ("status", 500) if p == CREDS else "pass"
+    with pytest.raises(CredentialError) as info:
+        with open_session([DB], settings=_cfg(fault_proxy.url, approle_auth),
+                          context=RunContext(), ttl_s=60):
+            pass
+    assert not isinstance(info.value, TransientCredentialError)
+    assert fault_proxy.counts[CREDS] == 1
+
+
+def test_403_is_denied_at_once_and_token_still_revoked(fault_proxy, approle_auth):
+    fault_proxy.rule = lambda m, p, n: ("status", 403) if p == CREDS else "pass"
+    t0 = time.monotonic()
+    with pytest.raises(CredentialDenied) as info:
+        with open_session([DB], settings=_cfg(fault_proxy.url, approle_auth),
+                          context=RunContext(), ttl_s=60):
+            pass
+    assert time.monotonic() - t0 < 3
+    assert fault_proxy.counts[CREDS] == 1
+    assert "HTTP 403" in str(info.value)
+    # The child token made before the refusal was revoked on the way out.
+    assert fault_proxy.counts.get("/v1/auth/token/revoke-self", 0) == 2
+
+
+def test_retried_issuance_leaves_no_orphan_lease(fault_proxy, approle_auth, probes):
+    """Vault creates the user and the lease, the response is lost, the retry creates a second
+    one. Both are under the step token, so the session's exit takes both down."""
+    fault_proxy.rule = lambda m, p, n: "drop_response" if p == CREDS and n == 1 else "pass"
+    before_leases = set(probes.leases_under(PREFIX))
+    before_roles = probes.dynamic_roles()
+    with open_session([DB], settings=_cfg(fault_proxy.url, approle_auth),
+                      context=RunContext(step="orphan"), ttl_s=60) as s:
+        assert fault_proxy.counts[CREDS] == 2
+        new_leases = set(probes.leases_under(PREFIX)) - before_leases
+        new_roles = probes.dynamic_roles() - before_roles
+        assert len(new_leases) == 2, "the dropped response did create a lease"
+        assert len(new_roles) == 2
+        assert s.values["db"].reveal("username") in new_roles
+    # The orphan is not in the session's records, yet revoking the token revoked it.
+    assert probes.wait_for(lambda: not (set(probes.leases_under(PREFIX)) & new_leases), 15)
+    assert probes.wait_for(lambda: not (probes.dynamic_roles() & new_roles), 15)
