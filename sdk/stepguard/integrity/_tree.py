@@ -315,8 +315,7 @@ def _hash_job(job: _Job, algorithm: str, progress: ProgressCallback | None) -> b
         st2 = os.fstat(fd)
         if st2.st_size != st.st_size or st2.st_mtime_ns != st.st_mtime_ns:
             raise _Changed("modified while verifying")
-        digest: bytes = h.digest()
-        return digest
+        return bytes(h.digest())
     except OSError as exc:
         raise _Changed(f"read failed ({exc.strerror})") from exc
     finally:
