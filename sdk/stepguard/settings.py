@@ -121,6 +121,10 @@ class PolicySettings:
         if not need[1]:
             raise ConfigurationError(f"a {self.kind} policy needs '{need[0]}'",
                                      subject=f"policies.{need[0]}")
+        if self.kind == "transit" and not (self.versions or self.min_version):
+            raise ConfigurationError(
+                "a transit policy must say which key versions it accepts",
+                subject="policies.versions", hint="set versions: [1, 2] or min_version: 1")
 
 
 @dataclass(frozen=True)

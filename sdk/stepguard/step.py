@@ -454,14 +454,11 @@ def _load_manifest(manifest_cls: Any, path: Path) -> Any:
 
 
 def _lease_record(rec: Any) -> LeaseRecord:
-    if isinstance(rec, LeaseRecord):
-        return rec
-    to_dict = getattr(rec, "to_receipt", None)
-    if callable(to_dict):
-        out = to_dict()
-        if isinstance(out, LeaseRecord):
-            return out
-    raise TypeError(f"unsupported lease record {type(rec).__name__}")
+    """The receipt's view of a credentials-session lease record (hashed id, no values)."""
+    return LeaseRecord(
+        name=rec.name, kind=rec.kind, lease=rec.lease_id_hash, revocable=rec.revocable,
+        revoked=rec.revoked, static=rec.static, ttl_s=float(rec.ttl_s),
+    )
 
 
 def _call_with_deadline(body: Body, env: StepEnv, seconds: float, name: str) -> None:

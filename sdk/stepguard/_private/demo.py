@@ -90,7 +90,8 @@ def _settings(root: Path, info: Any) -> Settings:
         "vault": {"addr": info.vault_addr, "auth": "approle"},
         "registry": {"url": f"file://{root / 'registry'}"},
         "audit": {"exporter": "jsonl", "path": str(root / "audit" / "audit.jsonl")},
-        "policies": {"release": {"kind": "transit", "key": "stepguard-signing"}},
+        "policies": {"release": {"kind": "transit", "key": "stepguard-signing",
+                                "min_version": 1}},
         "state_dir": str(root / "state"),
     })
 
@@ -191,7 +192,7 @@ def _ingest(env: StepEnv, pg: dict[str, Any]) -> None:
     import psycopg2
 
     creds = env.credentials["db"]
-    conn = psycopg2.connect(user=creds["username"], password=creds["password"],
+    conn = psycopg2.connect(user=creds.reveal("username"), password=creds.reveal("password"),
                             connect_timeout=5, **pg)
     try:
         with conn.cursor() as cur:

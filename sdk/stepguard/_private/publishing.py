@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +14,27 @@ from stepguard.settings import PolicySettings, Settings
 from stepguard.spec import InputSpec, OutputSpec, StepSpec
 
 
-def vault_client(settings: Settings) -> Any:
-    """An authenticated hvac client for signing/verification calls (Transit)."""
+@contextlib.contextmanager
+def vault_client(settings: Settings) -> Iterator[Any]:
+    """An authenticated hvac client for Transit signing/verification; a token this login
+    created is revoked when the block ends."""
     import hvac
     from stepguard._private.vault_config import vault_config
-    from stepguard.credentials import VaultApi
+    from stepguard.credentials._api import VaultApi
 
     cfg = vault_config(settings)
     api = VaultApi(cfg)
-    try:
-        login = cfg.auth.login(api) if cfg.auth is not None else None
-    finally:
-        api.close()
+    login = cfg.auth.login(api) if cfg.auth is not None else None
     token = login.token if login is not None else os.environ.get("VAULT_TOKEN")
-    return hvac.Client(url=cfg.addr, token=token, namespace=cfg.namespace,
-                       verify=cfg.ca_cert or True, timeout=cfg.timeout_s)
+    client = hvac.Client(url=cfg.addr, token=token, namespace=cfg.namespace,
+                         verify=cfg.ca_cert or True, timeout=cfg.timeout_s)
+    try:
+        yield client
+    finally:
+        if login is not None and login.owned:
+            with contextlib.suppress(Exception):
+                client.auth.token.revoke_self()
+        api.close()
 
 
 def build_policy(policy: PolicySettings, settings: Settings, client: Any = None) -> Any:
