@@ -70,6 +70,7 @@ class S3Registry(Registry):
                 with open(src, "rb") as fh:
                     self.client.put_object(
                         Bucket=self.bucket, Key=self._key(key), Body=fh,
+                        ChecksumAlgorithm="SHA256",
                         ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode())
             else:
                 self.client.upload_file(
@@ -87,6 +88,7 @@ class S3Registry(Registry):
     def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None:
         args: dict[str, Any] = {
             "Bucket": self.bucket, "Key": self._key(key), "Body": data,
+            "ChecksumAlgorithm": "SHA256",
             "ChecksumSHA256": base64.b64encode(hashlib.sha256(data).digest()).decode(),
         }
         if exclusive:
