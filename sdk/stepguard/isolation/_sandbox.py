@@ -33,7 +33,8 @@ _ETC = (
 )
 _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _NVIDIA_CONTROL = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
-_NVIDIA_LIB = re.compile(r"lib(cuda|nvidia)[^ ]*\.so")
+# Driver libraries only (libcuda, libnvidia-*); the CUDA runtime (libcudart) ships with apps.
+_NVIDIA_LIB = re.compile(r"^lib(cuda\.so|nvidia-)")
 _SEARCH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NVIDIA_BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced",
                     "nvidia-cuda-mps-control", "nvidia-cuda-mps-server")
@@ -41,13 +42,22 @@ _NVIDIA_BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced",
 _RESERVED = ("/proc", "/dev", "/usr", "/etc", "/run/stepguard")
 
 
-def find_bwrap() -> str:
-    """Path of the bubblewrap binary, or IsolationError saying how to install it."""
-    path = shutil.which("bwrap") or ("/usr/bin/bwrap" if os.path.exists("/usr/bin/bwrap")
-                                     else None)
+def find_bwrap(search_path: str | None = None) -> str:
+    """Path of the bubblewrap binary, or IsolationError saying how to install it.
+
+    ``search_path`` (a PATH-style list) defaults to ``$PATH`` plus ``/usr/bin``.
+
+    >>> find_bwrap("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    stepguard.errors.IsolationError: bubblewrap is not installed; the sandbox cannot start: bwrap
+    """
+    if search_path is None:
+        search_path = os.pathsep.join(filter(None, [os.environ.get("PATH"), "/usr/bin"]))
+    path = shutil.which("bwrap", path=search_path)
     if path is None:
         raise IsolationError(
-            "bubblewrap (bwrap) is not installed; the sandbox cannot start",
+            "bubblewrap is not installed; the sandbox cannot start",
             subject="bwrap",
             hint="apt-get install bubblewrap (Debian/Ubuntu) or dnf install bubblewrap (Fedora)",
         )
