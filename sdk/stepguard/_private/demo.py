@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from stepguard.errors import IntegrityError, StepguardError
-from stepguard.receipt import Receipt
 from stepguard.settings import Settings
 from stepguard.spec import RunContext, StepSpec
 from stepguard.step import StepEnv, run_step
@@ -47,33 +46,45 @@ acc = sum((1 / (1 + math.exp(-sum(a * b for a, b in zip(w, x)))) > 0.5) == (y ==
 
 
 def run_demo(*, workdir: str | None = None, tampered: bool = False,
-             keep_services: bool = False) -> int:
-    """Run the pipeline; returns 0 when every control behaved as it should."""
+             keep_services: bool = False, stack: Any = None) -> int:
+    """Run the pipeline; returns 0 when every control behaved as it should.
+
+    ``stack``: a running :class:`~stepguard.devstack.DevStackInfo` to use (left running);
+    otherwise one is started under ``<workdir>/dev`` and stopped at the end.
+    """
     from stepguard import devstack
 
     root = Path(workdir or Path(".stepguard") / "demo").absolute()
     root.mkdir(parents=True, exist_ok=True)
-    run_id = time.strftime("demo-%Y%m%dT%H%M%S") + ("-tampered" if tampered else "")
     state = root / "dev"
     started_here = False
-    info = devstack.status(state)
+    info = stack if stack is not None else devstack.status(state)
     if info is None:
         _say("starting the local dev stack (OpenBao, PostgreSQL, S3/IAM/STS) ...")
         info = devstack.up(state)
         started_here = True
     try:
-        if info.postgres is None:
-            raise StepguardError("the demo needs PostgreSQL (apt-get install postgresql)",
-                                 subject="postgres")
-        _seed(info)
-        settings = _settings(root, info)
-        receipts = _pipeline(root, run_id, settings, tampered)
-        _report(root, run_id, settings, receipts, tampered)
-        stopped_as_expected = tampered and "train" not in receipts
+        results = run_pipeline(root, info, tampered=tampered)
+        stopped_as_expected = tampered and "train" not in results
         return 0 if (not tampered or stopped_as_expected) else 1
     finally:
         if started_here and not keep_services:
             devstack.down(state)
+
+
+def run_pipeline(root: Path, info: Any, *, tampered: bool = False) -> dict[str, Any]:
+    """One pipeline run on a running dev stack; prints the report, returns receipts/errors."""
+    if info.postgres is None:
+        raise StepguardError("the demo needs PostgreSQL (apt-get install postgresql)",
+                             subject="postgres")
+    run_id = time.strftime("demo-%Y%m%dT%H%M%S") + ("-tampered" if tampered else "")
+    _seed(info)
+    settings = _settings(root, info)
+    results = _pipeline(root, run_id, settings, tampered, info)
+    _report(root, run_id, settings, results, tampered)
+    results["settings"] = settings
+    results["run_id"] = run_id
+    return results
 
 
 def _say(msg: str) -> None:
@@ -120,9 +131,9 @@ def _seed(info: Any) -> None:
         conn.close()
 
 
-def _pipeline(root: Path, run_id: str, settings: Settings,
-              tampered: bool) -> dict[str, Receipt | StepguardError]:
-    results: dict[str, Receipt | StepguardError] = {}
+def _pipeline(root: Path, run_id: str, settings: Settings, tampered: bool,
+              info: Any) -> dict[str, Any]:
+    results: dict[str, Any] = {}
     work = root / "runs" / run_id
 
     def ctx(step: str) -> RunContext:
@@ -134,7 +145,8 @@ def _pipeline(root: Path, run_id: str, settings: Settings,
         "credentials": [{"name": "db", "kind": "database", "role": "stepguard-step"}],
         "outputs": [{"name": "dataset", "path": str(work / "dataset")}],
     })
-    pg = _pg_target(root)
+    pg = {"host": info.postgres.host, "port": info.postgres.port,
+          "dbname": info.postgres.database}
     results["ingest"] = r_ingest = run_step(ingest, body=lambda env: _ingest(env, pg),
                                             context=ctx("ingest"), settings=settings)
     _say(f"ingest: dataset {r_ingest.output('dataset').digest}")
@@ -175,15 +187,6 @@ def _pipeline(root: Path, run_id: str, settings: Settings,
     results["gate"] = run_step(gate, body=lambda env: _gate(env, settings, run_id),
                                context=ctx("gate"), settings=settings)
     return results
-
-
-def _pg_target(root: Path) -> dict[str, Any]:
-    from stepguard import devstack
-
-    info = devstack.status(root / "dev")
-    assert info is not None and info.postgres is not None
-    return {"host": info.postgres.host, "port": info.postgres.port,
-            "dbname": info.postgres.database}
 
 
 def _ingest(env: StepEnv, pg: dict[str, Any]) -> None:
