@@ -108,13 +108,16 @@ class StepguardHook(BaseHook):
         """Expose the connection's login material to the Vault client for the step's duration.
 
         The values are set in this process's environment (where the credentials engine reads
-        ``VAULT_TOKEN`` / ``VAULT_ROLE_ID`` / ``VAULT_SECRET_ID``) and removed afterwards.
+        ``VAULT_ADDR`` and ``VAULT_TOKEN`` / ``VAULT_ROLE_ID`` / ``VAULT_SECRET_ID``) and
+        restored afterwards.
         """
         import os
 
         conn = self.connection()
         names = _AUTH_ENV.get(settings.vault.auth, (None, None))
         wanted: dict[str, str] = {}
+        if settings.vault.addr:
+            wanted["VAULT_ADDR"] = settings.vault.addr
         if conn is not None:
             if names[0] and conn.login:
                 wanted[names[0]] = str(conn.login)

@@ -1,0 +1,144 @@
+"""SecureKubernetesPodOperator: drop-in arguments, restricted pod, parse-time checks.
+
+No Kubernetes API server runs here: these tests check the pod object the operator builds
+(``build_pod_request_obj``, which needs a kubeconfig but never contacts the server) and the
+NetworkPolicy manifest, with the isolation package's validator (schema included). Creating the
+pod and policy on a live cluster is not exercised.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+pytestmark = [pytest.mark.airflow]
+
+DIGEST = "registry.example/train@sha256:" + "ab" * 32
+
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: u, user: {token: not-a-real-token}}]
+contexts: [{name: x, context: {cluster: c, user: u, namespace: ml}}]
+current-context: x
+"""
+
+
+@pytest.fixture
+def kubeconfig(tmp_path):
+    p = tmp_path / "kubeconfig"
+    p.write_text(KUBECONFIG)
+    return str(p)
+
+
+def _op(kubeconfig, **kwargs):
+    from stepguard_airflow.operators.kubernetes import SecureKubernetesPodOperator
+
+    base = dict(task_id="train", image=DIGEST, cmds=["python", "-m", "train"],
+                namespace="ml", config_file=kubeconfig, in_cluster=False)
+    base.update(kwargs)
+    return SecureKubernetesPodOperator(**base)
+
+
+def test_built_pod_is_restricted_and_passes_the_validator(airflow_db, kubeconfig):
+    from kubernetes.client import ApiClient
+    from stepguard.isolation import check_pod
+
+    op = _op(kubeconfig)
+    pod = op.build_pod_request_obj()
+    manifest = ApiClient().sanitize_for_serialization(pod)
+    assert check_pod(manifest, schema=True) == []
+    spec = manifest["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    c = spec["containers"][0]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["resources"]["limits"]["memory"] == "2Gi"
+    assert spec["activeDeadlineSeconds"] == 3600
+    assert op.log_pod_spec_on_failure is False
+    assert manifest["metadata"]["labels"]["stepguard.dev/pod"] == manifest["metadata"]["name"]
+
+
+def test_stock_arguments_keep_working(airflow_db, kubeconfig):
+    """Arguments of an existing KubernetesPodOperator task are accepted unchanged."""
+    from kubernetes.client import ApiClient
+    from kubernetes.client import models as k8s
+
+    op = _op(
+        kubeconfig,
+        name="trainer",
+        arguments=["--epochs", "{{ params.epochs }}"],
+        env_vars={"MODE": "full"},
+        labels={"team": "ml"},
+        annotations={"owner": "ml-platform"},
+        node_selector={"pool": "gpu"},
+        tolerations=[k8s.V1Toleration(key="gpu", operator="Exists", effect="NoSchedule")],
+        container_resources=k8s.V1ResourceRequirements(limits={"cpu": "4", "memory": "16Gi"}),
+        get_logs=True,
+        on_finish_action="delete_pod",
+        startup_timeout_seconds=300,
+        retries=2,
+    )
+    pod = op.build_pod_request_obj()
+    m = ApiClient().sanitize_for_serialization(pod)
+    assert m["metadata"]["labels"]["team"] == "ml"
+    assert m["metadata"]["annotations"] == {"owner": "ml-platform"}
+    assert m["spec"]["nodeSelector"] == {"pool": "gpu"}
+    assert m["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}
+    assert {"name": "MODE", "value": "full"} in m["spec"]["containers"][0]["env"]
+    assert "template_fields" in dir(op) and "arguments" in op.template_fields
+
+
+@pytest.mark.parametrize("kwargs, rule", [
+    ({"image": "python:3.11"}, "stepguard.image-digest"),
+    ({"automount_service_account_token": True}, "stepguard.sa-token"),
+    ({"hostnetwork": True}, "baseline.host-namespaces"),
+    ({"security_context": {}, "container_security_context": {"privileged": True}},
+     "baseline.privileged"),
+])
+def test_unsafe_pod_is_refused_at_parse_time(airflow_db, kubeconfig, kwargs, rule):
+    from stepguard.errors import PolicyViolation
+
+    with pytest.raises(PolicyViolation) as info:
+        _op(kubeconfig, **kwargs)
+    assert any(d.startswith(rule) for d in info.value.details), info.value.details
+    assert "train" in str(info.value)
+
+
+def test_templated_image_is_checked_when_the_pod_is_built(airflow_db, kubeconfig):
+    from stepguard.errors import PolicyViolation
+
+    op = _op(kubeconfig, image="{{ params.image }}")  # unknown at parse time: accepted
+    op.image = "python:3.11"  # what rendering would produce
+    with pytest.raises(PolicyViolation):
+        op.build_pod_request_obj()
+
+
+def test_unpinned_image_escape_hatch_warns(airflow_db, kubeconfig):
+    op = _op(kubeconfig, image="python:3.11", allow_unpinned_image=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.build_pod_request_obj()  # accepted by explicit choice
+
+
+def test_network_policy_is_default_deny_for_exactly_this_pod(airflow_db, kubeconfig):
+    op = _op(kubeconfig, network=["10.0.0.5:8200"])
+    pod = op.build_pod_request_obj()
+    policy = op.network_policy_manifest(pod)
+    assert policy["kind"] == "NetworkPolicy"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"stepguard.dev/pod":
+                                                             pod.metadata.name}}
+    assert policy["spec"]["ingress"] == []
+    assert policy["spec"]["egress"][-1]["to"] == [{"ipBlock": {"cidr": "10.0.0.5/32"}}]
+    closed = _op(kubeconfig).network_policy_manifest(pod)
+    assert closed["spec"]["egress"] == []
+
+
+def test_lifecycle_callbacks_are_attached(airflow_db, kubeconfig):
+    from stepguard_airflow.operators.kubernetes import StepguardPodCallbacks
+
+    op = _op(kubeconfig)
+    assert StepguardPodCallbacks in op.callbacks
