@@ -11,6 +11,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,16 @@ def _service_user() -> str | None:
 
 
 def prepare_cluster(
-    state_dir: Path, bins: PgBinaries, port: int
+    state_dir: Path,
+    bins: PgBinaries,
+    port: int,
+    record_dir: Callable[[Path], None] | None = None,
 ) -> tuple[PostgresInfo, str | None]:
-    """Run initdb into a fresh directory; returns the cluster info and the service user."""
+    """Run initdb into a fresh directory; returns the cluster info and the service user.
+
+    ``record_dir`` is told at once about a directory created outside ``state_dir``, so that
+    ``down`` removes it even if start-up fails later.
+    """
     user = _service_user()
     if user is None:
         base = state_dir / "postgres"
@@ -73,6 +81,8 @@ def prepare_cluster(
         # The state dir may sit under a root-only 0700 tree (pytest's tmp); the service user
         # needs its own directory it can reach.
         base = Path(tempfile.mkdtemp(prefix="stepguard-pg-"))
+        if record_dir is not None:
+            record_dir(base)
         pw = pwd.getpwnam(user)
         os.chown(base, pw.pw_uid, pw.pw_gid)
     data_dir, socket_dir = base / "data", base / "run"

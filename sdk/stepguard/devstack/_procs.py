@@ -206,7 +206,8 @@ class ProcessTable:
         problems: list[str] = []
         # Reverse start order: clients of a service stop before it.
         procs = list(self.procs.values())[::-1]
-        ours = {p.name for p in procs if p.name in self._popen or pid_alive(p.pid, p.marker)}
+        running = {p.name for p in procs if pid_alive(p.pid, p.marker)}
+        ours = running | {p.name for p in procs if p.name in self._popen}
         for proc in procs:
             if proc.name in ours:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -225,7 +226,8 @@ class ProcessTable:
                     os.killpg(proc.pid, signal.SIGKILL)
             self._reap(proc.name)
         for proc in procs:
-            if proc.name not in ours:
+            # One that died before binding (e.g. its port was taken) owns no port to wait for.
+            if proc.name not in running:
                 continue
             end = time.monotonic() + 5.0
             while port_open(proc.port) and time.monotonic() < end:

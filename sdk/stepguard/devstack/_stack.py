@@ -10,6 +10,7 @@ import shlex
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from stepguard.devstack import _aws, _postgres, _vault
@@ -17,6 +18,7 @@ from stepguard.devstack._info import (
     ENV_FILE,
     STATE_FILE,
     DevStackInfo,
+    PostgresInfo,
     load_state,
     save_state,
     write_private,
@@ -209,6 +211,24 @@ def _start(
     ports: Mapping[str, int],
     timeout: float,
 ) -> DevStackInfo:
+    # The slow parts (initdb, moto's import, its configuration) overlap; leaving the pool waits
+    # for every thread, so a failure never tears down under a running initdb.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stepguard-devstack") as pool:
+        return _start_services(
+            sdir, pool=pool, table=table, bao=bao, pg_bins=pg_bins, ports=ports, timeout=timeout
+        )
+
+
+def _start_services(
+    sdir: Path,
+    *,
+    pool: ThreadPoolExecutor,
+    table: ProcessTable,
+    bao: Path,
+    pg_bins: _postgres.PgBinaries | None,
+    ports: Mapping[str, int],
+    timeout: float,
+) -> DevStackInfo:
     import hvac
     import hvac.exceptions
     import requests
@@ -219,6 +239,16 @@ def _start(
         k: v for k, v in os.environ.items()
         if not k.startswith(("VAULT_", "BAO_", "AWS_", "PG"))
     }
+
+    def record_extra_dir(path: Path) -> None:
+        (sdir / EXTRA_DIRS_FILE).write_text(str(path) + "\n")
+
+    prepared: Future[tuple[PostgresInfo, str | None]] | None = None
+    if pg_bins is not None:
+        pg_port = ports.get("postgresql") or free_port()
+        prepared = pool.submit(
+            _postgres.prepare_cluster, sdir, pg_bins, pg_port, record_extra_dir
+        )
 
     moto_port = ports.get("moto") or free_port()
     moto_endpoint = f"http://127.0.0.1:{moto_port}"
@@ -240,21 +270,24 @@ def _start(
         # The root token goes by environment, not argv, which any local user can read.
         env=base_env | {"BAO_DEV_ROOT_TOKEN_ID": root_token, "HOME": str(sdir)}, cwd=sdir,
     )
-
-    pg_info = None
-    vault_pg_password = None
-    if pg_bins is not None:
-        pg_port = ports.get("postgresql") or free_port()
-        pg_info, pg_user = _postgres.prepare_cluster(sdir, pg_bins, pg_port)
-        redact_in_logs(pg_info.admin_password)
-        if pg_user is not None:
-            (sdir / EXTRA_DIRS_FILE).write_text(str(Path(pg_info.data_dir).parent) + "\n")
-        _postgres.start_cluster(table, sdir, pg_bins, pg_info, pg_user)
-
     table.wait_ready(
         "openbao", http_responds(f"{vault_addr}/v1/sys/health", ok_only=True), timeout=timeout
     )
+
+    pg_info = None
+    if prepared is not None and pg_bins is not None:
+        pg_info, pg_user = prepared.result()
+        redact_in_logs(pg_info.admin_password)
+        _postgres.start_cluster(table, sdir, pg_bins, pg_info, pg_user)
+
     table.wait_ready("moto", http_responds(f"{moto_endpoint}/moto-api/"), timeout=timeout)
+    # moto only needs the issuer's address now; the JWKS is fetched when a token is presented.
+    oidc_issuer = f"{vault_addr}/v1/identity/oidc"
+    aws_future = pool.submit(
+        _aws.configure_moto, moto_endpoint, oidc_issuer, _vault.STS_AUDIENCE
+    )
+
+    vault_pg_password = None
     if pg_info is not None:
         vault_pg_password = _postgres.wait_and_bootstrap(table, pg_info, timeout)
         redact_in_logs(vault_pg_password)
@@ -274,7 +307,7 @@ def _start(
         client.adapter.close()
 
     try:
-        aws = _aws.configure_moto(moto_endpoint, vault.oidc_issuer, _vault.STS_AUDIENCE)
+        aws = aws_future.result()
     except Exception as exc:  # botocore raises many unrelated types
         raise ServiceError(
             "could not configure moto", subject="moto",
