@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Integrity benchmark: stepguard manifest create/verify against the CPU's own SHA-256 limit and
+the usual tools, on the same files, in one run.
+
+Two data sets (written once under --dir, reused by later runs):
+
+* ``tree``: one 1.5 GiB file plus 4,000 files of 128 KiB (2 GiB in all);
+* ``many``: 100,000 files of 4 KiB in 100 directories.
+
+For each: stepguard create (SHA-256, all cores and one core; BLAKE3), stepguard verify, the limit
+(cores x ``openssl speed -evp sha256 -bytes 1048576`` single-core throughput), ``openssl dgst
+-sha256`` (xargs -P cores), ``sha256sum`` (xargs -P cores), ``b3sum`` and model_signing's own
+hashing (file and shard serialization; its best is used). Each measured command runs in its own
+process, after the page cache is warm; the best of ``--repeat`` runs is kept and peak RSS is read
+from the child's rusage.
+
+    python benchmarks/bench_integrity.py --dir /tmp/sg-bench            # full (about 3 minutes)
+    python benchmarks/bench_integrity.py --quick --dir /tmp/sg-bench-q  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GiB = 2**30
+MiB = 2**20
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def make_data(root: Path, quick: bool) -> dict[str, Path]:
+    big_size = 192 * MiB if quick else 1536 * MiB
+    n_small_tree, small_tree_size = (400, 128 * 1024) if quick else (4000, 128 * 1024)
+    n_many = 5000 if quick else 100_000
+    tree, many = root / "tree", root / "many"
+    marker = root / f".complete-{big_size}-{n_small_tree}-{n_many}"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        (tree / "small").mkdir(parents=True)
+        print(f"writing data under {root} ...", file=sys.stderr)
+        with open(tree / "weights.bin", "wb") as fh:
+            block = os.urandom(64 * MiB)
+            for i in range(big_size // len(block)):
+                # Vary each block so no two shards are identical.
+                fh.write(i.to_bytes(8, "little") + block[8:])
+        for i in range(n_small_tree):
+            d = tree / "small" / f"d{i % 40:02d}"
+            d.mkdir(exist_ok=True)
+            (d / f"f{i:05d}.bin").write_bytes(os.urandom(small_tree_size))
+        for i in range(n_many):
+            d = many / f"d{i % 100:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i:06d}.bin").write_bytes(os.urandom(4096))
+        marker.write_text("ok")
+    return {"tree": tree, "many": many}
+
+
+def tree_stats(root: Path) -> tuple[int, int]:
+    files = total = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            files += 1
+            total += os.lstat(os.path.join(dirpath, n)).st_size
+    return files, total
+
+
+def warm(root: Path) -> None:
+    subprocess.run(f"find {root} -type f -print0 | xargs -0 -n 512 -P {cores()} cat > /dev/null",
+                   shell=True, check=True)
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+def run_measured(argv: list[str]) -> tuple[float, str]:
+    """(the child's own reported seconds, else wall seconds; stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv!r} failed: {proc.stderr[-2000:]}")
+    reported = re.search(r"SECONDS=([0-9.]+)", proc.stdout)
+    return (float(reported.group(1)) if reported else wall), proc.stdout
+
+
+def best(fn, repeat: int) -> tuple[float, float]:
+    times, rss = [], 0.0
+    for _ in range(repeat):
+        t, r = fn()
+        times.append(t)
+        rss = max(rss, r)
+    return min(times), rss
+
+
+def py_child(code: str) -> tuple[float, float]:
+    """Run ``code`` in a fresh interpreter that reports its own timing and peak RSS."""
+    wrapper = (
+        "import time, resource, sys\n"
+        f"{code}\n"
+        # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across exec.
+        "rss = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024\n"
+        "print(f'SECONDS={elapsed:.6f} RSS={rss:.1f}')\n"
+    )
+    t, out = run_measured([sys.executable, "-c", wrapper])
+    rss = float(re.search(r"RSS=([0-9.]+)", out).group(1))
+    return t, rss
+
+
+def shell_child(cmd: str) -> tuple[float, float]:
+    t, _ = run_measured(["bash", "-c", cmd])
+    return t, 0.0
+
+
+def ours_create(path: Path, out: Path, algorithm: str = "sha256", jobs: int | None = None):
+    return lambda: py_child(
+        "from stepguard.integrity import create_manifest\n"
+        "t = time.perf_counter()\n"
+        f"m = create_manifest({str(path)!r}, algorithm={algorithm!r}, jobs={jobs!r})\n"
+        f"open({str(out)!r}, 'w').write(m.to_json())\n"
+        "elapsed = time.perf_counter() - t"
+    )
+
+
+def ours_verify(path: Path, manifest: Path):
+    return lambda: py_child(
+        "from stepguard.integrity import Manifest, verify_manifest\n"
+        "t = time.perf_counter()\n"
+        f"m = Manifest.from_json(open({str(manifest)!r}, 'rb').read())\n"
+        f"verify_manifest({str(path)!r}, m)\n"
+        "elapsed = time.perf_counter() - t"
+    )
+
+
+def model_signing_hash(path: Path, mode: str, shard: int = 0):
+    if mode == "file":
+        cfg = "hashing.Config().use_file_serialization(hashing_algorithm='sha256')"
+    else:
+        cfg = f"hashing.Config().use_shard_serialization(hashing_algorithm='sha256', shard_size={shard})"
+    return lambda: py_child(
+        "from model_signing import hashing\n"
+        "t = time.perf_counter()\n"
+        f"{cfg}.hash({str(path)!r})\n"
+        "elapsed = time.perf_counter() - t"
+    )
+
+
+def xargs(tool: str, path: Path, per_call: int = 256) -> str:
+    return (f"find {path} -type f -print0 | xargs -0 -n {per_call} -P {cores()} {tool} "
+            f"> /dev/null")
+
+
+def openssl_single_core(seconds: int) -> float:
+    out = subprocess.run(["openssl", "speed", "-seconds", str(seconds), "-evp", "sha256",
+                          "-bytes", "1048576"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"^sha256\s+([0-9.]+)k", out, re.M)
+    if not m:
+        raise RuntimeError(f"cannot parse openssl speed output: {out}")
+    return float(m.group(1)) * 1000  # bytes per second
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small data, one repetition")
+    ap.add_argument("--dir", default="/tmp/stepguard-bench-integrity", help="data location")
+    ap.add_argument("--repeat", type=int, default=None, help="runs per figure (best kept)")
+    ap.add_argument("--json", help="also write all figures to this JSON file")
+    args = ap.parse_args()
+    repeat = args.repeat or (1 if args.quick else 2)
+    root = Path(args.dir)
+    data = make_data(root, args.quick)
+    work = root / "work"
+    work.mkdir(exist_ok=True)
+    n = cores()
+    print(f"cores: {n}; data: {root}; repeat: {repeat} (best kept); "
+          f"other work may share this machine")
+    limit_1 = openssl_single_core(1 if args.quick else 3)
+    limit = n * limit_1
+    results: dict[str, dict[str, float]] = {}
+
+    def row(name: str, seconds: float, rss: float, nbytes: int, nfiles: int) -> dict[str, float]:
+        r = {"seconds": seconds, "GBps": nbytes / seconds / 1e9, "files_per_s": nfiles / seconds,
+             "rss_mib": rss}
+        print(f"  {name:<42} {seconds:8.3f} s  {r['GBps']:6.2f} GB/s  "
+              f"{r['files_per_s']:10,.0f} files/s" + (f"  peak RSS {rss:6.1f} MiB" if rss else ""))
+        return r
+
+    for label, path in (("tree", data["tree"]), ("many", data["many"])):
+        nfiles, nbytes = tree_stats(path)
+        warm(path)
+        print(f"\n[{label}] {nfiles:,} files, {nbytes / GiB:.2f} GiB")
+        res: dict[str, dict[str, float]] = {}
+        print(f"  {'limit: ' + str(n) + ' x openssl speed (1 MiB blocks)':<42} "
+              f"{nbytes / limit:8.3f} s  {limit / 1e9:6.2f} GB/s")
+        mpath = work / f"{label}.manifest.json"
+        res["ours_create"] = row("stepguard create (sha256, all cores)",
+                                 *best(ours_create(path, mpath), repeat), nbytes, nfiles)
+        res["ours_verify"] = row("stepguard verify (sha256, all cores)",
+                                 *best(ours_verify(path, mpath), repeat), nbytes, nfiles)
+        res["ours_create_1"] = row("stepguard create (sha256, 1 core)",
+                                   *best(ours_create(path, work / "x.json", jobs=1), repeat),
+                                   nbytes, nfiles)
+        res["ours_blake3"] = row("stepguard create (blake3, all cores)",
+                                 *best(ours_create(path, work / "b3.json", "blake3"), repeat),
+                                 nbytes, nfiles)
+        res["openssl_dgst"] = row(f"openssl dgst -sha256 (xargs -P {n})",
+                                  *best(lambda p=path: shell_child(xargs("openssl dgst -sha256", p)),
+                                        repeat), nbytes, nfiles)
+        res["sha256sum"] = row(f"sha256sum (xargs -P {n})",
+                               *best(lambda p=path: shell_child(xargs("sha256sum", p)), repeat),
+                               nbytes, nfiles)
+        if shutil.which("b3sum"):
+            res["b3sum"] = row(f"b3sum (xargs -P {n})",
+                               *best(lambda p=path: shell_child(xargs("b3sum", p)), repeat),
+                               nbytes, nfiles)
+        ms = {}
+        try:
+            ms["file"] = row("model_signing file serialization",
+                             *best(model_signing_hash(path, "file"), repeat), nbytes, nfiles)
+            ms["shard-1GB"] = row("model_signing shard serialization (1 GB)",
+                                  *best(model_signing_hash(path, "shard", 10**9), repeat),
+                                  nbytes, nfiles)
+            ms["shard-64MiB"] = row("model_signing shard serialization (64 MiB)",
+                                    *best(model_signing_hash(path, "shard", 64 * MiB), repeat),
+                                    nbytes, nfiles)
+        except RuntimeError as exc:
+            print(f"  model_signing failed: {exc}")
+        if ms:
+            best_ms = min(ms.values(), key=lambda r: r["seconds"])
+            res["model_signing_best"] = best_ms
+        results[label] = res
+        ours_c, ours_v = res["ours_create"], res["ours_verify"]
+        print("  ratios:")
+        print(f"    create / limit                    {ours_c['GBps'] * 1e9 / limit:6.2f}x  (target >= 0.85)")
+        print(f"    verify / limit                    {ours_v['GBps'] * 1e9 / limit:6.2f}x  (target >= 0.85)")
+        if ms:
+            print(f"    create / model_signing best       {best_ms['seconds'] / ours_c['seconds']:6.2f}x  (target >= 1.0)")
+        print(f"    blake3 / our 1-core sha256        {res['ours_blake3']['GBps'] / res['ours_create_1']['GBps']:6.2f}x  (target >= 2.0)")
+        print(f"    create / openssl dgst (files/s)   {ours_c['files_per_s'] / res['openssl_dgst']['files_per_s']:6.2f}x  (small files: target >= 0.8)")
+        print(f"    verify / openssl dgst (files/s)   {ours_v['files_per_s'] / res['openssl_dgst']['files_per_s']:6.2f}x")
+        print(f"    peak RSS create / verify          {ours_c['rss_mib']:.0f} / {ours_v['rss_mib']:.0f} MiB (target < 200)")
+    results["limit"] = {"single_core_Bps": limit_1, "cores": n, "all_core_Bps": limit}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
