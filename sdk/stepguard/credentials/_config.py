@@ -57,6 +57,20 @@ def _login_result(body: dict[str, Any] | None, what: str) -> Login:
     )
 
 
+def _login(api: VaultApi, mount: str, payload: dict[str, Any], what: str) -> Login:
+    path = f"auth/{mount}/login"
+    try:
+        body = api.with_token(None).request("POST", path, what=what, json=payload)
+    except CredentialError as exc:
+        # Vault answers bad login material with 400 ("invalid role or secret ID", "error
+        # validating token"): for the caller that is a refusal, not a fault to retry.
+        if type(exc) is CredentialError and "InvalidRequest" in exc.message:
+            raise CredentialDenied(f"Vault refused {what}", subject=path, details=exc.details,
+                                   hint="check the role and the login material") from exc
+        raise
+    return _login_result(body, path)
+
+
 def _read_token_file(path: str, what: str) -> str:
     try:
         value = Path(path).read_text(encoding="utf-8").strip()
@@ -179,10 +193,8 @@ class AppRoleAuth:
             return self._unwrapped["secret_id"]
 
     def login(self, api: VaultApi) -> Login:
-        body = api.with_token(None).request(
-            "POST", f"auth/{self.mount}/login", what="AppRole login",
-            json={"role_id": self.role_id, "secret_id": self._secret(api)})
-        return _login_result(body, f"auth/{self.mount}/login")
+        return _login(api, self.mount, {"role_id": self.role_id,
+                                        "secret_id": self._secret(api)}, "AppRole login")
 
 
 @dataclass(frozen=True)
@@ -225,10 +237,7 @@ class JwtAuth:
         return value
 
     def login(self, api: VaultApi) -> Login:
-        body = api.with_token(None).request(
-            "POST", f"auth/{self.mount}/login", what="JWT login",
-            json={"role": self.role, "jwt": self._jwt()})
-        return _login_result(body, f"auth/{self.mount}/login")
+        return _login(api, self.mount, {"role": self.role, "jwt": self._jwt()}, "JWT login")
 
 
 @dataclass(frozen=True)
@@ -257,11 +266,8 @@ class KubernetesAuth:
                    mount=e.get("VAULT_K8S_MOUNT", "kubernetes"))
 
     def login(self, api: VaultApi) -> Login:
-        body = api.with_token(None).request(
-            "POST", f"auth/{self.mount}/login", what="Kubernetes login",
-            json={"role": self.role,
-                  "jwt": _read_token_file(self.jwt_path, "service-account token")})
-        return _login_result(body, f"auth/{self.mount}/login")
+        jwt = _read_token_file(self.jwt_path, "service-account token")
+        return _login(api, self.mount, {"role": self.role, "jwt": jwt}, "Kubernetes login")
 
 
 def auth_from_env(env: Mapping[str, str] | None = None) -> VaultAuth:

@@ -118,10 +118,21 @@ def _aws_iam(api: VaultApi, req: CredentialRequest, ctx: RunContext, ttl_s: floa
     timeout = float(req.params.get("propagation_timeout_s",
                                    api.config.iam_propagation_timeout_s))
     if req.params.get("wait_until_usable", "true").lower() != "false":
-        wait_until_usable(values, endpoint=req.params.get("sts_endpoint")
-                          or api.config.sts_endpoint,
-                          region=req.params.get("region") or api.config.aws_region,
-                          timeout_s=timeout, subject=path)
+        try:
+            wait_until_usable(values, endpoint=req.params.get("sts_endpoint")
+                              or api.config.sts_endpoint,
+                              region=req.params.get("region") or api.config.aws_region,
+                              timeout_s=timeout, subject=path)
+        except BaseException:
+            # The session never sees this lease: revoke the IAM user here, not at TTL.
+            if lease_id:
+                try:
+                    api.request("PUT", "sys/leases/revoke", what="unusable IAM user revocation",
+                                json={"lease_id": lease_id})
+                except CredentialError as exc:
+                    log.warning("revoking the unusable IAM user failed (%s)",
+                                type(exc).__name__)
+            raise
     return Issued("aws_iam", values, lease_id, duration, renewable,
                   revocable=lease_id is not None)
 

@@ -28,6 +28,8 @@ def derived_forms(value: str) -> set[str]:
     >>> "a%20b%2Fc%2Bd" in derived_forms("a b/c+d")
     True
     """
+    if len(value) < MIN_MASK_LENGTH:
+        return set()
     raw = value.encode("utf-8")
     forms = {
         value,

@@ -127,3 +127,9 @@ class SecretMapping(Mapping[str, SecretStr]):
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise TypeError("a SecretMapping cannot be pickled or serialized")
+
+    def __copy__(self) -> SecretMapping:
+        return self
+
+    def __deepcopy__(self, memo: object) -> SecretMapping:
+        return self
