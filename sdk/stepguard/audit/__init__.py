@@ -78,6 +78,7 @@ _LAZY = {
     "default_log_path": "stepguard.audit._setup",
     "otlp_endpoint_from_env": "stepguard.audit._setup",
     "setup_tracing": "stepguard.audit._setup",
+    "AuditLogProcessor": "stepguard.audit._exporters",
     "JsonlSpanExporter": "stepguard.audit._exporters",
     "RedactingSpanExporter": "stepguard.audit._exporters",
 }
@@ -91,6 +92,7 @@ __all__ = [
     "AttributeValue",
     "Attributes",
     "AuditLog",
+    "AuditLogProcessor",
     "AuditSetup",
     "AuditSpan",
     "Auditor",

@@ -72,6 +72,18 @@ def _record_error(span: Span, exc: BaseException) -> None:
 
 
 _OK: Any = None
+_MODULES: tuple[Any, Any] | None = None
+
+
+def _otel() -> tuple[Any, Any]:
+    """(opentelemetry.context, opentelemetry.trace), imported on first use: a per-span
+    ``from ... import`` costs more than the rest of our own per-span work."""
+    global _MODULES  # noqa: PLW0603 - import cache
+    if _MODULES is None:
+        from opentelemetry import context, trace
+
+        _MODULES = (context, trace)
+    return _MODULES
 
 
 def _ok_status() -> Any:
@@ -159,8 +171,7 @@ class _Scope:
         self._token: object = None
 
     def __enter__(self) -> AuditSpan:
-        from opentelemetry import context, trace
-
+        context, trace = _otel()
         span = self._auditor.tracer.start_span(self._name, context=self._parent,
                                                attributes=self._attrs)
         self._span = span
@@ -170,12 +181,11 @@ class _Scope:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        from opentelemetry import context
-
+        context, _ = _otel()
         span = self._span
         assert span is not None
         try:
-            context.detach(self._token)  # type: ignore[arg-type]
+            context.detach(self._token)
         finally:
             # Absent when a fatal-signal handler already ended it.
             with contextlib.suppress(ValueError):
@@ -305,8 +315,7 @@ class Auditor:
         by :func:`inject_env` in the launching process. An exception marks the span as an error
         with ``error.type``; the provider is flushed when the step ends.
         """
-        from opentelemetry import trace
-
+        _, trace = _otel()
         attrs = _guard_attrs(attributes)
         attrs[Attr.STEP_NAME] = name
         attrs.setdefault(Attr.SECURED, secured)
@@ -337,8 +346,7 @@ class Auditor:
     def verdict(self, name: str, passed: bool, **attrs: AttributeValue | None) -> None:
         """Add a ``stepguard.verdict`` event (``stepguard.verdict.name``/``.passed``, plus
         ``attrs``: plain keys get the ``stepguard.verdict.`` prefix) to the current span."""
-        from opentelemetry import trace
-
+        _, trace = _otel()
         trace.get_current_span().add_event(VERDICT_EVENT, _verdict_attrs(name, passed, attrs))
 
     def set_attributes(self, attributes: Attributes) -> None:

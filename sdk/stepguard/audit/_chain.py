@@ -3,10 +3,12 @@
 Record layout (one JSON object per line)::
 
     {"v": 1, "seq": N, "prev": "sha256:<digest of record N-1>", "kind": "genesis" | "span" | ...,
-     "ts": "<UTC ISO time>", ...payload..., "digest": "sha256:<digest of this record>"}
+     "ts_ns": <write time, ns since the epoch>, ...payload..., "digest": "sha256:<this record>"}
 
-``digest`` is SHA-256 over the canonical JSON (sorted keys, no spaces, UTF-8) of the record without
-its ``digest`` field. Record 0 is the genesis record (``prev`` is all zeros) and names the log.
+``digest`` is SHA-256 over the line's own bytes up to its ``digest`` field, closed with ``}`` --
+that is, the record exactly as written, without the digest. No re-serialisation is involved, so
+what is verified is precisely what is on disk. ``digest`` is always the last member.
+Record 0 is the genesis record (``prev`` is all zeros) and names the log.
 Beside the log, ``<log>.head`` holds the sequence number, digest and byte size of the last record,
 so a cut-off tail is detectable; :class:`ChainHead` values shipped elsewhere (receipts, OTLP) are
 stronger anchors still, since whoever can rewrite the log can rewrite the head file too.
@@ -17,13 +19,13 @@ one worker, a step and its sandbox) can share one chain.
 
 from __future__ import annotations
 
-import datetime as _dt
 import fcntl
 import hashlib
 import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ HEAD_SUFFIX = ".head"
 _HEAD_LEN = 20 + 1 + 71 + 1 + 20 + 1
 _REQUIRED = ("v", "seq", "prev", "kind", "digest")
 
-FsyncPolicy = Literal["always", "step", "never"]
+FsyncPolicy = Literal["always", "step", "close"]
 
 
 @dataclass(frozen=True)
@@ -64,19 +66,26 @@ class ChainReport:
     kinds: Mapping[str, int]
 
 
-def canonical(record: Mapping[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+_SUFFIX_START = b',"digest":"sha256:'
+_SUFFIX_LEN = len(_SUFFIX_START) + 64 + 2  # ...hex"}
+# ASCII-only lines: a log viewer cannot be tricked by control or bidi characters in a value.
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False,
+                            check_circular=False)
 
 
-def record_digest(record: Mapping[str, Any]) -> str:
-    """Digest of a record without its ``digest`` field (the value the next record chains to)."""
-    body = {k: v for k, v in record.items() if k != "digest"}
-    return "sha256:" + hashlib.sha256(canonical(body)).hexdigest()
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """One log line (with newline) for ``record`` (its ``digest`` field, if any, is replaced)."""
+    body = _encoder.encode({k: v for k, v in record.items() if k != "digest"}).encode("utf-8")
+    digest = hashlib.sha256(body).hexdigest()
+    return body[:-1] + _SUFFIX_START + digest.encode("ascii") + b'"}\n'
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+def _line_digest(line: bytes) -> str | None:
+    """Recompute the digest of a written line; None when the line has no digest suffix."""
+    if len(line) <= _SUFFIX_LEN or not line.endswith(b'"}') or \
+            line[-_SUFFIX_LEN:-_SUFFIX_LEN + len(_SUFFIX_START)] != _SUFFIX_START:
+        return None
+    return "sha256:" + hashlib.sha256(line[:-_SUFFIX_LEN] + b"}").hexdigest()
 
 
 def _encode_head(head: ChainHead) -> bytes:
@@ -107,9 +116,11 @@ class AuditLog:
 
     Every append is one ``write(2)`` of whole lines on an ``O_APPEND`` descriptor before
     :meth:`append` returns: the record is in the kernel, so ``os._exit`` or SIGKILL afterwards
-    cannot lose it. ``fsync`` decides when it also reaches the disk (survives power loss):
-    ``"always"`` after each append, ``"step"`` (default) on :meth:`flush` -- which the exporter
-    runs at each step's end -- and on close, ``"never"`` leaves it to the kernel.
+    cannot lose it. ``fsync`` decides when it also reaches the disk, which only matters for a
+    power loss or kernel crash: ``"always"`` after each append; ``"step"`` at each step's end
+    (the provider's force-flush); ``"close"`` (default) when the log is closed -- at interpreter
+    exit -- and whenever :meth:`flush` is called, the kernel writing back in between (about 30 s).
+    An ``fsync`` costs milliseconds on common disks, more than the whole audit of a step.
 
     >>> import tempfile, pathlib
     >>> d = tempfile.mkdtemp()
@@ -121,10 +132,10 @@ class AuditLog:
     >>> log.close()
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: FsyncPolicy = "step") -> None:
-        if fsync not in ("always", "step", "never"):
+    def __init__(self, path: str | os.PathLike[str], *, fsync: FsyncPolicy = "close") -> None:
+        if fsync not in ("always", "step", "close"):
             raise ConfigurationError("unknown fsync policy", subject=str(fsync),
-                                     hint="use 'always', 'step' or 'never'")
+                                     hint="use 'always', 'step' or 'close'")
         self.path = Path(path)
         self.head_path = Path(str(self.path) + HEAD_SUFFIX)
         self.fsync = fsync
@@ -132,10 +143,14 @@ class AuditLog:
         self._fd: int | None = None
         self._head_fd: int | None = None
         self._pid = -1
+        # What this process last wrote: when the log still has that size under the lock, no
+        # other writer came in between and the head file need not be read.
+        self._last: ChainHead | None = None
 
     def _open(self) -> tuple[int, int]:
         # After fork the descriptors (and their flock) are shared with the parent: reopen.
         if self._fd is None or self._head_fd is None or self._pid != os.getpid():
+            self._last = None
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             flags = os.O_CLOEXEC | os.O_CREAT
             self._fd = os.open(self.path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
@@ -146,6 +161,9 @@ class AuditLog:
     def _tail(self, fd: int, head_fd: int) -> tuple[int, str, int, list[str], bool]:
         """(last seq, last digest, size, anomalies, needs newline) under the lock."""
         size = os.fstat(fd).st_size
+        last = self._last
+        if last is not None and last.size == size:
+            return last.seq, last.digest, size, [], False
         head = _decode_head(os.pread(head_fd, _HEAD_LEN, 0))
         anomalies: list[str] = []
         if head is not None and head.size == size and size > 0:
@@ -157,13 +175,13 @@ class AuditLog:
         if head is not None and head.size > size:
             anomalies.append(f"log is shorter than its head (record {head.seq} at "
                              f"{head.size} bytes, log {size} bytes): tail truncated")
-        last, newline = self._last_record(size)
-        if last is None:
+        rec, newline = self._last_record(size)
+        if rec is None:
             anomalies.append("last record unreadable (torn write or edit)")
             if head is not None:
                 return head.seq, head.digest, size, anomalies, not newline
             return 0, GENESIS_PREV, size, anomalies, not newline
-        return int(last["seq"]), str(last["digest"]), size, anomalies, False
+        return int(rec["seq"]), str(rec["digest"]), size, anomalies, False
 
     def _last_record(self, size: int) -> tuple[dict[str, Any] | None, bool]:
         with open(self.path, "rb") as fh:
@@ -194,7 +212,7 @@ class AuditLog:
     def append_many(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> ChainHead:
         """Append several records with one lock, one write and one head update."""
         batch = list(items)
-        with self._lock, _signals.critical():
+        with self._lock, _signals.CRITICAL:
             fd, head_fd = self._open()
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -206,20 +224,21 @@ class AuditLog:
                         "host": socket.gethostname(),
                         "pid": os.getpid(),
                     }))
-                ts = _now()
+                ts = time.time_ns()
                 for kind, payload in batch:
                     seq += 1
                     record: dict[str, Any] = dict(payload)
-                    record.update(v=1, seq=seq, prev=prev, kind=kind, ts=ts)
+                    record.update(v=1, seq=seq, prev=prev, kind=kind, ts_ns=ts)
                     if anomalies:
                         record["anomaly"] = anomalies
                         anomalies = []
                     if has_secrets():
                         record = redact(record)
                     record.pop("digest", None)
-                    body = canonical(record)
-                    prev = "sha256:" + hashlib.sha256(body).hexdigest()
-                    lines.append(body[:-1] + b',"digest":"' + prev.encode() + b'"}\n')
+                    body = _encoder.encode(record).encode("utf-8")
+                    hexdigest = hashlib.sha256(body).hexdigest()
+                    prev = "sha256:" + hexdigest
+                    lines.append(body[:-1] + _SUFFIX_START + hexdigest.encode("ascii") + b'"}\n')
                 data = b"".join(lines)
                 view = memoryview(data)
                 while view:
@@ -227,6 +246,7 @@ class AuditLog:
                     view = view[written:]
                 head = ChainHead(seq, prev, size + len(data))
                 os.pwrite(head_fd, _encode_head(head), 0)
+                self._last = head
                 if self.fsync == "always":
                     os.fsync(fd)
                     os.fsync(head_fd)
@@ -238,9 +258,9 @@ class AuditLog:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def flush(self) -> None:
-        """fsync the log and its head (unless the policy is ``"never"``)."""
+        """fsync the log and its head now, whatever the policy."""
         with self._lock:
-            if self.fsync == "never" or self._fd is None or self._pid != os.getpid():
+            if self._fd is None or self._pid != os.getpid():
                 return
             try:
                 os.fsync(self._fd)
@@ -266,6 +286,7 @@ class AuditLog:
                     if self._head_fd is not None:
                         os.close(self._head_fd)
                 self._fd = self._head_fd = None
+            self._last = None
 
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -316,7 +337,7 @@ def verify_chain(path: str | os.PathLike[str], *, anchor: ChainHead | None = Non
         if not isinstance(rec, dict) or any(k not in rec for k in _REQUIRED):
             raise _broken(p, lineno, "not an audit record (fields missing)")
         digest = rec.pop("digest")
-        if "sha256:" + hashlib.sha256(canonical(rec)).hexdigest() != digest:
+        if _line_digest(raw) != digest:
             raise _broken(p, lineno, "record edited: its content does not match its digest")
         seq = rec["seq"]
         if lineno == 1 and rec["kind"] != "genesis":

@@ -9,7 +9,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Link, Status
 
@@ -17,8 +18,12 @@ from stepguard.audit._chain import AuditLog
 from stepguard.audit._redact import contains_secret, has_secrets, redact
 from stepguard.errors import AuditError
 
+_PLAIN = (str, int, bool)
+
 
 def _jsonable(value: Any) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, bytes):
@@ -29,7 +34,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def _attrs(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: _jsonable(v) for k, v in (attributes or {}).items()}
+    if not attributes:
+        return {}
+    out = dict(attributes)
+    for k, v in out.items():
+        if type(v) not in _PLAIN:
+            out[k] = _jsonable(v)
+    return out
 
 
 def span_to_record(span: ReadableSpan) -> dict[str, Any]:
@@ -39,15 +50,15 @@ def span_to_record(span: ReadableSpan) -> dict[str, Any]:
     status = span.status
     record: dict[str, Any] = {
         "name": span.name,
-        "trace_id": f"{ctx.trace_id:032x}" if ctx else None,
-        "span_id": f"{ctx.span_id:016x}" if ctx else None,
-        "parent_span_id": f"{parent.span_id:016x}" if parent else None,
+        "trace_id": format(ctx.trace_id, "032x") if ctx else None,
+        "span_id": format(ctx.span_id, "016x") if ctx else None,
+        "parent_span_id": format(parent.span_id, "016x") if parent else None,
         "start_ns": span.start_time,
         "end_ns": span.end_time,
         "status": status.status_code.name,
         "attributes": _attrs(span.attributes),
         "events": [{"name": e.name, "time_ns": e.timestamp, "attributes": _attrs(e.attributes)}
-                   for e in span.events],
+                   for e in span.events] if span.events else [],
     }
     if status.description:
         record["status_message"] = status.description
@@ -55,15 +66,20 @@ def span_to_record(span: ReadableSpan) -> dict[str, Any]:
         record["links"] = [{"trace_id": f"{link.context.trace_id:032x}",
                             "span_id": f"{link.context.span_id:016x}"} for link in span.links]
     if span.resource is not None:
-        record["resource"] = _attrs(span.resource.attributes)
+        # Only the service name per record: the rest of the resource (SDK name and version)
+        # repeats on every line and says nothing about what ran.
+        service = span.resource.attributes.get("service.name")
+        if service is not None:
+            record["service"] = service
     return record
 
 
 class JsonlSpanExporter(SpanExporter):
     """Writes each finished span as one record of the hash-chained audit log.
 
-    Use with a ``SimpleSpanProcessor`` so the record is written when the span ends, not when a
-    batch fills. ``force_flush`` applies the log's fsync policy.
+    For providers that take exporters only; :class:`AuditLogProcessor` is the cheaper path. Use
+    with a ``SimpleSpanProcessor`` so the record is written when the span ends, not when a batch
+    fills.
     """
 
     def __init__(self, log: AuditLog) -> None:
@@ -77,6 +93,8 @@ class JsonlSpanExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
+        if self.log.fsync != "step":
+            return True
         try:
             self.log.flush()
         except AuditError:
@@ -84,6 +102,47 @@ class JsonlSpanExporter(SpanExporter):
         return True
 
     def shutdown(self) -> None:
+        self.log.close()
+
+
+class AuditLogProcessor(SpanProcessor):
+    """Appends every span to the hash-chained log the moment it ends, through the redaction
+    guard. Every span, sampled or not: an audit record is not a statistical sample.
+
+    ``force_flush`` (run at each step's end and on SIGTERM) fsyncs when the log's policy is
+    ``"step"``; ``shutdown`` closes the log (fsync).
+    """
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+        self._shutdown = False
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._shutdown:
+            return
+        if has_secrets() and _span_has_secret(span):
+            span = redact_span(span)
+        try:
+            self.log.append("span", span_to_record(span))
+        except AuditError:
+            import logging
+
+            logging.getLogger("stepguard.audit").exception("audit record not written")
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        if self.log.fsync != "step":
+            return True
+        try:
+            self.log.flush()
+        except AuditError:
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        self._shutdown = True
         self.log.close()
 
 

@@ -44,16 +44,13 @@ def otlp_endpoint_from_env() -> str | None:
             or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
 
 
-def audit_log_processor(path: str | os.PathLike[str], *, fsync: FsyncPolicy = "step"
+def audit_log_processor(path: str | os.PathLike[str], *, fsync: FsyncPolicy = "close"
                         ) -> SpanProcessor:
     """A span processor writing every span to the hash-chained log at ``path``, synchronously,
     through the redaction guard. Add it to an existing SDK provider (Airflow's, for one)."""
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from stepguard.audit._exporters import AuditLogProcessor
 
-    from stepguard.audit._exporters import JsonlSpanExporter, RedactingSpanExporter
-
-    return SimpleSpanProcessor(RedactingSpanExporter(JsonlSpanExporter(AuditLog(path,
-                                                                                fsync=fsync))))
+    return AuditLogProcessor(AuditLog(path, fsync=fsync))
 
 
 def _otlp_exporter() -> Any:
@@ -107,7 +104,7 @@ def configure(
     audit_dir: str | os.PathLike[str] | None = None,
     otlp: bool | None = None,
     otlp_processor: Literal["batch", "simple"] = "batch",
-    fsync: FsyncPolicy = "step",
+    fsync: FsyncPolicy = "close",
     resource_attributes: Mapping[str, str] | None = None,
     set_global: bool = False,
     install_signal_handlers: bool = True,
@@ -120,8 +117,12 @@ def configure(
       ``OTEL_EXPORTER_OTLP_ENDPOINT``/``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set; endpoint,
       headers and timeouts come from the standard ``OTEL_*`` variables. Batched by default
       (flushed at each step's end); ``otlp_processor="simple"`` exports each span as it ends.
+    * ``fsync``: when the local log reaches the disk (see :class:`AuditLog`); every record is
+      in the kernel when its span ends whatever the policy.
     * SIGTERM force-flushes before the previous handler runs (main thread only).
     * Every exporter sits behind the redaction guard.
+    * Audit spans are never sampled out: the sampler is always-on, so neither
+      ``OTEL_TRACES_SAMPLER`` nor an unsampled ``traceparent`` can switch the audit off.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -135,6 +136,7 @@ def configure(
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
     from stepguard.audit._exporters import RedactingSpanExporter
 
@@ -142,7 +144,7 @@ def configure(
         raise ConfigurationError("unknown OTLP span processor", subject=str(otlp_processor),
                                  hint="use 'batch' or 'simple'")
     attrs: dict[str, str] = {"service.name": service_name, **(resource_attributes or {})}
-    provider = TracerProvider(resource=Resource.create(attrs))
+    provider = TracerProvider(resource=Resource.create(attrs), sampler=ALWAYS_ON)
     log_path: Path | None = None
     if audit_log is not False:
         log_path = (default_log_path(audit_dir) if audit_log in (None, True)

@@ -7,12 +7,10 @@ handler that finds an append in progress defers itself to the end of that append
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
 import weakref
-from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -25,19 +23,29 @@ _flush_targets: weakref.WeakSet[Any] = weakref.WeakSet()
 open_spans: list[Any] = []
 _flush_timeout_ms = 5000
 
-@contextlib.contextmanager
-def critical() -> Iterator[None]:
-    """Defer signal handling while an audit record is being appended."""
-    global _busy  # noqa: PLW0603 - process-wide state by design
-    _busy += 1
-    try:
-        yield
-    finally:
+class _Critical:
+    """Defer signal handling while an audit record is being appended (a class, not a
+    generator-based context manager: it runs on every span)."""
+
+    def __enter__(self) -> None:
+        global _busy  # noqa: PLW0603 - process-wide state by design
+        _busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _busy  # noqa: PLW0603
         _busy -= 1
         if not _busy and _deferred:
             signum = _deferred.pop(0)
             _deferred.clear()
             _handle(signum, None)
+
+
+CRITICAL = _Critical()
+
+
+def critical() -> _Critical:
+    """Context manager: defer signal handling while an audit record is being appended."""
+    return CRITICAL
 
 def register_flush_target(target: Any) -> None:
     """Remember an object with ``force_flush(timeout_millis)`` to flush on SIGTERM."""

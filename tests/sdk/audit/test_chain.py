@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from stepguard.audit import AuditLog, ChainHead, read_head, verify_chain
-from stepguard.audit._chain import record_digest
+from stepguard.audit._chain import encode_record
 from stepguard.cli import main
 from stepguard.errors import AuditError, ConfigurationError
 
@@ -59,8 +59,7 @@ def test_edited_record_with_recomputed_digest_breaks_the_next_link(tmp_path):
     parts = lines(log)
     rec = json.loads(parts[3])
     rec["text"] = "forged"
-    rec["digest"] = record_digest(rec)
-    parts[3] = json.dumps(rec).encode() + b"\n"
+    parts[3] = encode_record(rec)
     write(log, parts)
     assert broken_line(log) == 5
 
@@ -84,9 +83,8 @@ def test_inserted_record_is_caught(tmp_path):
     parts = lines(log)
     prev = json.loads(parts[2])
     forged = {"v": 1, "seq": prev["seq"] + 1, "prev": prev["digest"], "kind": "note",
-              "ts": prev["ts"], "text": "inserted"}
-    forged["digest"] = record_digest(forged)
-    parts.insert(3, json.dumps(forged).encode() + b"\n")
+              "ts_ns": prev["ts_ns"], "text": "inserted"}
+    parts.insert(3, encode_record(forged))
     write(log, parts)
     assert broken_line(log) == 5  # the forged record links fine; the original after it does not
 
@@ -185,8 +183,11 @@ def test_bad_fsync_policy_is_refused(tmp_path):
 def test_fsync_always_policy_writes_a_valid_chain(tmp_path):
     log = AuditLog(tmp_path / "a.jsonl", fsync="always")
     log.append("note", {})
+    log = AuditLog(tmp_path / "a.jsonl", fsync="step")
+    log.append("note", {})
+    log.flush()
     log.close()
-    assert verify_chain(tmp_path / "a.jsonl").records == 2
+    assert verify_chain(tmp_path / "a.jsonl").records == 3
 
 
 def test_cli_verify_and_show(tmp_path, capsys):

@@ -254,3 +254,16 @@ def test_unsupported_otlp_protocol_is_a_configuration_error(tmp_path, monkeypatc
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
     with pytest.raises(ConfigurationError):
         audit.configure(audit_dir=tmp_path, otlp=True, install_signal_handlers=False)
+
+
+def test_an_unsampled_parent_cannot_switch_the_audit_off(tmp_path, monkeypatch):
+    """A caller-controlled TRACEPARENT with the sampled flag off must not drop audit records."""
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.setenv("TRACEPARENT", "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    setup = audit.configure(audit_dir=tmp_path, install_signal_handlers=False)
+    with setup.auditor().step_span("fit") as step:
+        pass
+    assert step.trace_id == "ab" * 16  # still joins the caller's trace
+    assert audit.verify_chain(setup.audit_log).kinds["span"] == 1
+    setup.shutdown()

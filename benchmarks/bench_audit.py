@@ -1,0 +1,219 @@
+"""Audit overhead of a secured no-op step, and the share of spans exported at process exit.
+
+    .venv/bin/python benchmarks/bench_audit.py [--quick]
+
+1. Per-step overhead: a no-op step with the lifecycle's span shape (one ``stepguard.step`` span,
+   seven control spans, three verdict events) with auditing on -- local hash-chained log, written
+   synchronously (fsync at close, the default) -- against the same step with auditing off.
+   Also shown: fsync at every step end, and OTLP/HTTP to a loopback receiver on top of the
+   local log.
+2. Spans exported when the process ends by a normal exit, ``os._exit`` right after the step, and
+   SIGTERM during the step: stepguard (flush at step end, SIGTERM hook, synchronous log) against
+   the stock OpenTelemetry SDK set-up (BatchSpanProcessor, no flush) as the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.server
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from stepguard import audit
+
+CONTROLS = [("credentials", "acquire"), ("integrity", "verify"), ("isolation", "run"),
+            ("integrity", "hash"), ("signing", "sign"), ("registry", "publish"),
+            ("credentials", "revoke")]
+SPANS_PER_STEP = 1 + len(CONTROLS)
+
+
+def audited_step(auditor: audit.Auditor) -> None:
+    with auditor.step_span("noop", {"cicd.pipeline.name": "bench", "cicd.pipeline.run.id": "r"}):
+        for control, operation in CONTROLS:
+            with auditor.control_span(control, operation):
+                if operation in ("verify", "sign", "revoke"):
+                    auditor.verdict(f"{control}-{operation}", True)
+
+
+def plain_step() -> None:
+    # The same shape with auditing off: the lifecycle skips the audit calls entirely.
+    with contextlib.nullcontext():
+        for _ in CONTROLS:
+            with contextlib.nullcontext():
+                pass
+
+
+def per_step_us(fn: Any, steps: int, rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        samples.append((time.perf_counter() - start) / steps * 1e6)
+    return statistics.median(samples)
+
+
+class Receiver:
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        self.spans: list[tuple[str, str]] = []
+        lock = threading.Lock()
+        spans = self.spans
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                with lock:
+                    for rs in req.resource_spans:
+                        svc = next((kv.value.string_value for kv in rs.resource.attributes
+                                    if kv.key == "service.name"), "")
+                        for ss in rs.scope_spans:
+                            spans.extend((svc, s.name) for s in ss.spans)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self, service: str) -> int:
+        return sum(1 for svc, _ in self.spans if svc == service)
+
+
+CHILD = r'''
+import os, signal, sys, time
+mode, variant, log_dir = sys.argv[1:4]
+service = f"{variant}-{mode}-{os.getpid()}"
+if variant == "stepguard":
+    from stepguard import audit
+    setup = audit.configure(audit_dir=log_dir, service_name=service)
+    auditor = setup.auditor()
+else:  # the stock SDK set-up: batched OTLP export, nothing else
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from stepguard import audit
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    auditor = audit.Auditor(provider, flush_on_step_end=False)
+print(service, flush=True)
+with auditor.step_span("exit-bench"):
+    for c in ("credentials", "integrity", "signing"):
+        with auditor.control_span(c, "check"):
+            pass
+    if mode == "sigterm":
+        print("READY", flush=True)
+        time.sleep(30)
+if mode == "os_exit":
+    os._exit(0)
+'''
+
+
+def exit_paths(receiver: Receiver, runs: int) -> dict[str, dict[str, float]]:
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+    env.pop("TRACEPARENT", None)
+    results: dict[str, dict[str, float]] = {}
+    for mode in ("normal", "os_exit", "sigterm"):
+        for variant in ("stepguard", "stock-sdk"):
+            exported = expected = local = 0
+            for _ in range(runs):
+                with tempfile.TemporaryDirectory() as log_dir:
+                    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, variant, log_dir],
+                                            env=env, stdout=subprocess.PIPE, text=True)
+                    assert proc.stdout is not None
+                    service = proc.stdout.readline().strip()
+                    if mode == "sigterm":
+                        assert proc.stdout.readline().strip() == "READY"
+                        proc.send_signal(signal.SIGTERM)
+                    proc.communicate(timeout=60)
+                    time.sleep(0.2)  # let the receiver finish any request in flight
+                    expected += 4  # step + 3 controls (on SIGTERM the step ends as terminated)
+                    exported += receiver.count(service)
+                    log = Path(log_dir) / "audit.jsonl"
+                    if log.exists():
+                        local += sum(1 for line in log.read_text().splitlines()
+                                     if json.loads(line)["kind"] == "span")
+            results[f"{mode}/{variant}"] = {
+                "otlp_pct": 100.0 * exported / expected,
+                "local_pct": 100.0 * local / expected if variant == "stepguard" else float("nan"),
+            }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    args = parser.parse_args()
+    steps, rounds, runs = (200, 3, 1) if args.quick else (2000, 7, 5)
+    print(f"audit benchmark: {steps} steps x {rounds} rounds (median), {SPANS_PER_STEP} spans "
+          f"per step; {os.cpu_count()} cores, shared with other work")
+
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        os.environ.pop(var, None)
+    base = per_step_us(plain_step, steps, rounds)
+    disabled = audit.Auditor.disabled()
+    off = per_step_us(lambda: audited_step(disabled), steps, rounds)
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    sdk_only = audit.Auditor(TracerProvider(sampler=ALWAYS_ON))
+    sdk = per_step_us(lambda: audited_step(sdk_only), steps, rounds)
+    rows = [("auditing off (baseline)", base), ("Auditor.disabled() no-op provider", off),
+            ("OTel SDK spans, no exporter (SDK floor)", sdk)]
+    with tempfile.TemporaryDirectory() as d:
+        for label, kwargs in (("local log, fsync at close (default)", {"fsync": "close"}),
+                              ("local log, fsync at each step end", {"fsync": "step"})):
+            setup = audit.configure(audit_dir=Path(d) / kwargs["fsync"],
+                                    otlp=False, install_signal_handlers=False, **kwargs)
+            auditor = setup.auditor()
+            rows.append((label, per_step_us(lambda a=auditor: audited_step(a), steps, rounds)))
+            audit.verify_chain(setup.audit_log)
+            setup.shutdown()
+        receiver = Receiver()
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+        setup = audit.configure(audit_dir=Path(d) / "otlp", install_signal_handlers=False)
+        auditor = setup.auditor()
+        otlp_steps = max(50, steps // 10)
+        rows.append(("local log + OTLP/HTTP loopback (batch, flush at step end)",
+                     per_step_us(lambda a=auditor: audited_step(a), otlp_steps, rounds)))
+        setup.shutdown()
+        del os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+
+    print(f"\n{'per-step cost':60s} {'us/step':>10s} {'overhead us':>12s} {'ratio':>7s}")
+    for label, value in rows:
+        print(f"{label:60s} {value:10.1f} {value - base:12.1f} {value / base:7.1f}x")
+    default = rows[3][1] - base
+    print(f"\naudit overhead per secured no-op step (default set-up): {default / 1000:.3f} ms "
+          f"(target <= 1 ms: {'met' if default <= 1000 else 'NOT met'}); "
+          f"{default / SPANS_PER_STEP:.1f} us per span, of which the OTel SDK itself "
+          f"{(sdk - base) / SPANS_PER_STEP:.1f} us")
+
+    print(f"\nspans exported at process end ({runs} run(s) each, 4 spans per run)")
+    print(f"{'exit path / set-up':32s} {'OTLP %':>8s} {'local log %':>12s}")
+    for key, value in exit_paths(receiver, runs).items():
+        local = "-" if value["local_pct"] != value["local_pct"] else f"{value['local_pct']:.0f}"
+        print(f"{key:32s} {value['otlp_pct']:8.0f} {local:>12s}")
+
+
+if __name__ == "__main__":
+    main()
