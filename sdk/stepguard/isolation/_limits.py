@@ -65,24 +65,33 @@ class Cgroup:
                 found.update(int(x) for x in (d / "cgroup.procs").read_text().split())
         return found
 
-    def kill_all(self, timeout_s: float = 5.0) -> None:
-        """SIGKILL every member, including processes that left our session or process group."""
+    def kill_all(self, timeout_s: float = 5.0, *, wait: bool = True) -> None:
+        """SIGKILL every member, including processes that left our session or process group.
+
+        With ``wait`` it keeps sweeping until the cgroup is empty (a member may fork between
+        reading the list and the kill), for at most ``timeout_s``.
+        """
         if self.version == 2:
             with contextlib.suppress(OSError):
                 (self.dirs[0] / "cgroup.kill").write_text("1")
         end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
+        delay = 0.0005
+        while True:
             members = self.pids()
             if not members:
                 return
             for pid in members:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-            time.sleep(0.01)
+            if not wait or time.monotonic() >= end:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def remove(self) -> None:
         for d in self.dirs:
-            for _ in range(100):
+            delay = 0.0005
+            for _ in range(40):
                 try:
                     d.rmdir()
                     break
@@ -90,7 +99,8 @@ class Cgroup:
                     break
                 except OSError:
                     # Members killed a moment ago are still being torn down.
-                    time.sleep(0.01)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
 
 
 def _own_cgroup_v1(controller: str) -> Path | None:

@@ -61,13 +61,13 @@ def _open_output(target: Output, stack: contextlib.ExitStack) -> tuple[Any, str 
     return target, None
 
 
-def _kill_tree(proc: subprocess.Popen[bytes], cgroup: Cgroup | None) -> None:
+def _kill_tree(proc: subprocess.Popen[bytes], cgroup: Cgroup | None, *, wait: bool) -> None:
     # The group first (the sandbox's bwrap, or the body and its ordinary children), then every
     # cgroup member: that catches processes that escaped the group with setsid().
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     if cgroup is not None:
-        cgroup.kill_all()
+        cgroup.kill_all(wait=wait)
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
@@ -212,8 +212,12 @@ def run_local(
         finally:
             # Nothing of the body outlives the step: not on timeout, not on success (background
             # children), not when our caller is interrupted.
-            _kill_tree(proc, cgroup)
+            # One sweep while our child is an unreaped zombie (its pid, and so the group id, cannot
+            # be reused yet), then reap it, then sweep until the cgroup is empty.
+            _kill_tree(proc, cgroup, wait=False)
             code = proc.wait()
+            if cgroup is not None:
+                cgroup.kill_all()
         duration = time.monotonic() - start
         sig = -code if code < 0 else None
         result = RunResult(

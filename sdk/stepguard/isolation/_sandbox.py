@@ -9,6 +9,7 @@ host environment are never bound: they do not exist inside.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -106,6 +107,7 @@ def python_prefixes() -> list[str]:
     return sorted(set(found))
 
 
+@functools.lru_cache(maxsize=1)
 def _nvidia_libraries() -> list[str]:
     try:
         out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10,
@@ -124,6 +126,7 @@ def _nvidia_libraries() -> list[str]:
     return sorted(p for p in libs if os.path.exists(p))
 
 
+@functools.lru_cache(maxsize=1)
 def _nvidia_binaries() -> list[str]:
     found = set()
     for name in _NVIDIA_BINARIES:
