@@ -19,6 +19,9 @@ from pathlib import Path
 from stepguard.errors import ServiceError
 
 PROCS_FILE = "processes.json"
+# Children started by this process, kept so a later table (``down`` after ``up`` in one test
+# session) can collect their exit status instead of leaving zombies.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 LOG_TAIL_LINES = 20
 
 
@@ -165,6 +168,7 @@ class ProcessTable:
         proc = Proc(name, popen.pid, port, str(log), marker, int(stop_signal))
         self.procs[name] = proc
         self._popen[name] = popen
+        _CHILDREN[popen.pid] = popen
         self._save()
         return proc
 
@@ -240,15 +244,12 @@ class ProcessTable:
         return problems
 
     def _reap(self, name: str) -> None:
-        popen = self._popen.get(name)
+        pid = self.procs[name].pid
+        popen = self._popen.get(name) or _CHILDREN.get(pid)
         if popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=0)
-            return
-        # Started by this process through an earlier table (e.g. up() then down() in one
-        # test session): collect the exit status so no zombie is left.
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(self.procs[name].pid, os.WNOHANG)
+                _CHILDREN.pop(pid, None)
 
 
 def http_responds(url: str, *, ok_only: bool = False) -> Callable[[], bool]:

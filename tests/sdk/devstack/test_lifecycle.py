@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,16 @@ def test_api_up_down_with_postgres_leaves_nothing(tmp_path: Path, need_bao: None
         assert all(d.is_dir() for d in extra)
         if info.postgres is not None:
             assert set(info.pids) == {"moto", "openbao", "postgresql"}
+        # One service dies: status says so, up still refuses, down still cleans everything.
+        os.kill(info.pids["moto"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while live(info.pids["moto"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(ServiceError, match="not fully running") as caught:
+            devstack.status(state)
+        assert "down: moto" in caught.value.details
+        with pytest.raises(ConfigurationError, match="already running"):
+            devstack.up(state)
     finally:
         devstack.down(state)
     assert not any(live(pid) for pid in info.pids.values())
