@@ -117,7 +117,8 @@ def verify_model(
 ) -> str:
     """The deployment gate: fetch the model and verify its signature against an explicit policy.
 
-    There is no default policy. Refuses (SignatureError) a model whose signature does not match,
+    ``signature_policy`` names a policy in the platform's stepguard settings (``policies:``);
+    there is no default policy. Refuses (SignatureError) a model whose signature does not match,
     and (IntegrityError) one whose digest differs from ``publish_receipt``. The verified model is
     copied to ``verified_model`` for the serving step. Returns the step receipt (JSON).
     """

@@ -32,9 +32,10 @@ _TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
 
 REMEDIES: Mapping[str, str] = {
     "network": (
-        "KFP cannot create a NetworkPolicy: apply the default-deny NetworkPolicy from "
-        "docs/concepts/kfp.md in the run namespace; it selects pods labelled "
-        f"{NETWORK_LABEL}=none (harden adds the label)"
+        "KFP cannot create a NetworkPolicy: apply the NetworkPolicy from docs/concepts/kfp.md "
+        f"in the run namespace; it selects pods labelled {NETWORK_LABEL}=none (harden adds "
+        "the label) and allows egress only to the KFP object store/metadata and Vault, which "
+        "the launcher and the step runner in the same pod need"
     ),
     "network_allowlist": (
         "KFP cannot create a NetworkPolicy: apply an egress NetworkPolicy allowing exactly the "
@@ -145,6 +146,7 @@ def harden(
     spec: IsolationSpec | StepSpec,
     *,
     context: RunContext | None = None,
+    pipeline: str | None = None,
     deadline_s: float | None = None,
     grace_s: int = 60,
     accelerator_type: str = "nvidia.com/gpu",
@@ -157,7 +159,8 @@ def harden(
     :class:`~stepguard.spec.StepSpec` (its ``isolation`` and ``deadline_s`` are used). The pod
     deadline is the step deadline plus ``grace_s``, so the step runner inside the pod times the
     body out and revokes credentials before Kubernetes kills the pod. Caching is turned off: a
-    verification step served from cache never verified anything.
+    verification step served from cache never verified anything. Pod labels name the step (and
+    ``pipeline``), or come from ``context`` when given; they are fixed at compile time.
 
     >>> from kfp import dsl
     >>> from stepguard.spec import IsolationSpec
@@ -246,8 +249,13 @@ def harden(
         applied.append("toleration " + ",".join(f"{k}={v}" for k, v in sorted(tol.items())))
 
     network = "none" if iso.network == "none" else "allowlist"
-    labels = dict(context.labels()) if context is not None else {
-        "stepguard.dev/step": _label_value(name)}
+    if context is not None:
+        labels = dict(context.labels())
+    else:
+        # Run ids are unknown at compile time; KFP labels the pod with its own run id.
+        labels = {"stepguard.dev/step": _label_value(name)}
+        if pipeline:
+            labels["stepguard.dev/pipeline"] = _label_value(pipeline)
     labels[NETWORK_LABEL] = network
     for key, value in sorted(labels.items()):
         kubernetes.add_pod_label(task, label_key=key, label_value=value)

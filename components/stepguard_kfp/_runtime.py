@@ -38,7 +38,6 @@ __all__ = [
     "effective_isolation",
     "fetch_verified",
     "in_kfp_pod",
-    "policy_from_text",
     "secure_train_step",
     "sign_and_publish_step",
     "verify_dataset_step",
@@ -341,8 +340,13 @@ def verify_model_step(
     pipeline: str = "kfp",
     run_id: str = "",
 ) -> str:
-    """Fetch the published model, verify its signature against ``signature_policy`` and its
-    digest against ``publish_receipt``, then hand the verified bytes to ``out_dir``."""
+    """Fetch the published model, verify its signature against the settings policy named
+    ``signature_policy`` and its digest against ``publish_receipt``, then hand the verified
+    bytes to ``out_dir``.
+
+    Policies live in the platform's stepguard settings (``policies:``), not in the pipeline: a
+    pipeline author names the policy the platform defined and cannot weaken it inline.
+    """
 
     def run() -> str:
         from stepguard.step import run_step
@@ -350,6 +354,8 @@ def verify_model_step(
         if not signature_policy.strip():
             raise ConfigurationError("a signature policy is required (there is no default)",
                                      subject="signature_policy")
+        settings = _settings()
+        settings.policy(signature_policy)  # an unknown policy fails before any download
         published = _load_receipt(publish_receipt, "publish").output("model")
         spec = StepSpec(
             name="verify-model",
@@ -357,8 +363,6 @@ def verify_model_step(
             isolation=IsolationSpec(mode="process"),
             deadline_s=SHORT_DEADLINE_S,
         )
-        settings = _settings()
-        policy_from_text(signature_policy, settings)  # a bad policy fails before any download
 
         def body(env: Any) -> None:
             dest = Path(env.outputs["model"])
@@ -380,82 +384,21 @@ def verify_model_step(
     return _guard(run)
 
 
-def policy_from_text(text: str, settings: Any = None) -> Any:
-    """Parse the gate's ``signature_policy`` parameter (JSON or YAML) into a signing Policy.
-
-    ``{"kind": "key", "public_keys": [PEM text or path, ...]}``,
-    ``{"kind": "sigstore", "identity": ..., "issuer": ..., "trust_config": path}`` or
-    ``{"kind": "transit", "key": name, "versions": [1] | "min_version": 1, "mount": "transit"}``.
-    There is no default and no "accept anything" form.
-
-    >>> policy_from_text('{"kind": "sigstore", "identity": "ci@example.com",'
-    ...                  ' "issuer": "https://issuer.example"}').describe()
-    'sigstore policy ci@example.com from https://issuer.example'
-    >>> policy_from_text("kind: none")
-    Traceback (most recent call last):
-    ...
-    stepguard.errors.ConfigurationError: unknown signature policy kind 'none': signature_policy.kind
-    """
-    import yaml
-    from stepguard.signing import KeyPolicy, SigstorePolicy, TransitPolicy
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigurationError("signature policy is not valid JSON/YAML",
-                                 subject="signature_policy") from exc
-    if not isinstance(data, dict):
-        raise ConfigurationError("signature policy must be a mapping with a 'kind'",
-                                 subject="signature_policy")
-    data = dict(data)
-    kind = data.pop("kind", None)
-    allowed = {"key": {"public_keys"}, "sigstore": {"identity", "issuer", "trust_config"},
-               "transit": {"key", "versions", "min_version", "mount"}}
-    if kind not in allowed:
-        raise ConfigurationError(f"unknown signature policy kind {kind!r}",
-                                 subject="signature_policy.kind",
-                                 hint="key, sigstore or transit")
-    unknown = sorted(set(data) - allowed[kind])
-    if unknown:
-        raise ConfigurationError("unknown signature policy field",
-                                 subject=f"signature_policy.{unknown[0]}")
-    try:
-        if kind == "key":
-            return KeyPolicy(public_keys=tuple(str(k) for k in data.get("public_keys") or ()))
-        if kind == "sigstore":
-            trust = data.get("trust_config")
-            return SigstorePolicy(identity=str(data.get("identity") or ""),
-                                  issuer=str(data.get("issuer") or ""),
-                                  trust_config=Path(trust) if trust else None)
-        return TransitPolicy(key=str(data.get("key") or ""), client=_vault_client(settings),
-                             versions=tuple(data.get("versions") or ()),
-                             min_version=data.get("min_version"),
-                             mount=str(data.get("mount") or "transit"))
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError("invalid signature policy", subject="signature_policy",
-                                 details=[str(exc)]) from exc
-
-
-def _vault_client(settings: Any) -> Any:
-    """A Vault client for reading Transit public keys (public data; no secret is fetched)."""
-    import hvac
-
-    addr = (settings.vault.addr if settings is not None else None) or os.environ.get("VAULT_ADDR")
-    token = os.environ.get("VAULT_TOKEN")
-    if not addr or not token:
-        raise ConfigurationError("a transit policy needs Vault (VAULT_ADDR and a token)",
-                                 subject="signature_policy.transit")
-    return hvac.Client(url=addr, token=token, timeout=10)
-
-
 def fetch_verified(registry: str | None, name: str, version: str, *, policy: str,
                    settings: Any, dest: Path) -> Path:
-    """Fetch ``name:version`` from the registry into ``dest`` (which must not exist), verified
-    against ``policy`` (see :func:`policy_from_text`) before the path is returned."""
+    """Fetch ``name:version`` into ``dest`` (which must not exist), verified against the
+    settings policy called ``policy`` before the path is returned."""
+    from stepguard._private.publishing import build_policy, vault_client
     from stepguard.registry import open_registry
 
     url = registry or settings.registry.url
     if not url:
         raise ConfigurationError("no registry given and none in settings", subject="registry.url")
-    parsed = policy_from_text(policy, settings)
-    return Path(open_registry(url).fetch(name, version, policy=parsed, dest=dest))
+    named = settings.policy(policy)
+    reg = open_registry(url)
+    if named.kind != "transit":
+        return Path(reg.fetch(name, version, policy=build_policy(named, settings), dest=dest))
+    # Transit public keys are read with a short-lived login, revoked when the block ends.
+    with vault_client(settings) as client:
+        parsed = build_policy(named, settings, client)
+        return Path(reg.fetch(name, version, policy=parsed, dest=dest))
