@@ -57,6 +57,15 @@ class LeaseRecord:
     revoked_by: str | None = None
     error: str | None = None
 
+    def to_receipt(self) -> Any:
+        """The receipt's :class:`stepguard.receipt.LeaseRecord` for this credential."""
+        from stepguard.receipt import LeaseRecord as ReceiptLease
+
+        return ReceiptLease(name=self.name, kind=self.kind, lease=self.lease_id_hash,
+                            revocable=self.revocable,
+                            revoked=self.revoked if self.revocable else None,
+                            static=self.static, ttl_s=float(self.ttl_s) if self.ttl_s else None)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for receipts and span attributes."""
         return {
@@ -250,6 +259,7 @@ class CredentialSession(CredentialSet):
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._closed = False
+        self._login_revoked = False
         self.timings: dict[str, float] = {}
 
     # -- read-only views ------------------------------------------------------------------------
@@ -432,23 +442,38 @@ class CredentialSession(CredentialSet):
                             rec.name, type(exc).__name__)
                 self._leases[i] = replace(rec, error=str(exc))
         tok = self._token
+        login_api = self._api.with_token(self._login.token)
         if tok is not None and self._step_token is not None and api is not None:
-            owned_step = tok.child or self._login.owned
-            if owned_step:
-                try:
+            try:
+                if tok.child and self._login.owned:
+                    # Our login token is the child's parent: revoking it takes the whole tree
+                    # (child token, its leases) down in one call and leaves no login behind.
+                    login_api.request("POST", "auth/token/revoke-self",
+                                      what="step token revocation (via its parent)")
+                    self._login_revoked = True
+                elif tok.child or self._login.owned:
                     api.request("POST", "auth/token/revoke-self", what="step token revocation")
-                    self._token = replace(tok, revoked=True)
-                except StepguardError as exc:
-                    log.warning("step token revocation failed (%s); its TTL (%d s) bounds it",
-                                type(exc).__name__, tok.ttl_s)
-                    self._token = replace(tok, error=str(exc))
+                    self._login_revoked = self._login.owned
+                self._token = replace(tok, revoked=tok.child or self._login.owned)
+            except StepguardError as exc:
+                log.warning("step token revocation failed (%s); its TTL (%d s) bounds it",
+                            type(exc).__name__, tok.ttl_s)
+                self._token = replace(tok, error=str(exc))
+                if tok.child:
+                    try:
+                        api.request("POST", "auth/token/revoke-self",
+                                    what="step token revocation")
+                        self._token = replace(tok, revoked=True)
+                    except StepguardError:
+                        log.warning("step token revocation retry failed")
         if self._token is not None and self._token.revoked:
             self._leases = [r if r.revoked or not r.revocable else
                             replace(r, revoked=True, revoked_by="token") for r in self._leases]
-        if self._login.owned and (tok is None or tok.child):
+        if self._login.owned and not self._login_revoked:
             try:
-                self._api.with_token(self._login.token).request(
-                    "POST", "auth/token/revoke-self", what="login token revocation")
+                login_api.request("POST", "auth/token/revoke-self",
+                                  what="login token revocation")
+                self._login_revoked = True
             except StepguardError as exc:
                 log.warning("login token revocation failed (%s)", type(exc).__name__)
         self.timings["revoke_s"] = time.monotonic() - t0

@@ -1,0 +1,127 @@
+"""Fixed overhead of a secured step's credential handling against the local OpenBao.
+
+One "step" here is a trivial body. The baseline runs it bare; the secured run wraps it in
+``open_session`` with one database credential: AppRole login, child token, one dynamic
+PostgreSQL user, then lease and token revocation. The difference is the fixed cost stepguard adds
+to every step that asks for credentials. The database engine's own user creation (Vault's
+``database/creds`` round trip, which runs CREATE ROLE in PostgreSQL) is reported separately.
+
+    .venv/bin/python benchmarks/bench_credentials.py            # 200 runs
+    .venv/bin/python benchmarks/bench_credentials.py --quick    # 20 runs
+    STEPGUARD_TEST_DEV_DIR=~/.stepguard/dev .venv/bin/python benchmarks/bench_credentials.py
+
+Starts its own dev stack (``stepguard.devstack.up``) in a temporary directory unless
+``STEPGUARD_TEST_DEV_DIR`` names a running one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def row(name: str, values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return (f"{name:<34} p50 {pct(ms, 50):8.2f} ms   p95 {pct(ms, 95):8.2f} ms   "
+            f"mean {statistics.fmean(ms):8.2f} ms")
+
+
+def body() -> int:
+    # The step's own work is not what is measured: a fixed, tiny amount of it.
+    return sum(range(1000))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 runs instead of 200")
+    parser.add_argument("--runs", type=int, default=None)
+    args = parser.parse_args()
+    runs = args.runs or (20 if args.quick else 200)
+
+    from stepguard import devstack
+    from stepguard.credentials import AppRoleAuth, VaultConfig, open_session
+    from stepguard.spec import CredentialRequest, RunContext
+
+    reuse = os.environ.get("STEPGUARD_TEST_DEV_DIR")
+    tmp = None
+    if reuse:
+        info = devstack.status(Path(reuse))
+        if info is None:
+            print(f"no running dev stack in {reuse}", file=sys.stderr)
+            return 2
+        state_dir = None
+    else:
+        tmp = tempfile.mkdtemp(prefix="bench-credentials-")
+        state_dir = Path(tmp) / "dev"
+        info = devstack.up(state_dir)
+    try:
+        if info.postgres is None:
+            print("PostgreSQL is not installed: the database lease cannot be measured",
+                  file=sys.stderr)
+            return 2
+        assert info.approle_secret_id_file is not None
+        auth = AppRoleAuth(role_id=info.approle_role_id,
+                           secret_id=info.approle_secret_id_file.read_text().strip())
+        cfg = VaultConfig(addr=info.vault_addr, auth=auth)
+        req = CredentialRequest(name="db", kind="database", role="stepguard-step")
+
+        def secured(i: int) -> dict[str, float]:
+            ctx = RunContext(pipeline="bench", run_id=f"bench-{i}", step="step")
+            t0 = time.perf_counter()
+            with open_session([req], settings=cfg, context=ctx, ttl_s=600,
+                              handle_sigterm=False) as s:
+                body()
+            total = time.perf_counter() - t0
+            t = s.timings
+            return {"total": total, "login": t["login_s"], "token": t["token_s"],
+                    "db_issue": s.leases[0].issue_s, "revoke": t["revoke_s"]}
+
+        for i in range(3):  # warm up connections and the database plugin
+            secured(-i)
+        base: list[float] = []
+        sec: list[dict[str, float]] = []
+        for i in range(runs):
+            t0 = time.perf_counter()
+            body()
+            base.append(time.perf_counter() - t0)
+            sec.append(secured(i))
+        overhead = [s["total"] - b for s, b in zip(sec, base, strict=True)]
+        db_issue = [s["db_issue"] for s in sec]
+        without_db = [o - d for o, d in zip(overhead, db_issue, strict=True)]
+
+        print(f"credentials benchmark: {runs} runs, local OpenBao {info.vault_addr}, "
+              f"PostgreSQL {info.postgres.port}; machine: {os.cpu_count()} cores, shared")
+        print(row("baseline: step without credentials", base))
+        print(row("secured: step with one DB lease", [s["total"] for s in sec]))
+        print(row("overhead (secured - baseline)", overhead))
+        print(row("  of which AppRole login", [s["login"] for s in sec]))
+        print(row("  of which child token", [s["token"] for s in sec]))
+        print(row("  of which DB engine user creation", db_issue))
+        print(row("  of which revoke (lease + tokens)", [s["revoke"] for s in sec]))
+        print(row("overhead excluding DB user creation", without_db))
+        ratio = pct(overhead, 95) / max(pct(base, 95), 1e-9)
+        print(f"ratio secured/baseline p95: {pct([s['total'] for s in sec], 95) / max(pct(base, 95), 1e-9):,.0f}x "
+              f"(baseline is a no-op body; the absolute overhead is the figure that matters)")
+        target = 0.020
+        verdict = "meets" if pct(overhead, 95) <= target else "misses"
+        print(f"target: overhead p95 <= 20 ms -> {verdict} ({pct(overhead, 95) * 1000:.1f} ms); "
+              f"overhead/baseline p95 {ratio:,.0f}x")
+    finally:
+        if state_dir is not None:
+            devstack.down(state_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
