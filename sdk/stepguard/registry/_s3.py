@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Any
 from stepguard.errors import IntegrityError, RegistryError
 from stepguard.registry._base import Registry
 
-#: Files up to this size go in one PutObject carrying our SHA-256, which S3 checks against the
-#: bytes it receives; larger files use multipart upload with per-part SHA-256 checksums.
+#: Files up to this size go in one PutObject carrying the signed SHA-256; larger files use a
+#: multipart upload with per-part SHA-256 checksums (at most MAX_PARTS_IN_FLIGHT parts in memory).
 SINGLE_PUT_MAX = 64 * 1024 * 1024
-PART_SIZE = 64 * 1024 * 1024
+PART_SIZE = 32 * 1024 * 1024
+MAX_PARTS_IN_FLIGHT = 4
 
 
 class S3Registry(Registry):
@@ -63,27 +65,73 @@ class S3Registry(Registry):
         return bool(resp.get("KeyCount"))
 
     def _put_file(self, key: str, src: Path, sha256_hex: str, size: int) -> None:
-        from boto3.s3.transfer import TransferConfig
+        # The bytes are hashed as they are sent and compared with the signed digest before the
+        # object is committed, so a file changed between signing and upload never lands (this
+        # does not rely on the server checking ChecksumSHA256; moto, for one, does not).
+        if size <= SINGLE_PUT_MAX:
+            with open(src, "rb") as fh:
+                data = fh.read(SINGLE_PUT_MAX + 1)
+            if hashlib.sha256(data).hexdigest() != sha256_hex:
+                raise IntegrityError("file changed between signing and upload",
+                                     subject=str(src), details=(f"modified: {key}",))
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode())
+            except Exception as exc:
+                raise self._err(exc, "upload", key) from exc
+            return
+        self._put_multipart(key, src, sha256_hex, size)
+
+    def _put_multipart(self, key: str, src: Path, sha256_hex: str, size: int) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        part_size = max(PART_SIZE, -(-size // 9000))
+        s3key = self._key(key)
+        try:
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=s3key, ChecksumAlgorithm="SHA256")["UploadId"]
+        except Exception as exc:
+            raise self._err(exc, "upload", key) from exc
+        whole = hashlib.sha256()
+        parts: list[Future[dict[str, Any]]] = []
+
+        def send(number: int, data: bytes) -> dict[str, Any]:
+            digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+            resp = self.client.upload_part(
+                Bucket=self.bucket, Key=s3key, UploadId=upload_id, PartNumber=number,
+                Body=data, ChecksumAlgorithm="SHA256", ChecksumSHA256=digest)
+            return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": digest}
 
         try:
-            if size <= SINGLE_PUT_MAX:
-                with open(src, "rb") as fh:
-                    self.client.put_object(
-                        Bucket=self.bucket, Key=self._key(key), Body=fh,
-                        ChecksumAlgorithm="SHA256",
-                        ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode())
-            else:
-                self.client.upload_file(
-                    str(src), self.bucket, self._key(key),
-                    ExtraArgs={"ChecksumAlgorithm": "SHA256"},
-                    Config=TransferConfig(multipart_threshold=SINGLE_PUT_MAX,
-                                          multipart_chunksize=PART_SIZE, max_concurrency=8))
-        except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-            if code in ("BadDigest", "InvalidRequest") and size <= SINGLE_PUT_MAX:
-                raise IntegrityError("file changed between signing and upload (S3 checksum "
-                                     "mismatch)", subject=str(src)) from exc
-            raise self._err(exc, "upload", key) from exc
+            with open(src, "rb") as fh, ThreadPoolExecutor(max_workers=MAX_PARTS_IN_FLIGHT) as ex:
+                number = 0
+                while True:
+                    # Bound memory: wait for the oldest part before reading more.
+                    pending = [f for f in parts if not f.done()]
+                    if len(pending) >= MAX_PARTS_IN_FLIGHT:
+                        pending[0].result()
+                    data = fh.read(part_size)
+                    if not data:
+                        break
+                    whole.update(data)
+                    number += 1
+                    parts.append(ex.submit(send, number, data))
+                done = [f.result() for f in parts]
+            if whole.hexdigest() != sha256_hex:
+                raise IntegrityError("file changed between signing and upload",
+                                     subject=str(src), details=(f"modified: {key}",))
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=s3key, UploadId=upload_id,
+                MultipartUpload={"Parts": done})
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=s3key,
+                                                   UploadId=upload_id)
+            if isinstance(exc, IntegrityError) or not isinstance(exc, Exception):
+                raise
+            raise self._err(exc, "multipart upload", key) from exc
 
     def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None:
         args: dict[str, Any] = {

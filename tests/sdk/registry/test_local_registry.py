@@ -152,3 +152,17 @@ def test_manifest_binding(reg, model, keys, tmp_path):
     assert rec.manifest_uri and json.loads(
         (reg.root / "bert/1.0/manifest.json").read_text())["predicate"]["rootDigest"] == m.digest
     assert os.path.exists(reg.root / "bert/1.0/model.sig")
+
+
+def test_file_changed_after_signing_never_lands(reg, model, keys):
+    orig = reg._put_file
+
+    def put(key, src, digest, size):
+        if key.endswith("config.json"):
+            src.write_text('{"hidden": 666}')
+        orig(key, src, digest, size)
+
+    reg._put_file = put
+    with pytest.raises(IntegrityError, match="changed between signing and upload"):
+        reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
+    assert not (reg.root / "bert" / "1.0").exists()
