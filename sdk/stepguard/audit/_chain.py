@@ -23,10 +23,8 @@ import fcntl
 import hashlib
 import json
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +217,9 @@ class AuditLog:
                 seq, prev, size, anomalies, newline = self._tail(fd, head_fd)
                 lines: list[bytes] = [b"\n"] if newline else []
                 if seq < 0:
+                    import socket
+                    import uuid
+
                     batch.insert(0, ("genesis", {
                         "log_id": uuid.uuid4().hex,
                         "host": socket.gethostname(),

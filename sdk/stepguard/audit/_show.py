@@ -53,6 +53,10 @@ def _summary(span: dict[str, Any]) -> dict[str, Any]:
                      if k not in (Attr.VERDICT_NAME, Attr.VERDICT_PASSED)}}
         for e in span.get("events", []) if e.get("name") == "stepguard.verdict"]
     out["digests"] = {k: v for k, v in attrs.items() if _is_digest_key(k)}
+    for verdict in out["verdicts"]:  # digests recorded with a verdict ("output hashed")
+        for key, value in verdict["details"].items():
+            if key.endswith(("digest", ".hash")):
+                out["digests"].setdefault(key, value)
     signer = {k: v for k, v in attrs.items() if k.startswith("stepguard.signing.")
               and ("signer" in k or "identity" in k)}
     if signer:
