@@ -72,24 +72,26 @@ def find_collisions(paths: Iterable[str]) -> list[tuple[str, str]]:
 
     Directory prefixes count: ``Data/a`` and ``data/b`` put two files in what a case-insensitive
     filesystem sees as one directory under two spellings.
+
+    >>> find_collisions(["Data/a", "data/b", "x"])
+    [('Data', 'data')]
     """
     seen: dict[str, str] = {}
-    files: set[str] = set()
+    files: list[str] = []
     dirs: set[str] = set()
     out: list[tuple[str, str]] = []
     for path in paths:
-        files.add(path)
-        parts = path.split("/")
-        for i in range(1, len(parts) + 1):
-            prefix = "/".join(parts[:i])
-            if i < len(parts):
-                if prefix in dirs:
-                    continue
-                dirs.add(prefix)
-            key = collision_key(prefix)
-            other = seen.setdefault(key, prefix)
-            if other != prefix:
-                out.append((other, prefix))
-    for path in sorted(files & dirs):
+        files.append(path)
+        other = seen.setdefault(collision_key(path), path)
+        if other != path:
+            out.append((other, path))
+        d = path.rpartition("/")[0]
+        while d and d not in dirs:
+            dirs.add(d)
+            other = seen.setdefault(collision_key(d), d)
+            if other != d:
+                out.append((other, d))
+            d = d.rpartition("/")[0]
+    for path in sorted(dirs.intersection(files)):
         out.append((path, path + "/..."))
     return out

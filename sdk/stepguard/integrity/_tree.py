@@ -89,7 +89,7 @@ _KINDS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     rel: str
     kind: str
@@ -220,7 +220,7 @@ class _Changed(Exception):
     """The file changed (or was replaced) between the walk and the read."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     rel: str
     path: str
