@@ -267,3 +267,27 @@ def test_an_unsampled_parent_cannot_switch_the_audit_off(tmp_path, monkeypatch):
     assert step.trace_id == "ab" * 16  # still joins the caller's trace
     assert audit.verify_chain(setup.audit_log).kinds["span"] == 1
     setup.shutdown()
+
+
+def test_show_filters_by_run_and_lists_unsecured_tasks(tmp_path, monkeypatch, capsys):
+    from stepguard.cli import main
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    setup = audit.configure(audit_dir=tmp_path, install_signal_handlers=False)
+    auditor = setup.auditor()
+    for run in ("run-a", "run-b"):
+        with auditor.step_span("fit", audit.pipeline_attributes("train", run, "fit")):
+            with auditor.control_span("integrity", "hash", audit.artifact_attributes(
+                    hash=f"sha256:{run}")):
+                pass
+    auditor.record_task("send_email", secured=False,
+                        attributes=audit.pipeline_attributes("train", "run-a"))
+    data = audit.timeline(setup.audit_log, "run-a")
+    [run] = data["runs"]
+    assert run["run_id"] == "run-a" and len(run["steps"]) == 1
+    assert run["steps"][0]["controls"][0]["digests"] == {"artifact.hash": "sha256:run-a"}
+    assert [(t["task"], t["secured"]) for t in run["tasks"]] == [("send_email", False)]
+    assert main(["audit", "show", "--run", "run-b", str(setup.audit_log)]) == 0
+    out = capsys.readouterr().out
+    assert "sha256:run-b" in out and "sha256:run-a" not in out and "send_email" not in out
+    setup.shutdown()
