@@ -47,6 +47,7 @@ from stepguard.signing._policy import (
     TransitPolicy,
     UnsafeVerificationWarning,
     Verified,
+    parse_policy,
     unsafe_skip_verification,
 )
 from stepguard.signing._provenance import (
@@ -85,6 +86,7 @@ __all__ = [
     "build_provenance",
     "check_formats",
     "pae",
+    "parse_policy",
     "pickle_reason",
     "scan_pickle",
     "sign_manifest",

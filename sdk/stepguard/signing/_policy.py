@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -251,3 +252,68 @@ def unsafe_skip_verification(reason: str, *, allow_pickle: bool = False) -> Poli
     warnings.warn(f"unsafe_skip_verification: signatures will not be checked ({reason})",
                   UnsafeVerificationWarning, stacklevel=2)
     return UnsafeSkipVerification(reason=reason, allow_pickle=allow_pickle)
+
+
+_POLICY_FIELDS = {
+    "key": {"keys", "allow_pickle"},
+    "transit": {"key", "versions", "min_version", "mount", "allow_pickle"},
+    "sigstore": {"identity", "issuer", "trust_config", "allow_pickle"},
+}
+
+
+def parse_policy(text: str, *, vault_client: Any = None,
+                 environ: Mapping[str, str] | None = None) -> Policy:
+    """Build a policy from its one-line form (as in ``InputSpec.signature_policy``).
+
+    ``KIND:field=value;field=value``, with ``,`` inside list values:
+
+    * ``key:keys=/etc/sg/ingest.pub,/etc/sg/old.pub`` (or just ``key:/etc/sg/ingest.pub``)
+    * ``transit:key=stepguard-signing;versions=1,2`` or ``...;min_version=2`` (``mount=``)
+    * ``sigstore:identity=ci@example.com;issuer=https://token.actions.githubusercontent.com``
+      (``trust_config=/path``)
+
+    Any kind takes ``allow_pickle=true``. Transit uses ``vault_client`` (else ``VAULT_ADDR`` and
+    ``VAULT_TOKEN``). There is no form without a signer: that is the point.
+
+    >>> parse_policy("sigstore:identity=ci@example.com;issuer=https://issuer.example").describe()
+    'sigstore policy ci@example.com from https://issuer.example'
+    >>> parse_policy("key:")
+    Traceback (most recent call last):
+    ...
+    stepguard.errors.ConfigurationError: a key policy needs at least one public key
+    >>> parse_policy("anyone")
+    Traceback (most recent call last):
+    ...
+    stepguard.errors.ConfigurationError: unknown policy kind (key, transit, sigstore): anyone
+    """
+    kind, sep, rest = text.partition(":")
+    kind = kind.strip()
+    if not sep or kind not in _POLICY_FIELDS:
+        raise ConfigurationError("unknown policy kind (key, transit, sigstore)", subject=text)
+    fields: dict[str, str] = {}
+    if kind == "key" and "=" not in rest:
+        fields["keys"] = rest
+    else:
+        for item in filter(None, (p.strip() for p in rest.split(";"))):
+            name, eq, value = item.partition("=")
+            if not eq or name not in _POLICY_FIELDS[kind]:
+                raise ConfigurationError(f"unknown {kind} policy field {name!r}", subject=text)
+            fields[name] = value.strip()
+    allow = fields.pop("allow_pickle", "false").lower() in ("1", "true", "yes")
+    if kind == "key":
+        keys = tuple(Path(k) for k in fields.get("keys", "").split(",") if k)
+        return KeyPolicy(public_keys=keys, allow_pickle=allow)
+    if kind == "transit":
+        client = vault_client
+        if client is None:
+            from stepguard.signing._signers import _token_client
+
+            client = _token_client(None, os.environ if environ is None else environ)
+        versions = tuple(int(v) for v in fields.get("versions", "").split(",") if v)
+        minv = int(fields["min_version"]) if fields.get("min_version") else None
+        return TransitPolicy(fields.get("key", ""), client=client, versions=versions,
+                             min_version=minv, mount=fields.get("mount", "transit"),
+                             allow_pickle=allow)
+    tc = fields.get("trust_config")
+    return SigstorePolicy(fields.get("identity", ""), fields.get("issuer", ""),
+                          trust_config=Path(tc) if tc else None, allow_pickle=allow)

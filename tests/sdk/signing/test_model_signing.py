@@ -291,3 +291,17 @@ def test_signing_refuses_links_and_special_files(model, keys, tmp_path):
 def test_password_not_in_repr(keys):
     signer = KeySigner(keys.private, password="canary-Pw-123")
     assert "canary-Pw-123" not in repr(signer)
+
+
+def test_parse_policy_forms(signed, keys, other_keys):
+    from stepguard.signing import parse_policy
+
+    model, sig = signed
+    verify_model(model, sig, parse_policy(f"key:{keys.public}"))
+    verify_model(model, sig, parse_policy(f"key:keys={other_keys.public},{keys.public}"))
+    with pytest.raises(SignatureError):
+        verify_model(model, sig, parse_policy(f"key:keys={other_keys.public}"))
+    assert parse_policy(f"key:keys={keys.public};allow_pickle=true").allow_pickle
+    for bad in ("", "none:", "key:bogus=1", "sigstore:identity=x"):
+        with pytest.raises(ConfigurationError):
+            parse_policy(bad)

@@ -98,3 +98,16 @@ def test_policy_requires_versions(vault_client):
 
     with pytest.raises(ConfigurationError, match="versions"):
         TransitPolicy("stepguard-signing", client=vault_client)
+
+
+def test_parse_transit_policy(vault_client, transit_key, model, tmp_path):
+    from stepguard.signing import parse_policy
+
+    sig = tmp_path / "m.sig"
+    sign_model(model, TransitSigner(transit_key, client=vault_client), bundle_path=sig)
+    verify_model(model, sig, parse_policy(f"transit:key={transit_key};versions=1",
+                                          vault_client=vault_client))
+    vault_client.secrets.transit.rotate_key(name=transit_key)
+    with pytest.raises(SignatureError):
+        verify_model(model, sig, parse_policy(f"transit:key={transit_key};min_version=2",
+                                              vault_client=vault_client))
