@@ -166,3 +166,17 @@ def test_file_changed_after_signing_never_lands(reg, model, keys):
     with pytest.raises(IntegrityError, match="changed between signing and upload"):
         reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
     assert not (reg.root / "bert" / "1.0").exists()
+
+
+def test_registry_bundle_with_binding_verifies_with_stock_cli(reg, model, keys, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
+    out = reg.fetch("bert", "1.0", policy=_policy(keys), dest=tmp_path / "out")
+    res = subprocess.run([str(Path(sys.executable).parent / "model_signing"), "verify", "key",
+                          str(out), "--signature", str(reg.root / "bert/1.0/model.sig"),
+                          "--public_key", str(keys.public)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
