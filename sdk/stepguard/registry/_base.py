@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,13 +119,13 @@ class Registry(abc.ABC):
     # -- protocol -----------------------------------------------------------------------------
 
     def publish(self, model_dir: str | Path, name: str, version: str, *, signer: Any,
-                provenance: Mapping[str, Any] | None = None, manifest: Any = None,
+                provenance: Any = None, manifest: Any = None,
                 allow_pickle: bool = False) -> PublishedModel:
         """Sign ``model_dir`` and upload it as ``name``/``version``; the bundle goes last.
 
-        ``signer``: a :class:`~stepguard.signing.Signer`. ``provenance``: a step receipt dict
-        (see :func:`~stepguard.signing.build_provenance`), signed with the same signer and
-        stored beside the model. ``manifest``: an integrity ``Manifest`` of the same tree; its
+        ``signer``: a :class:`~stepguard.signing.Signer`. ``provenance``: a step receipt (dict
+        or ``Receipt``; see :func:`~stepguard.signing.build_provenance`), signed with the same
+        signer and stored beside the model. ``manifest``: an integrity ``Manifest`` of the same tree; its
         root digest is bound into the signed statement. On any failure everything this call
         uploaded is removed. A version that already exists raises RegistryError.
         """

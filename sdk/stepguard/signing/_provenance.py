@@ -24,13 +24,34 @@ def _digest_map(value: str) -> dict[str, str]:
     return {alg: hexd}
 
 
-def build_provenance(receipt: Mapping[str, Any], subjects: Mapping[str, str]) -> bytes:
+def _plain(receipt: Any) -> Mapping[str, Any]:
+    if hasattr(receipt, "to_dict"):
+        out: Mapping[str, Any] = receipt.to_dict()
+        return out
+    if not isinstance(receipt, Mapping):
+        raise ConfigurationError("provenance needs a receipt (dict or Receipt)")
+    return receipt
+
+
+def _image_digest(receipt: Mapping[str, Any]) -> str | None:
+    if receipt.get("image_digest"):
+        return str(receipt["image_digest"])
+    iso = receipt.get("isolation") or {}
+    if iso.get("image_digest"):
+        return str(iso["image_digest"])
+    image = str(iso.get("image") or "")
+    return image.split("@", 1)[1] if "@sha256:" in image else None
+
+
+def build_provenance(receipt: Any, subjects: Mapping[str, str]) -> bytes:
     """An in-toto Statement v1 with an SLSA v1 provenance predicate.
 
     ``subjects``: name -> digest (``sha256:<hex>`` or hex) of each output (e.g. the model root
     digest). ``receipt`` keys used: ``step``, ``context`` (``pipeline``, ``run_id``, ``step``,
     ``try_number``), ``inputs`` (list of ``{name, digest|root_digest}``), ``code_revision``,
-    ``code_uri``, ``image_digest``, ``started_at``, ``finished_at``.
+    ``code_uri``, ``image_digest`` (else ``isolation.image_digest`` or a pinned
+    ``isolation.image``), ``started_at``, ``finished_at``. A ``Receipt`` object is accepted too
+    (its ``to_dict()`` is used).
 
     >>> st = json.loads(build_provenance(
     ...     {"step": "train", "context": {"run_id": "r1", "step": "train"},
@@ -44,6 +65,7 @@ def build_provenance(receipt: Mapping[str, Any], subjects: Mapping[str, str]) ->
     """
     if not subjects:
         raise ConfigurationError("provenance needs at least one subject")
+    receipt = _plain(receipt)
     ctx = receipt.get("context") or {}
     deps: list[dict[str, Any]] = []
     for item in receipt.get("inputs") or ():
@@ -57,8 +79,9 @@ def build_provenance(receipt: Mapping[str, Any], subjects: Mapping[str, str]) ->
         if receipt.get("code_uri"):
             dep["uri"] = receipt["code_uri"]
         deps.append(dep)
-    if receipt.get("image_digest"):
-        deps.append({"name": "image", "digest": _digest_map(str(receipt["image_digest"]))})
+    image = _image_digest(receipt)
+    if image:
+        deps.append({"name": "image", "digest": _digest_map(image)})
     metadata: dict[str, Any] = {
         "invocationId": f"{ctx.get('run_id', '')}/{ctx.get('step', receipt.get('step', ''))}"
                         f"/{ctx.get('try_number', 1)}",
@@ -88,7 +111,7 @@ def build_provenance(receipt: Mapping[str, Any], subjects: Mapping[str, str]) ->
     return json.dumps(statement, indent=2, sort_keys=True).encode()
 
 
-def sign_provenance(receipt: Mapping[str, Any], subjects: Mapping[str, str], signer: Signer,
+def sign_provenance(receipt: Any, subjects: Mapping[str, str], signer: Signer,
                     *, bundle_path: str | Path | None = None) -> bytes:
     """Build and sign the provenance statement (DSSE bundle, same signer as the model)."""
     bundle = signer.sign_dsse(build_provenance(receipt, subjects), INTOTO_PAYLOAD_TYPE)
