@@ -125,9 +125,9 @@ class Registry(abc.ABC):
 
         ``signer``: a :class:`~stepguard.signing.Signer`. ``provenance``: a step receipt (dict
         or ``Receipt``; see :func:`~stepguard.signing.build_provenance`), signed with the same
-        signer and stored beside the model. ``manifest``: an integrity ``Manifest`` of the same tree; its
-        root digest is bound into the signed statement. On any failure everything this call
-        uploaded is removed. A version that already exists raises RegistryError.
+        signer and stored beside the model. ``manifest``: an integrity ``Manifest`` of the same
+        tree; its root digest is bound into the signed statement. On any failure everything this
+        call uploaded is removed. A version that already exists raises RegistryError.
         """
         from stepguard.signing import sign_model, sign_provenance
 
