@@ -54,7 +54,7 @@ def _enforce_now(endpoint: str) -> None:
 def configure_moto(endpoint: str, oidc_issuer: str, sts_audience: str) -> AwsSetup:
     # The first BOOTSTRAP_CALLS requests pass unauthenticated; the dummy key is never checked.
     iam0 = _client("iam", endpoint, "bootstrap", "bootstrap")
-    iam0.create_user(UserName=ADMIN_USER)
+    user_arn = str(iam0.create_user(UserName=ADMIN_USER)["User"]["Arn"])
     iam0.put_user_policy(
         UserName=ADMIN_USER,
         PolicyName="admin",
@@ -69,8 +69,7 @@ def configure_moto(endpoint: str, oidc_issuer: str, sts_audience: str) -> AwsSet
 
     iam = _client("iam", endpoint, key_id, secret)
     s3 = _client("s3", endpoint, key_id, secret)
-    sts = _client("sts", endpoint, key_id, secret)
-    account_id = str(sts.get_caller_identity()["Account"])
+    account_id = user_arn.split(":")[4]  # arn:aws:iam::<account>:user/<name>
     for bucket in BUCKETS:
         s3.create_bucket(Bucket=bucket)
     provider_arn = iam.create_open_id_connect_provider(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import sys
+import threading
 import time
 import urllib.request
 from typing import Any
@@ -55,7 +56,7 @@ def _condition_holds(conditions: dict[str, Any], claims: dict[str, Any], prefix:
         for key, expected in entries.items():
             if not key.startswith(prefix + ":"):
                 return False  # a condition we cannot evaluate never grants access
-            actual = claims.get(key.split(":", 1)[1].rsplit(":", 1)[-1])
+            actual = claims.get(key[len(prefix) + 1 :])  # "<provider>:aud" -> "aud"
             actual_values = [str(v) for v in _as_list(actual)] if actual is not None else []
             wanted = [str(v) for v in _as_list(expected)]
             if operator == "StringEquals":
@@ -175,10 +176,18 @@ def install() -> None:
     TokenResponse.assume_role_with_web_identity = assume  # type: ignore[method-assign]
 
 
+def _warm_backends() -> None:
+    # moto imports a service's models on its first request; the dev stack's set-up calls
+    # would pay for that one by one.
+    import moto.s3.models
+    import moto.s3.responses  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> None:
     from moto.server import main as moto_main
 
-    install()
+    install()  # imports the IAM and STS models already
+    threading.Thread(target=_warm_backends, name="warm", daemon=True).start()
     moto_main(argv if argv is not None else sys.argv[1:])
 
 

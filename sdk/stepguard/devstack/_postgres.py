@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import os
 import pwd
 import secrets
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepguard.devstack._info import PostgresInfo
-from stepguard.devstack._procs import ProcessTable, log_tail
+from stepguard.devstack._procs import ProcessTable, log_tail, redact_in_logs
 from stepguard.errors import ServiceError
 
 DATABASE = "stepguard"
@@ -62,13 +64,132 @@ def _service_user() -> str | None:
     return "postgres"
 
 
+def _run_as(
+    argv: list[str], user: str | None, log: Path, *, cwd: Path, stdin: bytes | None = None
+) -> int:
+    with open(log, "ab") as out:
+        return subprocess.run(
+            argv, input=stdin, stdout=out, stderr=subprocess.STDOUT,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            user=user, group=user, extra_groups=[] if user else None,
+            cwd=cwd, timeout=120, check=False,
+        ).returncode
+
+
+def _initdb(bins: PgBinaries, base: Path, user: str | None, password: str, log: Path) -> Path:
+    """initdb into ``base/data`` (``base`` must be writable by ``user``)."""
+    data_dir = base / "data"
+    pwfile = base / "pwfile"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+    try:
+        code = _run_as(
+            [
+                str(bins.initdb), "-D", str(data_dir), "-U", ADMIN_USER,
+                "--pwfile", str(pwfile), "--auth=scram-sha-256", "-E", "UTF8",
+                "--locale=C", "--no-sync", "--no-instructions",
+                # 1 MiB WAL segments instead of 16: a throwaway cluster, copied per stack.
+                "--wal-segsize=1",
+            ],
+            user, log, cwd=base,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ServiceError("initdb failed", subject="postgresql", details=log_tail(log)) from exc
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if code != 0:
+        raise ServiceError(
+            f"initdb failed (status {code})", subject="postgresql", details=log_tail(log)
+        )
+    return data_dir
+
+
+def _scratch_root() -> str | None:
+    """tmpfs when there is one: the cluster is throwaway, and memory makes it faster."""
+    shm = "/dev/shm"  # noqa: S108 -- a private mkdtemp inside it
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "stepguard"
+
+
+def _template(bins: PgBinaries, user: str | None, log: Path) -> Path:
+    """A pristine initdb output for these binaries, built once and cached.
+
+    initdb costs seconds on a busy machine; copying its output costs a fraction of that. The
+    template's superuser password is random and discarded: every copy gets its own.
+    """
+    st = bins.postgres.resolve().stat()
+    key = hashlib.sha256(
+        f"v2:{bins.postgres.resolve()}:{st.st_size}:{st.st_mtime_ns}:{user}".encode()
+    ).hexdigest()[:16]
+    cache = _cache_dir()
+    template = cache / f"pg-template-{key}"
+    if (template / "PG_VERSION").is_file():
+        return template
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    work = Path(tempfile.mkdtemp(prefix="stepguard-pgtpl-"))
+    staging = cache / f".{template.name}.{secrets.token_hex(4)}"
+    try:
+        if user is not None:
+            pw = pwd.getpwnam(user)
+            os.chown(work, pw.pw_uid, pw.pw_gid)
+        data = _initdb(bins, work, user, secrets.token_urlsafe(24), log)
+        shutil.copytree(data, staging, symlinks=True)
+        # Built concurrently by another 'up'? Theirs is as good as ours.
+        with contextlib.suppress(OSError):
+            os.rename(staging, template)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return template
+
+
+def _chown_tree(path: Path, user: str) -> None:
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
+
+def _from_template(
+    bins: PgBinaries, base: Path, user: str | None, password: str, log: Path
+) -> Path:
+    template = _template(bins, user, log)
+    data_dir = base / "data"
+    shutil.copytree(template, data_dir, symlinks=True)
+    os.chmod(data_dir, 0o700)
+    if user is not None:
+        _chown_tree(data_dir, user)
+    # Single-user mode sets this cluster's own password before it ever listens; the statement
+    # travels on stdin, never on a command line.
+    code = _run_as(
+        [str(bins.postgres), "--single", "-D", str(data_dir), "postgres"],
+        user, log, cwd=base,
+        stdin=f"ALTER ROLE {ADMIN_USER} WITH PASSWORD '{password}'\n".encode(),
+    )
+    if code != 0:
+        raise ServiceError(
+            f"could not set the PostgreSQL password (status {code})", subject="postgresql",
+            details=log_tail(log),
+        )
+    return data_dir
+
+
 def prepare_cluster(
     state_dir: Path,
     bins: PgBinaries,
     port: int,
     record_dir: Callable[[Path], None] | None = None,
 ) -> tuple[PostgresInfo, str | None]:
-    """Run initdb into a fresh directory; returns the cluster info and the service user.
+    """Create a fresh cluster directory; returns the cluster info and the service user.
 
     ``record_dir`` is told at once about a directory created outside ``state_dir``, so that
     ``down`` removes it even if start-up fails later.
@@ -80,44 +201,21 @@ def prepare_cluster(
     else:
         # The state dir may sit under a root-only 0700 tree (pytest's tmp); the service user
         # needs its own directory it can reach.
-        base = Path(tempfile.mkdtemp(prefix="stepguard-pg-"))
+        base = Path(tempfile.mkdtemp(prefix="stepguard-pg-", dir=_scratch_root()))
         if record_dir is not None:
             record_dir(base)
         pw = pwd.getpwnam(user)
         os.chown(base, pw.pw_uid, pw.pw_gid)
-    data_dir, socket_dir = base / "data", base / "run"
     password = secrets.token_urlsafe(24)
-    pwfile = base / "pwfile"
-    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(password + "\n")
-    if user is not None:
-        pw = pwd.getpwnam(user)
-        os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+    redact_in_logs(password)
     log = state_dir / "logs" / "initdb.log"
     try:
-        with open(log, "wb") as out:
-            result = subprocess.run(
-                [
-                    str(bins.initdb), "-D", str(data_dir), "-U", ADMIN_USER,
-                    "--pwfile", str(pwfile), "--auth=scram-sha-256", "-E", "UTF8",
-                    "--locale=C", "--no-sync", "--no-instructions",
-                ],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                user=user, group=user, extra_groups=[] if user else None,
-                cwd=base, timeout=120, check=False,
-            )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ServiceError(
-            "initdb failed", subject="postgresql", details=log_tail(log)
-        ) from exc
-    finally:
-        pwfile.unlink(missing_ok=True)
-    if result.returncode != 0:
-        raise ServiceError(
-            f"initdb failed (status {result.returncode})", subject="postgresql",
-            details=log_tail(log),
-        )
+        data_dir = _from_template(bins, base, user, password, log)
+    except (OSError, ServiceError, subprocess.SubprocessError):
+        # The cache is an optimisation only: a plain initdb always works.
+        shutil.rmtree(base / "data", ignore_errors=True)
+        data_dir = _initdb(bins, base, user, password, log)
+    socket_dir = base / "run"
     socket_dir.mkdir(mode=0o700)
     if user is not None:
         pw = pwd.getpwnam(user)

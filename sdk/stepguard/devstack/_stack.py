@@ -229,10 +229,6 @@ def _start_services(
     ports: Mapping[str, int],
     timeout: float,
 ) -> DevStackInfo:
-    import hvac
-    import hvac.exceptions
-    import requests
-
     root_token = secrets.token_hex(24)
     redact_in_logs(root_token)
     base_env = {
@@ -291,6 +287,11 @@ def _start_services(
     if pg_info is not None:
         vault_pg_password = _postgres.wait_and_bootstrap(table, pg_info, timeout)
         redact_in_logs(vault_pg_password)
+
+    # Imported only now: the services were already starting meanwhile.
+    import hvac
+    import hvac.exceptions
+    import requests
 
     client = hvac.Client(url=vault_addr, token=root_token, timeout=30)
     try:
