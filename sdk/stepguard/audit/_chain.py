@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -66,14 +67,40 @@ class ChainReport:
 
 _SUFFIX_START = b',"digest":"sha256:'
 _SUFFIX_LEN = len(_SUFFIX_START) + 64 + 2  # ...hex"}
+def _encode_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite(value: Any) -> Any:
+    """Non-finite floats (not JSON) become null; everything else unchanged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 # ASCII-only lines: a log viewer cannot be tricked by control or bidi characters in a value.
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False,
-                            check_circular=False)
+                            check_circular=False, default=_encode_default)
+
+
+def _encode(record: Mapping[str, Any]) -> bytes:
+    try:
+        return _encoder.encode(record).encode("ascii")
+    except ValueError:  # NaN or infinity somewhere
+        return _encoder.encode(_finite(record)).encode("ascii")
 
 
 def encode_record(record: Mapping[str, Any]) -> bytes:
     """One log line (with newline) for ``record`` (its ``digest`` field, if any, is replaced)."""
-    body = _encoder.encode({k: v for k, v in record.items() if k != "digest"}).encode("utf-8")
+    body = _encode({k: v for k, v in record.items() if k != "digest"})
     digest = hashlib.sha256(body).hexdigest()
     return body[:-1] + _SUFFIX_START + digest.encode("ascii") + b'"}\n'
 
@@ -236,7 +263,7 @@ class AuditLog:
                     if has_secrets():
                         record = redact(record)
                     record.pop("digest", None)
-                    body = _encoder.encode(record).encode("utf-8")
+                    body = _encode(record)
                     hexdigest = hashlib.sha256(body).hexdigest()
                     prev = "sha256:" + hexdigest
                     lines.append(body[:-1] + _SUFFIX_START + hexdigest.encode("ascii") + b'"}\n')

@@ -5,42 +5,29 @@ Imported only by :func:`stepguard.audit.configure` and friends: it pulls in ``op
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import Link, Status
+from opentelemetry.trace import Link, Status, StatusCode
 
 from stepguard.audit._chain import AuditLog
 from stepguard.audit._redact import contains_secret, has_secrets, redact
 from stepguard.errors import AuditError
 
-_PLAIN = (str, int, bool)
-
-
-def _jsonable(value: Any) -> Any:
-    if type(value) in _PLAIN:
-        return value
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, float) and math.isnan(value):  # NaN is not JSON
-        return None
-    return value
-
 
 def _attrs(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    # The SDK's attributes are already cleaned (sequences are tuples, JSON encodes them as
+    # lists); bytes and non-finite floats are handled when the record is encoded.
     if not attributes:
         return {}
-    out = dict(attributes)
-    for k, v in out.items():
-        if type(v) not in _PLAIN:
-            out[k] = _jsonable(v)
-    return out
+    copy = getattr(attributes, "copy", None)  # a C-level copy, not a Python-level iteration
+    return copy() if copy is not None else dict(attributes)
+
+
+_STATUS = {code: code.name for code in StatusCode}
 
 
 def span_to_record(span: ReadableSpan) -> dict[str, Any]:
@@ -48,6 +35,7 @@ def span_to_record(span: ReadableSpan) -> dict[str, Any]:
     ctx = span.context
     parent = span.parent
     status = span.status
+    events = span.events
     record: dict[str, Any] = {
         "name": span.name,
         "trace_id": format(ctx.trace_id, "032x") if ctx else None,
@@ -55,10 +43,10 @@ def span_to_record(span: ReadableSpan) -> dict[str, Any]:
         "parent_span_id": format(parent.span_id, "016x") if parent else None,
         "start_ns": span.start_time,
         "end_ns": span.end_time,
-        "status": status.status_code.name,
+        "status": _STATUS[status.status_code],
         "attributes": _attrs(span.attributes),
         "events": [{"name": e.name, "time_ns": e.timestamp, "attributes": _attrs(e.attributes)}
-                   for e in span.events] if span.events else [],
+                   for e in events] if events else [],
     }
     if status.description:
         record["status_message"] = status.description
