@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,23 @@ class _Upload:
     keys: list[str] = field(default_factory=list)
 
 
+def _check_manifest(manifest: Any, files: Mapping[str, str]) -> None:
+    """The integrity manifest bound into the signature must describe exactly the signed files."""
+    problems = []
+    entries = {e.path: e for e in manifest.entries}
+    for path in sorted(entries.keys() - files.keys()):
+        problems.append(f"in manifest, not in model: {path}")
+    for path in sorted(files.keys() - entries.keys()):
+        problems.append(f"in model, not in manifest: {path}")
+    for path in sorted(entries.keys() & files.keys()):
+        e = entries[path]
+        if e.scheme == "sha256" and e.hexdigest != files[path]:
+            problems.append(f"digest differs: {path}")
+    if problems:
+        raise IntegrityError("integrity manifest does not describe this model",
+                             subject=problems[0].split(": ", 1)[-1], details=problems)
+
+
 class Registry(abc.ABC):
     """A model registry: publish signs and uploads; fetch downloads and verifies first."""
 
@@ -143,6 +161,8 @@ class Registry(abc.ABC):
         signed = sign_model(model_dir, signer, name=name, binding=binding,
                             allow_pickle=allow_pickle)
         root = Path(model_dir)
+        if manifest is not None:
+            _check_manifest(manifest, signed.files)
         up = _Upload()
         total = 0
         prov_uri = man_uri = None

@@ -180,3 +180,12 @@ def test_registry_bundle_with_binding_verifies_with_stock_cli(reg, model, keys, 
                           "--public_key", str(keys.public)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_manifest_of_another_tree_refused(reg, model, keys, tmp_path, mk):
+    from stepguard.integrity import create_manifest
+
+    other = create_manifest(mk(tmp_path / "other", seed=b"zz"))
+    with pytest.raises(IntegrityError, match="does not describe"):
+        reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private), manifest=other)
+    assert reg.list() == []
