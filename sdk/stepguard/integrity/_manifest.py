@@ -69,22 +69,31 @@ class ManifestEntry:
         return self.digest.partition(":")[2]
 
 
-def _canonical(
-    algorithm: str, params: Mapping[str, Any], entries: Iterable[ManifestEntry]
-) -> bytes:
-    doc = {
-        "algorithm": algorithm,
-        "params": dict(params),
-        "entries": [[e.path, e.size, e.digest] for e in entries],
-    }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
 
 
 def root_digest_of(
     algorithm: str, params: Mapping[str, Any], entries: Iterable[ManifestEntry]
 ) -> str:
-    """Root digest: SHA-256 of the canonical JSON of algorithm, params and sorted entries."""
-    return "sha256:" + hashlib.sha256(_canonical(algorithm, params, entries)).hexdigest()
+    """Root digest: SHA-256 of the canonical JSON of algorithm, params and sorted entries.
+
+    The canonical JSON is ``json.dumps({"algorithm": ..., "entries": [[path, size, digest], ...],
+    "params": {...}}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` in UTF-8; it
+    is fed to the hash in pieces so a 100,000-entry manifest never exists as one string.
+    """
+    h = hashlib.sha256()
+    h.update(('{"algorithm":' + _CANONICAL(algorithm) + ',"entries":[').encode())
+    chunk: list[str] = []
+    first = True
+    for e in entries:
+        chunk.append(_CANONICAL([e.path, e.size, e.digest]))
+        if len(chunk) == 4096:
+            h.update(((",") if not first else "").encode() + ",".join(chunk).encode())
+            first, chunk = False, []
+    if chunk:
+        h.update(((",") if not first else "").encode() + ",".join(chunk).encode())
+    h.update(('],"params":' + _CANONICAL(dict(params)) + "}").encode())
+    return "sha256:" + h.hexdigest()
 
 
 def _param_problems(algorithm: str, params: Mapping[str, Any]) -> list[str]:
@@ -185,8 +194,30 @@ class Manifest:
         }
 
     def to_json(self) -> str:
-        """Deterministic JSON text (an in-toto Statement v1) ending in a newline."""
-        return json.dumps(self.to_statement(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        """Deterministic JSON text (an in-toto Statement v1), one subject per line.
+
+        Built line by line rather than through :meth:`to_statement`, so a manifest of 100,000
+        files costs tens of megabytes, not hundreds.
+        """
+        dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+        predicate = {"algorithm": self.algorithm, "params": dict(self.params),
+                     "rootDigest": self.root_digest}
+        lines = [
+            "{",
+            f'  "_type": {dumps(STATEMENT_TYPE)},',
+            f'  "predicate": {dumps(predicate)},',
+            f'  "predicateType": {dumps(PREDICATE_TYPE)},',
+            '  "subject": [',
+        ]
+        last = len(self.entries) - 1
+        for i, e in enumerate(self.entries):
+            scheme, _, hexd = e.digest.partition(":")
+            lines.append(
+                f'    {{"annotations": {{"size": {e.size}}}, "digest": {{{dumps(scheme)}: '
+                f'"{hexd}"}}, "name": {dumps(e.path)}}}' + ("," if i < last else "")
+            )
+        lines += ["  ]", "}", ""]
+        return "\n".join(lines)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
@@ -197,11 +228,15 @@ class Manifest:
             raise ManifestError("manifest JSON repeats a key", subject=str(exc)) from exc
         except (ValueError, UnicodeDecodeError) as exc:
             raise ManifestError("manifest is not valid JSON", details=(str(exc),)) from exc
-        return cls.from_statement(doc)
+        return cls._from_statement(doc, consume=True)
 
     @classmethod
     def from_statement(cls, doc: object) -> Manifest:
         """Build from an already-parsed in-toto Statement dictionary (strictly validated)."""
+        return cls._from_statement(doc, consume=False)
+
+    @classmethod
+    def _from_statement(cls, doc: object, *, consume: bool) -> Manifest:
         if not isinstance(doc, dict):
             raise ManifestError("manifest must be a JSON object")
         if set(doc) != {"_type", "subject", "predicateType", "predicate"}:
@@ -254,6 +289,11 @@ class Manifest:
         if bad:
             raise ManifestError("manifest has malformed entries", subject=bad[0].split(":")[0],
                                 details=bad)
+        if consume:
+            # Drop the parsed subjects before validation allocates its own indexes: keeps the
+            # peak memory of a 100,000-file manifest low.
+            subjects.clear()
+            del s
         return cls(algorithm, params, tuple(entries), root)
 
     # -- export ---------------------------------------------------------------------------------

@@ -502,6 +502,8 @@ def create_manifest(
     if algorithm == "sha256":
         params["shard_size"] = shard_size
     entries = tuple(ManifestEntry(k, n.size, digests[k]) for k, n in items)
+    # The walk's bookkeeping is not needed any more; free it before validation allocates.
+    del scan, items, digests
     return Manifest(algorithm, params, entries)
 
 
