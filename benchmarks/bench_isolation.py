@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from stepguard.isolation import run_isolated
+from stepguard.isolation._sandbox import build_bwrap
 from stepguard.spec import IsolationSpec
 
 SANDBOX = IsolationSpec(mode="sandbox")
@@ -38,8 +40,20 @@ print(n * len(block) / (time.perf_counter() - t0))
 """
 
 
+def bare_bwrap() -> None:
+    """The same bwrap sandbox without stepguard's bookkeeping (cgroup, handshake, sweeps)."""
+    plan = build_bwrap(["/bin/true"], uid=65534, ro_binds={}, rw_binds={}, extra_ro=(),
+                       secret_files={}, cwd=None, gpus=0, share_net=False, bind_python=True,
+                       tmp_size=1 << 30)
+    try:
+        subprocess.run(plan.argv, pass_fds=plan.pass_fds, check=True)
+    finally:
+        for fd in plan.pass_fds:
+            os.close(fd)
+
+
 def start_stop(n: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {"plain": [], "process": [], "sandbox": []}
+    times: dict[str, list[float]] = {"plain": [], "process": [], "bwrap": [], "sandbox": []}
     for _ in range(3):  # warm caches
         subprocess.run(["/bin/true"], check=True)
         run_isolated(["/bin/true"], SANDBOX, deadline_s=30)
@@ -50,6 +64,9 @@ def start_stop(n: int) -> dict[str, float]:
         t0 = time.perf_counter()
         run_isolated(["/bin/true"], PROCESS, deadline_s=30)
         times["process"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        bare_bwrap()
+        times["bwrap"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         r = run_isolated(["/bin/true"], SANDBOX, deadline_s=30)
         times["sandbox"].append(time.perf_counter() - t0)
@@ -85,6 +102,8 @@ def main() -> None:
     print(f"start+stop /bin/true, median of {n}:")
     print(f"  plain subprocess.run      {ms['plain']:7.2f} ms   (baseline)")
     print(f"  run_isolated(process)     {ms['process']:7.2f} ms   (+{ms['process'] - ms['plain']:.2f} ms)")
+    print(f"  bare bwrap, same sandbox  {ms['bwrap']:7.2f} ms   (+{ms['bwrap'] - ms['plain']:.2f} ms: "
+          "the kernel's namespace and mount work)")
     print(f"  run_isolated(sandbox)     {ms['sandbox']:7.2f} ms   (+{added:.2f} ms added; "
           f"ratio {ms['sandbox'] / ms['plain']:.2f}x; target <= +50 ms: "
           f"{'met' if added <= 50 else 'NOT met'})")

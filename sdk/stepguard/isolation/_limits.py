@@ -149,6 +149,8 @@ def create_cgroup(*, pids_limit: int | None, memory_bytes: int | None) -> Cgroup
     applied: list[str] = []
     for controller, knob, value in (("pids", "pids.max", pids_limit),
                                     ("memory", "memory.limit_in_bytes", memory_bytes)):
+        if controller == "memory" and not value:
+            continue  # the pids hierarchy alone is enough to find every process
         v1_parent = _own_cgroup_v1(controller)
         if v1_parent is None or not v1_parent.is_dir():
             continue

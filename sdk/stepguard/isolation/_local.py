@@ -70,6 +70,63 @@ def _kill_tree(proc: subprocess.Popen[bytes], cgroup: Cgroup | None, *, wait: bo
         cgroup.kill_all(wait=wait)
 
 
+class _Gate:
+    """The two pipes of bwrap's ``--info-fd`` / ``--block-fd`` handshake."""
+
+    def __init__(self) -> None:
+        self.info_r, self.info_w = os.pipe()
+        self.block_r, self.block_w = os.pipe()
+        os.set_inheritable(self.info_w, True)
+        os.set_inheritable(self.block_r, True)
+
+    def close(self) -> None:
+        for fd in (self.info_r, self.block_w, self.info_w, self.block_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def confine(self, proc: subprocess.Popen[bytes], cgroup: Cgroup | None,
+                limits: list[tuple[int, int]], timeout_s: float) -> None:
+        """Read the sandbox init's pid, confine it and bwrap, then let the body start."""
+        import json
+        import resource
+
+        try:
+            data = b""
+            poller = select.poll()
+            poller.register(self.info_r, select.POLLIN | select.POLLHUP)
+            end = time.monotonic() + max(timeout_s, 1.0)
+            while time.monotonic() < end and poller.poll(max(0.0, end - time.monotonic()) * 1000):
+                chunk = os.read(self.info_r, 4096)
+                if not chunk:
+                    break
+                data += chunk
+            try:
+                child = int(json.loads(data)["child-pid"])
+            except (ValueError, KeyError, TypeError):
+                raise IsolationError(
+                    "the sandbox could not be set up (see bwrap's message on stderr)",
+                    subject="bwrap",
+                ) from None
+            # The sandbox's init only: every process of the body descends from it. bwrap itself
+            # stays outside and dies through the process group and --die-with-parent.
+            for pid in (child,):
+                try:
+                    if cgroup is not None:
+                        for procs in cgroup.procs_files:
+                            with open(procs, "w") as fh:
+                                fh.write(str(pid))
+                    for res, value in limits:
+                        resource.prlimit(pid, res, (value, value))
+                except OSError as exc:
+                    raise IsolationError(f"could not confine the sandbox ({exc.strerror})",
+                                         subject="cgroup") from exc
+            os.write(self.block_w, b"x")
+        finally:
+            for fd in (self.info_r, self.block_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
 def _wait(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
     """Wait for exit without reaping; True when the process exited before the timeout."""
     fd = os.pidfd_open(proc.pid)
@@ -190,17 +247,33 @@ def run_local(
             argv = list(command)
             popen_cwd = cwd  # type: ignore[assignment]
 
+        preexec = None
+        gate: _Gate | None = None
+        if mode == "sandbox":
+            # bwrap reports its sandbox init's pid and then waits on a pipe before running the
+            # body: we put both processes in the cgroup and set their rlimits in that window, so
+            # the body starts already confined -- without a preexec_fn, which would force a slow
+            # fork() of this whole process instead of vfork().
+            gate = _Gate()
+            argv[1:1] = ["--info-fd", str(gate.info_w), "--block-fd", str(gate.block_r)]
+            pass_fds = [*pass_fds, gate.info_w, gate.block_r]
+        elif limits or cgroup is not None:
+            # Only os.open/os.write/setrlimit run between fork and exec.
+            preexec = make_preexec(limits, cgroup.procs_files if cgroup else [])
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
                 argv, env=full_env, cwd=popen_cwd, stdin=subprocess.DEVNULL, stdout=out_fd,
                 stderr=err_fd, start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                # Only os.open/os.write/setrlimit run between fork and exec.
-                preexec_fn=make_preexec(limits, cgroup.procs_files if cgroup else []),  # noqa: PLW1509
+                preexec_fn=preexec,  # noqa: PLW1509
             )
         except FileNotFoundError as exc:
+            if gate is not None:
+                gate.close()
             raise IsolationError("command not found", subject=str(argv[0])) from exc
         except (OSError, subprocess.SubprocessError) as exc:
+            if gate is not None:
+                gate.close()
             raise IsolationError(f"could not start the body ({exc})", subject=str(argv[0])) from exc
         finally:
             # bwrap has its copies; ours go now so secret data is not held twice.
@@ -208,7 +281,9 @@ def run_local(
                 os.close(fd)
         finished = False
         try:
-            finished = _wait(proc, deadline_s)
+            if gate is not None:
+                gate.confine(proc, cgroup, limits, deadline_s)
+            finished = _wait(proc, deadline_s - (time.monotonic() - start))
         finally:
             # Nothing of the body outlives the step: not on timeout, not on success (background
             # children), not when our caller is interrupted.
