@@ -92,6 +92,9 @@ def test_cli_up_survives_cli_exit_and_down_leaves_nothing(tmp_path: Path, need_b
         assert not any(refused(port) for port in ports.values())
         env_file = Path(summary["env_file"])
         assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+        env = devstack.load_env(state)
+        for secret in (env["VAULT_TOKEN"], env["AWS_SECRET_ACCESS_KEY"]):
+            assert secret not in result.stdout and secret not in result.stderr
         shown = run_cli("dev", "status", "--state-dir", str(state))
         assert shown.returncode == 0 and summary["vault_addr"] in shown.stdout
         assert run_cli("dev", "env", "--state-dir", str(state)).stdout.strip() == str(env_file)
