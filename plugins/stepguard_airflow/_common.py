@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -32,11 +32,13 @@ def step_name(task_id: str) -> str:
     return name or "step"
 
 
-def coerce_spec(spec: Any, default_name: str) -> StepSpec | Mapping[str, Any] | str:
+def coerce_spec(spec: Any, default_name: str,
+                receipt_inputs: Collection[str] = ()) -> StepSpec | Mapping[str, Any] | str:
     """Keep the spec as given (templating may still change it); validate what can be validated.
 
     A :class:`~stepguard.spec.StepSpec` or a mapping without templates is checked now, at parse
     time, so a malformed spec is a DAG import error instead of a task failure at 3 a.m.
+    Inputs named in ``receipt_inputs`` get their path and receipt when the task runs.
     """
     from stepguard.spec import StepSpec
 
@@ -48,7 +50,7 @@ def coerce_spec(spec: Any, default_name: str) -> StepSpec | Mapping[str, Any] | 
         data = dict(spec)
         data.setdefault("name", default_name)
         if "{{" not in json.dumps(data, default=str):
-            StepSpec.from_dict(data)
+            StepSpec.from_dict(_fill_inputs(data, dict.fromkeys(receipt_inputs)))
         return data
     if isinstance(spec, (str, Path)):
         return str(spec)
@@ -59,14 +61,19 @@ def coerce_spec(spec: Any, default_name: str) -> StepSpec | Mapping[str, Any] | 
 
 
 def resolve_spec(spec: StepSpec | Mapping[str, Any] | str, isolation: str | None,
-                 env: Mapping[str, str] | None) -> StepSpec:
-    """The final spec at run time: loaded, with the operator's overrides applied."""
+                 env: Mapping[str, str] | None,
+                 receipts: Mapping[str, Any] | None = None) -> StepSpec:
+    """The final spec at run time: loaded, with the operator's overrides applied.
+
+    An input named in ``receipts`` may leave out ``path`` (taken from the producer's output
+    record) and ``manifest``/``receipt`` (the receipt is attached when the step runs).
+    """
     from stepguard.spec import StepSpec
 
     if isinstance(spec, StepSpec):
         resolved = spec
     elif isinstance(spec, Mapping):
-        resolved = StepSpec.from_dict(spec)
+        resolved = StepSpec.from_dict(_fill_inputs(spec, receipts or {}))
     else:
         resolved = StepSpec.from_file(spec)
     if isolation:
@@ -75,6 +82,46 @@ def resolve_spec(spec: StepSpec | Mapping[str, Any] | str, isolation: str | None
     if env:
         resolved = replace(resolved, env={**resolved.env, **{k: str(v) for k, v in env.items()}})
     return resolved
+
+
+def _fill_inputs(spec: Mapping[str, Any], receipts: Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(spec)
+    inputs = []
+    for item in data.get("inputs") or ():
+        inp = dict(item) if isinstance(item, Mapping) else item
+        if isinstance(inp, dict) and inp.get("name") in receipts:
+            receipt = _as_data(receipts[inp["name"]])
+            if "path" not in inp:
+                rec = _output_record(receipt, inp.get("receipt_output") or inp["name"])
+                # Before the run (parse-time validation) the producer's path is not known yet.
+                inp["path"] = str(rec["path"]) if rec is not None else "(from receipt)"
+            if not (inp.get("manifest") or inp.get("receipt")):
+                inp["receipt"] = "(from XCom)"
+        inputs.append(inp)
+    if inputs:
+        data["inputs"] = inputs
+    return data
+
+
+def _as_data(receipt: Any) -> Any:
+    if isinstance(receipt, (str, Path)):
+        try:
+            p = Path(str(receipt))
+            return json.loads(p.read_text(encoding="utf-8") if p.is_file() else str(receipt))
+        except (OSError, ValueError):
+            return None
+    return receipt
+
+
+def _output_record(receipt: Any, name: str) -> Mapping[str, Any] | None:
+    outputs = receipt.get("outputs") if isinstance(receipt, Mapping) else None
+    if not isinstance(outputs, list):
+        return None
+    recs = [o for o in outputs if isinstance(o, Mapping)]
+    named = [o for o in recs if o.get("name") == name]
+    if named:
+        return named[0]
+    return recs[0] if len(recs) == 1 else None
 
 
 def run_context(context: Mapping[str, Any], step: str) -> RunContext:
@@ -131,21 +178,10 @@ def receipts_as_inputs(spec: StepSpec, receipts: Mapping[str, Any] | None) -> It
 
 def _sole_output(receipt: Any, name: str) -> str | None:
     """The producer's output to verify against when the names differ and there is only one."""
-    data = receipt
-    if isinstance(receipt, (str, Path)):
-        try:
-            text = Path(str(receipt)).read_text(encoding="utf-8") \
-                if Path(str(receipt)).is_file() else str(receipt)
-            data = json.loads(text)
-        except (OSError, ValueError):
-            return None
-    outputs = data.get("outputs") if isinstance(data, Mapping) else None
-    if not isinstance(outputs, list) or not outputs:
+    rec = _output_record(_as_data(receipt), name)
+    if rec is None or rec.get("name") == name:
         return None
-    names = [o.get("name") for o in outputs if isinstance(o, Mapping)]
-    if name in names or len(names) != 1:
-        return None
-    return str(names[0])
+    return str(rec.get("name"))
 
 
 def execute_step(

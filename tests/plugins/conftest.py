@@ -74,6 +74,17 @@ def write_dag(source: str, dag_id: str | None = None) -> tuple[Any, str]:
     return dag, dag_id
 
 
+def load_dag_file(source_path: Path, name: str) -> Any:
+    """Copy a DAG file into the dags folder (``dag.test()`` parses that bundle) and import it."""
+    path = _HOME / "dags" / f"{name}.py"
+    path.write_text(Path(source_path).read_text())
+    spec = importlib.util.spec_from_file_location(f"dagfile_{name}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def ti_states(dag_run: Any) -> dict[str, str]:
     """task_id -> final state of a finished ``dag.test()`` run."""
     from airflow.utils.session import create_session
@@ -103,6 +114,7 @@ def airflow_run(airflow_db: Path) -> Iterator[Any]:
     class _Helpers:
         home = airflow_db
         write = staticmethod(write_dag)
+        load = staticmethod(load_dag_file)
         states = staticmethod(ti_states)
         xcom_of = staticmethod(xcom)
 

@@ -11,13 +11,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from stepguard_airflow._common import execute_step, receipt_xcom, step_name
+from stepguard_airflow._common import execute_step, receipt_xcom, step_name, task_failure
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -119,13 +119,16 @@ class IngestDatasetOperator(BaseOperator):
 
     :param source: a local directory/file, ``file:///...`` or ``s3://bucket/prefix``
         (templated). S3 is read with the step's credential ``credential`` (an ``aws_*`` kind).
+    :param fetch: instead of ``source``, a function ``fetch(step_env, dest)`` that writes the
+        dataset into ``dest`` (a database extract, an API pull), with the step's credentials in
+        ``step_env.credentials``.
     :param dataset: dataset name in the registry (templated).
     :param version: dataset version, e.g. ``"{{ ds_nodash }}"`` (templated).
     :param credential: the JIT credential used for the fetch (a
         :class:`~stepguard.spec.CredentialRequest` or mapping); none for local sources.
-    :param registry: registry URL (default: the settings' registry); ``None`` and no default
-        means the dataset is hashed but not published.
-    :param signing: sign the published dataset (a :class:`~stepguard.spec.SigningSpec`).
+    :param signing: sign and publish the dataset (a :class:`~stepguard.spec.SigningSpec`);
+        without it the dataset is hashed into a manifest but not published.
+    :param registry: registry URL for publishing (default: the settings' registry).
     :param conn_id: the ``stepguard`` connection.
 
     The receipt's output ``dataset`` carries the manifest digest that later steps verify.
@@ -135,13 +138,20 @@ class IngestDatasetOperator(BaseOperator):
     ui_color = "#d6f5e3"
     _stepguard_secured = True
 
-    def __init__(self, *, source: str, dataset: str, version: str,
+    def __init__(self, *, dataset: str, version: str, source: str | None = None,
+                 fetch: Callable[[Any, Path], object] | None = None,
                  credential: CredentialRequest | Mapping[str, Any] | None = None,
                  registry: str | None = None,
                  signing: SigningSpec | Mapping[str, Any] | None = None,
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if (source is None) == (fetch is None):
+            from stepguard.errors import ConfigurationError
+
+            raise ConfigurationError("give exactly one of 'source' or 'fetch'",
+                                     subject=self.task_id)
         self.source = source
+        self.fetch = fetch
         self.dataset = dataset
         self.version = version
         self.credential = _credential(credential)
@@ -154,10 +164,9 @@ class IngestDatasetOperator(BaseOperator):
         from stepguard.spec import IsolationSpec, OutputSpec, PublishSpec, StepSpec
 
         publish = None
-        if self.registry or settings.registry.url:
-            publish = PublishSpec(name=self.dataset, version=str(self.version),
-                                  registry=self.registry, sign=self.signing is not None,
-                                  provenance=self.signing is not None)
+        if self.signing is not None:
+            publish = PublishSpec(name=str(self.dataset), version=str(self.version),
+                                  registry=self.registry)
         return StepSpec(
             name=step_name(self.task_id),
             outputs=(OutputSpec(name="dataset", path="dataset", publish=publish),),
@@ -169,10 +178,13 @@ class IngestDatasetOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         source = str(self.source)
         cred = self.credential.name if self.credential else None
+        fetch = self.fetch
 
         def body(step_env: Any) -> None:
             dst = step_env.outputs["dataset"]
-            if source.startswith("s3://"):
+            if fetch is not None:
+                fetch(step_env, dst)
+            elif source.startswith("s3://"):
                 _fetch_s3(source, dst, step_env.credentials.get(cred) if cred else None)
             else:
                 path = Path(source[len("file://"):] if source.startswith("file://") else source)
@@ -187,7 +199,7 @@ class VerifyDatasetOperator(BaseOperator):
     """Verify a dataset against the manifest its producer recorded; fail on any difference.
 
     :param dataset: the upstream receipt (e.g. ``ingest.output``) (templated).
-    :param output: the output of that receipt to verify (default ``dataset``).
+    :param output_name: the output of that receipt to verify (default ``dataset``).
     :param path: where the data is now (default: where the producer wrote it) (templated).
 
     A modified, added, missing or swapped file ends the task (no retry) naming the file; tasks
@@ -199,18 +211,18 @@ class VerifyDatasetOperator(BaseOperator):
     ui_color = "#d6f5e3"
     _stepguard_secured = True
 
-    def __init__(self, *, dataset: Any, output: str = "dataset", path: str | None = None,
+    def __init__(self, *, dataset: Any, output_name: str = "dataset", path: str | None = None,
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dataset = dataset
-        self.output = output
+        self.output_name = output_name
         self.path = path
         self.conn_id = conn_id
 
     def execute(self, context: Context) -> Any:
         from stepguard.spec import InputSpec, IsolationSpec, StepSpec
 
-        rec = _receipt_output(self.dataset, self.output, f"{self.task_id}.dataset")
+        rec = _receipt_output(self.dataset, self.output_name, f"{self.task_id}.dataset")
         path = self.path or str(rec["path"])
         with tempfile.TemporaryDirectory(prefix="stepguard-verify-") as tmp:
             rpath = Path(tmp) / "receipt.json"
@@ -218,7 +230,7 @@ class VerifyDatasetOperator(BaseOperator):
                              else self.dataset, encoding="utf-8")
             spec = StepSpec(
                 name=step_name(self.task_id),
-                inputs=(InputSpec(name=self.output, path=path, receipt=str(rpath)),),
+                inputs=(InputSpec(name=self.output_name, path=path, receipt=str(rpath)),),
                 isolation=IsolationSpec(mode="process"),
             )
             receipt = execute_step(context=context, spec=spec, body=lambda _env: None,
@@ -233,7 +245,7 @@ class SignAndPublishModelOperator(BaseOperator):
     exactly what training produced), then copied, hashed, signed and published in one step.
 
     :param model: the training task's receipt (templated).
-    :param output: that receipt's output holding the model (default ``model``).
+    :param output_name: that receipt's output holding the model (default ``model``).
     :param name: model name in the registry (templated).
     :param version: model version (templated).
     :param signing: how to sign (:class:`~stepguard.spec.SigningSpec` or mapping): ``key``,
@@ -247,12 +259,12 @@ class SignAndPublishModelOperator(BaseOperator):
     _stepguard_secured = True
 
     def __init__(self, *, model: Any, name: str, version: str,
-                 signing: SigningSpec | Mapping[str, Any], output: str = "model",
+                 signing: SigningSpec | Mapping[str, Any], output_name: str = "model",
                  registry: str | None = None, conn_id: str | None = "stepguard_default",
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
-        self.output = output
+        self.output_name = output_name
         self.name = name
         self.version = version
         self.signing = _signing(signing)
@@ -268,13 +280,12 @@ class SignAndPublishModelOperator(BaseOperator):
             StepSpec,
         )
 
-        rec = _receipt_output(self.model, self.output, f"{self.task_id}.model")
+        rec = _receipt_output(self.model, self.output_name, f"{self.task_id}.model")
         spec = StepSpec(
             name=step_name(self.task_id),
             inputs=(InputSpec(name="trained", path=str(rec["path"]), manifest="unused"),),
             outputs=(OutputSpec(name="model", path="model", publish=PublishSpec(
-                name=str(self.name), version=str(self.version), registry=self.registry,
-                sign=True, provenance=True)),),
+                name=str(self.name), version=str(self.version), registry=self.registry)),),
             isolation=IsolationSpec(mode="process"),
             signing=self.signing,
         )
@@ -288,15 +299,17 @@ class SignAndPublishModelOperator(BaseOperator):
 
 
 class VerifyModelOperator(BaseOperator):
-    """The deployment gate: verify a published model's signature and files against a policy.
+    """The deployment gate: fetch a published model, verifying its signature under a policy.
 
-    :param model: the publishing task's receipt (templated).
-    :param policy: the identity policy the signature must satisfy: a path to a policy file
-        (templated). There is no default: a gate without a policy is refused.
-    :param output: the receipt's output holding the model (default ``model``).
+    The registry returns the model only after the signature bundle, the identity policy, every
+    file digest and the format checks pass; the verified files become this step's output, so the
+    receipt records their digest and the signer. Deployment takes this receipt as its input.
 
-    On success the receipt records the verified digest and the signer; deployment steps take
-    this receipt as their input, so they only ever see verified bytes.
+    :param model: the publishing task's receipt (templated); its ``published`` record names the
+        registry, model and version.
+    :param policy: the name of a verification policy in stepguard settings (``policies:``);
+        there is no default -- a gate without a policy is refused at parse time.
+    :param output_name: the receipt's output holding the model (default ``model``).
     """
 
     template_fields: Sequence[str] = ("model", "policy")
@@ -304,7 +317,7 @@ class VerifyModelOperator(BaseOperator):
     ui_color = "#d6f5e3"
     _stepguard_secured = True
 
-    def __init__(self, *, model: Any, policy: str, output: str = "model",
+    def __init__(self, *, model: Any, policy: str, output_name: str = "model",
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not policy:
@@ -314,28 +327,57 @@ class VerifyModelOperator(BaseOperator):
                                      subject=f"{self.task_id}.policy")
         self.model = model
         self.policy = policy
-        self.output = output
+        self.output_name = output_name
         self.conn_id = conn_id
 
     def execute(self, context: Context) -> Any:
-        from stepguard.spec import InputSpec, IsolationSpec, StepSpec
+        from stepguard.errors import ConfigurationError
+        from stepguard.spec import IsolationSpec, OutputSpec, StepSpec
 
-        rec = _receipt_output(self.model, self.output, f"{self.task_id}.model")
-        published = rec.get("published") or {}
-        path = _local_path(published.get("uri")) or str(rec["path"])
-        spec = StepSpec(
-            name=step_name(self.task_id),
-            inputs=(InputSpec(name=self.output, path=path, manifest="unused",
-                              signature_policy=str(self.policy)),),
-            isolation=IsolationSpec(mode="process"),
-        )
-        receipt = execute_step(context=context, spec=spec, body=lambda _env: None,
-                               conn_id=self.conn_id, receipts={self.output: self.model})
+        rec = _receipt_output(self.model, self.output_name, f"{self.task_id}.model")
+        published = rec.get("published")
+        if not isinstance(published, Mapping):
+            raise task_failure(step_name(self.task_id), ConfigurationError(
+                "the upstream output was not published", subject=f"{self.task_id}.model"))
+        registry, name, version = (str(published["registry"]), str(published["name"]),
+                                   str(published["version"]))
+        policy_name = str(self.policy)
+        used: dict[str, Settings] = {}
+
+        def spec_for(settings: Settings) -> StepSpec:
+            settings.policy(policy_name)  # an unknown policy fails before anything is fetched
+            used["settings"] = settings
+            return StepSpec(name=step_name(self.task_id),
+                            outputs=(OutputSpec(name=self.output_name, path=self.output_name),),
+                            isolation=IsolationSpec(mode="process"))
+
+        def body(step_env: Any) -> None:
+            _fetch_verified(used["settings"], registry=registry, name=name, version=version,
+                            policy_name=policy_name, dest=step_env.outputs[self.output_name])
+
+        receipt = execute_step(context=context, spec=spec_for, body=body, conn_id=self.conn_id)
+        # The verdict, for dashboards and deployment tooling; the receipt stays a pure receipt.
+        context["ti"].xcom_push(key="gate", value={
+            "policy": policy_name, "registry": registry, "name": name, "version": version,
+            "signer": published.get("signer"), "digest": receipt.outputs[0].digest})
         return receipt_xcom(receipt)
 
 
-def _local_path(uri: Any) -> str | None:
-    if isinstance(uri, str) and uri.startswith("file://"):
-        return uri[len("file://"):]
-    return None
+def _fetch_verified(settings: Settings, *, registry: str, name: str, version: str,
+                    policy_name: str, dest: Path) -> None:
+    """Fetch ``name:version`` into ``dest``, verified under the named settings policy."""
+    import contextlib
 
+    from stepguard._private.publishing import build_policy, vault_client
+    from stepguard.registry import open_registry
+
+    named = settings.policy(policy_name)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(vault_client(settings)) if named.kind == "transit" else None
+        policy = build_policy(named, settings, client)
+        staged = open_registry(registry).fetch(name, version, policy=policy,
+                                               dest=dest / ".staged")
+        # Only verified bytes appear under the output name.
+        for item in list(staged.iterdir()):
+            item.rename(dest / item.name)
+        staged.rmdir()

@@ -88,7 +88,7 @@ class SecureStepOperator(BaseOperator):
 
             raise ConfigurationError("must be process, sandbox or pod",
                                      subject=f"{self.task_id}.isolation")
-        self.spec = coerce_spec(spec, step_name(self.task_id))
+        self.spec = coerce_spec(spec, step_name(self.task_id), tuple(receipts or ()))
         self.command = command
         self.python_callable = python_callable
         self.op_args = list(op_args or [])
@@ -122,7 +122,7 @@ class SecureStepOperator(BaseOperator):
         isolation = self.isolation
         if self.python_callable is not None and isolation is None:
             isolation = "process"
-        spec = resolve_spec(self.spec, isolation, self.env)
+        spec = resolve_spec(self.spec, isolation, self.env, self.receipts)
         box: dict[str, Any] = {}
         receipt = execute_step(context=context, spec=spec, command=self._argv(),
                                body=self._body(box), conn_id=self.conn_id,

@@ -1,0 +1,163 @@
+"""The example DAG end to end through ``dag.test()`` on the real dev stack (OpenBao, PostgreSQL),
+the tampered variant, and the canary: the JIT database password minted during the run is found
+nowhere -- task logs, XCom, rendered template fields (the whole metadata DB file), spans,
+receipts.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.airflow, pytest.mark.services, pytest.mark.sandbox, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "dags_examples" / "secure_training.py"
+
+
+def _seed(pg):
+    import psycopg2
+
+    conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database,
+                            user=pg.admin_user, password=pg.admin_password, connect_timeout=5)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS customers "
+                        "(id int PRIMARY KEY, tenure int, monthly numeric, churned int)")
+            cur.execute("SELECT count(*) FROM customers")
+            if cur.fetchone()[0] == 0:
+                cur.executemany("INSERT INTO customers VALUES (%s,%s,%s,%s)", [
+                    (i, (i * 37) % 72 + 1, 20 + (i * 53) % 100, int((i * 7) % 10 > 5))
+                    for i in range(200)])
+    finally:
+        conn.close()
+
+
+def _pg_roles(pg):
+    import psycopg2
+
+    conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database,
+                            user=pg.admin_user, password=pg.admin_password)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT rolname FROM pg_roles")
+            return {r[0] for r in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def pipeline_env(airflow_run, stepguard_env, dev_stack, dev_postgres, monkeypatch):
+    """Settings as an operator would deploy them: a settings file, AppRole login from the env."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed")
+    _seed(dev_postgres)
+    root = stepguard_env
+    cfg = root / "stepguard.yaml"
+    cfg.write_text(f"""
+vault: {{addr: "{dev_stack.vault_addr}", auth: approle}}
+registry: {{url: "file://{root / 'registry'}"}}
+policies:
+  release: {{kind: transit, key: stepguard-signing, min_version: 1}}
+""")
+    monkeypatch.setenv("STEPGUARD_CONFIG", str(cfg))
+    monkeypatch.setenv("VAULT_ADDR", dev_stack.vault_addr)
+    monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
+    monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
+    monkeypatch.setenv("STEPGUARD_SERVING_DIR", str(root / "serving"))
+    monkeypatch.setenv("AIRFLOW_CONN_CHURN_DB",
+                       f"postgresql://{dev_postgres.host}:{dev_postgres.port}/"
+                       f"{dev_postgres.database}")
+    return root
+
+
+def _load(airflow_run, dag_id):
+    module = airflow_run.load(EXAMPLE, "secure_training_example")
+    return getattr(module, dag_id)
+
+
+def test_example_pipeline_end_to_end_and_canary(airflow_run, pipeline_env, dev_postgres,
+                                                capfd):
+    dag = _load(airflow_run, "secure_training")
+    seen = {}
+    ingest = dag.task_dict["ingest"]
+    real_fetch = ingest.fetch
+
+    def spy(step_env, dest):  # records the canary, then runs the real body
+        seen["user"] = step_env.credentials["db"].reveal("username")
+        seen["password"] = step_env.credentials["db"].reveal("password")
+        return real_fetch(step_env, dest)
+
+    ingest.fetch = spy
+    before = _pg_roles(dev_postgres)
+    dr = dag.test()
+    out = capfd.readouterr()
+    states = airflow_run.states(dr)
+    assert states == dict.fromkeys(
+        ["ingest", "verify_dataset", "train", "sign_and_publish", "gate", "deploy"], "success"
+    ), out.out[-4000:]
+
+    r_ingest = airflow_run.xcom_of(dr, "ingest")
+    r_verify = airflow_run.xcom_of(dr, "verify_dataset")
+    r_train = airflow_run.xcom_of(dr, "train")
+    r_pub = airflow_run.xcom_of(dr, "sign_and_publish")
+    r_gate = airflow_run.xcom_of(dr, "gate")
+    r_deploy = airflow_run.xcom_of(dr, "deploy")
+    dataset = r_ingest["outputs"][0]["digest"]
+    # the JIT database user existed only for the ingest task
+    [lease] = r_ingest["credentials"]
+    assert lease["kind"] == "database" and lease["revoked"] is True
+    assert lease["lease"].startswith("sha256:")
+    assert seen["user"] not in _pg_roles(dev_postgres)
+    assert _pg_roles(dev_postgres) == before
+    # chain of custody: each step verified its input against its producer's receipt
+    assert r_verify["inputs"][0]["digest"] == dataset and r_verify["inputs"][0]["verified"]
+    assert r_train["inputs"][0]["digest"] == dataset
+    assert r_train["isolation"]["mode"] == "sandbox"
+    model = r_train["outputs"][0]["digest"]
+    assert r_pub["inputs"][0]["digest"] == model
+    published = r_pub["outputs"][0]["published"]
+    assert published["signer"].startswith("transit:")
+    gate = airflow_run.xcom_of(dr, "gate", "gate")
+    assert gate["policy"] == "release" and gate["signer"] == published["signer"]
+    assert r_gate["outputs"][0]["digest"] == r_pub["outputs"][0]["digest"]
+    assert r_deploy["inputs"][0]["digest"] == r_gate["outputs"][0]["digest"]
+    serving = Path(r_deploy["outputs"][0]["path"])
+    assert serving.is_relative_to(pipeline_env / "serving")
+    assert (serving / "weights.json").is_file() and (serving / "metrics.json").is_file()
+
+    # the audit trail: a span for every task, all secured
+    audit = (pipeline_env / "audit.jsonl").read_text()
+    assert audit.count('"name":"stepguard.task"') >= 6
+    assert '"stepguard.secured":false' not in audit
+
+    # the canary: the minted password is nowhere
+    pw = seen["password"]
+    forms = {pw, pw.upper(), base64.b64encode(pw.encode()).decode(), urllib.parse.quote(pw)}
+    files = [p for p in pipeline_env.rglob("*") if p.is_file()]
+    files += [p for p in (airflow_run.home / "logs").rglob("*") if p.is_file()]
+    files.append(airflow_run.home / "airflow.db")  # XCom, rendered fields, task state...
+    blob = out.out + out.err + "".join(p.read_bytes().decode("latin-1") for p in files)
+    assert len(files) > 10
+    for form in forms:
+        assert form not in blob
+
+
+def test_tampered_data_stops_at_verification(airflow_run, pipeline_env, capfd):
+    dag = _load(airflow_run, "secure_training_tampered")
+    dr = dag.test()
+    out = capfd.readouterr().out
+    states = airflow_run.states(dr)
+    assert states["attacker_poisons_data_lake"] == "success"
+    assert states["verify_dataset"] == "failed"
+    for task in ("train", "sign_and_publish", "gate", "deploy"):
+        assert states[task] == "upstream_failed", states
+    assert airflow_run.xcom_of(dr, "train") is None
+    assert not (pipeline_env / "serving").exists() or not any((pipeline_env / "serving").rglob("*"))
+    # one clear message naming the step, the verdict and the file
+    assert "stepguard step 'verify_dataset' failed: IntegrityError" in out
+    assert "churn.csv" in out
