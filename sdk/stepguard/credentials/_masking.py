@@ -51,7 +51,11 @@ def hash_identifier(value: str) -> str:
 
     >>> hash_identifier("database/creds/r/abc").startswith(("sha256:", "hmac-sha256:"))
     True
+    >>> hash_identifier("")
+    ''
     """
+    if not value:
+        return ""
     try:
         from stepguard.audit import hash_identifier as audit_hash
     except ImportError:
@@ -96,17 +100,17 @@ def register_secret(value: str) -> int:
         from stepguard.audit import register_secret as audit_register
     except ImportError:
         audit_register = None
-    for form in forms:
-        if mask is not None:
+    if audit_register is not None:
+        # The audit redactor derives its own encoded forms: give it the value once.
+        try:
+            audit_register(value)
+        except Exception as exc:
+            log.warning("audit redactor refused a value (%s)", type(exc).__name__)
+    if mask is not None:
+        for form in forms:
             try:
                 mask(form)
             except Exception as exc:  # the masker must not stop a step; the value stays unlogged
                 log.warning("Airflow secrets masker refused a value (%s)", type(exc).__name__)
-                mask = None
-        if audit_register is not None:
-            try:
-                audit_register(form)
-            except Exception as exc:
-                log.warning("audit redactor refused a value (%s)", type(exc).__name__)
-                audit_register = None
+                break
     return len(forms)
