@@ -306,3 +306,21 @@ def test_bad_arguments(tree: Path, manifest: Manifest) -> None:
         create_manifest(tree, shard_size=10)
     with pytest.raises(ConfigurationError):
         verify_manifest(tree, manifest.to_json())  # type: ignore[arg-type]
+
+
+def test_memory_stays_flat_for_a_large_file(tmp_path: Path) -> None:
+    """A 256 MiB (sparse) file is hashed with a few MiB of buffers, not loaded into memory."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        fh.truncate(256 * MiB)
+    code = (
+        "import sys\n"
+        "from stepguard.integrity import create_manifest, verify_manifest\n"
+        "m = create_manifest(sys.argv[1], shard_size=64 * 2**20)\n"
+        "verify_manifest(sys.argv[1], m)\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+    )
+    out = subprocess.run([os.sys.executable, "-c", code, str(big)], capture_output=True,
+                         text=True, check=True, timeout=120)
+    peak_mib = int(out.stdout.strip()) / 1024
+    assert peak_mib < 100, peak_mib
