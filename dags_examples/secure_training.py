@@ -163,9 +163,11 @@ def build_dag(dag_id: str, *, tampered: bool = False) -> DAG:
         if tampered:
             from airflow.providers.standard.operators.python import PythonOperator
 
-            attacker = PythonOperator(task_id="attacker_poisons_data_lake",
-                                      python_callable=poison_dataset,
-                                      op_args=[ingest.output])
+            attacker = PythonOperator(  # stepguard: ignore[SG001] -- the simulated attacker
+                task_id="attacker_poisons_data_lake",
+                python_callable=poison_dataset,
+                op_args=[ingest.output],
+            )
             ingest >> attacker >> verify  # type: ignore[operator]
         train = _train_task(ingest.output)
         verify >> train  # type: ignore[operator]

@@ -143,3 +143,12 @@ def test_example_dags_pass_lint(path):
         pytest.skip("no example DAGs yet")
     findings = [f for f in lint_paths([target]) if "kfp" not in f.path and "pipeline" not in f.path]
     assert findings == [], [str(f) for f in findings]
+
+
+def test_line_suppression_is_per_rule():
+    src = ("from airflow.providers.standard.operators.bash import BashOperator\n"
+           "BashOperator(task_id='a', bash_command='x')  # stepguard: ignore[SG001]\n"
+           "BashOperator(task_id='b', bash_command='x', env={'password': 'p4ss'})"
+           "  # stepguard: ignore[SG001]\n"
+           "BashOperator(task_id='c', bash_command='x')\n")
+    assert [(f.line, f.rule) for f in lint_source(src)] == [(3, "SG004"), (4, "SG001")]

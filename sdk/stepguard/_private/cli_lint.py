@@ -9,7 +9,9 @@ Static (AST) checks, no DAG is imported or run:
   password, or a string shaped like a known credential (AWS key id, Vault token, private key...);
 * ``SG000`` a file that does not parse.
 
-Every finding names the file and line. A secret's value is never printed. Exit status: 0 when
+Every finding names the file and line. A secret's value is never printed. A deliberate
+exception is marked on its line with ``# stepguard: ignore[SG001]`` (or a bare
+``# stepguard: ignore`` for every rule), so the exception is visible in review. Exit status: 0 when
 clean, 1 when anything was found (``--warn-only``: always 0), 2 for a usage error.
 
 >>> import tempfile, pathlib
@@ -245,14 +247,32 @@ def lint_source(source: str, path: str = "<string>") -> list[Finding]:
                         "file does not parse as Python")]
     visitor = _Visitor(path)
     visitor.visit(tree)
+    ignored = _suppressions(source)
     # One finding per (line, rule): a secret both named and shaped is reported once.
     seen: set[tuple[int, int, str]] = set()
     out: list[Finding] = []
     for f in sorted(visitor.findings, key=lambda f: (f.line, f.col, f.rule)):
         key = (f.line, f.col, f.rule)
+        rules = ignored.get(f.line)
+        if rules is not None and (not rules or f.rule in rules):
+            continue
         if key not in seen:
             seen.add(key)
             out.append(f)
+    return out
+
+
+_IGNORE = re.compile(r"#\s*stepguard:\s*ignore(?:\[(?P<rules>[A-Z0-9, ]+)\])?")
+
+
+def _suppressions(source: str) -> dict[int, set[str]]:
+    """line -> rules ignored there (empty set: all rules)."""
+    out: dict[int, set[str]] = {}
+    for number, line in enumerate(source.splitlines(), 1):
+        m = _IGNORE.search(line)
+        if m:
+            rules = m.group("rules")
+            out[number] = {r.strip() for r in rules.split(",")} if rules else set()
     return out
 
 
