@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stepguard.errors import ConfigurationError
 from stepguard.settings import Settings
 
 if TYPE_CHECKING:
-    from stepguard.credentials import VaultConfig
+    from stepguard.credentials import VaultAuth, VaultConfig
 
 
 def vault_config(settings: Settings, environ: Mapping[str, str] | None = None) -> VaultConfig:
@@ -37,9 +37,9 @@ def vault_config(settings: Settings, environ: Mapping[str, str] | None = None) -
                         "kubernetes": "VAULT_K8S_ROLE"}.get(vs.auth, "_UNUSED"), vs.role)
     if vs.jwt_path:
         env.setdefault("VAULT_JWT_PATH", vs.jwt_path)
-    factories = {"token": TokenAuth, "approle": AppRoleAuth, "jwt": JwtAuth,
-                 "kubernetes": KubernetesAuth}
-    auth = factories[vs.auth].from_env(env)
+    factories: dict[str, Any] = {"token": TokenAuth, "approle": AppRoleAuth, "jwt": JwtAuth,
+                                 "kubernetes": KubernetesAuth}
+    auth: VaultAuth = factories[vs.auth].from_env(env)
     return VaultConfig(
         addr=vs.addr,
         auth=auth,
