@@ -67,7 +67,8 @@ def _service_user() -> str | None:
 def _run_as(
     argv: list[str], user: str | None, log: Path, *, cwd: Path, stdin: bytes | None = None
 ) -> int:
-    with open(log, "ab") as out:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as out:
         return subprocess.run(
             argv, input=stdin, stdout=out, stderr=subprocess.STDOUT,
             stdin=None if stdin is not None else subprocess.DEVNULL,

@@ -147,7 +147,9 @@ class ProcessTable:
     ) -> Proc:
         """Start ``argv`` detached (own session), output to ``log``; record its pid at once."""
         try:
-            with open(log, "ab") as out:
+            # Services print credentials at start (the dev server its root token): 0600.
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as out:
                 popen = subprocess.Popen(
                     list(argv),
                     stdin=subprocess.DEVNULL,

@@ -91,12 +91,12 @@ def _remove_extra_dirs(state_dir: Path) -> None:
             _postgres.remove_cluster_dir(d.strip())
 
 
-def _teardown(state_dir: Path, table: ProcessTable) -> list[str]:
+def _teardown(state_dir: Path, table: ProcessTable, *, keep_logs: bool = False) -> list[str]:
     problems = table.stop_all()
     _remove_extra_dirs(state_dir)
     for name in _OWNED_FILES:
         (state_dir / name).unlink(missing_ok=True)
-    for sub in ("logs", "postgres"):
+    for sub in ("postgres",) if keep_logs else ("logs", "postgres"):
         shutil.rmtree(state_dir / sub, ignore_errors=True)
     return problems
 
@@ -197,8 +197,10 @@ def up(
             return _start(
                 sdir, table=table, bao=bao, pg_bins=pg_bins, ports=ports, timeout=timeout
             )
-        except BaseException:
-            _teardown(sdir, table)
+        except BaseException as exc:
+            _teardown(sdir, table, keep_logs=True)
+            if isinstance(exc, ServiceError) and exc.hint is None:
+                exc.hint = f"full service logs in {sdir / 'logs'}"
             raise
 
 

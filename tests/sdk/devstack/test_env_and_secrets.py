@@ -100,3 +100,7 @@ def test_state_file_round_trips(dev_stack: DevStackInfo) -> None:
     assert replace(dev_stack, vault_root_token="x") != dev_stack
     assert stat.S_IMODE((dev_stack.state_dir / "state.json").stat().st_mode) == 0o600
     assert stat.S_IMODE(dev_stack.state_dir.stat().st_mode) == 0o700
+    # The dev server prints its root token at start: its log is private too.
+    assert dev_stack.vault_root_token in (dev_stack.state_dir / "logs" / "openbao.log").read_text()
+    for log in (dev_stack.state_dir / "logs").iterdir():
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600, log.name

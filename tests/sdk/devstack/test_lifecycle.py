@@ -173,6 +173,8 @@ def test_port_taken_stops_what_started(tmp_path: Path, need_bao: None) -> None:
     err = caught.value
     assert err.subject == "openbao"
     assert any("address already in use" in d for d in err.details), err.details
+    assert err.hint and str(state / "logs") in err.hint
+    assert "address already in use" in (state / "logs" / "openbao.log").read_text()
     _assert_nothing_left(state, ports)
 
 
