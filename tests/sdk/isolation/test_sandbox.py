@@ -490,3 +490,25 @@ def test_secret_values_never_reach_errors() -> None:
     with pytest.raises(ConfigurationError) as info:
         run_isolated(["true"], SANDBOX, env={"OK": "hunter2\0canary"}, deadline_s=5)
     assert "hunter2" not in info.value.diagnostics()
+
+
+def test_a_mount_that_cannot_be_made_fails_the_run_with_bwraps_message(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    d = tmp_path / "d"
+    d.mkdir()
+    err = tmp_path / "err"
+    # /in is a file, so bwrap cannot create the mount point /in/sub: the body never runs.
+    res = run_isolated(["sh", "-c", "echo RAN"], SANDBOX, ro_binds={str(f): "/in"},
+                       rw_binds={str(d): "/in/sub"}, deadline_s=10, stderr=err, stdout=err)
+    assert res.exit_code != 0
+    text = err.read_text()
+    assert "bwrap" in text and "RAN" not in text
+
+
+def test_importing_isolation_stays_light() -> None:
+    code = ("import sys, stepguard.isolation; "
+            "print(sorted(m for m in ('kubernetes', 'kubernetes_validate', 'jsonschema') "
+            "if m in sys.modules))")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
