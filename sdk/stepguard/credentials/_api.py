@@ -51,6 +51,8 @@ class VaultApi:
         verify: bool | str = config.ca_cert if config.ca_cert else True
         if config.unsafe_skip_tls_verify:
             verify = False
+        # hvac prefers a given session's own ``verify`` over its argument: set it there.
+        self._session.verify = verify
         self._client = hvac.Client(
             url=config.addr,
             token=token,
@@ -138,6 +140,11 @@ class VaultApi:
             kwargs["wrap_ttl"] = f"{int(wrap_ttl_s)}s"
         try:
             response = self._client.adapter.request(method, f"/v1/{path}", **kwargs)
+        except requests.exceptions.SSLError as exc:
+            # Not transient: a certificate that does not verify may be an interception.
+            raise CredentialError(
+                "TLS verification of Vault failed", subject=self.config.addr,
+                hint="set the Vault CA (VAULT_CACERT / VaultConfig.ca_cert)") from exc
         except requests.exceptions.Timeout as exc:
             raise _Transient(f"timed out after {timeout:.1f} s") from exc
         except requests.exceptions.ConnectionError as exc:
