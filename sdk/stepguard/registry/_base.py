@@ -148,6 +148,7 @@ class Registry(abc.ABC):
         call uploaded is removed. A version that already exists raises RegistryError.
         """
         from stepguard.signing import sign_model, sign_provenance
+        from stepguard.signing._model import sign_files
 
         _check("name", name, _NAME)
         _check("version", version, _VERSION)
@@ -158,9 +159,15 @@ class Registry(abc.ABC):
         binding: dict[str, Any] = {"registry_name": name, "version": version}
         if manifest is not None:
             binding["manifest_digest"] = manifest.digest
-        signed = sign_model(model_dir, signer, name=name, binding=binding,
-                            allow_pickle=allow_pickle)
         root = Path(model_dir)
+        if root.is_file() and not root.is_symlink():
+            # A single file is published as a one-file model directory.
+            signed = sign_files({root.name: root}, signer, name=name, binding=binding,
+                                allow_pickle=allow_pickle)
+            root = root.parent
+        else:
+            signed = sign_model(model_dir, signer, name=name, binding=binding,
+                                allow_pickle=allow_pickle)
         if manifest is not None:
             _check_manifest(manifest, signed.files)
         up = _Upload()

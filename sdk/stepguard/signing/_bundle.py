@@ -273,7 +273,8 @@ def parse_model_statement(payload_type: str, payload: bytes, *,
         if not isinstance(rname, str):
             findings.append("resource without a name")
             continue
-        problem = _path_problem(rname)
+        # model_signing names the only resource of a single-file model "."
+        problem = None if (rname == "." and len(resources) == 1) else _path_problem(rname)
         if problem:
             findings.append(f"unsafe entry {rname!r}: {problem}")
             continue

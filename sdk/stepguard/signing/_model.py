@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 from stepguard.errors import ConfigurationError, IntegrityError, SignatureError
 from stepguard.signing._bundle import build_model_statement, load_bundle, parse_model_statement
 from stepguard.signing._formats import check_formats
-from stepguard.signing._hashing import diff, hash_files, walk
+from stepguard.signing._hashing import WalkResult, diff, hash_files, walk
 from stepguard.signing._policy import Policy
 from stepguard.signing._signers import Signer
 
@@ -51,11 +52,16 @@ def _inside(model_dir: Path, bundle_path: Path | None) -> str | None:
     return None if rel.startswith("..") else rel.replace(os.sep, "/")
 
 
-def _model_files(model_dir: Path, skip: set[str]) -> dict[str, Path]:
-    if not model_dir.is_dir() or model_dir.is_symlink():
-        raise ConfigurationError("model path must be a directory (not a link)",
-                                 subject=str(model_dir))
-    result = walk(model_dir, skip=skip)
+def _model_files(model: Path, skip: set[str]) -> dict[str, Path]:
+    """Relative name -> path. A single file is named ``.``, as ``model_signing`` does."""
+    st = _lstat(model)
+    if stat.S_ISLNK(st.st_mode):
+        raise IntegrityError("model path is a symlink (refused)", subject=str(model))
+    if stat.S_ISREG(st.st_mode):
+        return {".": model}
+    if not stat.S_ISDIR(st.st_mode):
+        raise IntegrityError("model path is not a regular file or directory", subject=str(model))
+    result = walk(model, skip=skip)
     if result.problems:
         raise IntegrityError("model contains entries that cannot be signed or verified",
                              subject=result.problems[0].split(": ", 1)[-1],
@@ -63,10 +69,33 @@ def _model_files(model_dir: Path, skip: set[str]) -> dict[str, Path]:
     return result.files
 
 
+def _lstat(path: Path) -> os.stat_result:
+    try:
+        return os.lstat(path)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read model path ({exc.strerror})",
+                                 subject=str(path)) from exc
+
+
+def sign_files(files: Mapping[str, Path], signer: Signer, *, name: str,
+               binding: Mapping[str, Any] | None = None, allow_pickle: bool = False,
+               jobs: int | None = None) -> SignedArtifact:
+    """Sign an explicit file set (relative name -> path); the building block of sign_model."""
+    if not files:
+        raise ConfigurationError("nothing to sign (no files)", subject=name)
+    check_formats(files, allow_pickle=allow_pickle)
+    digests = hash_files(dict(files), jobs=jobs)
+    statement = build_model_statement(name, digests, binding=binding)
+    bundle = signer.sign_dsse(statement)
+    signed = parse_model_statement("application/vnd.in-toto+json", statement)
+    return SignedArtifact(bundle=bundle, root_digest=signed.root_digest, files=digests,
+                          signer=signer.identity, name=name)
+
+
 def sign_model(model_dir: str | Path, signer: Signer, *, bundle_path: str | Path | None = None,
                name: str | None = None, binding: Mapping[str, Any] | None = None,
                allow_pickle: bool = False, jobs: int | None = None) -> SignedArtifact:
-    """Hash every file of ``model_dir`` and sign the model-signing statement.
+    """Hash every file of ``model_dir`` (a directory, or one file) and sign the statement.
 
     Refuses symlinks, special files and (unless ``allow_pickle``) pickle-based files. Writes
     the bundle to ``bundle_path`` when given (a bundle inside the model directory is left out
@@ -76,18 +105,11 @@ def sign_model(model_dir: str | Path, signer: Signer, *, bundle_path: str | Path
     bpath = Path(bundle_path) if bundle_path is not None else None
     inside = _inside(model_dir, bpath)
     files = _model_files(model_dir, {inside} if inside else set())
-    if not files:
-        raise ConfigurationError("model directory is empty", subject=str(model_dir))
-    check_formats(files, allow_pickle=allow_pickle)
-    digests = hash_files(files, jobs=jobs)
-    model_name = name or model_dir.resolve().name
-    statement = build_model_statement(model_name, digests, binding=binding)
-    bundle = signer.sign_dsse(statement)
-    signed = parse_model_statement("application/vnd.in-toto+json", statement)
+    signed = sign_files(files, signer, name=name or model_dir.resolve().name, binding=binding,
+                        allow_pickle=allow_pickle, jobs=jobs)
     if bpath is not None:
-        bpath.write_bytes(bundle)
-    return SignedArtifact(bundle=bundle, root_digest=signed.root_digest, files=digests,
-                          signer=signer.identity, name=model_name)
+        bpath.write_bytes(signed.bundle)
+    return signed
 
 
 def verify_model(model_dir: str | Path, bundle: str | Path | bytes, policy: Policy, *,
@@ -121,11 +143,16 @@ def verify_model(model_dir: str | Path, bundle: str | Path | bytes, policy: Poli
     verified = policy.verify_bundle(load_bundle(raw, subject=label), subject=label)
     signed = parse_model_statement(verified.payload_type, verified.payload, subject=label,
                                    extra_ignored=frozenset({inside}) if inside else frozenset())
-    walked = walk(model_dir, skip={inside} if inside else set())
+    if stat.S_ISREG(_lstat(model_dir).st_mode):
+        walked = WalkResult({".": model_dir}, ())
+    else:
+        walked = walk(model_dir, skip={inside} if inside else set())
     actual = hash_files(walked.files, jobs=jobs)
     problems = diff(dict(signed.files), actual, walked.problems)
     if problems:
         first = problems[0].split(": ", 1)[-1]
+        if first == ".":
+            first = str(model_dir)
         raise IntegrityError("model does not match its signature", subject=first,
                              details=problems)
     if expected_name is not None and signed.name != expected_name:

@@ -189,3 +189,12 @@ def test_manifest_of_another_tree_refused(reg, model, keys, tmp_path, mk):
     with pytest.raises(IntegrityError, match="does not describe"):
         reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private), manifest=other)
     assert reg.list() == []
+
+
+def test_single_file_publish(reg, model, keys, tmp_path):
+    from stepguard.integrity import create_manifest
+
+    f = model / "model.onnx"
+    reg.publish(f, "onnx", "1", signer=KeySigner(keys.private), manifest=create_manifest(f))
+    out = reg.fetch("onnx", "1", policy=_policy(keys), dest=tmp_path / "out")
+    assert (out / "model.onnx").read_bytes() == f.read_bytes()

@@ -305,3 +305,21 @@ def test_parse_policy_forms(signed, keys, other_keys):
     for bad in ("", "none:", "key:bogus=1", "sigstore:identity=x"):
         with pytest.raises(ConfigurationError):
             parse_policy(bad)
+
+
+def test_single_file_model_interop_both_ways(model, keys, tmp_path):
+    weights = model / "model.safetensors"
+    ours = tmp_path / "ours.sig"
+    sign_model(weights, KeySigner(keys.private), bundle_path=ours)
+    res = _stock("verify", "key", str(weights), "--signature", str(ours),
+                 "--public_key", str(keys.public))
+    assert res.returncode == 0, res.stderr
+    stock = tmp_path / "stock.sig"
+    res = _stock("sign", "key", str(weights), "--private_key", str(keys.private),
+                 "--signature", str(stock))
+    assert res.returncode == 0, res.stderr
+    verify_model(weights, stock, _policy(keys))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(IntegrityError, match="model.safetensors") as exc:
+        verify_model(weights, stock, _policy(keys))
+    assert exc.value.details == ("modified: .",)
