@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -223,6 +225,30 @@ def build_train_spec(
     )
 
 
+def _run_forwarding_signals(argv: list[str]) -> int:
+    """Run the step runner; a SIGTERM to this process (pod deletion, KFP run cancelled) is passed
+    on so the runner stops the body and revokes the credentials before it exits."""
+    proc = subprocess.Popen(argv)
+
+    def forward(signum: int, frame: object) -> None:
+        proc.send_signal(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if in_main else None
+    try:
+        return proc.wait()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:  # we are unwinding on an exception: never leave it behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def _runner_argv() -> list[str]:
     return [sys.executable, "-m", "stepguard.cli", "exec"]
 
@@ -260,10 +286,11 @@ def secure_train_step(
             argv = [*_runner_argv(), "--spec", str(spec_file), "--pipeline", ctx.pipeline,
                     "--run-id", ctx.run_id, "--step-id", ctx.step,
                     "--receipt-out", str(receipt_file), "--", *command]
-            # The runner prints the receipt on stdout; its errors are already one line each.
-            proc = subprocess.run(argv, check=False, stdout=subprocess.DEVNULL)
-            if proc.returncode != 0:
-                raise SystemExit(proc.returncode)
+            # The body's output and the runner's (its receipt, its one-line errors) go to the
+            # task log; the receipt itself is read from the file, not parsed from the log.
+            returncode = _run_forwarding_signals(argv)
+            if returncode != 0:
+                raise SystemExit(returncode)
             receipt = Receipt.load(receipt_file)
         _copy_file(receipt.output("model").manifest, manifest_out)
         return receipt.to_json()

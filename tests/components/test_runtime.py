@@ -165,3 +165,48 @@ def test_gate_without_a_named_policy_refuses_before_fetching(
         assert info.value.code == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@sandbox
+def test_sigterm_reaches_the_runner_which_stops_the_body(verified, tmp_path: Path) -> None:
+    """A cancelled KFP run / deleted pod: SIGTERM to the component process is forwarded to the
+    step runner, which stops the sandboxed body and writes a failed receipt before exiting."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    data, manifest, receipt = verified
+    token = f"sleeper-{uuid.uuid4().hex[:8]}"
+    body = ("import os, pathlib, time; "
+            "pathlib.Path(os.environ['STEPGUARD_OUTPUT_MODEL'], 'started').write_text('1'); "
+            f"time.sleep(120)  # {token}")
+    (tmp_path / "receipt.json").write_text(receipt)
+    driver = (
+        "import sys, pathlib; from stepguard_kfp._runtime import secure_train_step; "
+        f"secure_train_step(step_spec={SPEC!r}, command=[sys.executable, '-c', {body!r}], "
+        f"dataset_path={str(data)!r}, dataset_manifest={str(manifest)!r}, "
+        f"dataset_receipt=pathlib.Path({str(tmp_path / 'receipt.json')!r}).read_text(), "
+        f"model_dir={str(tmp_path / 'model')!r}, manifest_out={str(tmp_path / 'mm.json')!r}, "
+        "run_id='sigterm-run')")
+    proc = subprocess.Popen([sys.executable, "-c", driver], env=dict(os.environ))
+    started = tmp_path / "model" / "started"
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started.exists(), "body never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    (path,) = (tmp_path / "state" / "runs" / "sigterm-run").glob("*/receipt.json")
+    assert json.loads(path.read_text())["status"] == "failed"
+    time.sleep(0.5)
+    leftovers = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if token.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    leftovers.append(pid)
+            except OSError:
+                pass
+    assert leftovers == [], "the body outlived the cancelled task"
