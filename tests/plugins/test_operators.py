@@ -1,0 +1,235 @@
+"""Operators, decorator, listener and provider packaging, through real ``dag.test()`` runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.airflow]
+
+HEAVY = ("boto3", "botocore", "hvac", "kubernetes", "model_signing", "kfp", "sigstore")
+
+
+def test_dag_parse_imports_no_heavy_dependency(airflow_db):
+    """Importing the operators/decorator/hook/plugin (what a DAG file does) stays light."""
+    code = (
+        "import sys\n"
+        "import stepguard_airflow, stepguard_airflow.operators, stepguard_airflow.decorators\n"
+        "import stepguard_airflow.hooks, stepguard_airflow.plugin\n"
+        "from stepguard_airflow.operators import SecureStepOperator, IngestDatasetOperator\n"
+        "op = SecureStepOperator(task_id='t', command='true',\n"
+        "    spec={'outputs': [{'name': 'o', 'path': 'o'}]})\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_provider_info_matches_airflow_schema_and_is_discovered(airflow_db):
+    import jsonschema
+    from airflow import providers_manager
+    from stepguard_airflow import get_provider_info
+
+    schema_path = Path(providers_manager.__file__).parent / "provider_info.schema.json"
+    info = get_provider_info()
+    jsonschema.validate(info, json.loads(schema_path.read_text()))
+    pm = providers_manager.ProvidersManager()
+    assert pm.providers["stepguard"].data["name"] == "stepguard"
+    from airflow.sdk import task
+
+    assert callable(task.stepguard)
+    hook = pm.hooks["stepguard"]
+    assert hook is not None and hook.connection_type == "stepguard"
+    options = info["config"]["stepguard"]["options"]
+    assert {"vault_addr", "registry", "audit_exporter", "isolation"} <= set(options)
+
+
+def test_decorator_python_body_gets_step_env_and_args(airflow_run, stepguard_env):
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG, task
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            @task.stepguard(spec={"outputs": [{"name": "model", "path": "model"}]})
+            def fit(lr: float, step_env):
+                (step_env.outputs["model"] / "lr.txt").write_text(str(lr))
+                return {"lr": lr}
+
+            fit(0.25)
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"fit": "success"}
+    receipt = airflow_run.xcom_of(dr, "fit")
+    assert receipt["isolation"]["mode"] == "process"
+    assert (Path(receipt["outputs"][0]["path"]) / "lr.txt").read_text() == "0.25"
+    assert airflow_run.xcom_of(dr, "fit", "result") == {"lr": 0.25}
+
+
+@pytest.mark.sandbox
+def test_decorator_shell_body_runs_in_the_sandbox(airflow_run, stepguard_env):
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed")
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG, task
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            @task.stepguard(shell=True, spec={"outputs": [{"name": "out", "path": "out"}]})
+            def probe(word: str) -> str:
+                # whoami inside: not the worker's user; network: none
+                return f"id -u > $STEPGUARD_OUTPUT_OUT/uid; echo {word} > $STEPGUARD_OUTPUT_OUT/w"
+
+            probe("hello")
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"probe": "success"}
+    receipt = airflow_run.xcom_of(dr, "probe")
+    assert receipt["isolation"]["mode"] == "sandbox"
+    out = Path(receipt["outputs"][0]["path"])
+    assert (out / "w").read_text().strip() == "hello"
+    assert (out / "uid").read_text().strip() != "0"
+
+
+def test_failure_is_one_clear_message_and_leaks_no_body_text(airflow_run, stepguard_env, capfd):
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow.providers.standard.operators.empty import EmptyOperator
+        from stepguard_airflow.operators import SecureStepOperator
+
+        def boom():
+            raise ValueError("row 17 has ssn 078-05-1120")
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            SecureStepOperator(task_id="fit", python_callable=boom) >> EmptyOperator(task_id="after")
+    """)
+    dr = dag.test()
+    out = capfd.readouterr().out
+    assert airflow_run.states(dr) == {"fit": "failed", "after": "upstream_failed"}
+    assert "stepguard step 'fit' failed: BodyFailed: step body raised ValueError: fit" in out
+    failed = airflow_run.xcom_of(dr, "fit", "stepguard_failed_receipt")
+    assert failed["status"] == "failed" and failed["error"]["type"] == "BodyFailed"
+    assert "078-05-1120" not in json.dumps(failed)
+    assert airflow_run.xcom_of(dr, "fit") is None
+
+
+def test_receipt_chain_stops_tampered_handoff_before_the_body(airflow_run, stepguard_env, capfd):
+    marker = stepguard_env / "consumer-ran"
+    dag, _ = airflow_run.write(f"""
+        import pendulum
+        from pathlib import Path
+        from airflow.sdk import DAG
+        from airflow.providers.standard.operators.python import PythonOperator
+        from stepguard_airflow.operators import SecureStepOperator
+
+        def produce(step_env):
+            (step_env.outputs["data"] / "part-0.csv").write_text("a,b\\n1,2\\n")
+
+        def tamper(receipt):
+            Path(receipt["outputs"][0]["path"], "extra.csv").write_text("poison\\n")
+
+        def consume(step_env):
+            Path({str(marker)!r}).write_text("ran")
+
+        with DAG("{{dag_id}}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            p = SecureStepOperator(task_id="produce", python_callable=produce,
+                                   spec={{"outputs": [{{"name": "data", "path": "data"}}]}})
+            t = PythonOperator(task_id="tamper", python_callable=tamper, op_args=[p.output])
+            c = SecureStepOperator(task_id="consume", python_callable=consume,
+                                   spec={{"inputs": [{{"name": "data"}}]}},
+                                   receipts={{"data": p.output}})
+            p >> t >> c
+    """)
+    dr = dag.test()
+    out = capfd.readouterr().out
+    assert airflow_run.states(dr) == {"produce": "success", "tamper": "success",
+                                      "consume": "failed"}
+    assert not marker.exists()
+    assert "stepguard step 'consume' failed: IntegrityError" in out
+    assert "extra.csv" in out
+
+
+def test_untampered_handoff_verifies_against_the_producer(airflow_run, stepguard_env):
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG
+        from stepguard_airflow.operators import SecureStepOperator
+
+        def produce(step_env):
+            (step_env.outputs["data"] / "part-0.csv").write_text("a,b\\n1,2\\n")
+
+        def consume(step_env):
+            return (step_env.inputs["data"] / "part-0.csv").read_text()
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            p = SecureStepOperator(task_id="produce", python_callable=produce,
+                                   spec={"outputs": [{"name": "data", "path": "data"}]})
+            SecureStepOperator(task_id="consume", python_callable=consume,
+                               spec={"inputs": [{"name": "data"}]}, receipts={"data": p.output})
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"produce": "success", "consume": "success"}
+    produced = airflow_run.xcom_of(dr, "produce")["outputs"][0]["digest"]
+    consumed = airflow_run.xcom_of(dr, "consume")["inputs"][0]
+    assert consumed["digest"] == produced and consumed["verified"] is True
+    assert consumed["source"].startswith("receipt:")
+
+
+def test_listener_marks_unsecured_tasks(airflow_run, stepguard_env):
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow.providers.standard.operators.python import PythonOperator
+        from stepguard_airflow.operators import SecureStepOperator
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            SecureStepOperator(task_id="secured", command=["true"], isolation="process")
+            PythonOperator(task_id="plain", python_callable=lambda: None)
+    """)
+    dag.test()
+    spans = [json.loads(line) for line in (stepguard_env / "audit.jsonl").read_text().splitlines()]
+    tasks = {s["attributes"]["cicd.pipeline.task.name"]: s["attributes"]
+             for s in spans if s.get("name") == "stepguard.task"}
+    assert tasks["secured"]["stepguard.secured"] is True
+    assert tasks["plain"]["stepguard.secured"] is False
+    assert tasks["plain"]["stepguard.operator"] == "PythonOperator"
+    step = next(s for s in spans if s.get("name") == "stepguard.step")
+    task_span = next(s for s in spans if s.get("name") == "stepguard.task"
+                     and s["attributes"]["cicd.pipeline.task.name"] == "secured")
+    assert step["trace_id"] == task_span["trace_id"]  # the step nests under the task span
+
+
+def test_bad_spec_is_a_parse_time_error(airflow_db):
+    from stepguard.errors import ConfigurationError
+    from stepguard_airflow.operators import SecureStepOperator
+
+    with pytest.raises(ConfigurationError, match="isolaton"):
+        SecureStepOperator(task_id="t", command="true", spec={"isolaton": {}})
+    with pytest.raises(ConfigurationError, match="exactly one"):
+        SecureStepOperator(task_id="t")
+
+
+def test_templated_fields_render(airflow_run, stepguard_env):
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG
+        from stepguard_airflow.operators import SecureStepOperator
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1),
+                 params={"version": "v7"}) as dag:
+            SecureStepOperator(
+                task_id="tag", isolation="process",
+                spec={"outputs": [{"name": "out", "path": "out-{{ params.version }}"}]},
+                command=["/bin/sh", "-c", "echo {{ params.version }} > $STEPGUARD_OUTPUT_OUT/v"],
+            )
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"tag": "success"}
+    out = Path(airflow_run.xcom_of(dr, "tag")["outputs"][0]["path"])
+    assert out.name == "out-v7" and (out / "v").read_text().strip() == "v7"
