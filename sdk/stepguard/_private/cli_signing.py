@@ -107,8 +107,26 @@ def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> int:
     return 0
 
 
+def _read_manifest(path: Path) -> Any:
+    from stepguard.integrity import Manifest
+
+    try:
+        return Manifest.from_json(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read manifest ({exc.strerror})",
+                                 subject=str(path)) from exc
+
+
 def _cmd_sign(args: argparse.Namespace) -> int:
-    from stepguard.signing import sign_model
+    from stepguard.signing import sign_manifest, sign_model
+
+    if args.manifest:
+        manifest = _read_manifest(args.model)
+        signer = _signer(args)
+        sign_manifest(manifest, signer, bundle_path=args.signature)
+        return _out(args, {"signature": str(args.signature), "manifest_digest": manifest.digest,
+                           "signer": signer.identity},
+                    f"signed manifest {manifest.digest} -> {args.signature}")
 
     signed = sign_model(args.model, _signer(args), bundle_path=args.signature,
                         name=args.name, allow_pickle=args.allow_pickle)
@@ -118,7 +136,15 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from stepguard.signing import verify_model
+    from stepguard.signing import verify_manifest_signature, verify_model
+
+    if args.manifest:
+        policy = _policy(args)
+        got = verify_manifest_signature(args.signature, policy,
+                                        manifest=_read_manifest(args.model))
+        return _out(args, {"verified": True, "manifest_digest": got.digest,
+                           "policy": policy.describe()},
+                    f"verified manifest {got.digest} ({policy.describe()})")
 
     ok = verify_model(args.model, args.signature, _policy(args), expected_name=args.name)
     return _out(args, {"verified": True, "root_digest": ok.root_digest, "files": len(ok.files),
@@ -159,7 +185,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``sign``, ``verify`` and ``registry`` to the stepguard CLI."""
     p = sub.add_parser("sign", help="sign a model directory (OpenSSF model-signing bundle)")
-    p.add_argument("model", type=Path)
+    p.add_argument("model", type=Path, help="model directory or file (with --manifest: a "
+                   "manifest JSON)")
+    p.add_argument("--manifest", action="store_true",
+                   help="sign a data manifest (stepguard manifest create) instead of a model")
     p.add_argument("--signature", type=Path, required=True, help="bundle to write")
     p.add_argument("--name", help="model name recorded in the signature (default: dir name)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -169,7 +198,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_sign)
 
     p = sub.add_parser("verify", help="verify a model directory against a bundle and policy")
-    p.add_argument("model", type=Path)
+    p.add_argument("model", type=Path, help="model directory or file (with --manifest: a "
+                   "manifest JSON)")
+    p.add_argument("--manifest", action="store_true",
+                   help="verify a signed data manifest instead of a model")
     p.add_argument("--signature", type=Path, required=True)
     p.add_argument("--name", help="require this signed model name")
     p.add_argument("--json", action="store_true")

@@ -50,3 +50,20 @@ def test_registry_cli(model, keys, tmp_path):
              str(tmp_path / "out"), "--public-key", str(keys.public))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_manifest_sign_verify_cli(model, keys, other_keys, tmp_path):
+    from stepguard.integrity import create_manifest
+
+    mpath = tmp_path / "data.manifest.json"
+    mpath.write_text(create_manifest(model).to_json())
+    sig = tmp_path / "data.sig"
+    res = sg("sign", str(mpath), "--manifest", "--signature", str(sig), "--key",
+             str(keys.private))
+    assert res.returncode == 0, res.stderr
+    res = sg("verify", str(mpath), "--manifest", "--signature", str(sig), "--public-key",
+             str(keys.public), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["verified"]
+    res = sg("verify", str(mpath), "--manifest", "--signature", str(sig), "--public-key",
+             str(other_keys.public))
+    assert res.returncode == 3
