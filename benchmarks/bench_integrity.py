@@ -85,43 +85,61 @@ def warm(root: Path) -> None:
 # -- measuring -------------------------------------------------------------------------------------
 
 
-def run_measured(argv: list[str]) -> tuple[float, str]:
-    """(the child's own reported seconds, else wall seconds; stdout)."""
+def _children_cpu() -> float:
+    import resource
+
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
+def run_measured(argv: list[str]) -> tuple[float, float, str]:
+    """(the child's own reported seconds, else wall seconds; CPU seconds; stdout)."""
+    cpu0 = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(argv, check=False, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    cpu = _children_cpu() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"{argv!r} failed: {proc.stderr[-2000:]}")
-    reported = re.search(r"SECONDS=([0-9.]+)", proc.stdout)
-    return (float(reported.group(1)) if reported else wall), proc.stdout
+    reported = re.search(r"SECONDS=([0-9.]+) CPU=([0-9.]+)", proc.stdout)
+    if reported:
+        return float(reported.group(1)), float(reported.group(2)), proc.stdout
+    return wall, cpu, proc.stdout
 
 
-def best(fn, repeat: int) -> tuple[float, float]:
-    times, rss = [], 0.0
+def best(fn, repeat: int) -> tuple[float, float, float]:
+    """(best wall seconds, CPU seconds of that run, peak RSS MiB over all runs)."""
+    runs, rss = [], 0.0
     for _ in range(repeat):
-        t, r = fn()
-        times.append(t)
+        t, cpu, r = fn()
+        runs.append((t, cpu))
         rss = max(rss, r)
-    return min(times), rss
+    t, cpu = min(runs)
+    return t, cpu, rss
 
 
 def py_child(code: str) -> tuple[float, float]:
     """Run ``code`` in a fresh interpreter that reports its own timing and peak RSS."""
     wrapper = (
         "import time, resource, sys\n"
+        "def _cpu():\n"
+        "    u = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "    return u.ru_utime + u.ru_stime\n"
+        "cpu0 = _cpu()\n"
         f"{code}\n"
+        "cpu = _cpu() - cpu0\n"
         # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across exec.
         "rss = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024\n"
-        "print(f'SECONDS={elapsed:.6f} RSS={rss:.1f}')\n"
+        "print(f'SECONDS={elapsed:.6f} CPU={cpu:.6f} RSS={rss:.1f}')\n"
     )
-    t, out = run_measured([sys.executable, "-c", wrapper])
+    t, cpu, out = run_measured([sys.executable, "-c", wrapper])
     rss = float(re.search(r"RSS=([0-9.]+)", out).group(1))
-    return t, rss
+    return t, cpu, rss
 
 
-def shell_child(cmd: str) -> tuple[float, float]:
-    t, _ = run_measured(["bash", "-c", cmd])
-    return t, 0.0
+def shell_child(cmd: str) -> tuple[float, float, float]:
+    t, cpu, _ = run_measured(["bash", "-c", cmd])
+    return t, cpu, 0.0
 
 
 def ours_create(path: Path, out: Path, algorithm: str = "sha256", jobs: int | None = None):
@@ -189,15 +207,19 @@ def main() -> int:
     n = cores()
     print(f"cores: {n}; data: {root}; repeat: {repeat} (best kept); "
           f"other work may share this machine")
+    print(f"load average at start: {os.getloadavg()}")
     limit_1 = openssl_single_core(1 if args.quick else 3)
     limit = n * limit_1
     results: dict[str, dict[str, float]] = {}
 
-    def row(name: str, seconds: float, rss: float, nbytes: int, nfiles: int) -> dict[str, float]:
-        r = {"seconds": seconds, "GBps": nbytes / seconds / 1e9, "files_per_s": nfiles / seconds,
+    def row(name: str, seconds: float, cpu: float, rss: float, nbytes: int, nfiles: int
+            ) -> dict[str, float]:
+        r = {"seconds": seconds, "cpu_seconds": cpu, "GBps": nbytes / seconds / 1e9,
+             "files_per_s": nfiles / seconds, "GB_per_cpu_s": nbytes / max(cpu, 1e-9) / 1e9,
              "rss_mib": rss}
         print(f"  {name:<42} {seconds:8.3f} s  {r['GBps']:6.2f} GB/s  "
-              f"{r['files_per_s']:10,.0f} files/s" + (f"  peak RSS {rss:6.1f} MiB" if rss else ""))
+              f"{r['files_per_s']:10,.0f} files/s  CPU {cpu:7.2f} s"
+              + (f"  peak RSS {rss:6.1f} MiB" if rss else ""))
         return r
 
     for label, path in (("tree", data["tree"]), ("many", data["many"])):
@@ -254,6 +276,10 @@ def main() -> int:
         print(f"    create / openssl dgst (files/s)   {ours_c['files_per_s'] / res['openssl_dgst']['files_per_s']:6.2f}x  (small files: target >= 0.8)")
         print(f"    verify / openssl dgst (files/s)   {ours_v['files_per_s'] / res['openssl_dgst']['files_per_s']:6.2f}x")
         print(f"    peak RSS create / verify          {ours_c['rss_mib']:.0f} / {ours_v['rss_mib']:.0f} MiB (target < 200)")
+        # Contention-proof view: openssl speed divides by CPU time, so compare CPU time too.
+        print(f"    create bytes per CPU-second / openssl single core   {ours_c['GB_per_cpu_s'] * 1e9 / limit_1:6.2f}x")
+        print(f"    verify bytes per CPU-second / openssl single core   {ours_v['GB_per_cpu_s'] * 1e9 / limit_1:6.2f}x")
+        print(f"    create CPU-seconds / openssl dgst CPU-seconds       {ours_c['cpu_seconds'] / max(res['openssl_dgst']['cpu_seconds'], 1e-9):6.2f}x")
     results["limit"] = {"single_core_Bps": limit_1, "cores": n, "all_core_Bps": limit}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
