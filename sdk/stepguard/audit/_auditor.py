@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_CONTROL_NAMES: dict[tuple[str, str], str] = {}
 _SCOPE = "stepguard"
 _MAX_MESSAGE = 1024
 
@@ -335,13 +336,17 @@ class Auditor:
         (``stepguard.credentials.acquire``, ``stepguard.integrity.verify``,
         ``stepguard.isolation.run``, ``stepguard.signing.sign``, ``stepguard.registry.publish``).
         """
-        if not _NAME.match(control) or not _NAME.match(operation):
-            raise ConfigurationError("audit control and operation must be lowercase identifiers",
-                                     subject=f"{control}.{operation}")
+        name = _CONTROL_NAMES.get((control, operation))
+        if name is None:
+            if not _NAME.match(control) or not _NAME.match(operation):
+                raise ConfigurationError(
+                    "audit control and operation must be lowercase identifiers",
+                    subject=f"{control}.{operation}")
+            name = _CONTROL_NAMES[(control, operation)] = f"stepguard.{control}.{operation}"
         attrs = _guard_attrs(attributes)
         attrs[Attr.CONTROL] = control
         attrs[Attr.OPERATION] = operation
-        return _Scope(self, f"stepguard.{control}.{operation}", attrs, None, False)
+        return _Scope(self, name, attrs, None, False)
 
     def verdict(self, name: str, passed: bool, **attrs: AttributeValue | None) -> None:
         """Add a ``stepguard.verdict`` event (``stepguard.verdict.name``/``.passed``, plus

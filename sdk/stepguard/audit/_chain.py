@@ -40,6 +40,17 @@ HEAD_SUFFIX = ".head"
 _HEAD_LEN = 20 + 1 + 71 + 1 + 20 + 1
 _REQUIRED = ("v", "seq", "prev", "kind", "digest")
 
+# getpid(2) is a real syscall on current glibc: track it through fork instead of asking per record.
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid  # noqa: PLW0603 - per-process state by design
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
 FsyncPolicy = Literal["always", "step", "close"]
 
 
@@ -174,13 +185,13 @@ class AuditLog:
 
     def _open(self) -> tuple[int, int]:
         # After fork the descriptors (and their flock) are shared with the parent: reopen.
-        if self._fd is None or self._head_fd is None or self._pid != os.getpid():
+        if self._fd is None or self._head_fd is None or self._pid != _pid:
             self._last = None
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             flags = os.O_CLOEXEC | os.O_CREAT
             self._fd = os.open(self.path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
             self._head_fd = os.open(self.head_path, flags | os.O_RDWR, 0o600)
-            self._pid = os.getpid()
+            self._pid = _pid
         return self._fd, self._head_fd
 
     def _tail(self, fd: int, head_fd: int) -> tuple[int, str, int, list[str], bool]:

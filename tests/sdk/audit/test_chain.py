@@ -216,3 +216,23 @@ def test_cli_verify_and_show(tmp_path, capsys):
 def test_chain_head_anchor_mismatch(tmp_path):
     log = make_log(tmp_path / "a.jsonl")
     assert broken_line(log, anchor=ChainHead(3, "sha256:" + "f" * 64, 0)) == 4
+
+
+def test_a_forked_child_reopens_the_log_and_keeps_the_chain(tmp_path):
+    path = tmp_path / "fork.jsonl"
+    log = AuditLog(path)
+    log.append("note", {"who": "parent-before"})
+    pid = os.fork()
+    if pid == 0:  # child: shares the parent's descriptors until it reopens them
+        try:
+            for i in range(20):
+                log.append("note", {"who": "child", "i": i})
+        finally:
+            os._exit(0)
+    for i in range(20):
+        log.append("note", {"who": "parent", "i": i})
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    log.append("note", {"who": "parent-after"})
+    log.close()
+    assert verify_chain(path).records == 1 + 1 + 20 + 20 + 1
