@@ -124,7 +124,8 @@ def py_child(code: str) -> tuple[float, float]:
         "import time, resource, sys\n"
         "def _cpu():\n"
         "    u = resource.getrusage(resource.RUSAGE_SELF)\n"
-        "    return u.ru_utime + u.ru_stime\n"
+        "    c = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "    return u.ru_utime + u.ru_stime + c.ru_utime + c.ru_stime\n"
         "cpu0 = _cpu()\n"
         f"{code}\n"
         "cpu = _cpu() - cpu0\n"
@@ -145,7 +146,7 @@ def shell_child(cmd: str) -> tuple[float, float, float]:
 def ours_create(path: Path, out: Path, algorithm: str = "sha256", jobs: int | None = None):
     return lambda: py_child(
         "from stepguard.integrity import create_manifest\n"
-        "t = time.perf_counter()\n"
+        "t = time.perf_counter(); cpu0 = _cpu()\n"
         f"m = create_manifest({str(path)!r}, algorithm={algorithm!r}, jobs={jobs!r})\n"
         f"open({str(out)!r}, 'w').write(m.to_json())\n"
         "elapsed = time.perf_counter() - t"
@@ -155,7 +156,7 @@ def ours_create(path: Path, out: Path, algorithm: str = "sha256", jobs: int | No
 def ours_verify(path: Path, manifest: Path):
     return lambda: py_child(
         "from stepguard.integrity import Manifest, verify_manifest\n"
-        "t = time.perf_counter()\n"
+        "t = time.perf_counter(); cpu0 = _cpu()\n"
         f"m = Manifest.from_json(open({str(manifest)!r}, 'rb').read())\n"
         f"verify_manifest({str(path)!r}, m)\n"
         "elapsed = time.perf_counter() - t"
@@ -169,7 +170,7 @@ def model_signing_hash(path: Path, mode: str, shard: int = 0):
         cfg = f"hashing.Config().use_shard_serialization(hashing_algorithm='sha256', shard_size={shard})"
     return lambda: py_child(
         "from model_signing import hashing\n"
-        "t = time.perf_counter()\n"
+        "t = time.perf_counter(); cpu0 = _cpu()\n"
         f"{cfg}.hash({str(path)!r})\n"
         "elapsed = time.perf_counter() - t"
     )
