@@ -80,7 +80,8 @@ class _Gate:
         os.set_inheritable(self.block_r, True)
 
     def close(self) -> None:
-        for fd in (self.info_r, self.block_w, self.info_w, self.block_r):
+        """Close our ends (bwrap's ends are closed with the other passed descriptors)."""
+        for fd in (self.info_r, self.block_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -122,9 +123,7 @@ class _Gate:
                                          subject="cgroup") from exc
             os.write(self.block_w, b"x")
         finally:
-            for fd in (self.info_r, self.block_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self.close()
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
@@ -251,8 +250,8 @@ def run_local(
         gate: _Gate | None = None
         if mode == "sandbox":
             # bwrap reports its sandbox init's pid and then waits on a pipe before running the
-            # body: we put both processes in the cgroup and set their rlimits in that window, so
-            # the body starts already confined -- without a preexec_fn, which would force a slow
+            # body: we put that init in the cgroup and set its rlimits in that window, so the
+            # body starts already confined -- without a preexec_fn, which would force a slow
             # fork() of this whole process instead of vfork().
             gate = _Gate()
             argv[1:1] = ["--info-fd", str(gate.info_w), "--block-fd", str(gate.block_r)]
