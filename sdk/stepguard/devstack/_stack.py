@@ -8,7 +8,10 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +34,9 @@ from stepguard.devstack._procs import (
     log_tail,
     pid_alive,
     port_open,
+    reap,
     redact_in_logs,
+    remember_child,
 )
 from stepguard.errors import ConfigurationError, ServiceError
 
@@ -39,8 +44,10 @@ DEFAULT_DIR = Path(".stepguard") / "dev"
 ENV_DIR_VARIABLE = "STEPGUARD_DEV_DIR"
 LOCK_FILE = "lock"
 EXTRA_DIRS_FILE = "extra-dirs"
+WATCHDOG_FILE = "watchdog.pid"
 _OWNED_FILES = (
-    STATE_FILE, ENV_FILE, PROCS_FILE, EXTRA_DIRS_FILE, "jwt-signing-key.pem", "approle-secret-id",
+    STATE_FILE, ENV_FILE, PROCS_FILE, EXTRA_DIRS_FILE, WATCHDOG_FILE,
+    "jwt-signing-key.pem", "approle-secret-id",
 )
 
 
@@ -91,7 +98,43 @@ def _remove_extra_dirs(state_dir: Path) -> None:
             _postgres.remove_cluster_dir(d.strip())
 
 
+def _stop_watchdog(state_dir: Path) -> None:
+    try:
+        pid = int((state_dir / WATCHDOG_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if pid == os.getpid() or not pid_alive(pid, "devstack._watchdog"):
+        return  # the watchdog itself is running down(), or it is gone already
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while pid_alive(pid, "devstack._watchdog") and time.monotonic() < deadline:
+        reap(pid)
+        time.sleep(0.02)
+    reap(pid)
+
+
+def _start_watchdog(state_dir: Path, owner_pid: int) -> None:
+    from stepguard.devstack._watchdog import process_start_time
+
+    started = process_start_time(owner_pid)
+    if started is None:
+        raise ConfigurationError("owner process is not running", subject=str(owner_pid))
+    fd = os.open(state_dir / "logs" / "watchdog.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                 0o600)
+    with os.fdopen(fd, "ab") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "stepguard.devstack._watchdog", str(owner_pid), started,
+             str(state_dir)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+        )
+    remember_child(popen)
+    (state_dir / WATCHDOG_FILE).write_text(f"{popen.pid}\n")
+
+
 def _teardown(state_dir: Path, table: ProcessTable, *, keep_logs: bool = False) -> list[str]:
+    _stop_watchdog(state_dir)
     problems = table.stop_all()
     _remove_extra_dirs(state_dir)
     for name in _OWNED_FILES:
@@ -153,11 +196,14 @@ def up(
     bao_path: Path | str | None = None,
     ports: Mapping[str, int] | None = None,
     timeout: float = 60.0,
+    owner_pid: int | None = None,
 ) -> DevStackInfo:
     """Start and configure OpenBao, moto (IAM enforced) and PostgreSQL on 127.0.0.1.
 
     ``postgres``: True requires it, False skips it, None (default) uses it when installed.
     ``ports`` may fix ``vault``, ``moto`` or ``postgresql`` ports (default: free ones).
+    ``owner_pid``: stop the stack (as ``down`` does) when that process exits, even if it is
+    killed; the test fixture passes its own pid. By default the stack runs until ``down``.
     Raises ConfigurationError if a stack already runs in ``state_dir`` and ServiceError if a
     service fails to start (everything already started is stopped first).
     """
@@ -194,9 +240,12 @@ def up(
         (sdir / "logs").mkdir(mode=0o700, exist_ok=True)
         table = ProcessTable(sdir)
         try:
-            return _start(
+            info = _start(
                 sdir, table=table, bao=bao, pg_bins=pg_bins, ports=ports, timeout=timeout
             )
+            if owner_pid is not None:
+                _start_watchdog(sdir, owner_pid)
+            return info
         except BaseException as exc:
             _teardown(sdir, table, keep_logs=True)
             if isinstance(exc, ServiceError) and exc.hint is None:

@@ -115,7 +115,9 @@ def test_cli_up_survives_cli_exit_and_down_leaves_nothing(tmp_path: Path, need_b
 
 def test_api_up_down_with_postgres_leaves_nothing(tmp_path: Path, need_bao: None) -> None:
     state = tmp_path / "dev"
-    info = devstack.up(state)
+    info = devstack.up(state, owner_pid=os.getpid())
+    watchdog = int((state / "watchdog.pid").read_text())
+    assert live(watchdog)
     try:
         assert devstack.status(state) == info
         extra = [Path(d) for d in info.extra_dirs]
@@ -139,9 +141,38 @@ def test_api_up_down_with_postgres_leaves_nothing(tmp_path: Path, need_bao: None
     if info.postgres is not None:
         assert not processes_mentioning(f"-p {info.postgres.port}")
     assert not any(Path(d).exists() for d in info.extra_dirs)
+    assert not live(watchdog)  # down() stops the watchdog too
+    assert not processes_mentioning(str(state))
     assert not state.exists()
     assert devstack.status(state) is None
     devstack.down(state)  # idempotent
+
+
+def test_stack_stops_when_its_owner_dies(tmp_path: Path, need_bao: None) -> None:
+    """A killed test session (no teardown) must not leave its services running."""
+    state = tmp_path / "dev"
+    code = textwrap.dedent(
+        f"""
+        import json, os, signal
+        from stepguard import devstack
+        info = devstack.up({str(state)!r}, postgres=False, owner_pid=os.getpid())
+        print(json.dumps({{"pids": info.pids, "ports": info.ports}}), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # no teardown, no atexit
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    started = json.loads(proc.stdout)
+    deadline = time.monotonic() + 30
+    while state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not state.exists()
+    assert not any(live(pid) for pid in started["pids"].values())
+    assert all(refused(port) for port in started["ports"].values())
+    # The watchdog itself exits right after its down().
+    while processes_mentioning(str(state)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_mentioning(str(state))
 
 
 def test_second_up_on_running_stack_refused(dev_stack: devstack.DevStackInfo) -> None:
