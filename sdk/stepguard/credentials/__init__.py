@@ -49,6 +49,7 @@ from stepguard.credentials._session import (
     TokenRecord,
     filesystem_type,
     open_session,
+    revoke_open_sessions,
 )
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "filesystem_type",
     "open_session",
     "register_secret",
+    "revoke_open_sessions",
     "unwrap_delivery",
     "wrap_for_delivery",
 ]

@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -482,6 +483,22 @@ class CredentialSession(CredentialSet):
         return tuple(self._leases)
 
 
+_OPEN: weakref.WeakSet[CredentialSession] = weakref.WeakSet()
+
+
+def revoke_open_sessions() -> int:
+    """Revoke every credential session open in this process; returns how many were open.
+
+    For hosts whose SIGTERM handler does not raise -- Airflow 3's task runner only calls the
+    operator's ``on_kill()`` -- so the credentials die with the task instead of at TTL. Safe to
+    call from a signal handler and more than once.
+    """
+    sessions = list(_OPEN)
+    for session in sessions:
+        session.revoke()
+    return len(sessions)
+
+
 def _sigterm_to_exit(signum: int, frame: FrameType | None) -> None:
     # SIGTERM's default action skips every finally block: turn it into SystemExit once so the
     # revocation runs; later SIGTERMs are ignored until it has.
@@ -529,7 +546,10 @@ def open_session(
     installed = False
     if handle_sigterm and threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
-        if previous in (signal.SIG_DFL, None):
+        # stepguard's own audit handler flushes and then dies by the default action, which
+        # would skip revocation: go in front of it. A foreign handler (a host's) is left alone.
+        ours = getattr(previous, "__module__", "") or ""
+        if previous in (signal.SIG_DFL, None) or ours.startswith("stepguard."):
             signal.signal(signal.SIGTERM, _sigterm_to_exit)
             installed = True
     api = VaultApi(cfg)
@@ -540,12 +560,14 @@ def open_session(
         register_secret(login.token)
         session = CredentialSession(cfg, ctx, api, login, ttl_s=ttl_s, policies=pols)
         session.timings["login_s"] = time.monotonic() - t0
+        _OPEN.add(session)
         session._start(requests)
         yield session
     finally:
         try:
             if session is not None:
                 session.revoke()
+                _OPEN.discard(session)
             else:
                 api.close()
         finally:

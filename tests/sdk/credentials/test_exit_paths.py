@@ -21,8 +21,18 @@ pytestmark = [pytest.mark.services]
 DB = CredentialRequest(name="db", kind="database", role="stepguard-step")
 
 RUNNER = textwrap.dedent("""
-    import json, sys, time
-    from stepguard.credentials import VaultConfig, open_session
+    import json, signal, sys, time
+    from stepguard.credentials import VaultConfig, open_session, revoke_open_sessions
+    mode = sys.argv[4]
+    if mode == "audit":
+        from stepguard.audit import install_signal_flush
+        assert install_signal_flush()
+    elif mode == "foreign":
+        # Like Airflow 3's task runner: the handler calls on_kill() and does not raise.
+        def on_term(signum, frame):
+            n = revoke_open_sessions()
+            open(sys.argv[1] + ".killed", "w").write(str(n))
+        signal.signal(signal.SIGTERM, on_term)
     from stepguard.spec import CredentialRequest, RunContext
     cfg = VaultConfig.from_env()
     cfg = VaultConfig(**{**cfg.__dict__, "token_heartbeat_s": float(sys.argv[2])})
@@ -44,9 +54,10 @@ def _runner_env(dev_stack, approle_auth):
     return env
 
 
-def _start_runner(tmp_path, dev_stack, approle_auth, heartbeat, ttl):
+def _start_runner(tmp_path, dev_stack, approle_auth, heartbeat, ttl, mode="plain"):
     out = tmp_path / "runner.json"
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(out), str(heartbeat), str(ttl)],
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(out), str(heartbeat), str(ttl),
+                             mode],
                             env=_runner_env(dev_stack, approle_auth), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
@@ -59,8 +70,12 @@ def _start_runner(tmp_path, dev_stack, approle_auth, heartbeat, ttl):
     return proc, json.loads(out.read_text())
 
 
-def test_sigterm_of_runner_revokes(tmp_path, dev_stack, approle_auth, probes):
-    proc, info = _start_runner(tmp_path, dev_stack, approle_auth, heartbeat=300, ttl=600)
+@pytest.mark.parametrize("mode", ["plain", "audit"])
+def test_sigterm_of_runner_revokes(tmp_path, dev_stack, approle_auth, probes, mode):
+    """Plain runner, and a runner whose audit flush handler was installed first (it would
+    otherwise die by the default action after flushing, skipping revocation)."""
+    proc, info = _start_runner(tmp_path, dev_stack, approle_auth, heartbeat=300, ttl=600,
+                               mode=mode)
     assert probes.role_exists(info["user"]) and probes.lease_exists(info["lease"])
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=20)
@@ -68,6 +83,25 @@ def test_sigterm_of_runner_revokes(tmp_path, dev_stack, approle_auth, probes):
     # Revoked by the runner itself before it exited: no waiting on a TTL.
     assert not probes.role_exists(info["user"])
     assert not probes.lease_exists(info["lease"])
+
+
+def test_foreign_sigterm_handler_can_revoke_open_sessions(tmp_path, dev_stack, approle_auth,
+                                                          probes):
+    """A host handler that does not raise (Airflow's on_kill path) revokes via
+    revoke_open_sessions(); the process itself keeps running."""
+    proc, info = _start_runner(tmp_path, dev_stack, approle_auth, heartbeat=300, ttl=600,
+                               mode="foreign")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        marker = tmp_path / "runner.json.killed"
+        assert probes.wait_for(marker.exists, timeout=15)
+        assert marker.read_text() == "1"
+        assert proc.poll() is None
+        assert not probes.role_exists(info["user"])
+        assert not probes.lease_exists(info["lease"])
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @pytest.mark.slow
