@@ -238,7 +238,17 @@ class SigstoreSigner(Signer):
 
     @property
     def identity(self) -> str:
-        return "sigstore:" + (str(self.trust_config) if self.trust_config else "public-good")
+        """``sigstore:<identity>@<issuer>`` from the token's claims when one is at hand."""
+        where = str(self.trust_config) if self.trust_config else "public-good"
+        if self.identity_token:
+            from sigstore.oidc import IdentityError, IdentityToken
+
+            try:
+                tok = IdentityToken(self.identity_token)
+                return f"sigstore:{tok.identity}@{tok.federated_issuer or tok.issuer}"
+            except IdentityError:
+                pass
+        return f"sigstore:{where}"
 
     def _trust(self) -> Any:
         from sigstore.models import ClientTrustConfig

@@ -86,6 +86,7 @@ def test_keyless_request_reaches_configured_fulcio(tmp_path, standin):
     token = _fake_token()
     signer = SigstoreSigner(identity_token=token, trust_config=_trust_config(tmp_path, url))
     assert token not in repr(signer)
+    assert signer.identity == "sigstore:ci@example.test@https://oidc.example.test"
     with pytest.raises(StepguardError) as exc:
         signer.sign_dsse(build_model_statement("m", {"a": "0" * 64}))
     assert isinstance(exc.value, OperationalError)
