@@ -98,3 +98,14 @@ def test_component_yaml_rejects_unknown_names() -> None:
     with pytest.raises(ConfigurationError):
         stepguard_kfp.component_yaml("../../etc/passwd")
     assert isinstance(stepguard_kfp.component_yaml("secure_train"), Path)
+
+
+def test_package_and_runtime_import_without_kfp_loaded() -> None:
+    """The runtime the components execute, and the package root, do not import kfp."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stepguard_kfp, stepguard_kfp._runtime, stepguard_kfp.train; "
+            "bad = [m for m in ('kfp', 'kubernetes', 'boto3', 'model_signing') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
