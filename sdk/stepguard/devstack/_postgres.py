@@ -241,7 +241,8 @@ def start_cluster(
         ],
         port=info.port,
         log=state_dir / "logs" / "postgresql.log",
-        marker="postgres",
+        # Unique to this cluster: a recycled pid is never mistaken for it.
+        marker=f"-D {info.data_dir} -p {info.port}",
         cwd=Path(info.data_dir).parent,
         user=user,
         # SIGINT is PostgreSQL's "fast" shutdown; TERM would wait for clients to leave.

@@ -303,7 +303,9 @@ def _start_services(
         "moto",
         [sys.executable, "-m", "stepguard.devstack._moto_main",
          "-H", "127.0.0.1", "-p", str(moto_port)],
-        port=moto_port, log=sdir / "logs" / "moto.log", marker="devstack._moto_main",
+        port=moto_port, log=sdir / "logs" / "moto.log",
+        # Markers are unique per stack: a recycled pid is never mistaken for a service.
+        marker=f"devstack._moto_main -H 127.0.0.1 -p {moto_port}",
         env=base_env | {"INITIAL_NO_AUTH_ACTION_COUNT": str(_aws.BOOTSTRAP_CALLS)}, cwd=sdir,
     )
 
@@ -313,7 +315,8 @@ def _start_services(
         "openbao",
         [str(bao), "server", "-dev", f"-dev-listen-address=127.0.0.1:{vault_port}",
          "-dev-no-store-token"],
-        port=vault_port, log=sdir / "logs" / "openbao.log", marker="bao",
+        port=vault_port, log=sdir / "logs" / "openbao.log",
+        marker=f"-dev-listen-address=127.0.0.1:{vault_port}",
         # The root token goes by environment, not argv, which any local user can read.
         env=base_env | {"BAO_DEV_ROOT_TOKEN_ID": root_token, "HOME": str(sdir)}, cwd=sdir,
     )
