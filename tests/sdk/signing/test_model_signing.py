@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from stepguard.errors import ConfigurationError, IntegrityError, SignatureError
 from stepguard.signing import (
     KeyPolicy,
@@ -323,3 +325,23 @@ def test_single_file_model_interop_both_ways(model, keys, tmp_path):
     with pytest.raises(IntegrityError, match="model.safetensors") as exc:
         verify_model(weights, stock, _policy(keys))
     assert exc.value.details == ("modified: .",)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_single_byte_flip_is_refused(signed, keys, data):
+    model, sig = signed
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    target = data.draw(st.sampled_from(files))
+    raw = bytearray(target.read_bytes())
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    bit = data.draw(st.integers(0, 7))
+    raw[pos] ^= 1 << bit
+    target.write_bytes(bytes(raw))
+    try:
+        with pytest.raises(IntegrityError) as exc:
+            verify_model(model, sig, _policy(keys))
+        assert exc.value.subject == target.relative_to(model).as_posix()
+    finally:
+        raw[pos] ^= 1 << bit
+        target.write_bytes(bytes(raw))

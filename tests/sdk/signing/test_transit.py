@@ -111,3 +111,17 @@ def test_parse_transit_policy(vault_client, transit_key, model, tmp_path):
     with pytest.raises(SignatureError):
         verify_model(model, sig, parse_policy(f"transit:key={transit_key};min_version=2",
                                               vault_client=vault_client))
+
+
+def test_refused_token_never_in_errors(dev_stack, model):
+    import hvac
+    from stepguard.errors import CredentialDenied
+
+    canary = "hvs.CANARYtoken0123456789abcdef"
+    client = hvac.Client(url=dev_stack.vault_addr, token=canary, timeout=10)
+    with pytest.raises(CredentialDenied) as exc:
+        sign_model(model, TransitSigner("stepguard-signing", client=client))
+    text = exc.value.diagnostics() + repr(exc.value)
+    for form in (canary, canary.upper(), base64.b64encode(canary.encode()).decode()):
+        assert form not in text
+    assert canary not in repr(TransitSigner("stepguard-signing", client=client))
