@@ -49,6 +49,13 @@ def find_binaries() -> PgBinaries | None:
     return None
 
 
+def driver_available() -> bool:
+    """Whether psycopg2 (used to prepare the cluster) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("psycopg2") is not None
+
+
 def _service_user() -> str | None:
     """initdb refuses root: run the cluster as the ``postgres`` system user then."""
     if os.geteuid() != 0:

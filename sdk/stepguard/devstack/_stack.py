@@ -52,7 +52,11 @@ _OWNED_FILES = (
 
 
 def resolve_state_dir(state_dir: Path | str | None = None) -> Path:
-    """``state_dir``, else ``$STEPGUARD_DEV_DIR``, else ``.stepguard/dev`` under the cwd."""
+    """``state_dir``, else ``$STEPGUARD_DEV_DIR``, else ``.stepguard/dev`` under the cwd.
+
+    >>> resolve_state_dir("/tmp/stepguard-example")
+    PosixPath('/tmp/stepguard-example')
+    """
     if state_dir is None:
         state_dir = os.environ.get(ENV_DIR_VARIABLE) or DEFAULT_DIR
     return Path(state_dir).expanduser().absolute()
@@ -237,6 +241,13 @@ def up(
                 "PostgreSQL (initdb, postgres) is not installed", subject="postgresql",
                 hint="apt-get install postgresql, or use --no-postgres",
             )
+        if pg_bins is not None and not _postgres.driver_available():
+            if postgres is True:
+                raise ServiceError(
+                    "the PostgreSQL driver psycopg2 is not installed", subject="postgresql",
+                    hint="install stepguard[dev]",
+                )
+            pg_bins = None  # optional: run without it, as when PostgreSQL is missing
         (sdir / "logs").mkdir(mode=0o700, exist_ok=True)
         table = ProcessTable(sdir)
         try:
