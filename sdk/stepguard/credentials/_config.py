@@ -388,12 +388,13 @@ class VaultConfig:
         addr = e.get("VAULT_ADDR", "")
         if not addr:
             raise ConfigurationError("VAULT_ADDR is not set", subject="VAULT_ADDR")
-        auth = auth_from_env(e) if require_auth else None
-        if not require_auth:
-            try:
-                auth = auth_from_env(e)
-            except ConfigurationError:
-                auth = None
+        auth: VaultAuth | None
+        try:
+            auth = auth_from_env(e)
+        except ConfigurationError:
+            if require_auth:
+                raise
+            auth = None
         return cls(
             addr=addr,
             auth=auth,

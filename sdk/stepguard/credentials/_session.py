@@ -320,6 +320,9 @@ class CredentialSession(CredentialSet):
                     raise CredentialDenied(
                         "the step asks for policies its parent token does not hold",
                         subject=",".join(self._policies), details=exc.details) from exc
+                if isinstance(exc, CredentialDenied) and self._login.owned:
+                    exc.hint = ("this login may not create tokens: for an in-pod JWT or "
+                                "Kubernetes login set VaultConfig(child_token=False)")
                 raise
             auth = (body or {}).get("auth") or {}
             if not auth.get("client_token"):
