@@ -148,3 +148,35 @@ def test_doctests_of_the_package() -> None:
                 "stepguard_kfp._runtime"):
         failures += doctest.testmod(importlib.import_module(mod)).failed
     assert failures == 0
+
+
+def test_example_pipeline_ir_is_hardened_on_every_task(tmp_path: Path) -> None:
+    import importlib.util
+
+    from kfp import compiler
+
+    spec = importlib.util.spec_from_file_location(
+        "kfp_secure_training", ROOT / "dags_examples" / "kfp_secure_training.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "example.yaml"
+    compiler.Compiler().compile(mod.secure_training, str(out))
+    executors = _platform(out)
+    assert set(executors) == {"exec-verify-dataset", "exec-secure-train", "exec-sign-and-publish",
+                              "exec-verify-model"}
+    for name, ex in executors.items():
+        assert ex["securityContext"]["runAsNonRoot"] is True, name
+        assert ex["podMetadata"]["labels"]["stepguard.dev/pipeline"] == mod.PIPELINE_NAME
+        assert {m["mountPath"] for m in ex["emptyDirMounts"]} == {"/scratch", "/tmp"}
+    train = executors["exec-secure-train"]
+    assert train["activeDeadlineSeconds"] == str(int(mod.TRAIN_STEP.deadline_s) + 60)
+    assert train["podMetadata"]["labels"]["stepguard.dev/network"] == "none"
+    assert executors["exec-verify-model"]["podMetadata"]["labels"]["stepguard.dev/network"] \
+        == "allowlist"
+    doc = next(yaml.safe_load_all(out.read_text()))
+    assert all(not t["cachingOptions"].get("enableCache", False)
+               for t in doc["root"]["dag"]["tasks"].values())
+    res = doc["deploymentSpec"]["executors"]["exec-secure-train"]["container"]["resources"]
+    assert res["resourceCpuLimit"] == "2" and res["resourceMemoryLimit"] == "4Gi"
+    text = out.read_text()
+    assert "pip install" not in text and "@sha256:" in text
