@@ -28,6 +28,7 @@ def run_isolated(
     context: RunContext | None = None,
     pod_name: str | None = None,
     kube_api: Any = None,
+    wrapped_token_env: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Run ``command`` isolated as ``spec.mode`` says, and wait for it (at most ``deadline_s``).
 
@@ -42,6 +43,9 @@ def run_isolated(
     * ``stdout`` / ``stderr``: ``None`` inherits ours; a path captures to a new 0600 file; an open
       file or descriptor is used as is.
     * ``gpus``: overrides ``spec.gpus`` (0 hides GPUs even when the spec asks for them).
+    * pod mode only: ``context`` (labels), ``pod_name``, ``kube_api`` (a
+      ``KubeApi(core, networking)``; default from in-cluster config or kubeconfig), and
+      ``wrapped_token_env`` (response-wrapped, single-use Vault token variables for the pod).
 
     Returns a :class:`RunResult` whatever the body's exit status (a non-zero status is the
     caller's verdict). Raises :class:`~stepguard.errors.StepTimeout` after killing the whole
@@ -68,8 +72,11 @@ def run_isolated(
         return run_pod(
             command, spec, env=env or {}, secret_files=secret_files or {},
             deadline_s=deadline_s, context=context or RunContext(), name=pod_name,
-            stdout=stdout, api=kube_api, gpus=effective_gpus,
+            stdout=stdout, api=kube_api, gpus=effective_gpus, wrapped_token_env=wrapped_token_env,
         )
+    if wrapped_token_env:
+        raise ConfigurationError("wrapped tokens are for pods; give a local body its env",
+                                 subject="wrapped_token_env")
     if spec.mode not in ("process", "sandbox"):
         raise ConfigurationError(f"unknown isolation mode {spec.mode!r}", subject="isolation.mode")
     return run_local(

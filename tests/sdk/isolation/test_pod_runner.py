@@ -223,3 +223,23 @@ def test_logs_to_a_file(tmp_path: Any) -> None:
                   api=kube.api, poll_s=0.01, stdout=out)
     assert time.monotonic() - t0 < 5
     assert out.read_bytes() == b"done\n" and res.stdout_path == str(out)
+
+
+def test_wrapped_token_reaches_the_pod_spec_only_in_pod_mode() -> None:
+    kube = FakeKube()
+    bodies: list[dict[str, Any]] = []
+    original = kube.create_namespaced_pod
+
+    def capture(namespace: str, body: dict[str, Any]) -> None:
+        bodies.append(body)
+        original(namespace, body)
+
+    kube.create_namespaced_pod = capture  # type: ignore[method-assign]
+    run_isolated(["stepguard", "exec"], SPEC, deadline_s=30, context=CTX, kube_api=kube.api,
+                 stdout=io.BytesIO(), wrapped_token_env={"STEPGUARD_WRAPPED_TOKEN": "hvs.w"})
+    env = bodies[0]["spec"]["containers"][0]["env"]
+    assert {"name": "STEPGUARD_WRAPPED_TOKEN", "value": "hvs.w"} in env
+    kube.assert_clean()
+    with pytest.raises(ConfigurationError):
+        run_isolated(["true"], IsolationSpec(mode="process"), deadline_s=5,
+                     wrapped_token_env={"T": "hvs.w"})

@@ -512,3 +512,22 @@ def test_importing_isolation_stays_light() -> None:
             "if m in sys.modules))")
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_process_mode_environment_is_exactly_what_was_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOST_CANARY", "host-env-canary-4712")
+    res, text = sandboxed("import os, json; print(json.dumps(dict(os.environ)))", spec=PROCESS,
+                          env={"ONLY": "this"})
+    import json
+    env = json.loads(text)
+    assert set(env) - {"LC_CTYPE"} == {"ONLY", "PATH"}, env
+    assert res.network == "host"
+
+
+def test_gpu_request_without_a_gpu_runs_without_devices() -> None:
+    if os.path.exists("/dev/nvidia0"):
+        pytest.skip("this machine has a GPU; see test_gpu.py")
+    res, text = sandboxed("import glob; print(glob.glob('/dev/nvidia*'))",
+                          spec=IsolationSpec(mode="sandbox", gpus=1))
+    assert res.exit_code == 0 and text.strip() == "[]" and not res.gpus_visible
