@@ -46,7 +46,8 @@ def _npy_has_objects(path: Path) -> bool | None:
 
 def pickle_reason(rel: str, path: Path) -> str | None:
     """Why ``path`` is pickle-based (or None when it is not)."""
-    suffix = Path(rel).suffix.lower()
+    # A single-file model is named "." in the statement: judge it by its real name.
+    suffix = Path(path.name if rel == "." else rel).suffix.lower()
     if suffix == ".npy":
         objects = _npy_has_objects(path)
         if objects is None:
@@ -109,12 +110,13 @@ def check_formats(files: Mapping[str, Path], *, allow_pickle: bool) -> list[str]
         reason = pickle_reason(rel, files[rel])
         if reason is None:
             continue
+        label = files[rel].name if rel == "." else rel
         if not allow_pickle:
-            refused.append(f"{rel}: {reason}")
+            refused.append(f"{label}: {reason}")
             continue
         for finding in scan_pickle(files[rel]):
-            refused.append(f"{rel}: {finding}")
-        scanned.append(rel)
+            refused.append(f"{label}: {finding}")
+        scanned.append(label)
     if refused:
         raise PolicyViolation(
             "unsafe model format refused" if not allow_pickle

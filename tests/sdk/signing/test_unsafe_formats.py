@@ -116,3 +116,10 @@ def test_safetensors_onnx_and_numeric_npy_pass(model, keys, tmp_path):
     sig = tmp_path / "m.sig"
     sign_model(model, KeySigner(keys.private), bundle_path=sig)
     verify_model(model, sig, KeyPolicy(public_keys=(keys.public,)))
+
+
+def test_single_file_pickle_refused(tmp_path, keys):
+    f = tmp_path / "model.pt"
+    f.write_bytes(pickle.dumps([1, 2], protocol=4))
+    with pytest.raises(PolicyViolation, match="model.pt"):
+        sign_model(f, KeySigner(keys.private))
