@@ -15,7 +15,12 @@ MARKER_CODE = (
     "pathlib.Path(os.environ['STEPGUARD_OUTPUT_MODEL'], 'trained.marker').write_text('ran')"
 )
 SPEC = json.dumps({"name": "train", "deadline_s": 60, "isolation": {"mode": "pod"}})
-sandbox = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+
+
+def sandbox(test):
+    """Needs bubblewrap: marked ``sandbox``, skipped where bwrap is not installed."""
+    skip = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+    return pytest.mark.sandbox(skip(test))
 
 
 @pytest.fixture
