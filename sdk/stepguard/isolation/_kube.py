@@ -143,6 +143,9 @@ def run_pod(
         from dataclasses import replace
 
         spec = replace(spec, gpus=gpus)
+    if deadline_s <= 0:
+        raise StepTimeout("the deadline passed before the pod could be created",
+                          subject=name or context.step)
     name = name or default_pod_name(context)
     namespace = spec.namespace or "default"
     pod = build_pod(spec, name=name, command=command, env=env, context=context,
@@ -210,7 +213,7 @@ def run_pod(
                 pod_name=name,
             )
             if timed_out:
-                err = StepTimeout(f"pod exceeded its deadline of {deadline_s:g}s and was deleted",
+                err = StepTimeout(f"pod exceeded its deadline of {deadline_s:.1f}s and was deleted",
                                   subject=f"{namespace}/{name}", details=[f"phase: {phase}"])
                 err.result = result  # type: ignore[attr-defined]
                 raise err

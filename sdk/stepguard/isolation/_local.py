@@ -163,7 +163,9 @@ def run_local(
     if not command:
         raise ConfigurationError("empty command", subject="command")
     if deadline_s <= 0:
-        raise ConfigurationError("deadline must be positive", subject="deadline_s")
+        # The lifecycle passes what is left of the step's deadline: nothing left is a timeout.
+        raise StepTimeout("the deadline passed before the body could start",
+                          subject=os.path.basename(str(command[0])))
     _check_env(env, secret_files)
     for name in secret_files:
         if name in env:
@@ -302,7 +304,7 @@ def run_local(
         )
         if not finished:
             err = StepTimeout(
-                f"body exceeded its deadline of {deadline_s:g}s; its whole process tree was killed",
+                f"body exceeded its deadline of {deadline_s:.1f}s; its whole process tree was killed",
                 subject=os.path.basename(str(command[0])),
                 details=[f"mode: {mode}", f"ran: {duration:.2f}s"],
             )

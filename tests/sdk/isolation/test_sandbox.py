@@ -531,3 +531,8 @@ def test_gpu_request_without_a_gpu_runs_without_devices() -> None:
     res, text = sandboxed("import glob; print(glob.glob('/dev/nvidia*'))",
                           spec=IsolationSpec(mode="sandbox", gpus=1))
     assert res.exit_code == 0 and text.strip() == "[]" and not res.gpus_visible
+
+
+def test_no_time_left_is_a_timeout_not_a_configuration_error() -> None:
+    with pytest.raises(StepTimeout, match="before the body could start"):
+        run_isolated(["true"], SANDBOX, deadline_s=0)
