@@ -182,6 +182,7 @@ class AuditLog:
         # What this process last wrote: when the log still has that size under the lock, no
         # other writer came in between and the head file need not be read.
         self._last: ChainHead | None = None
+        self._dirty = False
 
     def _open(self) -> tuple[int, int]:
         # After fork the descriptors (and their flock) are shared with the parent: reopen.
@@ -286,9 +287,11 @@ class AuditLog:
                 head = ChainHead(seq, prev, size + len(data))
                 os.pwrite(head_fd, _encode_head(head), 0)
                 self._last = head
+                self._dirty = True
                 if self.fsync == "always":
                     os.fsync(fd)
                     os.fsync(head_fd)
+                    self._dirty = False
                 return head
             except OSError as exc:
                 raise AuditError("could not append to the audit log", subject=str(self.path),
@@ -297,14 +300,23 @@ class AuditLog:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def flush(self) -> None:
-        """fsync the log and its head now, whatever the policy."""
+        """fsync the log and its head now, whatever the policy (nothing to do if this process
+        wrote nothing since the last flush)."""
         with self._lock:
-            if self._fd is None or self._pid != os.getpid():
+            if not self._dirty:
                 return
             try:
-                os.fsync(self._fd)
-                if self._head_fd is not None:
+                if self._fd is not None and self._head_fd is not None and self._pid == _pid:
+                    os.fsync(self._fd)
                     os.fsync(self._head_fd)
+                else:
+                    for path in (self.path, self.head_path):
+                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                        try:
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
+                self._dirty = False
             except OSError as exc:
                 raise AuditError("could not fsync the audit log", subject=str(self.path)) from exc
 
@@ -312,20 +324,24 @@ class AuditLog:
         """The current head (sequence number, digest, size) as recorded beside the log."""
         return read_head(self.path)
 
-    def close(self) -> None:
-        """Flush per the policy and close the descriptors."""
+    def release(self) -> None:
+        """Close the descriptors without an fsync; the next append reopens them. Run at each
+        step's end so a long-lived process with many logs does not hold descriptors open."""
         with self._lock:
-            if self._fd is None:
-                return
+            if self._fd is not None and self._pid == _pid:
+                os.close(self._fd)
+                if self._head_fd is not None:
+                    os.close(self._head_fd)
+            self._fd = self._head_fd = None
+            self._last = None
+
+    def close(self) -> None:
+        """fsync and close the descriptors."""
+        with self._lock:
             try:
                 self.flush()
             finally:
-                if self._pid == os.getpid():
-                    os.close(self._fd)
-                    if self._head_fd is not None:
-                        os.close(self._head_fd)
-                self._fd = self._head_fd = None
-            self._last = None
+                self.release()
 
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:

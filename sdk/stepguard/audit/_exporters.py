@@ -98,7 +98,7 @@ class AuditLogProcessor(SpanProcessor):
     guard. Every span, sampled or not: an audit record is not a statistical sample.
 
     ``force_flush`` (run at each step's end and on SIGTERM) fsyncs when the log's policy is
-    ``"step"``; ``shutdown`` closes the log (fsync).
+    ``"step"`` and releases the descriptors; ``shutdown`` closes the log (fsync).
     """
 
     def __init__(self, log: AuditLog) -> None:
@@ -121,12 +121,13 @@ class AuditLogProcessor(SpanProcessor):
             logging.getLogger("stepguard.audit").exception("audit record not written")
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        if self.log.fsync != "step":
-            return True
         try:
-            self.log.flush()
+            if self.log.fsync == "step":
+                self.log.flush()
         except AuditError:
             return False
+        finally:
+            self.log.release()
         return True
 
     def shutdown(self) -> None:

@@ -291,3 +291,25 @@ def test_show_filters_by_run_and_lists_unsecured_tasks(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "sha256:run-b" in out and "sha256:run-a" not in out and "send_email" not in out
     setup.shutdown()
+
+
+def test_no_descriptor_held_between_steps(tmp_path, monkeypatch):
+    """Many logs in one long-lived process (a worker, a test session) must not pile up fds."""
+    import os
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    setup = audit.configure(audit_dir=tmp_path, install_signal_handlers=False)
+
+    def open_on_log() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path)))
+
+    with setup.auditor().step_span("s1"):
+        with setup.auditor().control_span("integrity", "verify"):
+            pass
+        assert open_on_log() == 2  # log and head, while the step runs
+    assert open_on_log() == 0
+    with setup.auditor().step_span("s2"):
+        pass
+    assert audit.verify_chain(setup.audit_log).records == 4
+    setup.shutdown()
