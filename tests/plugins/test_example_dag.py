@@ -161,3 +161,45 @@ def test_tampered_data_stops_at_verification(airflow_run, pipeline_env, capfd):
     # one clear message naming the step, the verdict and the file
     assert "stepguard step 'verify_dataset' failed: IntegrityError" in out
     assert "churn.csv" in out
+
+
+def test_minted_credentials_are_registered_with_airflows_masker(airflow_run, pipeline_env):
+    """On the operator path every value minted for the step is registered with Airflow's secrets
+    masker (which redacts task logs and rendered fields), derived forms included.
+
+    Checked with ``airflow.sdk.log.redact`` inside the running task: ``dag.test()``'s in-process
+    console output itself does not run the masker on Airflow 3.3.2 (even for values given to
+    Airflow's own ``mask_secret``), so it cannot be the sink under test.
+    """
+    seen_file = pipeline_env / "seen.json"
+    dag, _ = airflow_run.write(f"""
+        import base64, json, pendulum
+        from airflow.sdk import DAG
+        from stepguard_airflow.operators import SecureStepOperator
+
+        def careless(step_env):
+            from airflow.sdk.log import redact
+
+            pw = step_env.credentials["db"].reveal("password")
+            b64 = base64.b64encode(pw.encode()).decode()
+            open({str(seen_file)!r}, "w").write(json.dumps({{
+                "pw": pw, "redacted": redact(f"dsn=postgresql://u:{{pw}}@db/x"),
+                "redacted_b64": redact(f"auth={{b64}}"),
+                "redacted_upper": redact(pw.upper())}}))
+
+        with DAG("{{dag_id}}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            SecureStepOperator(task_id="careless", python_callable=careless, spec={{
+                "credentials": [{{"name": "db", "kind": "database", "role": "stepguard-step"}}]}})
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"careless": "success"}
+    import json
+
+    seen = json.loads(seen_file.read_text())
+    seen_file.unlink()
+    pw = seen["pw"]
+    assert pw not in seen["redacted"] and "***" in seen["redacted"]
+    assert "***" in seen["redacted_b64"] and "***" in seen["redacted_upper"]
+    receipt = airflow_run.xcom_of(dr, "careless")
+    assert pw not in json.dumps(receipt)
+    assert receipt["credentials"][0]["revoked"] is True
