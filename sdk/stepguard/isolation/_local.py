@@ -304,7 +304,8 @@ def run_local(
         )
         if not finished:
             err = StepTimeout(
-                f"body exceeded its deadline of {deadline_s:.1f}s; its whole process tree was killed",
+                f"body exceeded its deadline of {deadline_s:.1f}s; "
+                "its whole process tree was killed",
                 subject=os.path.basename(str(command[0])),
                 details=[f"mode: {mode}", f"ran: {duration:.2f}s"],
             )
