@@ -221,7 +221,9 @@ def _aws_web_identity(api: VaultApi, req: CredentialRequest, ctx: RunContext,
     token = _data(body, path).get("token")
     if not token:
         raise CredentialError("Vault returned no identity token", subject=path)
-    duration = int(req.params.get("duration_s", max(900, min(int(ttl_s), 43200))))
+    # AWS roles allow one hour unless raised (MaxSessionDuration); asking for more fails the
+    # whole step, so longer sessions are opt-in through params.duration_s.
+    duration = int(req.params.get("duration_s", max(900, min(int(ttl_s), 3600))))
     endpoint = req.params.get("sts_endpoint") or api.config.sts_endpoint
     region = req.params.get("region") or api.config.aws_region
     try:
