@@ -148,12 +148,14 @@ def test_cannot_reach_a_service_on_the_hosts_loopback(host_service: tuple[int, l
     # Control: a plain process does reach it, so the probe works.
     res, text = sandboxed(CONNECT.format(port=port), spec=PROCESS)
     assert "CONNECTED" in text
-    time.sleep(0.3)
+    end = time.monotonic() + 10
+    while not seen and time.monotonic() < end:
+        time.sleep(0.05)
     assert seen == [b"escaped"]
     seen.clear()
     res, text = sandboxed(CONNECT.format(port=port))
     assert res.exit_code == 0 and "REFUSED" in text, text
-    time.sleep(0.3)
+    time.sleep(0.5)
     assert seen == []
 
 
