@@ -20,26 +20,11 @@ from stepguard.errors import ConfigurationError, ServiceError
 
 pytestmark = pytest.mark.services
 
-CLI = textwrap.dedent(
-    """
-    import argparse, sys
-    from stepguard._private import cli_dev
-    from stepguard.errors import StepguardError
-    parser = argparse.ArgumentParser(prog="stepguard")
-    cli_dev.register(parser.add_subparsers())
-    args = parser.parse_args(sys.argv[1:])
-    try:
-        sys.exit(args.func(args))
-    except StepguardError as err:
-        print("stepguard: error:", err, file=sys.stderr)
-        sys.exit(err.exit_code)
-    """
-)
-
-
 def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real entry point (``stepguard ...``), in its own process."""
     return subprocess.run(
-        [sys.executable, "-c", CLI, *argv], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "stepguard.cli", *argv], capture_output=True, text=True,
+        timeout=timeout,
     )
 
 
@@ -99,7 +84,8 @@ def test_cli_up_survives_cli_exit_and_down_leaves_nothing(tmp_path: Path, need_b
         assert shown.returncode == 0 and summary["vault_addr"] in shown.stdout
         assert run_cli("dev", "env", "--state-dir", str(state)).stdout.strip() == str(env_file)
         again = run_cli("dev", "up", "--no-postgres", "--state-dir", str(state))
-        assert again.returncode == 2 and "already running" in again.stderr
+        assert again.returncode == 2
+        assert again.stderr.startswith("stepguard: error: a dev stack is already running")
         assert json.loads(run_cli("dev", "status", "--json", "--state-dir", str(state)).stdout)[
             "pids"
         ] == pids  # no duplicate was started
