@@ -250,7 +250,7 @@ def _run_forwarding_signals(argv: list[str]) -> int:
 
 
 def _runner_argv() -> list[str]:
-    return [sys.executable, "-m", "stepguard.cli", "exec"]
+    return [sys.executable, "-m", "stepguard.cli", "exec", "--orchestrator", "kfp"]
 
 
 def secure_train_step(

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=os.environ.get("STEPGUARD_RUN_ID"))
     p.add_argument("--step-id", default=None, help="step id (default: the spec name)")
     p.add_argument("--try-number", type=int, default=1)
+    p.add_argument("--orchestrator", choices=("cli", "airflow", "kfp", "python"),
+                   default=os.environ.get("STEPGUARD_ORCHESTRATOR", "cli"),
+                   help="what launched this step (recorded in the receipt and spans)")
     p.add_argument("--receipt-out", help="also write the receipt JSON to this file")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=_cmd_exec)
@@ -144,7 +147,7 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     settings = _load_settings(args.settings)
     ctx_kwargs: dict[str, object] = {
         "pipeline": args.pipeline, "step": args.step_id or spec.name,
-        "try_number": args.try_number, "orchestrator": "cli",
+        "try_number": args.try_number, "orchestrator": args.orchestrator,
     }
     if args.run_id:
         ctx_kwargs["run_id"] = args.run_id
