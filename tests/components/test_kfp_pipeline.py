@@ -134,6 +134,7 @@ def test_pipeline_runs_to_success_and_receipts_chain(example, env: Path, capfd) 
     assert publish["outputs"][0]["published"]["signer"].startswith("transit:")
     # kfp.local ignores platform settings; ours do not: the body ran in the sandbox.
     assert train["isolation"]["mode"] == "sandbox"
+    assert train["context"]["orchestrator"] == "kfp"
     # The credential was minted for the train step only and reached the body.
     assert [c["name"] for c in train["credentials"]] == ["tracking"]
     assert verify["credentials"] == [] and publish["credentials"] == []
