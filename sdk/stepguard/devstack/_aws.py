@@ -26,7 +26,7 @@ class AwsSetup:
     account_id: str
 
 
-def _client(service: str, endpoint: str, key_id: str, secret: str) -> Any:
+def _client(service: str, endpoint: str, key_id: str, secret: str, *, attempts: int = 2) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -36,7 +36,7 @@ def _client(service: str, endpoint: str, key_id: str, secret: str) -> Any:
         region_name=REGION,
         aws_access_key_id=key_id,
         aws_secret_access_key=secret,
-        config=Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5,
+        config=Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5,
                       read_timeout=30),
     )
 
@@ -53,7 +53,8 @@ def _enforce_now(endpoint: str) -> None:
 
 def configure_moto(endpoint: str, oidc_issuer: str, sts_audience: str) -> AwsSetup:
     # The first BOOTSTRAP_CALLS requests pass unauthenticated; the dummy key is never checked.
-    iam0 = _client("iam", endpoint, "bootstrap", "bootstrap")
+    # No retries: a repeated call would use up the unauthenticated allowance.
+    iam0 = _client("iam", endpoint, "bootstrap", "bootstrap", attempts=1)
     user_arn = str(iam0.create_user(UserName=ADMIN_USER)["User"]["Arn"])
     iam0.put_user_policy(
         UserName=ADMIN_USER,
