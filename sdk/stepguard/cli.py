@@ -29,6 +29,7 @@ __all__ = ["main"]
 # Command groups contributed by each area, in the order they appear in --help.
 _AREA_MODULES = (
     "stepguard._private.cli_manifest",
+    "stepguard.credentials._cli",
     "stepguard._private.cli_signing",
     "stepguard._private.cli_pod",
     "stepguard._private.cli_audit",

@@ -86,6 +86,7 @@ class AuditSettings:
 
     exporter: Literal["jsonl", "otlp", "both", "none"] = "jsonl"
     path: str | None = None
+    dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class Settings:
         """The local audit log location (default: ``<state_dir>/audit/audit.jsonl``)."""
         if self.audit.path:
             return Path(self.audit.path)
-        return Path(self.state_dir) / "audit" / "audit.jsonl"
+        return Path(self.audit.dir or Path(self.state_dir) / "audit") / "audit.jsonl"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Settings:
@@ -222,6 +223,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _from_environ(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     std = {
+        # Names other tools and the audit package already use.
+        "STEPGUARD_AUDIT_LOG": ("audit", "path"),
         "VAULT_ADDR": ("vault", "addr"),
         "VAULT_NAMESPACE": ("vault", "namespace"),
         "VAULT_CACERT": ("vault", "ca_cert"),
@@ -232,7 +235,7 @@ def _from_environ(env: Mapping[str, str]) -> dict[str, Any]:
         if env.get(var):
             out.setdefault(section, {})[key] = env[var]
     for var, value in env.items():
-        if not var.startswith("STEPGUARD_"):
+        if not var.startswith("STEPGUARD_") or var in std:
             continue
         rest = var[len("STEPGUARD_"):].lower()
         if rest == "state_dir":

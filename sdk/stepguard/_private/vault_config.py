@@ -37,6 +37,9 @@ def vault_config(settings: Settings, environ: Mapping[str, str] | None = None) -
                         "kubernetes": "VAULT_K8S_ROLE"}.get(vs.auth, "_UNUSED"), vs.role)
     if vs.jwt_path:
         env.setdefault("VAULT_JWT_PATH", vs.jwt_path)
+    if vs.mount:
+        env["VAULT_" + {"approle": "APPROLE", "jwt": "JWT", "kubernetes": "K8S",
+                        "token": "TOKEN"}[vs.auth] + "_MOUNT"] = vs.mount
     factories: dict[str, Any] = {"token": TokenAuth, "approle": AppRoleAuth, "jwt": JwtAuth,
                                  "kubernetes": KubernetesAuth}
     auth: VaultAuth = factories[vs.auth].from_env(env)
@@ -47,6 +50,9 @@ def vault_config(settings: Settings, environ: Mapping[str, str] | None = None) -
         ca_cert=vs.ca_cert,
         timeout_s=vs.timeout_s,
         token_heartbeat_s=vs.heartbeat_s,
+        # An in-pod JWT/Kubernetes login already yields a token for this step alone (revoked at
+        # the end); its role need not be allowed to create children.
+        child_token=vs.auth not in ("jwt", "kubernetes"),
         sts_endpoint=env.get("STEPGUARD_STS_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or None,
         aws_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
