@@ -174,13 +174,15 @@ class Registry(abc.ABC):
         total = 0
         prov_uri = man_uri = None
         try:
+            jobs = []
             for rel, digest in sorted(signed.files.items()):
                 src = root / rel
                 size = os.lstat(src).st_size
                 key = f"{base}{FILES_DIR}/{rel}"
                 up.keys.append(key)
-                self._put_file(key, src, digest, size)
+                jobs.append((key, src, digest, size))
                 total += size
+            self._put_files(jobs)
             if manifest is not None:
                 key = base + MANIFEST_NAME
                 up.keys.append(key)
@@ -210,6 +212,22 @@ class Registry(abc.ABC):
             bundle_digest="sha256:" + hashlib.sha256(signed.bundle).hexdigest(),
             root_digest=signed.root_digest, signer=signed.signer, files=len(signed.files),
             size=total, provenance_uri=prov_uri, manifest_uri=man_uri)
+
+    #: Files uploaded concurrently by one publish (each backend bounds its own memory per file).
+    upload_workers: int = 4
+
+    def _put_files(self, jobs: list[tuple[str, Path, str, int]]) -> None:
+        if len(jobs) <= 1 or self.upload_workers <= 1:
+            for job in jobs:
+                self._put_file(*job)
+            return
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        with ThreadPoolExecutor(max_workers=min(self.upload_workers, len(jobs))) as pool:
+            futures = [pool.submit(self._put_file, *job) for job in jobs]
+            wait(futures)
+        for fut in futures:
+            fut.result()  # first failure, after every upload has stopped (for cleanup)
 
     def _cleanup(self, keys: list[str]) -> None:
         # The original error matters more than a failed cleanup; nothing was committed.
