@@ -45,6 +45,7 @@ ProgressCallback = Callable[[int], None]
 _BUF = 1024 * 1024
 _BLAKE3_BUF = 8 * 1024 * 1024
 _SMALL = 256 * 1024
+_TINY = 64 * 1024
 # Small files are handed to workers in batches: one future per 4 KiB file would cost more than
 # hashing it.
 _BATCH_FILES = 128
@@ -398,14 +399,22 @@ def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
             else:
                 shards.setdefault(job.rel, {})[job.index] = res
 
-    if jobs <= 1 or len(batches) <= 1:
-        for b in batches:
+    # Tiny files go to the calling thread only: hashing 4 KiB takes about as long as the Python
+    # around it, and threads handing the GIL back and forth for each file are slower than one
+    # thread (measured: 100,000 x 4 KiB files). Everything else (shards, larger files) spends its
+    # time in hashlib/preadv with the GIL released and runs on the pool, at the same time.
+    tiny = [b for b in batches if all(j.index < 0 and j.file_size < _TINY for j in b)]
+    rest = [b for b in batches if not all(j.index < 0 and j.file_size < _TINY for j in b)]
+    if jobs <= 1 or not rest:
+        for b in rest + tiny:
             collect(_run_batch(b, algorithm, progress))
     else:
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="stepguard-hash") as pool:
             futures: list[Future[list[tuple[_Job, bytes | str]]]] = [
-                pool.submit(_run_batch, b, algorithm, progress) for b in batches
+                pool.submit(_run_batch, b, algorithm, progress) for b in rest
             ]
+            for b in tiny:
+                collect(_run_batch(b, algorithm, progress))
             for f in futures:
                 collect(f.result())
     for key, parts in shards.items():
