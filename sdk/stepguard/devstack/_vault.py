@@ -197,8 +197,9 @@ def configure_vault(
         f"auth/approle/role/{APPROLE_ROLE}",
         {
             "token_policies": [ORCHESTRATOR_POLICY, STEP_POLICY],
-            "token_ttl": "1h",
-            "token_max_ttl": "4h",
+            # A killed orchestrator's login (and any child it left) should not outlive this.
+            "token_ttl": "15m",
+            "token_max_ttl": "1h",
             "secret_id_ttl": "24h",
             "token_bound_cidrs": ["127.0.0.1/32"],
             "secret_id_bound_cidrs": ["127.0.0.1/32"],
