@@ -118,10 +118,15 @@ class _Gate:
                                 fh.write(str(pid))
                     for res, value in limits:
                         resource.prlimit(pid, res, (value, value))
+                except ProcessLookupError:
+                    # The sandbox died during setup (bwrap said why on stderr): no body runs,
+                    # there is nothing to confine, and its exit status reports the failure.
+                    return
                 except OSError as exc:
                     raise IsolationError(f"could not confine the sandbox ({exc.strerror})",
                                          subject="cgroup") from exc
-            os.write(self.block_w, b"x")
+            with contextlib.suppress(BrokenPipeError):
+                os.write(self.block_w, b"x")
         finally:
             self.close()
 
@@ -226,6 +231,8 @@ def run_local(
                 share_net=share_net, bind_python=bind_python, tmp_size=tmp_size,
             )
             argv, pass_fds, gpus_visible = plan.argv, plan.pass_fds, plan.gpus_visible
+            if plan.seccomp:
+                applied = (*applied, "seccomp:deny-list")
             popen_cwd = "/"
         else:
             moved = [f"{h} -> {s}" for h, s in {**ro_binds, **rw_binds}.items()

@@ -165,6 +165,7 @@ class BwrapPlan:
     argv: list[str]
     pass_fds: list[int] = field(default_factory=list)
     gpus_visible: bool = False
+    seccomp: bool = False
 
 
 def _data_fd(data: bytes) -> int:
@@ -288,6 +289,14 @@ def _fill(
             fd = _data_fd(content)
             plan.pass_fds.append(fd)
             a(["--perms", "0400", "--file", str(fd), f"{SECRETS_DIR}/{name}"])
+
+    from stepguard.isolation._seccomp import filter_fd
+
+    sfd = filter_fd()
+    if sfd is not None:
+        plan.pass_fds.append(sfd)
+        plan.seccomp = True
+        a(["--seccomp", str(sfd)])
 
     # Last: the root tmpfs (and the directories bwrap created in it) becomes read-only.
     a(["--remount-ro", "/", "--chdir", cwd or SANDBOX_HOME, "--", *command])

@@ -538,3 +538,28 @@ def test_gpu_request_without_a_gpu_runs_without_devices() -> None:
 def test_no_time_left_is_a_timeout_not_a_configuration_error() -> None:
     with pytest.raises(StepTimeout, match="before the body could start"):
         run_isolated(["true"], SANDBOX, deadline_s=0)
+
+
+SYSCALLS = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for name, nr, args in (('keyctl', 250, (0, -3, 0)), ('ptrace', 101, (0, 0, 0, 0)),
+                       ('io_uring_setup', 425, (1, 0)), ('bpf', 321, (0, 0, 0)),
+                       ('userfaultfd', 323, (0,)), ('perf_event_open', 298, (0, 0, -1, -1, 0))):
+    r = libc.syscall(nr, *args)
+    print(name, 'EPERM' if r == -1 and ctypes.get_errno() == 1 else 'other')
+print('Seccomp', [l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')][0])
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the deny-list is for x86-64")
+def test_seccomp_denies_kernel_attack_surface() -> None:
+    # Control: outside the sandbox, keyctl and ptrace(TRACEME) work here.
+    _, host = sandboxed(SYSCALLS, spec=PROCESS)
+    assert "keyctl other" in host and "ptrace other" in host
+    res, text = sandboxed(SYSCALLS)
+    assert res.exit_code == 0, text
+    assert "seccomp:deny-list" in res.limits
+    for name in ("keyctl", "ptrace", "io_uring_setup", "bpf", "userfaultfd", "perf_event_open"):
+        assert f"{name} EPERM" in text, text
+    assert "Seccomp 2" in text
