@@ -64,10 +64,11 @@ class Receiver:
             self.spans.extend(decoded)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Every span received once ``count`` distinct spans are in (or the timeout passed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                if len(self.spans) >= count:
+                if len({s["span_id"] for s in self.spans}) >= count:
                     return list(self.spans)
             time.sleep(0.02)
         with self.lock:
