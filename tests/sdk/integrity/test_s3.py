@@ -158,3 +158,51 @@ def test_location_parsing() -> None:
     assert S3Location.parse("s3://b/x/y") == S3Location("b", "x/y/")
     with pytest.raises(ConfigurationError):
         S3Location.parse("https://b/x")
+
+
+def test_least_privilege_reader_verifies_but_cannot_write(
+    dev_stack, aws_admin_session, s3, bucket, tree, tmp_path
+) -> None:
+    """IAM is enforced: a read-only principal verifies and downloads; its upload is refused,
+    and the refusal names no secret."""
+    import json as _json
+
+    from stepguard.errors import OperationalError
+
+    loc = S3Location(bucket, "ro")
+    m = upload(tree, loc, client=s3, shard_size=SHARD)
+    iam = aws_admin_session.client("iam", endpoint_url=dev_stack.moto_endpoint)
+    user = f"reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="read", PolicyDocument=_json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": f"arn:aws:s3:::{bucket}"},
+            {"Effect": "Allow", "Action": ["s3:GetObject"],
+             "Resource": f"arn:aws:s3:::{bucket}/*"},
+        ],
+    }))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    try:
+        import boto3
+
+        reader = boto3.client("s3", endpoint_url=dev_stack.moto_endpoint,
+                              region_name=dev_stack.aws_region,
+                              aws_access_key_id=key["AccessKeyId"],
+                              aws_secret_access_key=key["SecretAccessKey"])
+        assert verify_s3(loc, m, client=reader).files == 5
+        download_and_verify(loc, m, tmp_path / "staged", client=reader)
+        with pytest.raises(OperationalError) as info:
+            upload(tree, S3Location(bucket, "ro-write"), client=reader, manifest=m)
+        assert "AccessDenied" in str(info.value)
+        secret = key["SecretAccessKey"]
+        text = "\n".join([str(info.value), repr(info.value), info.value.diagnostics()])
+        from urllib.parse import quote
+
+        for variant in (secret, secret.upper(), base64.b64encode(secret.encode()).decode(),
+                        quote(secret, safe="")):
+            assert variant not in text
+    finally:
+        iam.delete_access_key(UserName=user, AccessKeyId=key["AccessKeyId"])
+        iam.delete_user_policy(UserName=user, PolicyName="read")
+        iam.delete_user(UserName=user)
