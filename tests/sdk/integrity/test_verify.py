@@ -241,7 +241,9 @@ def test_single_file_input(tmp_path: Path) -> None:
     verify_manifest(staged, m)
     with open(staged, "r+b") as fh:
         fh.seek(2 * MiB)
-        fh.write(b"\0")
+        byte = fh.read(1)[0]
+        fh.seek(2 * MiB)
+        fh.write(bytes([byte ^ 0xFF]))
     _fails(staged, m, "modified: model.safetensors")
     _fails(tmp_path, m, "manifest describes a single file")
     with pytest.raises(IntegrityError, match="does not exist"):
