@@ -226,8 +226,9 @@ class Manifest:
             doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except _DuplicateKey as exc:
             raise ManifestError("manifest JSON repeats a key", subject=str(exc)) from exc
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ManifestError("manifest is not valid JSON", details=(str(exc),)) from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ManifestError("manifest is not valid JSON",
+                                details=(str(exc)[:200] or type(exc).__name__,)) from exc
         return cls._from_statement(doc, consume=True)
 
     @classmethod

@@ -158,6 +158,10 @@ def test_duplicate_json_key_and_garbage() -> None:
         Manifest.from_json("{")
     with pytest.raises(ManifestError):
         Manifest.from_json("[]")
+    with pytest.raises(ManifestError):
+        Manifest.from_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError):
+        Manifest.from_json(b"\xff\xfe{}")
 
 
 def test_export_sha256sum_refuses_sharded_without_data() -> None:
