@@ -121,6 +121,7 @@ class Receipt:
     credentials: tuple[LeaseRecord, ...] = ()
     isolation: Mapping[str, str] = field(default_factory=dict)
     trace_id: str | None = None
+    audit_head: str | None = None  # "<seq>:<digest>" of the local audit log after this step
     started_at: str | None = None
     finished_at: str | None = None
     timings_ms: Mapping[str, float] = field(default_factory=dict)

@@ -172,6 +172,7 @@ class _Run:
         self.leases: tuple[LeaseRecord, ...] = ()
         self.isolation: dict[str, str] = {"mode": self.spec.isolation.mode}
         self.started = datetime.now(UTC)
+        self.audit_head: str | None = None
         self.deadline = time.monotonic() + self.spec.deadline_s
 
     @contextlib.contextmanager
@@ -193,6 +194,8 @@ class _Run:
                     self.isolation["trace_id"] = self.audit.trace_id or ""
         except BaseException as exc:
             error = exc
+        self.audit.flush()
+        self.audit_head = self.audit.head()
         receipt = self._receipt(error)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +203,6 @@ class _Run:
         except OSError:
             if error is None:
                 raise
-        self.audit.flush()
         if error is not None:
             if isinstance(error, StepguardError):
                 error.receipt = receipt  # type: ignore[attr-defined]
@@ -437,6 +439,7 @@ class _Run:
             credentials=self.leases,
             isolation=dict(self.isolation),
             trace_id=self.audit.trace_id,
+            audit_head=self.audit_head,
             started_at=self.started.isoformat(),
             finished_at=datetime.now(UTC).isoformat(),
             timings_ms=dict(self.timings),

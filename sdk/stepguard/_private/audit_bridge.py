@@ -91,6 +91,16 @@ class StepAudit:
 
         return dict(inject_env())
 
+    def head(self) -> str | None:
+        """``seq:digest`` of the local audit log's last record: an anchor kept outside the log
+        (``stepguard audit verify --anchor``) that catches a truncated tail."""
+        if not self.enabled or self.settings.audit.exporter not in ("jsonl", "both"):
+            return None
+        from stepguard.audit import read_head
+
+        head = read_head(self.settings.audit_path.absolute())
+        return f"{head.seq}:{head.digest}" if head is not None else None
+
     def flush(self) -> None:
         """Push every finished span out before the process may end."""
         if self.enabled and self._provider is not None:

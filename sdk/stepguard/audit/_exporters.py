@@ -132,7 +132,14 @@ class AuditLogProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         self._shutdown = True
-        self.log.close()
+        try:
+            self.log.close()
+        except AuditError as err:
+            # Runs from atexit too: report once on stderr instead of a traceback. Every record
+            # was already written when its span ended; only the final fsync failed.
+            import sys
+
+            print(f"stepguard: warning: {err}", file=sys.stderr)
 
 
 def _span_has_secret(span: ReadableSpan) -> bool:

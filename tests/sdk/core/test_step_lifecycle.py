@@ -201,3 +201,28 @@ def test_unsafe_unverified_input_is_recorded_and_warns(tmp_path, settings, datas
     with pytest.warns(UserWarning, match="without verification"):
         r = run_step(spec, body=lambda env: None, settings=settings)
     assert r.inputs[0].verified is False and r.inputs[0].source == "unverified"
+
+
+def test_receipt_carries_audit_head_that_anchors_the_log(tmp_path, dataset):
+    """The receipt (kept elsewhere, e.g. XCom) anchors the audit log: cutting its tail and
+    rewriting the head file beside it is still caught."""
+    from stepguard.audit import ChainHead, verify_chain
+    from stepguard.errors import AuditError
+
+    data, manifest = dataset
+    log = tmp_path / "audit" / "audit.jsonl"
+    settings = Settings.from_dict({"state_dir": str(tmp_path / "state"),
+                                   "audit": {"exporter": "jsonl", "path": str(log)}})
+    first = run_step(_spec(tmp_path, data, manifest), body=lambda env: None, settings=settings,
+                     context=RunContext(run_id="a1", step="train"))
+    seq, digest = first.audit_head.split(":", 1)
+    assert verify_chain(log, anchor=ChainHead(int(seq), digest, 0)).tail_anchored
+
+    # An attacker drops this step's records and the head file that would have noticed.
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:2]))
+    head = log.with_name(log.name + ".head")
+    if head.exists():
+        head.unlink()
+    with pytest.raises(AuditError):
+        verify_chain(log, anchor=ChainHead(int(seq), digest, 0))
