@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         imp = bench_imports(runs, work)
         print(f"\n1. DAG file import time (median of {runs} fresh interpreters)")
         print(f"   example pipeline, stepguard operators : {imp['ours'] * 1000:8.1f} ms")
-        print(f"   same DAG, stock operators (with KPO)  : {imp['stock'] * 1000:8.1f} ms")
+        print(f"   same DAG, stock operators             : {imp['stock'] * 1000:8.1f} ms")
         print(f"   added by stepguard                    : "
               f"{(imp['ours'] - imp['stock']) * 1000:+8.1f} ms  (target <= +50 ms; "
               f"ratio {imp['ours'] / imp['stock']:.2f})")
