@@ -113,7 +113,8 @@ class Registry(abc.ABC):
     def _any_under(self, prefix: str) -> bool: ...
 
     @abc.abstractmethod
-    def _put_file(self, key: str, src: Path, sha256_hex: str, size: int) -> None: ...
+    def _put_file(self, key: str, src: Path, size: int) -> str:
+        """Store ``src`` under ``key`` (exclusively); return the SHA-256 hex of what was sent."""
 
     @abc.abstractmethod
     def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None: ...
@@ -139,7 +140,12 @@ class Registry(abc.ABC):
     def publish(self, model_dir: str | Path, name: str, version: str, *, signer: Any,
                 provenance: Any = None, manifest: Any = None,
                 allow_pickle: bool = False) -> PublishedModel:
-        """Sign ``model_dir`` and upload it as ``name``/``version``; the bundle goes last.
+        """Upload ``model_dir`` as ``name``/``version``, sign what was stored; bundle goes last.
+
+        Each file is read once: hashed while it is uploaded, and the signature covers those
+        digests, so the signature describes exactly the bytes in the registry. With
+        ``manifest``, the stored digests must match it (a file changed after the manifest was
+        taken fails the publish).
 
         ``signer``: a :class:`~stepguard.signing.Signer`. ``provenance``: a step receipt (dict
         or ``Receipt``; see :func:`~stepguard.signing.build_provenance`), signed with the same
@@ -147,8 +153,9 @@ class Registry(abc.ABC):
         tree; its root digest is bound into the signed statement. On any failure everything this
         call uploaded is removed. A version that already exists raises RegistryError.
         """
-        from stepguard.signing import sign_model, sign_provenance
-        from stepguard.signing._model import sign_files
+        from stepguard.signing import sign_provenance
+        from stepguard.signing._formats import check_formats
+        from stepguard.signing._model import _model_files, sign_digests
 
         _check("name", name, _NAME)
         _check("version", version, _VERSION)
@@ -160,29 +167,29 @@ class Registry(abc.ABC):
         if manifest is not None:
             binding["manifest_digest"] = manifest.digest
         root = Path(model_dir)
-        if root.is_file() and not root.is_symlink():
+        files = _model_files(root, set())
+        if set(files) == {"."}:
             # A single file is published as a one-file model directory.
-            signed = sign_files({root.name: root}, signer, name=name, binding=binding,
-                                allow_pickle=allow_pickle)
-            root = root.parent
-        else:
-            signed = sign_model(model_dir, signer, name=name, binding=binding,
-                                allow_pickle=allow_pickle)
-        if manifest is not None:
-            _check_manifest(manifest, signed.files)
+            files = {root.name: root}
+        if not files:
+            raise ConfigurationError("model directory is empty", subject=str(root))
+        check_formats(files, allow_pickle=allow_pickle)
         up = _Upload()
         total = 0
         prov_uri = man_uri = None
         try:
             jobs = []
-            for rel, digest in sorted(signed.files.items()):
-                src = root / rel
+            for rel, src in sorted(files.items()):
                 size = os.lstat(src).st_size
                 key = f"{base}{FILES_DIR}/{rel}"
                 up.keys.append(key)
-                jobs.append((key, src, digest, size))
+                jobs.append((rel, key, src, size))
                 total += size
-            self._put_files(jobs)
+            # One read per file: what is hashed (and then signed) is exactly what was stored.
+            digests = self._put_files(jobs)
+            if manifest is not None:
+                _check_manifest(manifest, digests)
+            signed = sign_digests(digests, signer, name=name, binding=binding)
             if manifest is not None:
                 key = base + MANIFEST_NAME
                 up.keys.append(key)
@@ -216,18 +223,18 @@ class Registry(abc.ABC):
     #: Files uploaded concurrently by one publish (each backend bounds its own memory per file).
     upload_workers: int = 4
 
-    def _put_files(self, jobs: list[tuple[str, Path, str, int]]) -> None:
+    def _put_files(self, jobs: list[tuple[str, str, Path, int]]) -> dict[str, str]:
+        """Upload (rel, key, src, size) jobs; return rel -> SHA-256 of the bytes stored."""
         if len(jobs) <= 1 or self.upload_workers <= 1:
-            for job in jobs:
-                self._put_file(*job)
-            return
+            return {rel: self._put_file(key, src, size) for rel, key, src, size in jobs}
         from concurrent.futures import ThreadPoolExecutor, wait
 
         with ThreadPoolExecutor(max_workers=min(self.upload_workers, len(jobs))) as pool:
-            futures = [pool.submit(self._put_file, *job) for job in jobs]
-            wait(futures)
-        for fut in futures:
-            fut.result()  # first failure, after every upload has stopped (for cleanup)
+            futures = {rel: pool.submit(self._put_file, key, src, size)
+                       for rel, key, src, size in jobs}
+            wait(futures.values())
+        # First failure only after every upload has stopped, so cleanup sees them all.
+        return {rel: fut.result() for rel, fut in futures.items()}
 
     def _cleanup(self, keys: list[str]) -> None:
         # The original error matters more than a failed cleanup; nothing was committed.

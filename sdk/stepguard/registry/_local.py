@@ -7,7 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from stepguard.errors import IntegrityError, RegistryError
+from stepguard.errors import RegistryError
 from stepguard.registry._base import Registry
 
 _BUF = 8 * 1024 * 1024
@@ -42,25 +42,25 @@ class LocalRegistry(Registry):
             raise RegistryError("object already exists (versions are immutable)",
                                 subject=self._uri(key)) from exc
 
-    def _put_file(self, key: str, src: Path, sha256_hex: str, size: int) -> None:
-        # Hash what is actually written: a source changed since signing is caught here.
+    def _put_file(self, key: str, src: Path, size: int) -> str:
         h = hashlib.sha256()
         fd = self._open_new(key)
         try:
-            with open(src, "rb", buffering=0) as fin:
+            sfd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
                 buf = bytearray(_BUF)
                 view = memoryview(buf)
                 while True:
-                    n = fin.readinto(buf)
+                    n = os.readv(sfd, [buf])
                     if not n:
                         break
                     h.update(view[:n])
                     os.write(fd, view[:n])
+            finally:
+                os.close(sfd)
         finally:
             os.close(fd)
-        if h.hexdigest() != sha256_hex:
-            raise IntegrityError("file changed between signing and upload",
-                                 subject=str(src), details=(f"modified: {key}",))
+        return h.hexdigest()
 
     def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None:
         fd = self._open_new(key)

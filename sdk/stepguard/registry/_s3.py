@@ -12,8 +12,8 @@ from typing import Any
 from stepguard.errors import IntegrityError, RegistryError
 from stepguard.registry._base import Registry
 
-#: Files up to this size go in one PutObject carrying the signed SHA-256; larger files use a
-#: multipart upload with per-part SHA-256 checksums (at most MAX_PARTS_IN_FLIGHT parts in memory).
+#: Files up to this size go in one PutObject carrying their SHA-256; larger files use a multipart
+#: upload with per-part SHA-256 checksums (at most MAX_PARTS_IN_FLIGHT parts in memory per file).
 SINGLE_PUT_MAX = 16 * 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024
 MAX_PARTS_IN_FLIGHT = 2
@@ -64,27 +64,25 @@ class S3Registry(Registry):
             raise self._err(exc, "list", prefix) from exc
         return bool(resp.get("KeyCount"))
 
-    def _put_file(self, key: str, src: Path, sha256_hex: str, size: int) -> None:
-        # The bytes are hashed as they are sent and compared with the signed digest before the
-        # object is committed, so a file changed between signing and upload never lands (this
-        # does not rely on the server checking ChecksumSHA256; moto, for one, does not).
-        if size <= SINGLE_PUT_MAX:
-            with open(src, "rb") as fh:
-                data = fh.read(SINGLE_PUT_MAX + 1)
-            if hashlib.sha256(data).hexdigest() != sha256_hex:
-                raise IntegrityError("file changed between signing and upload",
-                                     subject=str(src), details=(f"modified: {key}",))
-            try:
-                self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data,
-                    ChecksumAlgorithm="SHA256",
-                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode())
-            except Exception as exc:
-                raise self._err(exc, "upload", key) from exc
-            return
-        self._put_multipart(key, src, sha256_hex, size)
+    def _put_file(self, key: str, src: Path, size: int) -> str:
+        # Small files: read once into memory, hash, send with that SHA-256 (real S3 checks it
+        # against what it receives). Large files: multipart, hashed part by part as sent.
+        if size > SINGLE_PUT_MAX:
+            return self._put_multipart(key, src, size)
+        with open(src, "rb") as fh:
+            data = fh.read(SINGLE_PUT_MAX + 1)
+        if len(data) > SINGLE_PUT_MAX:
+            raise IntegrityError("file grew while it was being published", subject=str(src))
+        digest = hashlib.sha256(data).digest()
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=base64.b64encode(digest).decode())
+        except Exception as exc:
+            raise self._err(exc, "upload", key) from exc
+        return digest.hex()
 
-    def _put_multipart(self, key: str, src: Path, sha256_hex: str, size: int) -> None:
+    def _put_multipart(self, key: str, src: Path, size: int) -> str:
         from concurrent.futures import Future, ThreadPoolExecutor
 
         part_size = max(PART_SIZE, -(-size // 9000))
@@ -119,9 +117,6 @@ class S3Registry(Registry):
                     number += 1
                     parts.append(ex.submit(send, number, data))
                 done = [f.result() for f in parts]
-            if whole.hexdigest() != sha256_hex:
-                raise IntegrityError("file changed between signing and upload",
-                                     subject=str(src), details=(f"modified: {key}",))
             self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=s3key, UploadId=upload_id,
                 MultipartUpload={"Parts": done})
@@ -132,6 +127,7 @@ class S3Registry(Registry):
             if isinstance(exc, IntegrityError) or not isinstance(exc, Exception):
                 raise
             raise self._err(exc, "multipart upload", key) from exc
+        return whole.hexdigest()
 
     def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None:
         args: dict[str, Any] = {

@@ -84,11 +84,16 @@ def sign_files(files: Mapping[str, Path], signer: Signer, *, name: str,
     if not files:
         raise ConfigurationError("nothing to sign (no files)", subject=name)
     check_formats(files, allow_pickle=allow_pickle)
-    digests = hash_files(dict(files), jobs=jobs)
+    return sign_digests(hash_files(dict(files), jobs=jobs), signer, name=name, binding=binding)
+
+
+def sign_digests(digests: Mapping[str, str], signer: Signer, *, name: str,
+                 binding: Mapping[str, Any] | None = None) -> SignedArtifact:
+    """Sign already computed per-file SHA-256 digests (e.g. of the bytes a registry stored)."""
     statement = build_model_statement(name, digests, binding=binding)
     bundle = signer.sign_dsse(statement)
     signed = parse_model_statement("application/vnd.in-toto+json", statement)
-    return SignedArtifact(bundle=bundle, root_digest=signed.root_digest, files=digests,
+    return SignedArtifact(bundle=bundle, root_digest=signed.root_digest, files=dict(digests),
                           signer=signer.identity, name=name)
 
 

@@ -154,18 +154,25 @@ def test_manifest_binding(reg, model, keys, tmp_path):
     assert os.path.exists(reg.root / "bert/1.0/model.sig")
 
 
-def test_file_changed_after_signing_never_lands(reg, model, keys):
+def test_file_changed_after_manifest_never_lands(reg, model, keys, tmp_path):
+    from stepguard.integrity import create_manifest
+
+    manifest = create_manifest(model)
     orig = reg._put_file
 
-    def put(key, src, digest, size):
+    def put(key, src, size):
         if key.endswith("config.json"):
-            src.write_text('{"hidden": 666}')
-        orig(key, src, digest, size)
+            src.write_text('{"hidden": 666}')  # changed after the step hashed its output
+        return orig(key, src, size)
 
     reg._put_file = put
-    with pytest.raises(IntegrityError, match="changed between signing and upload"):
-        reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
+    with pytest.raises(IntegrityError, match="does not describe"):
+        reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private), manifest=manifest)
     assert not (reg.root / "bert" / "1.0").exists()
+    # without a manifest the signature covers exactly the bytes stored
+    reg.publish(model, "bert", "2.0", signer=KeySigner(keys.private))
+    out = reg.fetch("bert", "2.0", policy=_policy(keys), dest=tmp_path / "out")
+    assert (out / "config.json").read_text() == '{"hidden": 666}'
 
 
 def test_registry_bundle_with_binding_verifies_with_stock_cli(reg, model, keys, tmp_path):

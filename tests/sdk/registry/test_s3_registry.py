@@ -95,26 +95,30 @@ def test_s3_other_signer_refused(reg, model, keys, other_keys, tmp_path):
 def _mutate_before_upload(reg, victim: str):
     orig = reg._put_file
 
-    def put(key, src, digest, size):
+    def put(key, src, size):
         if key.endswith(victim):
             data = bytearray(src.read_bytes())
             data[0] ^= 0xFF
-            src.write_bytes(bytes(data))  # same size, different bytes: after signing
-        orig(key, src, digest, size)
+            src.write_bytes(bytes(data))  # same size, different bytes: after the manifest
+        return orig(key, src, size)
 
     reg._put_file = put
 
 
-def test_s3_file_changed_after_signing_never_lands(reg, s3, bucket, model, keys):
+def test_s3_file_changed_after_manifest_never_lands(reg, s3, bucket, model, keys):
+    from stepguard.integrity import create_manifest
+
+    manifest = create_manifest(model)
     _mutate_before_upload(reg, "model.safetensors")
-    with pytest.raises(IntegrityError, match="changed between signing and upload"):
-        reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
+    with pytest.raises(IntegrityError, match="does not describe"):
+        reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private), manifest=manifest)
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
 
 
-def test_s3_multipart_round_trip_and_toctou(reg, s3, bucket, model, keys, tmp_path, monkeypatch):
+def test_s3_multipart_round_trip(reg, s3, bucket, model, keys, tmp_path, monkeypatch):
     import os
 
+    from stepguard.integrity import create_manifest
     from stepguard.registry import _s3
 
     monkeypatch.setattr(_s3, "SINGLE_PUT_MAX", 1024 * 1024)
@@ -126,8 +130,9 @@ def test_s3_multipart_round_trip_and_toctou(reg, s3, bucket, model, keys, tmp_pa
     assert head["ContentLength"] == 12 * 1024 * 1024 + 17
     out = reg.fetch("bert", "1.0", policy=_policy(keys), dest=tmp_path / "out")
     assert (out / "big.safetensors").read_bytes() == (model / "big.safetensors").read_bytes()
+    manifest = create_manifest(model)
     _mutate_before_upload(reg, "big.safetensors")
-    with pytest.raises(IntegrityError, match="changed between signing and upload"):
-        reg.publish(model, "bert", "2.0", signer=KeySigner(keys.private))
+    with pytest.raises(IntegrityError, match="does not describe"):
+        reg.publish(model, "bert", "2.0", signer=KeySigner(keys.private), manifest=manifest)
     assert not [k for k in reg._list_keys("bert/2.0/")]
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
