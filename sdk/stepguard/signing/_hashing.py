@@ -88,7 +88,9 @@ def hash_files(files: dict[str, Path], *, jobs: int | None = None) -> dict[str, 
     """Hash files in parallel: relative path -> hex SHA-256."""
     if not files:
         return {}
-    workers = max(1, min(jobs or (os.cpu_count() or 1), len(files)))
+    # hashlib releases the GIL on large updates; a few more threads than cores keeps every core
+    # busy while others wait on I/O (the same default as concurrent.futures).
+    workers = max(1, min(jobs or min(32, (os.cpu_count() or 1) + 4), len(files)))
     items = sorted(files.items(), key=lambda kv: -_size(kv[1]))  # big files first
     if workers == 1:
         return {rel: sha256_file(p) for rel, p in items}
