@@ -142,3 +142,34 @@ def test_lifecycle_callbacks_are_attached(airflow_db, kubeconfig):
 
     op = _op(kubeconfig)
     assert StepguardPodCallbacks in op.callbacks
+
+
+@pytest.mark.services
+def test_credentials_reach_the_pod_only_as_a_single_use_wrapped_token(
+        airflow_db, kubeconfig, dev_stack, dev_postgres, monkeypatch, tmp_path):
+    """Real OpenBao: the operator mints the step's credentials, wraps them in one token for the
+    pod, and revokes the leases when the task ends. The pod itself is not run (no API server):
+    the unwrap a step runner does inside the pod is done here, once."""
+    from stepguard.credentials import unwrap_delivery
+    from stepguard.errors import CredentialDenied
+
+    for var in ("VAULT_TOKEN", "STEPGUARD_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VAULT_ADDR", dev_stack.vault_addr)
+    monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
+    monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
+    monkeypatch.setenv("STEPGUARD_VAULT_AUTH", "approle")
+    op = _op(kubeconfig, credentials=[{"name": "db", "kind": "database",
+                                       "role": "stepguard-step"}])
+    with op._credentials({"run_id": "manual__1"}) as token:
+        assert token and isinstance(token, str)
+        session = op._stepguard_session
+        delivered = unwrap_delivery(token)
+        values = delivered.values["db"]
+        username = values.reveal("username")
+        assert username
+        with pytest.raises(CredentialDenied):
+            unwrap_delivery(token)  # single use: a second reader is refused
+    assert session.leases and all(rec.revoked for rec in session.leases)
+    assert op._stepguard_session is None
