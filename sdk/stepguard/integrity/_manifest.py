@@ -33,6 +33,8 @@ DEFAULT_SHARD_SIZE = 64 * 1024 * 1024
 
 ALGORITHMS = ("sha256", "blake3")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_SUBJECT_KEYS = frozenset({"name", "digest", "annotations"})
+_ANNOTATION_KEYS = frozenset({"size"})
 _MAX_SIZE = 2**63 - 1
 
 
@@ -265,10 +267,21 @@ class Manifest:
             raise ManifestError("subject must be a list")
         entries: list[ManifestEntry] = []
         bad: list[str] = []
+        append = entries.append
         for i, s in enumerate(subjects):
+            # Fast path for the well-formed case; anything unusual gets the precise diagnosis.
+            if type(s) is dict and s.keys() == _SUBJECT_KEYS:
+                name, dig, ann = s["name"], s["digest"], s["annotations"]
+                if (type(name) is str and type(dig) is dict and len(dig) == 1
+                        and type(ann) is dict and ann.keys() == _ANNOTATION_KEYS
+                        and type(ann["size"]) is int):
+                    ((scheme, hexd),) = dig.items()
+                    if type(scheme) is str and type(hexd) is str:
+                        append(ManifestEntry(name, ann["size"], f"{scheme}:{hexd}"))
+                        continue
             name = s.get("name") if isinstance(s, dict) else None
             label = repr(name) if isinstance(name, str) else f"subject[{i}]"
-            if not isinstance(s, dict) or set(s) != {"name", "digest", "annotations"}:
+            if not isinstance(s, dict) or set(s) != _SUBJECT_KEYS:
                 bad.append(f"{label}: must have exactly name, digest, annotations")
                 continue
             dig, ann = s["digest"], s["annotations"]
@@ -278,13 +291,16 @@ class Manifest:
             if not isinstance(dig, dict) or len(dig) != 1:
                 bad.append(f"{label}: digest must have exactly one algorithm")
                 continue
-            if not isinstance(ann, dict) or set(ann) != {"size"}:
+            if not isinstance(ann, dict) or set(ann) != _ANNOTATION_KEYS:
                 bad.append(f"{label}: annotations must be exactly {{size}}")
                 continue
             ((scheme, hexd),) = dig.items()
             size = ann["size"]
             if type(size) is not int:
                 bad.append(f"{label}: size is not an integer")
+                continue
+            if not isinstance(hexd, str):
+                bad.append(f"{label}: digest value is not a string")
                 continue
             entries.append(ManifestEntry(name, size, f"{scheme}:{hexd}"))
         if bad:
@@ -350,11 +366,13 @@ class _DuplicateKey(ValueError):
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
     return out
 
 
