@@ -184,7 +184,8 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         """The pod this operator would create, as a plain manifest, without any cluster.
 
         The same construction as ``build_pod_request_obj`` minus what needs the API server or
-        the task instance (namespace lookup, task labels, xcom sidecar, mutation hook).
+        the task instance (namespace lookup, task labels, xcom sidecar, mutation hook) or a
+        file read (``pod_template_file``).
         """
         from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
         from kubernetes.client import ApiClient
@@ -208,14 +209,13 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
                 node_selector=self.node_selector, tolerations=self.tolerations,
             ),
         )
-        if self.pod_template_dict or self.full_pod_spec or self.pod_template_file:
-            base = self.full_pod_spec
-            if self.pod_template_dict:
-                base = PodGenerator.deserialize_model_dict(self.pod_template_dict)
-            elif self.pod_template_file and not _templated(self.pod_template_file):
-                base = PodGenerator.deserialize_model_file(self.pod_template_file)
-            if base is not None:
-                pod = PodGenerator.reconcile_pods(base, pod)
+        # A pod_template_file is not read here (no I/O while the DAG is parsed): a pod built
+        # from one is checked in full by build_pod_request_obj, before it is created.
+        base = self.full_pod_spec
+        if self.pod_template_dict:
+            base = PodGenerator.deserialize_model_dict(self.pod_template_dict)
+        if base is not None:
+            pod = PodGenerator.reconcile_pods(base, pod)
         out: dict[str, Any] = ApiClient().sanitize_for_serialization(pod)
         return out
 
