@@ -14,9 +14,9 @@ from stepguard.registry._base import Registry
 
 #: Files up to this size go in one PutObject carrying their SHA-256; larger files use a multipart
 #: upload with per-part SHA-256 checksums (at most MAX_PARTS_IN_FLIGHT parts in memory per file).
-SINGLE_PUT_MAX = 16 * 1024 * 1024
-PART_SIZE = 16 * 1024 * 1024
-MAX_PARTS_IN_FLIGHT = 2
+SINGLE_PUT_MAX = 8 * 1024 * 1024
+PART_SIZE = 8 * 1024 * 1024
+MAX_PARTS_IN_FLIGHT = 4
 
 
 class S3Registry(Registry):
