@@ -36,7 +36,7 @@ def short_role(vault_client):
         creation_statements=['CREATE ROLE "{{name}}" WITH LOGIN PASSWORD \'{{password}}\' '
                              "VALID UNTIL '{{expiration}}';"],
         revocation_statements=['DROP ROLE IF EXISTS "{{name}}";'],
-        default_ttl="3s", max_ttl="120s")
+        default_ttl="5s", max_ttl="120s")
     allowed = set(conn.get("allowed_roles") or [])
     if "stepguard-short" not in allowed and "*" not in allowed:
         vault_client.adapter.post("/v1/database/config/stepguard-pg",
@@ -58,12 +58,12 @@ def test_short_leases_are_renewed_while_the_step_runs(dev_stack, short_role, pro
     req = CredentialRequest(name="db", kind="database", role=short_role)
     with open_session([req], settings=cfg, context=RunContext(step="renew"), ttl_s=60,
                       policies=[short_role]) as s:
-        assert s.leases[0].ttl_s == 3
+        assert s.leases[0].ttl_s == 5
         lease = s._issued[0].lease_id
         user = s.values["db"].reveal("username")
-        time.sleep(5)  # past the lease's own 3 s: alive only because it was renewed
+        time.sleep(8)  # past the lease's own 5 s: alive only because it was renewed
         assert probes.lease_exists(lease) and probes.role_exists(user)
-        assert s.leases[0].ttl_s > 3
+        assert s.leases[0].ttl_s > 5
     assert not probes.lease_exists(lease)
     assert not probes.role_exists(user)
 
