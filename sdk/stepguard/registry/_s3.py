@@ -6,17 +6,45 @@ import base64
 import contextlib
 import hashlib
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stepguard.errors import IntegrityError, RegistryError
 from stepguard.registry._base import Registry
 
-#: Files up to this size go in one PutObject carrying their SHA-256; larger files use a multipart
-#: upload with per-part SHA-256 checksums (at most MAX_PARTS_IN_FLIGHT parts in memory per file).
-SINGLE_PUT_MAX = 8 * 1024 * 1024
+#: Files up to this size go in one PutObject carrying their SHA-256 (read once, hashed once);
+#: larger files use a multipart upload with per-part SHA-256 checksums (at most
+#: MAX_PARTS_IN_FLIGHT parts in memory per file).
+SINGLE_PUT_MAX = 64 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
 MAX_PARTS_IN_FLIGHT = 4
+#: Bytes that concurrent single PUTs of one registry may hold in memory at once.
+SINGLE_PUT_BUDGET = 192 * 1024 * 1024
+
+
+class _Budget:
+    """A byte budget shared by concurrent uploads (bounded memory, whatever the file sizes)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._left = total
+        self._cv = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        n = min(n, self.total)
+        with self._cv:
+            while self._left < n:
+                self._cv.wait()
+            self._left -= n
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._left += n
+                self._cv.notify_all()
 
 
 class S3Registry(Registry):
@@ -29,6 +57,7 @@ class S3Registry(Registry):
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client = client
         self._endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        self._budget = _Budget(SINGLE_PUT_BUDGET)
 
     def __repr__(self) -> str:
         return f"S3Registry({self.url!r})"
@@ -69,17 +98,19 @@ class S3Registry(Registry):
         # against what it receives). Large files: multipart, hashed part by part as sent.
         if size > SINGLE_PUT_MAX:
             return self._put_multipart(key, src, size)
-        with open(src, "rb") as fh:
-            data = fh.read(SINGLE_PUT_MAX + 1)
-        if len(data) > SINGLE_PUT_MAX:
-            raise IntegrityError("file grew while it was being published", subject=str(src))
-        digest = hashlib.sha256(data).digest()
-        try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=base64.b64encode(digest).decode())
-        except Exception as exc:
-            raise self._err(exc, "upload", key) from exc
+        with self._budget.take(size):
+            with open(src, "rb") as fh:
+                data = fh.read(SINGLE_PUT_MAX + 1)
+            if len(data) > SINGLE_PUT_MAX:
+                raise IntegrityError("file grew while it was being published", subject=str(src))
+            digest = hashlib.sha256(data).digest()
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data,
+                    ChecksumAlgorithm="SHA256", ChecksumSHA256=base64.b64encode(digest).decode())
+            except Exception as exc:
+                raise self._err(exc, "upload", key) from exc
+            del data
         return digest.hex()
 
     def _put_multipart(self, key: str, src: Path, size: int) -> str:
