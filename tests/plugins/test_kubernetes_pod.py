@@ -173,3 +173,47 @@ def test_credentials_reach_the_pod_only_as_a_single_use_wrapped_token(
             unwrap_delivery(token)  # single use: a second reader is refused
     assert session.leases and all(rec.revoked for rec in session.leases)
     assert op._stepguard_session is None
+
+
+def test_pod_lifecycle_callbacks_record_span_events(airflow_db, kubeconfig):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from stepguard_airflow.operators.kubernetes import StepguardPodCallbacks
+
+    mem = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(mem))
+    pod = _op(kubeconfig).build_pod_request_obj()
+    with provider.get_tracer("t").start_as_current_span("task"):
+        StepguardPodCallbacks.on_pod_creation(pod=pod, client=None, mode="sync")
+        StepguardPodCallbacks.on_pod_completion(pod=pod, client=None, mode="sync")
+        StepguardPodCallbacks.on_pod_cleanup(pod=pod, client=None, mode="sync")
+    [span] = mem.get_finished_spans()
+    names = [e.name for e in span.events]
+    assert names == ["stepguard.pod.created", "stepguard.pod.completed", "stepguard.pod.cleanup"]
+    assert span.events[0].attributes["k8s.pod.name"] == pod.metadata.name
+    assert span.events[0].attributes["k8s.namespace.name"] == "ml"
+
+
+@pytest.mark.services
+def test_on_kill_revokes_the_step_credentials(airflow_db, kubeconfig, dev_stack, dev_postgres,
+                                              monkeypatch, tmp_path):
+    """Killing the task revokes the leases at once (the pod deletion needs an API server, which
+    does not run here; its failure is logged and does not stop the revocation)."""
+    for var in ("VAULT_TOKEN", "STEPGUARD_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VAULT_ADDR", dev_stack.vault_addr)
+    monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
+    monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
+    monkeypatch.setenv("STEPGUARD_VAULT_AUTH", "approle")
+    op = _op(kubeconfig, credentials=[{"name": "db", "kind": "database",
+                                       "role": "stepguard-step"}])
+    with op._credentials({"run_id": "manual__kill"}):
+        session = op._stepguard_session
+        assert session.leases and not any(rec.revoked for rec in session.leases)
+        op._stepguard_policy = ("ml", "stepguard-test-policy")
+        op.on_kill()
+        assert all(rec.revoked for rec in session.leases)
+        assert op._stepguard_policy is None
