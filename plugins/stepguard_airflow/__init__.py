@@ -36,7 +36,7 @@ def get_provider_info() -> dict[str, Any]:
     >>> info["package-name"], info["task-decorators"][0]["name"]
     ('stepguard', 'stepguard')
     >>> sorted(info["config"]["stepguard"]["options"])[:3]
-    ['audit_exporter', 'audit_path', 'isolation']
+    ['audit_exporter', 'audit_path', 'conn_id']
     """
     return {
         "package-name": "stepguard",
