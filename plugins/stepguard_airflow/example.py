@@ -1,6 +1,7 @@
 """Run the example DAG ``secure_training`` end to end under Airflow, on the local dev stack.
 
     python -m stepguard_airflow.example [--workdir DIR] [--tampered] [--keep-services]
+                                        [--dev-dir DIR]
 
 Starts (or reuses) the dev stack (OpenBao, PostgreSQL), seeds the ``customers`` table, points a
 private ``AIRFLOW_HOME`` (SQLite) at ``dags_examples/secure_training.py`` and runs the DAG with
@@ -167,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tampered", action="store_true", help="run the tampered variant")
     ap.add_argument("--keep-services", action="store_true",
                     help="leave the dev stack running afterwards")
+    ap.add_argument("--dev-dir", help="state dir of a running dev stack to use (left running)")
     args = ap.parse_args(argv)
 
     from stepguard import devstack
 
     root = Path(args.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    state = root / "dev"
+    state = Path(args.dev_dir) if args.dev_dir else root / "dev"
     info = devstack.status(state)
     started = False
     if info is None:

@@ -203,3 +203,19 @@ def test_minted_credentials_are_registered_with_airflows_masker(airflow_run, pip
     receipt = airflow_run.xcom_of(dr, "careless")
     assert pw not in json.dumps(receipt)
     assert receipt["credentials"][0]["revoked"] is True
+
+
+def test_example_runner_prints_the_report(dev_stack, dev_postgres, tmp_path):
+    """``python -m stepguard_airflow.example`` (the main job): fresh process, own AIRFLOW_HOME."""
+    import subprocess
+    import sys
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed")
+    r = subprocess.run([sys.executable, "-m", "stepguard_airflow.example", "--workdir",
+                        str(tmp_path), "--dev-dir", str(dev_stack.state_dir)],
+                       capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "signed    by transit:" in r.stdout
+    assert "chain intact" in r.stdout
+    assert ": revoked" in r.stdout
