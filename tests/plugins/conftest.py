@@ -35,8 +35,12 @@ if "airflow" not in sys.modules:
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """The session's AIRFLOW_HOME, with the metadata DB migrated (once)."""
+    from airflow.configuration import conf
     from airflow.utils import db
 
+    if Path(conf.get("core", "dags_folder")) != _HOME / "dags":
+        pytest.fail("airflow was imported before tests/plugins/conftest.py set AIRFLOW_HOME; "
+                    "import airflow lazily in tests outside tests/plugins")
     if not (_HOME / ".migrated").exists():
         db.initdb()
         (_HOME / ".migrated").touch()
