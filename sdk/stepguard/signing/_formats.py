@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,8 +91,12 @@ def scan_pickle(path: Path) -> list[str]:
             findings.append(f"{name} is not installed (a pickle cannot be cleared without it)")
             continue
         try:
-            proc = subprocess.run([exe, *args], capture_output=True, timeout=SCANNER_TIMEOUT_S,
-                                  env=env, check=False, stdin=subprocess.DEVNULL)
+            # fickling writes a safety_results.json into its working directory: keep that out
+            # of the caller's tree.
+            with tempfile.TemporaryDirectory(prefix="stepguard-scan-") as scratch:
+                proc = subprocess.run([exe, *args], capture_output=True,
+                                      timeout=SCANNER_TIMEOUT_S, env=env, check=False,
+                                      stdin=subprocess.DEVNULL, cwd=scratch)
         except (OSError, subprocess.TimeoutExpired) as exc:
             findings.append(f"{name} failed: {type(exc).__name__}")
             continue
