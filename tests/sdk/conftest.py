@@ -1,4 +1,4 @@
-"""Keys and small models for the signing tests (no services)."""
+"""Shared fixtures for the signing and registry tests: key pairs and small models."""
 
 from __future__ import annotations
 
