@@ -38,6 +38,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG
 from airflow.sdk.bases.operator import BaseOperator
+from stepguard.examples import TRAIN_SCRIPT, export_customers
 from stepguard_airflow.operators import (
     IngestDatasetOperator,
     SecureStepOperator,
@@ -49,52 +50,13 @@ from stepguard_airflow.operators import (
 MODEL = "churn-model"
 VERSION = "{{ ts_nodash }}"
 
-# The training body: plain Python (logistic regression by gradient descent), run inside the
-# sandbox; it sees only its verified input and its output directory.
-TRAIN = r"""
-import csv, json, math, os, pathlib
-src = pathlib.Path(os.environ["STEPGUARD_INPUT_DATASET"]) / "churn.csv"
-out = pathlib.Path(os.environ["STEPGUARD_OUTPUT_MODEL"])
-rows = list(csv.DictReader(src.open()))
-xs = [[1.0, float(r["tenure"]) / 72, float(r["monthly"]) / 120] for r in rows]
-ys = [float(r["churned"]) for r in rows]
-w = [0.0, 0.0, 0.0]
-for _ in range(200):
-    g = [0.0, 0.0, 0.0]
-    for x, y in zip(xs, ys):
-        p = 1 / (1 + math.exp(-sum(a * b for a, b in zip(w, x))))
-        for i in range(3):
-            g[i] += (p - y) * x[i]
-    w = [wi - 0.5 * gi / len(xs) for wi, gi in zip(w, g)]
-acc = sum((1 / (1 + math.exp(-sum(a * b for a, b in zip(w, x)))) > 0.5) == (y == 1)
-          for x, y in zip(xs, ys)) / len(xs)
-(out / "weights.json").write_text(json.dumps({"w": w}))
-(out / "metrics.json").write_text(json.dumps({"accuracy": round(acc, 4), "rows": len(rows)}))
-"""
-
-
 def extract_customers(step_env: Any, dest: Path) -> None:
     """Ingest body: the JIT database user reads the table into ``dest/churn.csv``."""
-    import csv
-
-    import psycopg2
     from airflow.sdk import BaseHook
 
     where = BaseHook.get_connection("churn_db")  # host/port/db only; no password stored
-    creds = step_env.credentials["db"]
-    conn = psycopg2.connect(host=where.host, port=where.port, dbname=where.schema,
-                            user=creds.reveal("username"), password=creds.reveal("password"),
-                            connect_timeout=5)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT id, tenure, monthly, churned FROM customers ORDER BY id")
-            rows = cur.fetchall()
-    finally:
-        conn.close()
-    with (dest / "churn.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", "tenure", "monthly", "churned"])
-        writer.writerows(rows)
+    export_customers(dest, credentials=step_env.credentials["db"], host=where.host,
+                     port=where.port, dbname=where.schema)
 
 
 def promote(step_env: Any) -> str:
@@ -138,7 +100,7 @@ def _train_task(dataset: Any) -> BaseOperator:
             "deadline_s": 600,
         },
         receipts={"dataset": dataset},
-        command=[sys.executable, "-c", TRAIN],
+        command=[sys.executable, "-c", TRAIN_SCRIPT],
     )
 
 

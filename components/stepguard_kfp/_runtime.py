@@ -415,17 +415,6 @@ def fetch_verified(registry: str | None, name: str, version: str, *, policy: str
                    settings: Any, dest: Path) -> Path:
     """Fetch ``name:version`` into ``dest`` (which must not exist), verified against the
     settings policy called ``policy`` before the path is returned."""
-    from stepguard._private.publishing import build_policy, vault_client
-    from stepguard.registry import open_registry
+    from stepguard.registry import fetch_verified as fetch
 
-    url = registry or settings.registry.url
-    if not url:
-        raise ConfigurationError("no registry given and none in settings", subject="registry.url")
-    named = settings.policy(policy)
-    reg = open_registry(url)
-    if named.kind != "transit":
-        return Path(reg.fetch(name, version, policy=build_policy(named, settings), dest=dest))
-    # Transit public keys are read with a short-lived login, revoked when the block ends.
-    with vault_client(settings) as client:
-        parsed = build_policy(named, settings, client)
-        return Path(reg.fetch(name, version, policy=parsed, dest=dest))
+    return Path(fetch(settings, name, version, policy=policy, dest=dest, registry=registry))

@@ -29,24 +29,10 @@ def _say(msg: str) -> None:
 
 
 def _seed(pg: Any) -> None:
-    import psycopg2
+    from stepguard.examples import seed_customers
 
-    conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database,
-                            user=pg.admin_user, password=pg.admin_password, connect_timeout=5)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute("CREATE TABLE IF NOT EXISTS customers "
-                        "(id int PRIMARY KEY, tenure int, monthly numeric, churned int)")
-            cur.execute("SELECT count(*) FROM customers")
-            row = cur.fetchone()
-            if row is not None and row[0] == 0:
-                cur.executemany("INSERT INTO customers VALUES (%s,%s,%s,%s)", [
-                    (i, (i * 37) % 72 + 1, 20 + (i * 53) % 100,
-                     int(((20 + (i * 53) % 100) / 120 - ((i * 37) % 72 + 1) / 72
-                          + ((i * 7) % 10 - 5) / 40) > 0.1))
-                    for i in range(400)])
-    finally:
-        conn.close()
+    seed_customers(host=pg.host, port=pg.port, dbname=pg.database, user=pg.admin_user,
+                   password=pg.admin_password)
 
 
 def _environment(root: Path, info: Any) -> None:

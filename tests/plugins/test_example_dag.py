@@ -20,21 +20,10 @@ EXAMPLE = REPO / "dags_examples" / "secure_training.py"
 
 
 def _seed(pg):
-    import psycopg2
+    from stepguard.examples import seed_customers
 
-    conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database,
-                            user=pg.admin_user, password=pg.admin_password, connect_timeout=5)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute("CREATE TABLE IF NOT EXISTS customers "
-                        "(id int PRIMARY KEY, tenure int, monthly numeric, churned int)")
-            cur.execute("SELECT count(*) FROM customers")
-            if cur.fetchone()[0] == 0:
-                cur.executemany("INSERT INTO customers VALUES (%s,%s,%s,%s)", [
-                    (i, (i * 37) % 72 + 1, 20 + (i * 53) % 100, int((i * 7) % 10 > 5))
-                    for i in range(200)])
-    finally:
-        conn.close()
+    seed_customers(host=pg.host, port=pg.port, dbname=pg.database, user=pg.admin_user,
+                   password=pg.admin_password)
 
 
 def _pg_roles(pg):

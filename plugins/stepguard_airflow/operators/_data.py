@@ -366,18 +366,11 @@ class VerifyModelOperator(BaseOperator):
 def _fetch_verified(settings: Settings, *, registry: str, name: str, version: str,
                     policy_name: str, dest: Path) -> None:
     """Fetch ``name:version`` into ``dest``, verified under the named settings policy."""
-    import contextlib
+    from stepguard.registry import fetch_verified
 
-    from stepguard._private.publishing import build_policy, vault_client
-    from stepguard.registry import open_registry
-
-    named = settings.policy(policy_name)
-    with contextlib.ExitStack() as stack:
-        client = stack.enter_context(vault_client(settings)) if named.kind == "transit" else None
-        policy = build_policy(named, settings, client)
-        staged = open_registry(registry).fetch(name, version, policy=policy,
-                                               dest=dest / ".staged")
-        # Only verified bytes appear under the output name.
-        for item in list(staged.iterdir()):
-            item.rename(dest / item.name)
-        staged.rmdir()
+    staged = fetch_verified(settings, name, version, policy=policy_name, dest=dest / ".staged",
+                            registry=registry)
+    # Only verified bytes appear under the output name.
+    for item in list(staged.iterdir()):
+        item.rename(dest / item.name)
+    staged.rmdir()

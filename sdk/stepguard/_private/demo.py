@@ -14,36 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from stepguard.errors import IntegrityError, StepguardError
+from stepguard.examples import TRAIN_SCRIPT, export_customers, seed_customers
 from stepguard.settings import Settings
 from stepguard.spec import RunContext, StepSpec
 from stepguard.step import StepEnv, run_step
 
 PIPELINE = "secure_training"
 MODEL = "churn-model"
-
-# The training body: plain Python (logistic regression by gradient descent), run inside the
-# sandbox with no network; it sees only its verified input and its output directory.
-TRAIN = r"""
-import csv, json, math, os, pathlib
-src = pathlib.Path(os.environ["STEPGUARD_INPUT_DATASET"]) / "churn.csv"
-out = pathlib.Path(os.environ["STEPGUARD_OUTPUT_MODEL"])
-rows = list(csv.DictReader(src.open()))
-xs = [[1.0, float(r["tenure"]) / 72, float(r["monthly"]) / 120] for r in rows]
-ys = [float(r["churned"]) for r in rows]
-w = [0.0, 0.0, 0.0]
-for _ in range(300):
-    g = [0.0, 0.0, 0.0]
-    for x, y in zip(xs, ys):
-        p = 1 / (1 + math.exp(-sum(a * b for a, b in zip(w, x))))
-        for i in range(3):
-            g[i] += (p - y) * x[i]
-    w = [wi - 0.5 * gi / len(xs) for wi, gi in zip(w, g)]
-acc = sum((1 / (1 + math.exp(-sum(a * b for a, b in zip(w, x)))) > 0.5) == (y == 1)
-          for x, y in zip(xs, ys)) / len(xs)
-(out / "weights.json").write_text(json.dumps({"w": w}))
-(out / "metrics.json").write_text(json.dumps({"accuracy": round(acc, 4), "rows": len(rows)}))
-"""
-
 
 def run_demo(*, workdir: str | None = None, tampered: bool = False,
              keep_services: bool = False, stack: Any = None) -> int:
@@ -108,27 +85,9 @@ def _settings(root: Path, info: Any) -> Settings:
 
 
 def _seed(info: Any) -> None:
-    import psycopg2
-
     pg = info.postgres
-    conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database,
-                            user=pg.admin_user, password=pg.admin_password, connect_timeout=5)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute("CREATE TABLE IF NOT EXISTS customers "
-                        "(id int PRIMARY KEY, tenure int, monthly numeric, churned int)")
-            cur.execute("SELECT count(*) FROM customers")
-            row = cur.fetchone()
-            if row is not None and row[0] == 0:
-                rows = []
-                for i in range(400):
-                    tenure = (i * 37) % 72 + 1
-                    monthly = 20 + (i * 53) % 100
-                    churned = int(monthly / 120 - tenure / 72 + ((i * 7) % 10 - 5) / 40 > 0.1)
-                    rows.append((i, tenure, monthly, churned))
-                cur.executemany("INSERT INTO customers VALUES (%s,%s,%s,%s)", rows)
-    finally:
-        conn.close()
+    seed_customers(host=pg.host, port=pg.port, dbname=pg.database, user=pg.admin_user,
+                   password=pg.admin_password)
 
 
 def _pipeline(root: Path, run_id: str, settings: Settings, tampered: bool,
@@ -171,7 +130,7 @@ def _pipeline(root: Path, run_id: str, settings: Settings, tampered: bool,
         "signing": {"signer": "transit", "key": "stepguard-signing"},
     })
     try:
-        results["train"] = r_train = run_step(train, command=[sys.executable, "-c", TRAIN],
+        results["train"] = r_train = run_step(train, command=[sys.executable, "-c", TRAIN_SCRIPT],
                                                context=ctx("train"), settings=settings)
     except IntegrityError as err:
         results["train_error"] = err
@@ -190,34 +149,14 @@ def _pipeline(root: Path, run_id: str, settings: Settings, tampered: bool,
 
 
 def _ingest(env: StepEnv, pg: dict[str, Any]) -> None:
-    import csv
-
-    import psycopg2
-
-    creds = env.credentials["db"]
-    conn = psycopg2.connect(user=creds.reveal("username"), password=creds.reveal("password"),
-                            connect_timeout=5, **pg)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT id, tenure, monthly, churned FROM customers ORDER BY id")
-            rows = cur.fetchall()
-    finally:
-        conn.close()
-    with (env.outputs["dataset"] / "churn.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", "tenure", "monthly", "churned"])
-        writer.writerows(rows)
+    export_customers(env.outputs["dataset"], credentials=env.credentials["db"], **pg)
 
 
 def _gate(env: StepEnv, settings: Settings, version: str) -> None:
-    from stepguard._private.publishing import build_policy, vault_client
-    from stepguard.registry import open_registry
+    from stepguard.registry import fetch_verified
 
-    assert settings.registry.url is not None
-    with vault_client(settings) as client:
-        policy = build_policy(settings.policy("release"), settings, client)
-        staged = open_registry(settings.registry.url).fetch(
-            MODEL, version, policy=policy, dest=env.outputs["serving"] / "staged")
+    staged = fetch_verified(settings, MODEL, version, policy="release",
+                            dest=env.outputs["serving"] / "staged")
     # Promote: only a verified model ever appears under the serving name.
     (staged).rename(env.outputs["serving"] / MODEL)
 

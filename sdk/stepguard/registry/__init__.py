@@ -31,6 +31,7 @@ stepguard.errors.RegistryError: version already exists (versions are immutable):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -53,6 +54,7 @@ __all__ = [
     "Registry",
     "RegistryEntry",
     "S3Registry",
+    "fetch_verified",
     "open_registry",
 ]
 
@@ -76,3 +78,18 @@ def open_registry(url: str, *, s3_client: Any = None) -> Registry:
             raise ConfigurationError("s3 registry URL needs a bucket", subject=url)
         return S3Registry(parsed.netloc, parsed.path.lstrip("/"), client=s3_client)
     raise ConfigurationError("registry URL must be file:// or s3://", subject=url)
+
+
+def fetch_verified(settings: Any, name: str, version: str, *, policy: str, dest: str | Path,
+                   registry: str | None = None) -> Path:
+    """Fetch ``name``/``version`` into ``dest``, verified under the settings policy ``policy``
+    (the deployment gate). ``registry`` defaults to ``settings.registry.url``. Nothing appears at
+    ``dest`` unless every check passed."""
+    from stepguard.signing import policy_from_settings
+
+    url = registry or settings.registry.url
+    if not url:
+        raise ConfigurationError("no registry given and none in settings",
+                                 subject="registry.url")
+    with policy_from_settings(settings, policy) as verified_by:
+        return open_registry(url).fetch(name, version, policy=verified_by, dest=dest)

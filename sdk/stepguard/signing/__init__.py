@@ -38,6 +38,7 @@ from stepguard.signing._bundle import (
     pae,
 )
 from stepguard.signing._formats import check_formats, pickle_reason, scan_pickle
+from stepguard.signing._from_settings import policy_from_settings
 from stepguard.signing._manifests import sign_manifest, verify_manifest_signature
 from stepguard.signing._model import SignedArtifact, VerifiedModel, sign_model, verify_model
 from stepguard.signing._policy import (
@@ -86,6 +87,7 @@ __all__ = [
     "build_provenance",
     "check_formats",
     "pae",
+    "policy_from_settings",
     "parse_policy",
     "pickle_reason",
     "scan_pickle",
