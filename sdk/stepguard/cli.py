@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_exec)
 
     p = sub.add_parser("demo", help="run the secured example pipeline end to end and report")
+    p.add_argument("--engine", choices=("airflow", "sdk"), default="airflow",
+                   help="airflow: the example DAG under Airflow (default); sdk: the same "
+                        "pipeline through the SDK alone, without Airflow")
     p.add_argument("--workdir", default=None,
                    help="where to put the demo run (default: .stepguard/demo)")
     p.add_argument("--tampered", action="store_true",
@@ -179,6 +182,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.engine == "airflow":
+        try:
+            from stepguard_airflow.example import main as airflow_example
+        except ImportError as exc:
+            raise ConfigurationError(
+                "the Airflow demo needs the airflow extra", subject="demo --engine airflow",
+                hint="pip install 'stepguard[airflow]', or run: stepguard demo --engine sdk",
+            ) from exc
+        argv = ["--workdir", args.workdir or ".stepguard/demo"]
+        argv += ["--tampered"] if args.tampered else []
+        argv += ["--keep-services"] if args.keep_services else []
+        status: int = airflow_example(argv)
+        return status
     from stepguard._private.demo import run_demo
 
     return run_demo(workdir=args.workdir, tampered=args.tampered,
