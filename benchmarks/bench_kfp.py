@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 from kfp import compiler, dsl, local
+
 from stepguard.integrity import create_manifest
 from stepguard.spec import IsolationSpec
 from stepguard_kfp import harden, secure_train, verify_dataset

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp import dsl
+
 from stepguard.spec import IsolationSpec, StepSpec
 from stepguard_kfp import (
     harden,

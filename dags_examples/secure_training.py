@@ -38,6 +38,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG
 from airflow.sdk.bases.operator import BaseOperator
+
 from stepguard.examples import TRAIN_SCRIPT, export_customers
 from stepguard_airflow.operators import (
     IngestDatasetOperator,

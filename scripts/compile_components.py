@@ -23,8 +23,9 @@ YAML_DIR = ROOT / "components" / "stepguard_kfp" / "yaml"
 
 def compile_all(out_dir: Path, image: str | None = None) -> list[Path]:
     """Compile every component into ``out_dir``; returns the written paths."""
-    import stepguard_kfp
     from kfp import compiler
+
+    import stepguard_kfp
     from stepguard_kfp._image import DEFAULT_IMAGE, check_pinned
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from stepguard import devstack
 from stepguard.devstack import DevStackInfo, PostgresInfo
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from stepguard.errors import ConfigurationError, PolicyViolation
 from stepguard.spec import IsolationSpec, RunContext, StepSpec
-
 from stepguard_kfp._image import check_pinned
 
 __all__ = ["HardeningGap", "HardeningReport", "harden"]

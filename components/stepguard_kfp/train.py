@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stepguard.errors import ConfigurationError, StepguardError
-
 from stepguard_kfp._runtime import secure_train_step
 
 

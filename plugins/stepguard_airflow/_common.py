@@ -205,7 +205,6 @@ def execute_step(
     """
     from stepguard.errors import StepguardError
     from stepguard.step import run_step
-
     from stepguard_airflow.hooks import StepguardHook
 
     try:
@@ -253,6 +252,7 @@ def anchor_outputs(spec: StepSpec, settings: Settings, ctx: RunContext) -> StepS
 def task_failure(step: str, err: Exception) -> Exception:
     """The Airflow exception that ends the task: one line naming the step and what failed."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
     from stepguard.errors import (
         ConfigurationError,
         StepguardError,

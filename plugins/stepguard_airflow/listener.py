@@ -37,7 +37,6 @@ def _enabled() -> bool:
 
 def _auditor() -> Any:
     from stepguard.audit import Auditor, setup_tracing
-
     from stepguard_airflow.hooks import StepguardHook
 
     settings = StepguardHook().get_settings()

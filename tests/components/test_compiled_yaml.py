@@ -69,8 +69,9 @@ def test_component_yaml_is_pinned_and_installs_nothing(name: str) -> None:
 
 
 def test_loaded_component_yaml_is_usable_in_a_pipeline(tmp_path: Path) -> None:
-    import stepguard_kfp
     from kfp import compiler, components, dsl
+
+    import stepguard_kfp
 
     op = components.load_component_from_file(str(stepguard_kfp.component_yaml("verify_dataset")))
 
@@ -92,6 +93,7 @@ def _platform(spec_path: Path) -> dict:
 
 def test_hardened_pipeline_ir_carries_the_isolation_settings(tmp_path: Path) -> None:
     from kfp import compiler, dsl
+
     from stepguard.spec import IsolationSpec, RunContext
     from stepguard_kfp import harden, verify_dataset
 

@@ -10,6 +10,7 @@ pytest.importorskip("kfp")
 def _task_in_pipeline(apply):
     """Build a pipeline whose single task goes through ``apply``; returns what apply returned."""
     from kfp import dsl
+
     from stepguard_kfp import verify_dataset
 
     box = []

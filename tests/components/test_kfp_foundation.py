@@ -42,6 +42,7 @@ def _dataset(root: Path) -> tuple[Path, Path, str]:
 
 def test_verify_dataset_component_runs_under_kfp_local(kfp_local: Path) -> None:
     from kfp import dsl
+
     from stepguard.receipt import Receipt
     from stepguard_kfp import verify_dataset
 
@@ -67,6 +68,7 @@ def test_verify_dataset_component_runs_under_kfp_local(kfp_local: Path) -> None:
 
 def test_tampered_dataset_fails_the_task(kfp_local: Path) -> None:
     from kfp import dsl
+
     from stepguard_kfp import verify_dataset
 
     data, mpath, _ = _dataset(kfp_local)

@@ -44,6 +44,7 @@ def _op(kubeconfig, **kwargs):
 
 def test_built_pod_is_restricted_and_passes_the_validator(airflow_db, kubeconfig):
     from kubernetes.client import ApiClient
+
     from stepguard.isolation import check_pod
 
     op = _op(kubeconfig)
@@ -179,6 +180,7 @@ def test_pod_lifecycle_callbacks_record_span_events(airflow_db, kubeconfig):
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     from stepguard_airflow.operators.kubernetes import StepguardPodCallbacks
 
     mem = InMemorySpanExporter()

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from stepguard._private.cli_lint import lint_paths, lint_source
 
 REPO = Path(__file__).resolve().parents[2]

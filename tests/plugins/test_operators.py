@@ -34,6 +34,7 @@ def test_dag_parse_imports_no_heavy_dependency(airflow_db):
 def test_provider_info_matches_airflow_schema_and_is_discovered(airflow_db):
     import jsonschema
     from airflow import providers_manager
+
     from stepguard_airflow import get_provider_info
 
     schema_path = Path(providers_manager.__file__).parent / "provider_info.schema.json"

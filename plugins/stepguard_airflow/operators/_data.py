@@ -21,6 +21,7 @@ from stepguard_airflow._common import execute_step, receipt_xcom, step_name, tas
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
     from stepguard.settings import Settings
     from stepguard.spec import CredentialRequest, SigningSpec, StepSpec
 
@@ -90,6 +91,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
 def _fetch_s3(url: str, dst: Path, creds: Mapping[str, str] | None) -> int:
     """Download every object under ``s3://bucket/prefix`` with the step's JIT credentials."""
     import boto3
+
     from stepguard.errors import ConfigurationError, IntegrityError
 
     bucket, _, prefix = url[len("s3://"):].partition("/")

@@ -20,6 +20,7 @@ from stepguard_airflow._common import (
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
     from stepguard.spec import StepSpec
 
 #: Name of the parameter through which a Python body receives its :class:`stepguard.step.StepEnv`.

@@ -35,6 +35,7 @@ from stepguard_airflow._common import run_context, step_name, task_failure
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
     from stepguard.spec import CredentialRequest
 
 __all__ = ["SecureKubernetesPodOperator", "StepguardPodCallbacks"]
@@ -319,7 +320,6 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
                 yield None
                 return
             from stepguard.credentials import VaultConfig, open_session, wrap_for_delivery
-
             from stepguard_airflow.hooks import StepguardHook
 
             hook = StepguardHook(self.stepguard_conn_id)

@@ -22,6 +22,7 @@ _POD_KINDS = {"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Jo
 
 def _cmd_render(args: argparse.Namespace) -> int:
     import yaml
+
     from stepguard.isolation import assert_pod_ok, build_network_policy, build_pod
     from stepguard.spec import RunContext, StepSpec
 

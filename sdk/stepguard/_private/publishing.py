@@ -19,6 +19,7 @@ def vault_client(settings: Settings) -> Iterator[Any]:
     """An authenticated hvac client for Transit signing/verification; a token this login
     created is revoked when the block ends."""
     import hvac
+
     from stepguard._private.vault_config import vault_config
     from stepguard.credentials._api import VaultApi
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from stepguard.audit import AuditLog, ChainHead, read_head, verify_chain
 from stepguard.audit._chain import encode_record
 from stepguard.cli import main

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from stepguard import audit
 from stepguard.audit import _signals
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from stepguard import audit
 from stepguard.audit import Attr
 from stepguard.errors import ConfigurationError, IntegrityError

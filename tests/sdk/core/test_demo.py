@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stepguard._private.demo import run_pipeline
 from stepguard.audit import verify_chain
 from stepguard.errors import IntegrityError

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from stepguard.errors import ConfigurationError
 from stepguard.settings import Settings
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from stepguard.errors import BodyFailed, ConfigurationError, IntegrityError, StepTimeout
 from stepguard.integrity import create_manifest
 from stepguard.receipt import Receipt

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+
 from stepguard.credentials import AppRoleAuth, TokenAuth, VaultConfig
 from stepguard.devstack import DevStackInfo
 

@@ -10,6 +10,7 @@ import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from stepguard.credentials import (
     AppRoleAuth,
     JwtAuth,

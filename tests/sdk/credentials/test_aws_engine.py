@@ -16,6 +16,7 @@ import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from stepguard.credentials import TokenAuth, VaultConfig, open_session
 from stepguard.errors import TransientCredentialError
 from stepguard.spec import CredentialRequest, RunContext

@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+
 from stepguard.credentials._cli import register
 
 pytestmark = pytest.mark.services

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+
 from stepguard.credentials import VaultConfig, open_session
 from stepguard.spec import CredentialRequest, RunContext
 

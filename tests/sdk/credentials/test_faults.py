@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+
 from stepguard.credentials import VaultConfig, open_session
 from stepguard.errors import CredentialDenied, TransientCredentialError
 from stepguard.spec import CredentialRequest, RunContext

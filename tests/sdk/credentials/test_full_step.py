@@ -15,6 +15,7 @@ import urllib.parse
 import warnings
 
 import pytest
+
 from stepguard.credentials import TokenAuth, VaultConfig, open_session
 from stepguard.spec import CredentialRequest, IsolationSpec, RunContext, StepSpec
 

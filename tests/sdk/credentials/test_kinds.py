@@ -7,6 +7,7 @@ import os
 import stat
 
 import pytest
+
 from stepguard.credentials import open_session, unwrap_delivery, wrap_for_delivery
 from stepguard.errors import CredentialDenied
 from stepguard.spec import CredentialRequest, RunContext

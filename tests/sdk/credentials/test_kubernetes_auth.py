@@ -14,6 +14,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from stepguard.credentials import KubernetesAuth, VaultConfig, open_session
 from stepguard.errors import CredentialDenied
 from stepguard.spec import CredentialRequest, RunContext

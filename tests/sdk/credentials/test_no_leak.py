@@ -14,6 +14,7 @@ import traceback
 import urllib.parse
 
 import pytest
+
 from stepguard.credentials import (
     SecretMapping,
     SecretStr,

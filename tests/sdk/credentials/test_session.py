@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from stepguard.credentials import open_session
 from stepguard.errors import CredentialDenied
 from stepguard.spec import CredentialRequest, RunContext

@@ -9,6 +9,7 @@ import time
 import warnings
 
 import pytest
+
 from stepguard.credentials import TokenAuth, VaultConfig, open_session
 from stepguard.errors import CredentialError, TransientCredentialError
 from stepguard.spec import RunContext

@@ -10,6 +10,7 @@ import urllib.parse
 from dataclasses import replace
 
 import pytest
+
 from stepguard import devstack
 from stepguard.devstack import DevStackInfo
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from stepguard import devstack
 from stepguard.devstack._procs import free_port
 from stepguard.errors import ConfigurationError, ServiceError

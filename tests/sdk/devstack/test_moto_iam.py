@@ -13,6 +13,7 @@ import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
+
 from stepguard.devstack import DevStackInfo
 
 pytestmark = pytest.mark.services

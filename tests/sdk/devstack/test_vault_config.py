@@ -15,6 +15,7 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from stepguard.devstack import DevStackInfo, PostgresInfo
 
 pytestmark = pytest.mark.services

@@ -7,6 +7,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+
 from stepguard.errors import ManifestError
 from stepguard.integrity import (
     PREDICATE_TYPE,

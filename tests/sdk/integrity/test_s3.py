@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from stepguard.errors import ConfigurationError, IntegrityError, ManifestError
 from stepguard.integrity import create_manifest, verify_manifest
 from stepguard.integrity.s3 import (

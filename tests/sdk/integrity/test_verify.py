@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from stepguard.errors import ConfigurationError, IntegrityError
 from stepguard.integrity import (
     Manifest,

@@ -11,6 +11,7 @@ import shutil
 import sys
 
 import pytest
+
 from stepguard.isolation import run_isolated
 from stepguard.spec import IsolationSpec
 

@@ -18,6 +18,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from stepguard.errors import ConfigurationError, PolicyViolation
 from stepguard.isolation import (
     assert_pod_ok,

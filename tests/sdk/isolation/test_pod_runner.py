@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
 from stepguard.errors import ConfigurationError, IsolationError, StepTimeout
 from stepguard.isolation import check_pod, run_isolated
 from stepguard.isolation._kube import KubeApi, run_pod

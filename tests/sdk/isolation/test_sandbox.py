@@ -21,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+
 from stepguard.errors import ConfigurationError, IsolationError, StepTimeout
 from stepguard.isolation import RunResult, find_bwrap, run_isolated
 from stepguard.spec import IsolationSpec

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from stepguard.errors import (
     ConfigurationError,
     IntegrityError,

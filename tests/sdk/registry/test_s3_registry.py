@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from stepguard.errors import IntegrityError, RegistryError, SignatureError
 from stepguard.registry import open_registry
 from stepguard.signing import KeyPolicy, KeySigner

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from stepguard.errors import SignatureError
 from stepguard.integrity import create_manifest
 from stepguard.signing import (

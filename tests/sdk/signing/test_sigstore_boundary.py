@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+
 from stepguard.errors import ConfigurationError, OperationalError, StepguardError
 from stepguard.signing import SigstorePolicy, SigstoreSigner, build_model_statement
 

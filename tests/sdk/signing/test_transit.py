@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from stepguard.errors import SignatureError
 from stepguard.signing import (
     TransitPolicy,
@@ -115,6 +116,7 @@ def test_parse_transit_policy(vault_client, transit_key, model, tmp_path):
 
 def test_refused_token_never_in_errors(dev_stack, model):
     import hvac
+
     from stepguard.errors import CredentialDenied
 
     canary = "hvs.CANARYtoken0123456789abcdef"

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from stepguard.errors import PolicyViolation
 from stepguard.signing import KeyPolicy, KeySigner, sign_model, verify_model
 
