@@ -151,27 +151,30 @@ def test_trace_context_survives_into_a_bubblewrap_sandbox(tmp_path):
     crosses, and the step span written inside the sandbox joins the parent's trace."""
     import shutil
 
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
+    from stepguard.isolation import run_isolated
+    from stepguard.spec import IsolationSpec
+
+    if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap not installed")
     setup = audit.configure(audit_dir=tmp_path / "parent", otlp=False,
                             install_signal_handlers=False)
     auditor = setup.auditor()
     out = tmp_path / "sandbox-out"
     out.mkdir()
+    # The child script and stepguard's source (an editable install) are the only extra paths.
+    import stepguard
+
+    code_dirs = {str(Path(CHILD).parent), str(Path(stepguard.__file__).resolve().parents[1])}
     with auditor.step_span("parent-step") as parent:
         with auditor.control_span("isolation", "run") as run:
-            cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                   "--tmpfs", "/tmp", "--bind", str(out), str(out), "--unshare-all",
-                   "--die-with-parent", "--clearenv"]
-            for key, value in audit.inject_env().items():
-                cmd += ["--setenv", key, value]
-            cmd += ["--setenv", "PYTHONPATH", os.pathsep.join(sys.path),
-                    "--", sys.executable, CHILD, "propagate", str(out)]
-            child = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if child.returncode != 0 and "namespace" in child.stderr.lower():
-        pytest.skip(f"bubblewrap cannot create namespaces here: {child.stderr.strip()}")
-    assert child.returncode == 0, child.stderr
+            env = dict(audit.inject_env())
+            env["PYTHONPATH"] = os.pathsep.join(sorted(code_dirs))
+            result = run_isolated(
+                [sys.executable, CHILD, "propagate", str(out)], IsolationSpec(mode="sandbox"),
+                ro_binds={d: d for d in code_dirs}, rw_binds={str(out): str(out)}, env=env,
+                deadline_s=60, stdout=tmp_path / "child.out", stderr=tmp_path / "child.err")
+    assert result.exit_code == 0, (tmp_path / "child.err").read_text()
+    assert result.network == "none"
     [logged] = _log_spans(out)
     assert logged["trace_id"] == parent.trace_id
     assert logged["parent_span_id"] == run.span_id
