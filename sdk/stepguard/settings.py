@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from stepguard._private.schema import from_mapping, to_plain
+from stepguard._private.schema import from_mapping, load_yaml, to_plain
 from stepguard.errors import ConfigurationError
 from stepguard.spec import IsolationMode
 
@@ -203,16 +203,7 @@ _SECTIONS = {
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read settings file ({exc.strerror})",
-                                 subject=str(path)) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigurationError("settings file is not valid YAML", subject=str(path),
-                                 details=[str(exc).splitlines()[0]]) from exc
+    loaded = load_yaml(path, "settings file")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

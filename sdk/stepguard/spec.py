@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stepguard._private.schema import from_mapping, to_plain
+from stepguard._private.schema import from_mapping, load_yaml, to_plain
 from stepguard.errors import ConfigurationError
 
 __all__ = [
@@ -268,17 +268,7 @@ class StepSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> StepSpec:
         """Load a spec from a YAML or JSON file."""
-        import yaml
-
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read step spec ({exc.strerror})",
-                                     subject=str(p)) from exc
-        except yaml.YAMLError as exc:
-            raise ConfigurationError("step spec is not valid YAML", subject=str(p),
-                                     details=[str(exc)]) from exc
+        data = load_yaml(Path(path), "step spec")
         return cls.from_dict(data if data is not None else {})
 
     def to_dict(self) -> dict[str, Any]:

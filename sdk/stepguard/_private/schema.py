@@ -10,6 +10,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from stepguard.errors import ConfigurationError
@@ -155,3 +156,18 @@ def to_plain(obj: object) -> Any:
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML (or JSON) file; unreadable or invalid files are one ConfigurationError
+    naming the file (``what`` says what it is: "settings file", "step spec")."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {what} ({exc.strerror})",
+                                 subject=str(path)) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{what} is not valid YAML", subject=str(path),
+                                 details=[str(exc).splitlines()[0]]) from exc

@@ -43,24 +43,11 @@ class LocalRegistry(Registry):
                                 subject=self._uri(key)) from exc
 
     def _put_file(self, key: str, src: Path, size: int) -> str:
-        h = hashlib.sha256()
         fd = self._open_new(key)
         try:
-            sfd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            try:
-                buf = bytearray(_BUF)
-                view = memoryview(buf)
-                while True:
-                    n = os.readv(sfd, [buf])
-                    if not n:
-                        break
-                    h.update(view[:n])
-                    os.write(fd, view[:n])
-            finally:
-                os.close(sfd)
+            return _copy_hashing(src, fd)
         finally:
             os.close(fd)
-        return h.hexdigest()
 
     def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None:
         fd = self._open_new(key)
@@ -89,25 +76,11 @@ class LocalRegistry(Registry):
         return out
 
     def _download(self, key: str, dest: Path) -> str:
-        h = hashlib.sha256()
-        src = self._path(key)
         fd = os.open(dest, _FLAGS, 0o644)
         try:
-            sfd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            try:
-                buf = bytearray(_BUF)
-                view = memoryview(buf)
-                while True:
-                    n = os.readv(sfd, [buf])
-                    if not n:
-                        break
-                    h.update(view[:n])
-                    os.write(fd, view[:n])
-            finally:
-                os.close(sfd)
+            return _copy_hashing(self._path(key), fd)
         finally:
             os.close(fd)
-        return h.hexdigest()
 
     def _delete(self, keys: list[str]) -> None:
         dirs: set[Path] = set()
@@ -121,3 +94,22 @@ class LocalRegistry(Registry):
                 continue
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def _copy_hashing(src: Path, dst_fd: int) -> str:
+    """Copy ``src`` (never through a symlink) to ``dst_fd``, hashing the bytes as they pass:
+    one read, so the digest describes exactly what was written."""
+    h = hashlib.sha256()
+    sfd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        buf = bytearray(_BUF)
+        view = memoryview(buf)
+        while True:
+            n = os.readv(sfd, [buf])
+            if not n:
+                break
+            h.update(view[:n])
+            os.write(dst_fd, view[:n])
+    finally:
+        os.close(sfd)
+    return h.hexdigest()

@@ -227,3 +227,4 @@ def test_receipt_carries_audit_head_that_anchors_the_log(tmp_path, dataset):
         head.unlink()
     with pytest.raises(AuditError):
         verify_chain(log, anchor=ChainHead(int(seq), digest, 0))
+    head.touch()  # the process's cached audit log fsyncs its head file at exit
