@@ -28,6 +28,7 @@ alike. The body never runs unless every input verified.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import signal
 import threading
@@ -86,6 +87,23 @@ def env_name(kind: str, name: str) -> str:
     'STEPGUARD_INPUT_TRAIN_DATA_V1'
     """
     return f"STEPGUARD_{kind.upper()}_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def output_path(template: str, ctx: RunContext, step: str) -> str:
+    """Expand ``{run_id}``, ``{step}`` and ``{try_number}`` in an output path, so every run
+    writes to a fresh directory (run ids are made path-safe first).
+
+    >>> output_path("out/{run_id}/model", RunContext(run_id="manual__2026-11-22T06:00"), "train")
+    'out/manual__2026-11-22T06_00/model'
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.run_id)
+    try:
+        return template.format_map({"run_id": safe, "step": step,
+                                    "try_number": str(ctx.try_number)})
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ConfigurationError(
+            "output path has an unknown placeholder (known: {run_id}, {step}, {try_number})",
+            subject=template) from exc
 
 
 class Step:
@@ -222,14 +240,14 @@ class _Run:
     def _prepare_outputs(self) -> dict[str, Path]:
         paths: dict[str, Path] = {}
         for out in self.spec.outputs:
-            p = Path(out.path).absolute()
+            p = Path(output_path(out.path, self.ctx, self.spec.name)).absolute()
             if p.is_symlink() or (p.exists() and not p.is_dir()):
                 raise ConfigurationError("output path must be a directory", subject=str(p))
             if p.is_dir() and any(p.iterdir()):
                 raise ConfigurationError(
                     "output directory is not empty: stale files would be published as this "
                     "run's output", subject=str(p),
-                    hint="use a fresh directory per run, e.g. one that includes the run id",
+                    hint="use a fresh directory per run: e.g. path: out/{run_id}/model",
                 )
             p.mkdir(parents=True, exist_ok=True)
             paths[out.name] = p
@@ -358,15 +376,20 @@ class _Run:
             if session is not None:
                 child_env.update(session.env())
                 secret_files = getattr(session, "file_payloads", lambda: None)()
+            iso = self.spec.isolation
+            if iso.read_only_paths:
+                # Relative code paths are the caller's; the sandbox binds them at the same place.
+                iso = dataclasses.replace(iso, read_only_paths=tuple(
+                    str(Path(p).absolute()) for p in iso.read_only_paths))
             result = run_isolated(
                 list(command),
-                self.spec.isolation,
+                iso,
                 ro_binds={str(p): str(p) for p in inputs.values()},
                 rw_binds={str(p): str(p) for p in outputs.values()},
                 env=child_env,
                 secret_files=secret_files,
                 deadline_s=self._remaining(),
-                cwd=self.spec.workdir,
+                cwd=str(Path(self.spec.workdir).absolute()) if self.spec.workdir else None,
             )
             self.isolation["exit_code"] = str(result.exit_code)
             if result.exit_code != 0:

@@ -228,3 +228,38 @@ def test_receipt_carries_audit_head_that_anchors_the_log(tmp_path, dataset):
     with pytest.raises(AuditError):
         verify_chain(log, anchor=ChainHead(int(seq), digest, 0))
     head.touch()  # the process's cached audit log fsyncs its head file at exit
+
+
+@pytest.mark.sandbox
+def test_sandboxed_command_sees_declared_code_only_and_fresh_outputs(tmp_path, settings, dataset,
+                                                                     monkeypatch):
+    import shutil
+    import sys
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed")
+    data, manifest = dataset
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / ".env").write_text("DB_PASSWORD=canary-next-to-the-code\n")
+    (work / "train.py").write_text(
+        "import os, pathlib\n"
+        "out = pathlib.Path(os.environ['STEPGUARD_OUTPUT_MODEL'])\n"
+        "rows = (pathlib.Path(os.environ['STEPGUARD_INPUT_DATA']) / 'train.csv').read_text()\n"
+        "(out / 'rows').write_text(str(len(rows.splitlines())))\n"
+        "(out / 'saw_env_file').write_text(str(pathlib.Path('" + str(work / ".env") + "').exists()))\n"
+    )
+    spec = StepSpec.from_dict({
+        "name": "train",
+        "inputs": [{"name": "data", "path": str(data), "manifest": str(manifest)}],
+        "outputs": [{"name": "model", "path": "out/{run_id}/model"}],
+        "isolation": {"mode": "sandbox", "read_only_paths": ["train.py"]},
+    })
+    for run in ("r-1", "r-2"):  # the second run must not trip over the first run's output
+        receipt = run_step(spec, command=[sys.executable, str(work / "train.py")],
+                           settings=settings, context=RunContext(run_id=run, step="train"))
+        out = Path(receipt.output("model").path)
+        assert out == work / "out" / run / "model"
+        assert (out / "rows").read_text() == "3"
+        assert (out / "saw_env_file").read_text() == "False"
