@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import signal
 import threading
@@ -61,6 +62,9 @@ from stepguard.spec import InputSpec, OutputSpec, RunContext, StepSpec
 
 if TYPE_CHECKING:
     from stepguard._private.audit_bridge import StepAudit
+
+#: Where an orchestrator hands a step runner its single-use wrapped credentials.
+WRAPPED_ENV = "STEPGUARD_WRAPPED_CREDENTIALS"
 
 __all__ = ["Step", "StepEnv", "StepSpec", "run_step"]
 
@@ -255,6 +259,16 @@ class _Run:
 
     @contextlib.contextmanager
     def _credentials(self) -> Iterator[Any]:
+        wrapped = os.environ.pop(WRAPPED_ENV, None)
+        if wrapped:
+            if self.spec.credentials:
+                raise ConfigurationError(
+                    "credentials were handed over wrapped, and the spec asks for more",
+                    subject=WRAPPED_ENV,
+                    hint="mint them in one place: the orchestrator, or this step runner")
+            with self._unwrapped(wrapped) as delivered:
+                yield delivered
+            return
         if not self.spec.credentials:
             yield None
             return
@@ -286,6 +300,24 @@ class _Run:
                     done = bool(rec.revoked) or not rec.revocable
                     self.audit.verdict("credentials.revoked", done,
                                        lease=rec.lease or "", kind=rec.kind)
+
+    @contextlib.contextmanager
+    def _unwrapped(self, token: str) -> Iterator[Any]:
+        """Credentials minted by the orchestrator (its session owns and revokes the leases),
+        handed over as a single-use wrapping token: unwrapped here, once."""
+        from stepguard.credentials import VaultConfig, unwrap_delivery
+
+        if not self.settings.vault.addr:
+            raise ConfigurationError("wrapped credentials need the Vault address",
+                                     subject="vault.addr")
+        cfg = VaultConfig(addr=self.settings.vault.addr, auth=None,
+                          namespace=self.settings.vault.namespace,
+                          ca_cert=self.settings.vault.ca_cert,
+                          timeout_s=self.settings.vault.timeout_s)
+        with self.audit.control("credentials", "unwrap"), self._timed("credentials_unwrap"):
+            delivered = unwrap_delivery(token, settings=cfg)
+        with delivered:
+            yield delivered
 
     def _verify_inputs(self) -> dict[str, Path]:
         verified: dict[str, Path] = {}
