@@ -276,3 +276,15 @@ def receipt_xcom(receipt: Receipt) -> dict[str, Any]:
     """The XCom value of a receipt: plain JSON data (never a credential)."""
     data: dict[str, Any] = json.loads(receipt.to_json())
     return data
+
+
+def revoke_on_kill() -> None:
+    """``on_kill`` for operators whose step mints credentials in the task process.
+
+    Airflow 3's task runner answers SIGTERM by calling ``on_kill()`` without raising, so the
+    step's ``finally`` blocks may never run: revoke every open credential session now rather
+    than leave the leases alive until their TTL.
+    """
+    from stepguard.credentials import revoke_open_sessions
+
+    revoke_open_sessions()

@@ -234,3 +234,30 @@ def test_templated_fields_render(airflow_run, stepguard_env):
     assert airflow_run.states(dr) == {"tag": "success"}
     out = Path(airflow_run.xcom_of(dr, "tag")["outputs"][0]["path"])
     assert out.name == "out-v7" and (out / "v").read_text().strip() == "v7"
+
+
+@pytest.mark.services
+def test_on_kill_revokes_the_running_steps_credentials(dev_stack, dev_postgres):
+    """Airflow 3's task runner answers SIGTERM with on_kill() and does not raise: the step's
+    credentials must die then, not at their TTL."""
+    import hvac
+
+    from stepguard.credentials import AppRoleAuth, VaultConfig, open_session
+    from stepguard.spec import CredentialRequest, RunContext
+    from stepguard_airflow.operators import IngestDatasetOperator, SecureStepOperator
+
+    auth = AppRoleAuth(role_id=dev_stack.approle_role_id,
+                       secret_id=dev_stack.approle_secret_id_file.read_text().strip())
+    cfg = VaultConfig(addr=dev_stack.vault_addr, auth=auth)
+    root = hvac.Client(url=dev_stack.vault_addr, token=dev_stack.vault_root_token)
+    req = CredentialRequest(name="db", kind="database", role="stepguard-step")
+    for op in (SecureStepOperator(task_id="train", spec={"isolation": {"mode": "process"}},
+                                  python_callable=lambda: None),
+               IngestDatasetOperator(task_id="ingest", dataset="d", version="1", source="/nope")):
+        with open_session([req], settings=cfg, context=RunContext(step="train"), ttl_s=300,
+                          handle_sigterm=False) as s:
+            lease = s._issued[0].lease_id
+            op.on_kill()  # what the task runner does on SIGTERM
+            with pytest.raises(hvac.exceptions.InvalidRequest):
+                root.sys.read_lease(lease)
+            assert s.token.revoked

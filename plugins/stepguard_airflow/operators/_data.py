@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from stepguard_airflow._common import execute_step, receipt_xcom, step_name, task_failure
+from stepguard_airflow._common import (
+    execute_step,
+    receipt_xcom,
+    revoke_on_kill,
+    step_name,
+    task_failure,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -176,6 +182,9 @@ class IngestDatasetOperator(BaseOperator):
             isolation=IsolationSpec(mode="process"),
             signing=self.signing,
         )
+
+    def on_kill(self) -> None:
+        revoke_on_kill()
 
     def execute(self, context: Context) -> Any:
         source = str(self.source)

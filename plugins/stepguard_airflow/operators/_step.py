@@ -15,6 +15,7 @@ from stepguard_airflow._common import (
     execute_step,
     receipt_xcom,
     resolve_spec,
+    revoke_on_kill,
     step_name,
 )
 
@@ -118,6 +119,9 @@ class SecureStepOperator(BaseOperator):
             box["result"] = fn(*args, **kwargs, **extra)
 
         return body
+
+    def on_kill(self) -> None:
+        revoke_on_kill()
 
     def execute(self, context: Context) -> Any:
         isolation = self.isolation
