@@ -28,6 +28,7 @@ from stepguard.integrity._manifest import (
     Manifest,
     ManifestEntry,
 )
+from stepguard.integrity._tinyproc import TinyFile, run_helpers
 
 __all__ = [
     "ProgressCallback",
@@ -49,6 +50,10 @@ _TINY = 64 * 1024
 # Small files are handed to workers in batches: one future per 4 KiB file would cost more than
 # hashing it.
 _BATCH_FILES = 128
+# Helper processes for tiny files start at this many files, one per this many (an interpreter
+# start costs about as much as hashing 2,000 tiny files).
+_HELPERS_FROM = 10_000
+_HELPER_FILES = 5_000
 _BATCH_BYTES = 16 * 1024 * 1024
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -283,25 +288,22 @@ def _hash_small(job: _Job, algorithm: str) -> bytes:
     return digest
 
 
-def _hash_tiny(nodes: list[tuple[str, _Node]], algorithm: str, progress: ProgressCallback | None,
+def _hash_tiny(files: list[TinyFile], algorithm: str, progress: ProgressCallback | None,
                digests: dict[str, str], errors: dict[str, str]) -> None:
     """:func:`_hash_small`'s checks, inlined over many tiny files with no per-file objects."""
-    if not nodes:
-        return
     sha = algorithm == "sha256"
     prefix = algorithm + ":"
     flags = _OPEN_FLAGS
     is_reg = stat.S_ISREG
-    for key, n in nodes:
-        size = n.size
+    for key, path, ident, size in files:
         try:
-            fd = os.open(n.open_path, flags)
+            fd = os.open(path, flags)
         except OSError as exc:
             errors.setdefault(key, f"cannot open ({exc.strerror})")
             continue
         try:
             st = os.fstat(fd)
-            if not is_reg(st.st_mode) or (st.st_dev, st.st_ino) != n.ident:
+            if not is_reg(st.st_mode) or (st.st_dev, st.st_ino) != ident:
                 errors.setdefault(key, "replaced while verifying")
                 continue
             # One read() of size+1 bytes takes the whole file and detects growth.
@@ -322,6 +324,29 @@ def _hash_tiny(nodes: list[tuple[str, _Node]], algorithm: str, progress: Progres
             digests[key] = prefix + h.hexdigest()
         if progress is not None:
             progress(size)
+
+
+def _hash_tiny_all(files: list[TinyFile], algorithm: str, jobs: int, *,
+                   progress: ProgressCallback | None, digests: dict[str, str],
+                   errors: dict[str, str]) -> None:
+    helpers = min(jobs - 1, len(files) // _HELPER_FILES)
+    if algorithm != "sha256" or len(files) < _HELPERS_FROM or helpers < 1:
+        _hash_tiny(files, algorithm, progress, digests, errors)
+        return
+
+    def here(share: list[TinyFile]) -> None:
+        _hash_tiny(share, algorithm, progress, digests, errors)
+
+    def merge(share: list[TinyFile], lines: list[str]) -> None:
+        for (key, _path, _ident, size), line in zip(share, lines, strict=True):
+            if line.startswith("!"):
+                errors.setdefault(key, line[1:])
+            else:
+                digests[key] = "sha256:" + line
+                if progress is not None:
+                    progress(size)
+
+    run_helpers(files, helpers, _OPEN_FLAGS, here, merge)
 
 
 def _hash_job(job: _Job, algorithm: str, progress: ProgressCallback | None) -> bytes:
@@ -436,11 +461,14 @@ def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
     errors: dict[str, str] = {}
     # Tiny files skip the job/batch bookkeeping entirely: at 4 KiB per file that bookkeeping
     # costs as much as the open/read/hash itself (measured: 100,000 x 4 KiB files).
-    direct: list[tuple[str, _Node]] = []
+    direct: list[TinyFile] = []
     if dest_root is None:
         queued: list[tuple[str, _Node]] = []
-        for item in nodes:
-            (direct if item[1].size < _TINY else queued).append(item)
+        for key, n in nodes:
+            if n.size < _TINY:
+                direct.append((key, n.open_path, n.ident, n.size))
+            else:
+                queued.append((key, n))
         nodes = queued
     batches = _batches(_jobs_for(nodes, algorithm, shard_size, dest_root))
 
@@ -462,7 +490,9 @@ def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
     if jobs <= 1 or not rest:
         for b in rest + tiny:
             collect(_run_batch(b, algorithm, progress))
-        _hash_tiny(direct, algorithm, progress, digests, errors)
+        # With no pool at work, idle cores take shares of the tiny files in helper processes.
+        _hash_tiny_all(direct, algorithm, jobs if not rest else 1, progress=progress,
+                       digests=digests, errors=errors)
     else:
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="stepguard-hash") as pool:
             futures: list[Future[list[tuple[_Job, bytes | str]]]] = [
