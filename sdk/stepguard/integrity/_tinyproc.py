@@ -62,6 +62,10 @@ class Helper:
             parts += (b"%d" % dev, b"%d" % ino, b"%d" % size, os.fsencode(path))
         parts.append(b"")
         payload = b"\0".join(parts)
+        exe = sys.executable
+        # Embedded interpreters (uWSGI, frozen apps) report a sys.executable that is not Python.
+        if not exe or not os.path.basename(exe).startswith("python"):
+            return
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _CHILD],
@@ -84,6 +88,13 @@ class Helper:
             return
         if self._proc.returncode == 0:
             self._out.append(out)
+
+    def stop(self) -> None:
+        """Kill the helper if it is still running (the caller gave up on the results)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        if self._thread is not None:
+            self._thread.join()
 
     def results(self) -> list[str] | None:
         """One line per file of the share, or None if the helper failed (hash in-process)."""
@@ -108,11 +119,16 @@ def run_helpers(files: list[TinyFile], helpers: int, open_flags: int,
     """Split ``files`` into ``helpers + 1`` shares; hash one here, the rest in helpers."""
     n = len(files)
     per = -(-n // (helpers + 1))
-    started = [Helper(files[i:i + per], open_flags) for i in range(per, n, per)]
-    hash_here(files[:per])
-    for h in started:
-        lines = h.results()
-        if lines is None:
-            hash_here(h.share)
-        else:
-            merge(h.share, lines)
+    started: list[Helper] = []
+    try:
+        started += (Helper(files[i:i + per], open_flags) for i in range(per, n, per))
+        hash_here(files[:per])
+        for h in started:
+            lines = h.results()
+            if lines is None:
+                hash_here(h.share)
+            else:
+                merge(h.share, lines)
+    finally:
+        for h in started:
+            h.stop()
