@@ -1,0 +1,67 @@
+"""Many tiny files are hashed by helper interpreters as well as in-process: same digests, and
+every tampering case is still found and named, whichever share a file landed in."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stepguard.errors import IntegrityError
+from stepguard.integrity import _tree, create_manifest, verify_manifest
+
+
+def _tree_of(root: Path, n: int = 60) -> Path:
+    for i in range(n):
+        d = root / f"d{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:03d}.txt").write_bytes(f"row {i}\n".encode() * (i + 1))
+    return root
+
+
+@pytest.fixture
+def helpers_on(monkeypatch):
+    """Lower the thresholds so a small tree uses helper interpreters; count that it did."""
+    calls = []
+    real = _tree.run_helpers
+
+    def spy(files, helpers, *args, **kwargs):
+        calls.append((len(files), helpers))
+        return real(files, helpers, *args, **kwargs)
+
+    monkeypatch.setattr(_tree, "_HELPERS_FROM", 10)
+    monkeypatch.setattr(_tree, "_HELPER_FILES", 5)
+    monkeypatch.setattr(_tree, "run_helpers", spy)
+    return calls
+
+
+def test_helper_digests_equal_in_process_digests(tmp_path, helpers_on):
+    data = _tree_of(tmp_path / "data")
+    in_process = create_manifest(data, jobs=1)
+    assert helpers_on == []
+    with_helpers = create_manifest(data, jobs=2)
+    assert helpers_on and helpers_on[0][1] >= 1, "helper path not taken"
+    assert with_helpers.to_json() == in_process.to_json()
+    verify_manifest(data, in_process, jobs=2)
+
+
+def test_helpers_still_catch_every_tampering(tmp_path, helpers_on):
+    data = _tree_of(tmp_path / "data")
+    manifest = create_manifest(data, jobs=2)
+    # Spread over the tree so both the helper's share and the caller's share are hit.
+    (data / "d1" / "f005.txt").write_bytes(b"poisoned\n")
+    same = data / "d3" / "f055.txt"
+    st = same.stat()
+    same.write_bytes(same.read_bytes().replace(b"row", b"r0w"))  # same size ...
+    os.utime(same, ns=(st.st_atime_ns, st.st_mtime_ns))         # ... and old mtime
+    (data / "d2" / "f030.txt").unlink()
+    (data / "d2" / "f030.txt").symlink_to(data / "d0" / "f000.txt")
+    (data / "d0" / "f040.txt").unlink()
+    helpers_on.clear()
+    with pytest.raises(IntegrityError) as info:
+        verify_manifest(data, manifest, jobs=2)
+    assert helpers_on, "helper path not taken"
+    text = "\n".join(info.value.details)
+    for name in ("d1/f005.txt", "d3/f055.txt", "d2/f030.txt", "d0/f040.txt"):
+        assert name in text, f"{name} not reported:\n{text}"
