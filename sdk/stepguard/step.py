@@ -405,9 +405,17 @@ class _Run:
             child_env["STEPGUARD_STEP"] = self.spec.name
             child_env.update(self.audit.trace_env())
             secret_files: dict[str, bytes] | None = None
-            if session is not None:
+            wrapped: dict[str, str] | None = None
+            if session is not None and mode == "pod":
+                # Values never go into a pod spec (etcd, kubectl get): the pod's step runner
+                # gets one single-use wrapped token and unwraps it inside.
+                from stepguard.credentials import wrap_for_delivery
+
+                delivery = wrap_for_delivery(session)
+                wrapped = {WRAPPED_ENV: delivery.token.get_secret_value()}
+            elif session is not None:
                 child_env.update(session.env())
-                secret_files = getattr(session, "file_payloads", lambda: None)()
+                secret_files = session.file_payloads() or None
             iso = self.spec.isolation
             if iso.read_only_paths:
                 # Relative code paths are the caller's; the sandbox binds them at the same place.
@@ -422,6 +430,8 @@ class _Run:
                 secret_files=secret_files,
                 deadline_s=self._remaining(),
                 cwd=str(Path(self.spec.workdir).absolute()) if self.spec.workdir else None,
+                wrapped_token_env=wrapped,
+                context=self.ctx,
             )
             self.isolation["exit_code"] = str(result.exit_code)
             if result.exit_code != 0:

@@ -172,6 +172,18 @@ class CredentialSet:
                 out[_env_key(item.prefix, key)] = item.values.reveal(key)
         return out
 
+    def file_payloads(self, *, all_credentials: bool = False) -> dict[str, bytes]:
+        """``<PREFIX><KEY>_FILE`` -> value, for a runner that writes the files itself (the
+        sandbox's private tmpfs, 0400). Only ``delivery: file`` credentials unless
+        ``all_credentials``. Plain values: hand them to the runner, never log them."""
+        out: dict[str, bytes] = {}
+        for item in self._items:
+            if item.delivery != "file" and not all_credentials:
+                continue
+            for key in item.values:
+                out[_env_key(item.prefix, key) + "_FILE"] = item.values.reveal(key).encode()
+        return out
+
     def write_files(self, directory: str | Path, *, all_credentials: bool = False,
                     uid: int | None = None, gid: int | None = None,
                     require_tmpfs: bool = False) -> dict[str, str]:
