@@ -263,3 +263,59 @@ def test_sandboxed_command_sees_declared_code_only_and_fresh_outputs(tmp_path, s
         assert out == work / "out" / run / "model"
         assert (out / "rows").read_text() == "3"
         assert (out / "saw_env_file").read_text() == "False"
+
+
+def _keypair(d: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = d / f"{name}.pem", d / f"{name}.pub"
+    priv.write_bytes(key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(s.Encoding.PEM,
+                                                   s.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+def test_input_must_be_signed_by_the_named_identity(tmp_path, dataset):
+    """'Data signed by the ingestion identity': the manifest's bundle must verify under the
+    policy named in settings, else the body never runs."""
+    from stepguard.errors import SignatureError
+    from stepguard.integrity import Manifest
+    from stepguard.signing import KeySigner, sign_manifest
+
+    data, manifest = dataset
+    ingest_priv, ingest_pub = _keypair(tmp_path, "ingest")
+    other_priv, _ = _keypair(tmp_path, "other")
+    settings = Settings.from_dict({
+        "state_dir": str(tmp_path / "state"), "audit": {"exporter": "none"},
+        "policies": {"ingestion": {"kind": "key", "public_keys": [str(ingest_pub)]}}})
+    m = Manifest.from_json(manifest.read_text())
+
+    def spec(bundle):
+        return StepSpec.from_dict({
+            "name": "train", "isolation": {"mode": "process"},
+            "inputs": [{"name": "data", "path": str(data), "manifest": str(manifest),
+                        "signature": str(bundle), "signature_policy": "ingestion"}]})
+
+    good = tmp_path / "good.sig"
+    sign_manifest(m, KeySigner(ingest_priv), bundle_path=good)
+    ran = []
+    r = run_step(spec(good), body=lambda env: ran.append(1), settings=settings)
+    assert ran == [1] and r.inputs[0].signer
+
+    bad = tmp_path / "bad.sig"
+    sign_manifest(m, KeySigner(other_priv), bundle_path=bad)
+    with pytest.raises(SignatureError):
+        run_step(spec(bad), body=lambda env: ran.append(2), settings=settings)
+    assert ran == [1]
+
+    # A validly signed bundle for *other* data does not vouch for this manifest.
+    other = tmp_path / "other-data"
+    other.mkdir()
+    (other / "x.csv").write_text("1\n")
+    replay = tmp_path / "replay.sig"
+    sign_manifest(create_manifest(other), KeySigner(ingest_priv), bundle_path=replay)
+    with pytest.raises((SignatureError, IntegrityError)):
+        run_step(spec(replay), body=lambda env: ran.append(3), settings=settings)
+    assert ran == [1]
