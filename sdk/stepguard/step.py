@@ -342,6 +342,12 @@ class _Run:
 
         if inp.receipt:
             producer = Receipt.load(inp.receipt)
+            if producer.status != "succeeded":
+                raise IntegrityError(
+                    "producer step did not succeed; its outputs are not vouched for",
+                    subject=inp.receipt,
+                    details=[f"step {producer.step}: {producer.status}"
+                             + (f" ({producer.error.type})" if producer.error else "")])
             out = producer.output(inp.receipt_output or inp.name)
             manifest = _load_manifest(Manifest, Path(out.manifest))
             if manifest.digest != out.digest:
@@ -469,8 +475,10 @@ class _Run:
         with self._timed("publish"):
             for out in todo:
                 with self.audit.control("registry", "publish", output=out.name):
-                    record = publish_output(out, manifests[out.name], self.spec, self.settings,
-                                            self._partial_receipt())
+                    hashed = Path(next(r.path for r in self.outputs if r.name == out.name))
+                    record = publish_output(out, hashed, manifests[out.name], spec=self.spec,
+                                            settings=self.settings,
+                                            receipt=self._partial_receipt())
                 self._attach(out, record)
 
     def _attach(self, out: OutputSpec, record: PublishRecord) -> None:

@@ -76,9 +76,10 @@ def _load(path: Path) -> Any:
     return load_bundle(path.read_bytes(), subject=str(path))
 
 
-def publish_output(out: OutputSpec, manifest: Any, spec: StepSpec, settings: Settings,
-                   receipt: Receipt) -> PublishRecord:
-    """Sign and publish one output; the signature bundle is uploaded last (commit marker)."""
+def publish_output(out: OutputSpec, path: Path, manifest: Any, *, spec: StepSpec,
+                   settings: Settings, receipt: Receipt) -> PublishRecord:
+    """Sign and publish one output from ``path`` (the directory the step hashed: the spec's
+    path with its placeholders expanded); the signature bundle is uploaded last."""
     from stepguard.registry import open_registry
     from stepguard.signing import signer_from_spec
 
@@ -97,7 +98,7 @@ def publish_output(out: OutputSpec, manifest: Any, spec: StepSpec, settings: Set
         client = (stack.enter_context(vault_client(settings))
                   if spec.signing.signer == "transit" else None)
         signer = signer_from_spec(spec.signing, vault_client=client, settings=settings)
-        rec = open_registry(url).publish(Path(out.path), pub.name, pub.version, signer=signer,
+        rec = open_registry(url).publish(path, pub.name, pub.version, signer=signer,
                                          provenance=provenance, manifest=manifest,
                                          allow_pickle=pub.allow_pickle)
     return PublishRecord(registry=url, name=rec.name, version=rec.version, uri=rec.uri,

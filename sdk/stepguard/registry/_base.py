@@ -85,8 +85,13 @@ class _Upload:
     keys: list[str] = field(default_factory=list)
 
 
-def _check_manifest(manifest: Any, files: Mapping[str, str]) -> None:
-    """The integrity manifest bound into the signature must describe exactly the signed files."""
+def _check_manifest(manifest: Any, files: Mapping[str, str],
+                    plain_of_sharded: Mapping[str, str], sizes: Mapping[str, int]) -> None:
+    """The integrity manifest bound into the signature must describe exactly the signed files.
+
+    ``files``: plain SHA-256 of the bytes stored. Sharded manifest entries (big files) are
+    compared through ``plain_of_sharded``: the plain SHA-256 of bytes whose shards were checked
+    against the manifest before the upload, so the stored bytes are the verified bytes."""
     problems = []
     entries = {e.path: e for e in manifest.entries}
     for path in sorted(entries.keys() - files.keys()):
@@ -95,7 +100,12 @@ def _check_manifest(manifest: Any, files: Mapping[str, str]) -> None:
         problems.append(f"in model, not in manifest: {path}")
     for path in sorted(entries.keys() & files.keys()):
         e = entries[path]
-        if e.scheme == "sha256" and e.hexdigest != files[path]:
+        if sizes.get(path, e.size) != e.size:
+            problems.append(f"size differs: {path}")
+        elif e.scheme == "sha256":
+            if e.hexdigest != files[path]:
+                problems.append(f"digest differs: {path}")
+        elif plain_of_sharded.get(path) != files[path]:
             problems.append(f"digest differs: {path}")
     if problems:
         raise IntegrityError("integrity manifest does not describe this model",
@@ -186,9 +196,17 @@ class Registry(abc.ABC):
                 jobs.append((rel, key, src, size))
                 total += size
             # One read per file: what is hashed (and then signed) is exactly what was stored.
+            plain_of_sharded: dict[str, str] = {}
+            if manifest is not None and any(e.scheme != "sha256" for e in manifest.entries):
+                from stepguard.integrity import plain_sha256_digests
+
+                # Big files carry sharded digests: check their shards against the manifest and
+                # learn their plain digests, to compare with what the upload stores.
+                plain_of_sharded = plain_sha256_digests(root, manifest)
             digests = self._put_files(jobs)
             if manifest is not None:
-                _check_manifest(manifest, digests)
+                _check_manifest(manifest, digests, plain_of_sharded,
+                                {rel: size for rel, _key, _src, size in jobs})
             signed = sign_digests(digests, signer, name=name, binding=binding)
             if manifest is not None:
                 key = base + MANIFEST_NAME

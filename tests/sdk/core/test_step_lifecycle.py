@@ -319,3 +319,76 @@ def test_input_must_be_signed_by_the_named_identity(tmp_path, dataset):
     with pytest.raises((SignatureError, IntegrityError)):
         run_step(spec(replay), body=lambda env: ran.append(3), settings=settings)
     assert ran == [1]
+
+
+def test_publish_uses_the_hashed_directory_not_the_literal_template(tmp_path, dataset, monkeypatch):
+    """Output paths with {run_id} are expanded once; publishing signs that directory. An
+    attacker's pre-created literal 'out/{run_id}/model' is never published."""
+    from stepguard.registry import open_registry
+    from stepguard.signing import KeyPolicy
+
+    data, manifest = dataset
+    priv, pub = _keypair(tmp_path, "release")
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "out" / "{run_id}" / "model"
+    evil.mkdir(parents=True)
+    (evil / "w.safetensors").write_bytes(b"EVIL")
+    settings = Settings.from_dict({"state_dir": str(tmp_path / "state"),
+                                   "audit": {"exporter": "none"},
+                                   "registry": {"url": f"file://{tmp_path / 'reg'}"}})
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "process"},
+        "inputs": [{"name": "data", "path": str(data), "manifest": str(manifest)}],
+        "outputs": [{"name": "model", "path": "out/{run_id}/model",
+                     "publish": {"name": "m", "version": "1"}}],
+        "signing": {"signer": "key", "key": str(priv)},
+    })
+    r = run_step(spec, body=lambda env: (env.outputs["model"] / "w.safetensors").write_bytes(b"GOOD"),
+                 settings=settings, context=RunContext(run_id="run-7", step="train"))
+    assert r.output("model").path == str(tmp_path / "out" / "run-7" / "model")
+    fetched = open_registry(f"file://{tmp_path / 'reg'}").fetch(
+        "m", "1", policy=KeyPolicy(public_keys=(pub,)), dest=tmp_path / "fetched")
+    assert (fetched / "w.safetensors").read_bytes() == b"GOOD"
+
+
+@pytest.mark.parametrize("change", ["same-size", "grown"])
+def test_sharded_file_changed_after_hashing_never_publishes(tmp_path, change):
+    """Big files carry sharded digests in manifests; publishing must still prove the stored
+    bytes are the hashed bytes."""
+    from stepguard.registry import open_registry
+    from stepguard.signing import KeySigner
+
+    priv, _ = _keypair(tmp_path, "k")
+    model = tmp_path / "model"
+    model.mkdir()
+    big = model / "w.safetensors"
+    big.write_bytes(b"\x01" * (3 << 20))
+    m = create_manifest(model, shard_size=1 << 20)
+    assert m.entries[0].digest.startswith("sha256-sharded:")
+    big.write_bytes(b"\x02" * (3 << 20) if change == "same-size" else b"\x01" * ((3 << 20) + 1))
+    reg = open_registry(f"file://{tmp_path / 'reg'}")
+    with pytest.raises(IntegrityError):
+        reg.publish(model, "m", "1", signer=KeySigner(priv), manifest=m)
+    assert reg.list() == []
+
+
+def test_consumer_refuses_a_failed_producers_receipt(tmp_path, settings, dataset):
+    data, manifest = dataset
+
+    def body(env):
+        (env.outputs["model"] / "w.bin").write_bytes(b"1")
+        raise RuntimeError("training diverged")
+
+    with pytest.raises(BodyFailed) as info:
+        run_step(_spec(tmp_path, data, manifest), body=body, settings=settings,
+                 context=RunContext(run_id="f1", step="train"))
+    failed = info.value.receipt
+    rpath = tmp_path / "failed.json"
+    rpath.write_text(failed.to_json())
+    consumer = StepSpec.from_dict({"name": "use", "isolation": {"mode": "process"},
+                                   "inputs": [{"name": "model", "path": str(tmp_path / "out" / "model"),
+                                               "receipt": str(rpath)}]})
+    ran = []
+    with pytest.raises(IntegrityError, match="did not succeed"):
+        run_step(consumer, body=lambda env: ran.append(1), settings=settings)
+    assert ran == []
