@@ -219,3 +219,14 @@ def test_on_kill_revokes_the_step_credentials(airflow_db, kubeconfig, dev_stack,
         op.on_kill()
         assert all(rec.revoked for rec in session.leases)
         assert op._stepguard_policy is None
+
+
+def test_deferrable_is_refused_and_platform_default_overridden(airflow_db, kubeconfig, monkeypatch):
+    """Deferring would let this task process exit while the pod runs: its NetworkPolicy would be
+    deleted and its credentials revoked under the running pod."""
+    from stepguard.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="deferrable"):
+        _op(kubeconfig, deferrable=True)
+    monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
+    assert _op(kubeconfig).deferrable is False

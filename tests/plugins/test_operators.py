@@ -261,3 +261,21 @@ def test_on_kill_revokes_the_running_steps_credentials(dev_stack, dev_postgres):
             with pytest.raises(hvac.exceptions.InvalidRequest):
                 root.sys.read_lease(lease)
             assert s.token.revoked
+
+
+@pytest.mark.parametrize("spec", [
+    {"isolation": {"mode": "sandbox"}},
+    {"isolation": {"mode": "pod", "image": "reg.example/x@sha256:" + "a" * 64}},
+])
+def test_callable_is_never_run_with_less_isolation_than_the_spec_asks(spec):
+    """A Python callable runs in the task process: a spec asking for a sandbox or pod must not
+    be silently downgraded."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from stepguard_airflow.operators import SecureStepOperator
+
+    ran = []
+    op = SecureStepOperator(task_id="train", spec=spec, python_callable=lambda: ran.append(1))
+    with pytest.raises(AirflowFailException, match="isolation mode"):
+        op.execute({})
+    assert ran == []

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
+from stepguard.errors import ConfigurationError
 from stepguard_airflow._common import (
     coerce_spec,
     execute_step,
@@ -17,6 +18,7 @@ from stepguard_airflow._common import (
     resolve_spec,
     revoke_on_kill,
     step_name,
+    task_failure,
 )
 
 if TYPE_CHECKING:
@@ -126,6 +128,13 @@ class SecureStepOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         isolation = self.isolation
         if self.python_callable is not None and isolation is None:
+            asked = _asked_mode(self.spec)
+            if asked not in (None, "process"):
+                # Never run a body with less isolation than its spec asks for.
+                raise task_failure(step_name(self.task_id), ConfigurationError(
+                    f"the spec asks for isolation mode {asked!r}, but a Python callable runs "
+                    "in the task process", subject=f"{self.task_id}.isolation.mode",
+                    hint="pass command=... to run it isolated, or set isolation='process'"))
             isolation = "process"
         spec = resolve_spec(self.spec, isolation, self.env, self.receipts)
         box: dict[str, Any] = {}
@@ -157,3 +166,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _asked_mode(spec: Any) -> str | None:
+    """The isolation mode a spec states explicitly (None when it leaves it to the default)."""
+    from stepguard._private.schema import load_yaml
+    from stepguard.spec import StepSpec
+
+    if isinstance(spec, StepSpec):
+        return spec.isolation.mode
+    if isinstance(spec, str) and not spec.lstrip().startswith("{"):
+        spec = load_yaml(Path(spec), "step spec")
+    if isinstance(spec, Mapping):
+        iso = spec.get("isolation")
+        if isinstance(iso, Mapping) and iso.get("mode") is not None:
+            return str(iso["mode"])
+    return None

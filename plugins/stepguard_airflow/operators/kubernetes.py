@@ -142,8 +142,18 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         wrap_ttl_s: int = 300,
         **kwargs: Any,
     ) -> None:
+        from stepguard.errors import ConfigurationError
         from stepguard.spec import CredentialRequest
 
+        if kwargs.get("deferrable"):
+            # Deferring hands the pod to the triggerer while this process exits: the step's
+            # NetworkPolicy would be deleted and its credentials revoked while the pod runs.
+            raise ConfigurationError(
+                "SecureKubernetesPodOperator does not run deferrable", subject="deferrable",
+                hint="leave deferrable unset: the pod's NetworkPolicy and credentials live as "
+                     "long as this task process")
+        # Also when [operators] default_deferrable is on: the same reason applies.
+        kwargs["deferrable"] = False
         kwargs.setdefault("security_context", restricted_pod_security_context())
         kwargs.setdefault("container_security_context", restricted_container_security_context())
         if kwargs.get("automount_service_account_token") is None:
