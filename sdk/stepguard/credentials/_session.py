@@ -553,6 +553,14 @@ def open_session(
         raise ConfigurationError("ttl_s must be positive and at most 7 days + 1 h",
                                  subject="ttl_s")
     pols = tuple(policies) or cfg.default_policies
+    if policies and not cfg.child_token:
+        # Without a child token the login token is the step token: its policies are the auth
+        # role's, and declared ones cannot narrow them. Refuse rather than ignore them.
+        raise ConfigurationError(
+            "the step declares policies, but this login's token is used as the step token",
+            subject=",".join(policies),
+            hint="set the policies on the JWT/Kubernetes auth role (token_policies), or log in "
+                 "with a method whose token may create child tokens (AppRole)")
     names = [r.name for r in requests]
     if len(set(names)) != len(names):
         raise ConfigurationError("duplicate credential name", subject=",".join(names))

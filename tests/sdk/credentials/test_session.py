@@ -86,3 +86,21 @@ def test_child_token_without_database_policy_is_denied(vault_cfg, vault_client):
                           policies=["default"]):
             pass
     assert "database/creds/stepguard-step" in str(info.value)
+
+
+def test_declared_policies_are_refused_not_ignored_without_a_child_token(dev_stack):
+    """An in-pod JWT/Kubernetes login uses its own token as the step token; declared policies
+    could not narrow it, so asking for them is an error rather than silently dropped."""
+    import warnings
+
+    from stepguard.credentials import TokenAuth, VaultConfig
+    from stepguard.errors import ConfigurationError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auth = TokenAuth(dev_stack.vault_root_token)
+    cfg = VaultConfig(addr=dev_stack.vault_addr, auth=auth, child_token=False)
+    with pytest.raises(ConfigurationError, match="declares policies"):
+        with open_session([DB], settings=cfg, context=RunContext(step="x"), ttl_s=60,
+                          policies=["read-train-db"]):
+            pass
