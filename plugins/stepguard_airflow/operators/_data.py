@@ -362,9 +362,23 @@ class VerifyModelOperator(BaseOperator):
                             outputs=(OutputSpec(name=self.output_name, path=self.output_name),),
                             isolation=IsolationSpec(mode="process"))
 
+        expected = str(rec.get("digest") or "")
+
         def body(step_env: Any) -> None:
+            from stepguard.errors import IntegrityError
+            from stepguard.integrity import create_manifest
+
+            dest = step_env.outputs[self.output_name]
             _fetch_verified(used["settings"], registry=registry, name=name, version=version,
-                            policy_name=policy_name, dest=step_env.outputs[self.output_name])
+                            policy_name=policy_name, dest=dest)
+            # Validly signed is not enough: it must be the model the publishing step hashed.
+            got = create_manifest(dest).digest
+            if got != expected:
+                raise IntegrityError(
+                    "the registry's model is not the one the publishing step hashed",
+                    subject=f"{name}:{version}",
+                    details=[f"publishing receipt: {expected or 'no digest'}",
+                             f"fetched: {got}"])
 
         receipt = execute_step(context=context, spec=spec_for, body=body, conn_id=self.conn_id)
         # The verdict, for dashboards and deployment tooling; the receipt stays a pure receipt.
