@@ -82,10 +82,15 @@ class StepguardHook(BaseHook):
 
         path: str | None = settings_file or _conf("settings_file") or "auto"
         settings = Settings.load(path=path)
+        data = settings.to_dict()
+        # airflow.cfg [stepguard] defaults fill what the settings file and environment left unset.
+        for key, (section, name) in _CFG_KEYS.items():
+            value = _conf(key)
+            if value and data.get(section, {}).get(name) in (None, "", _DEFAULTS.get(key)):
+                data.setdefault(section, {})[name] = value
         conn = self.connection()
         if conn is None:
-            return settings
-        data = settings.to_dict()
+            return Settings.from_dict(data)
         extra = _extra(conn)
         vault = data.setdefault("vault", {})
         if conn.host:
@@ -147,6 +152,18 @@ class StepguardHook(BaseHook):
                 return True, f"Vault answered with HTTP {resp.status}"
         except OSError as exc:
             return False, f"Vault unreachable: {type(exc).__name__}"
+
+
+#: ``[stepguard]`` airflow.cfg options -> settings (section, key).
+_CFG_KEYS = {
+    "vault_addr": ("vault", "addr"),
+    "vault_auth": ("vault", "auth"),
+    "registry": ("registry", "url"),
+    "audit_exporter": ("audit", "exporter"),
+    "audit_path": ("audit", "path"),
+}
+#: Settings defaults that an airflow.cfg value may replace (anything else was set on purpose).
+_DEFAULTS = {"vault_auth": "token", "audit_exporter": "jsonl"}
 
 
 def _extra(conn: Any) -> Mapping[str, Any]:

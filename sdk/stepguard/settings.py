@@ -29,11 +29,9 @@ from typing import Any, Literal
 
 from stepguard._private.schema import from_mapping, load_yaml, to_plain
 from stepguard.errors import ConfigurationError
-from stepguard.spec import IsolationMode
 
 __all__ = [
     "AuditSettings",
-    "IsolationSettings",
     "PolicySettings",
     "RegistrySettings",
     "Settings",
@@ -90,13 +88,6 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
-class IsolationSettings:
-    """Defaults applied when a step spec does not say otherwise."""
-
-    default_mode: IsolationMode = "sandbox"
-
-
-@dataclass(frozen=True)
 class PolicySettings:
     """A named signature verification policy, referenced by steps and gates.
 
@@ -135,7 +126,6 @@ class Settings:
     vault: VaultSettings = field(default_factory=VaultSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
-    isolation: IsolationSettings = field(default_factory=IsolationSettings)
     policies: Mapping[str, PolicySettings] = field(default_factory=dict)
     state_dir: str = ".stepguard"
 
@@ -198,7 +188,6 @@ _SECTIONS = {
     "vault": VaultSettings,
     "registry": RegistrySettings,
     "audit": AuditSettings,
-    "isolation": IsolationSettings,
 }
 
 

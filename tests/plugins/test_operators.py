@@ -48,7 +48,7 @@ def test_provider_info_matches_airflow_schema_and_is_discovered(airflow_db):
     hook = pm.hooks["stepguard"]
     assert hook is not None and hook.connection_type == "stepguard"
     options = info["config"]["stepguard"]["options"]
-    assert {"vault_addr", "registry", "audit_exporter", "isolation"} <= set(options)
+    assert {"vault_addr", "vault_auth", "registry", "audit_exporter", "audit_path"} <= set(options)
 
 
 def test_decorator_python_body_gets_step_env_and_args(airflow_run, stepguard_env):
@@ -279,3 +279,20 @@ def test_callable_is_never_run_with_less_isolation_than_the_spec_asks(spec):
     with pytest.raises(AirflowFailException, match="isolation mode"):
         op.execute({})
     assert ran == []
+
+
+def test_airflow_cfg_stepguard_options_reach_the_settings(monkeypatch, tmp_path):
+    """Every [stepguard] option the provider declares is read; none is silently ignored."""
+    from stepguard_airflow.hooks import StepguardHook
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("VAULT_ADDR", "STEPGUARD_CONFIG", "STEPGUARD_AUDIT_EXPORTER", "STEPGUARD_REGISTRY_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AIRFLOW__STEPGUARD__VAULT_ADDR", "https://vault.example:8200")
+    monkeypatch.setenv("AIRFLOW__STEPGUARD__VAULT_AUTH", "jwt")
+    monkeypatch.setenv("AIRFLOW__STEPGUARD__REGISTRY", "s3://models/prod")
+    monkeypatch.setenv("AIRFLOW__STEPGUARD__AUDIT_EXPORTER", "both")
+    monkeypatch.setenv("AIRFLOW__STEPGUARD__AUDIT_PATH", str(tmp_path / "a.jsonl"))
+    s = StepguardHook(conn_id=None).get_settings()
+    assert (s.vault.addr, s.vault.auth, s.registry.url, s.audit.exporter, s.audit.path) == (
+        "https://vault.example:8200", "jwt", "s3://models/prod", "both", str(tmp_path / "a.jsonl"))

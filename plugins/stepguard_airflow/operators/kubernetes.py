@@ -12,7 +12,7 @@ It is a drop-in subclass: every argument of the stock operator keeps working. Wh
   (with the task's labels, sidecars, templates applied) is checked again before it is created;
 * ``log_pod_spec_on_failure`` is off (a pod spec in a task log is a leak waiting to happen);
 * credentials are delivered as one response-wrapped, single-use Vault token in
-  ``STEPGUARD_WRAPPED_TOKEN``: the step runner in the pod (``stepguard exec``) unwraps it; the
+  ``STEPGUARD_WRAPPED_CREDENTIALS``: the step runner in the pod (``stepguard exec``) unwraps it; the
   real credentials never pass through Airflow, XCom, rendered fields or etcd, and the leases are
   revoked when the task ends, however it ends;
 * a default-deny NetworkPolicy selecting exactly this pod is created with it and deleted with
