@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 
 from stepguard.errors import RegistryError
 from stepguard.registry._base import Registry
+from stepguard.signing._hashing import sha256_file
 
-_BUF = 8 * 1024 * 1024
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -45,7 +44,7 @@ class LocalRegistry(Registry):
     def _put_file(self, key: str, src: Path, size: int) -> str:
         fd = self._open_new(key)
         try:
-            return _copy_hashing(src, fd)
+            return sha256_file(src, copy_to=fd)
         finally:
             os.close(fd)
 
@@ -78,7 +77,7 @@ class LocalRegistry(Registry):
     def _download(self, key: str, dest: Path) -> str:
         fd = os.open(dest, _FLAGS, 0o644)
         try:
-            return _copy_hashing(self._path(key), fd)
+            return sha256_file(self._path(key), copy_to=fd)
         finally:
             os.close(fd)
 
@@ -94,22 +93,3 @@ class LocalRegistry(Registry):
                 continue
             with contextlib.suppress(OSError):
                 d.rmdir()
-
-
-def _copy_hashing(src: Path, dst_fd: int) -> str:
-    """Copy ``src`` (never through a symlink) to ``dst_fd``, hashing the bytes as they pass:
-    one read, so the digest describes exactly what was written."""
-    h = hashlib.sha256()
-    sfd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        buf = bytearray(_BUF)
-        view = memoryview(buf)
-        while True:
-            n = os.readv(sfd, [buf])
-            if not n:
-                break
-            h.update(view[:n])
-            os.write(dst_fd, view[:n])
-    finally:
-        os.close(sfd)
-    return h.hexdigest()

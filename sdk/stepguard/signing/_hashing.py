@@ -67,8 +67,11 @@ def walk(root: Path, *, skip: Collection[str] = ()) -> WalkResult:
     return WalkResult(files, tuple(sorted(problems)))
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read with large buffers and O_NOFOLLOW."""
+def sha256_file(path: Path, *, copy_to: int | None = None) -> str:
+    """Hex SHA-256 of a file, read with large buffers and O_NOFOLLOW.
+
+    With ``copy_to`` (a file descriptor) the bytes are also written there as they are hashed:
+    one read, so the digest describes exactly what was written."""
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
@@ -79,6 +82,8 @@ def sha256_file(path: Path) -> str:
             if not n:
                 break
             h.update(view[:n])
+            if copy_to is not None:
+                os.write(copy_to, view[:n])
     finally:
         os.close(fd)
     return h.hexdigest()
