@@ -118,3 +118,23 @@ def mint_jwt(dev_stack: DevStackInfo) -> Callable[..., str]:
         return pyjwt.encode(payload, path.read_bytes(), algorithm="ES256")
 
     return mint
+
+
+@pytest.fixture
+def pg_roles(dev_postgres: PostgresInfo) -> Callable[[], set[str]]:
+    """A function returning the names in ``pg_roles`` now (to prove JIT users were dropped)."""
+
+    def roles() -> set[str]:
+        import psycopg2
+
+        pg = dev_postgres
+        conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database,
+                                user=pg.admin_user, password=pg.admin_password)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT rolname FROM pg_roles")
+                return {r[0] for r in cur.fetchall()}
+        finally:
+            conn.close()
+
+    return roles

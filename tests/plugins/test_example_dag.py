@@ -26,19 +26,6 @@ def _seed(pg):
                    password=pg.admin_password)
 
 
-def _pg_roles(pg):
-    import psycopg2
-
-    conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database,
-                            user=pg.admin_user, password=pg.admin_password)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT rolname FROM pg_roles")
-            return {r[0] for r in cur.fetchall()}
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def pipeline_env(airflow_run, stepguard_env, dev_stack, dev_postgres, monkeypatch):
     """Settings as an operator would deploy them: a settings file, AppRole login from the env."""
@@ -69,7 +56,7 @@ def _load(airflow_run, dag_id):
     return getattr(module, dag_id)
 
 
-def test_example_pipeline_end_to_end_and_canary(airflow_run, pipeline_env, dev_postgres,
+def test_example_pipeline_end_to_end_and_canary(airflow_run, pipeline_env, dev_postgres, pg_roles,
                                                 capfd):
     dag = _load(airflow_run, "secure_training")
     seen = {}
@@ -82,7 +69,7 @@ def test_example_pipeline_end_to_end_and_canary(airflow_run, pipeline_env, dev_p
         return real_fetch(step_env, dest)
 
     ingest.fetch = spy
-    before = _pg_roles(dev_postgres)
+    before = pg_roles()
     dr = dag.test()
     out = capfd.readouterr()
     states = airflow_run.states(dr)
@@ -101,8 +88,8 @@ def test_example_pipeline_end_to_end_and_canary(airflow_run, pipeline_env, dev_p
     [lease] = r_ingest["credentials"]
     assert lease["kind"] == "database" and lease["revoked"] is True
     assert lease["lease"].startswith("sha256:")
-    assert seen["user"] not in _pg_roles(dev_postgres)
-    assert _pg_roles(dev_postgres) == before
+    assert seen["user"] not in pg_roles()
+    assert pg_roles() == before
     # chain of custody: each step verified its input against its producer's receipt
     assert r_verify["inputs"][0]["digest"] == dataset and r_verify["inputs"][0]["verified"]
     assert r_train["inputs"][0]["digest"] == dataset

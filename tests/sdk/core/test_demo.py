@@ -13,20 +13,8 @@ from stepguard.errors import IntegrityError
 pytestmark = [pytest.mark.services, pytest.mark.sandbox, pytest.mark.slow]
 
 
-def _pg_roles(pg):
-    import psycopg2
-
-    conn = psycopg2.connect(host=pg.host, port=pg.port, dbname=pg.database,
-                            user=pg.admin_user, password=pg.admin_password)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT rolname FROM pg_roles")
-            return {r[0] for r in cur.fetchall()}
-    finally:
-        conn.close()
-
-
-def test_pipeline_runs_signs_gates_and_revokes(tmp_path, dev_stack, dev_postgres, capsys, monkeypatch):
+def test_pipeline_runs_signs_gates_and_revokes(tmp_path, dev_stack, dev_postgres, pg_roles, capsys,
+                                               monkeypatch):
     from stepguard._private import demo
 
     seen = {}
@@ -38,7 +26,7 @@ def test_pipeline_runs_signs_gates_and_revokes(tmp_path, dev_stack, dev_postgres
         return real_ingest(env, pg)
 
     monkeypatch.setattr(demo, "_ingest", spy)
-    before = _pg_roles(dev_postgres)
+    before = pg_roles()
     results = run_pipeline(tmp_path, dev_stack)
     captured = capsys.readouterr()
     out = captured.out
@@ -48,7 +36,7 @@ def test_pipeline_runs_signs_gates_and_revokes(tmp_path, dev_stack, dev_postgres
     [lease] = ingest.credentials
     assert lease.kind == "database" and lease.revoked is True
     assert lease.lease.startswith("sha256:")
-    assert _pg_roles(dev_postgres) == before
+    assert pg_roles() == before
     # train verified its input against the ingest receipt and ran in the sandbox
     assert train.inputs[0].digest == ingest.output("dataset").digest
     assert train.isolation["mode"] == "sandbox"
@@ -62,7 +50,7 @@ def test_pipeline_runs_signs_gates_and_revokes(tmp_path, dev_stack, dev_postgres
     assert verify_chain(settings.audit_path).records > 5
     assert str(settings.audit_path) in out and "chain intact" in out
     # the minted user is gone, and its password reached no receipt, log line or audit record
-    assert seen["user"] not in _pg_roles(dev_postgres)
+    assert seen["user"] not in pg_roles()
     import base64
     import urllib.parse
 
