@@ -1,15 +1,18 @@
-"""A thin Vault HTTP client: hvac underneath, a timeout on every call, bounded jittered retries.
+"""A thin Vault HTTP client: a timeout on every call, bounded jittered retries, typed errors.
 
-hvac sends each request once with a 30 s timeout. Here every call gets ``timeout_s`` (never more
-than what is left of the retry budget), transient failures (connection errors, timeouts, 429,
-502, 503) are retried with jittered exponential backoff within ``retry_attempts`` and
-``retry_total_s``, and 401/403 raise :class:`~stepguard.errors.CredentialDenied` at once.
-No request body, response body or token is ever logged.
+Every call gets ``timeout_s`` (never more than what is left of the retry budget), transient
+failures (connection errors, timeouts, 429, 502, 503) are retried with jittered exponential
+backoff within ``retry_attempts`` and ``retry_total_s``, and 401/403 raise
+:class:`~stepguard.errors.CredentialDenied` at once. No request body, response body or token is
+ever logged. The HTTP itself is :mod:`stepguard.credentials._transport` (keep-alive, one pool per
+session).
 """
 
 from __future__ import annotations
 
+import json as _json
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +20,13 @@ from stepguard.errors import CredentialDenied, CredentialError, TransientCredent
 
 if TYPE_CHECKING:
     from stepguard.credentials._config import VaultConfig
+    from stepguard.credentials._transport import Pool
 
 log = logging.getLogger("stepguard.credentials")
 
 _TRANSIENT_STATUS = frozenset({429, 502, 503})
+_REASONS = {400: "bad request", 404: "not found", 405: "unsupported operation",
+            412: "precondition failed", 500: "internal error"}
 
 
 class _Transient(Exception):
@@ -31,43 +37,46 @@ class _Transient(Exception):
         self.reason = reason
 
 
-def _vault_errors(exc: BaseException) -> tuple[str, ...]:
-    errors = getattr(exc, "errors", None)
-    if isinstance(errors, list | tuple):
+def _vault_errors(body: bytes) -> tuple[str, ...]:
+    """Vault's ``{"errors": [...]}`` as short strings (they name paths and reasons, no values)."""
+    try:
+        errors = _json.loads(body).get("errors") if body else None
+    except (ValueError, AttributeError):
+        return ()
+    if isinstance(errors, list):
         return tuple(str(e)[:300] for e in errors)
     return ()
+
+
+def vault_status(exc: BaseException) -> int | None:
+    """The HTTP status Vault answered with, for a :class:`CredentialError` from a request."""
+    status = getattr(exc, "_vault_status", None)
+    return status if isinstance(status, int) else None
 
 
 class VaultApi:
     """One Vault client bound to one token (or none), sharing a connection pool with its clones."""
 
     def __init__(self, config: VaultConfig, token: str | None = None,
-                 _session: Any = None) -> None:
-        import hvac
-        import requests
+                 _pool: Pool | None = None) -> None:
+        from stepguard.credentials._transport import Pool
 
         self.config = config
-        self._session = _session if _session is not None else requests.Session()
-        verify: bool | str = config.ca_cert if config.ca_cert else True
-        if config.unsafe_skip_tls_verify:
-            verify = False
-        # hvac prefers a given session's own ``verify`` over its argument: set it there.
-        self._session.verify = verify
-        self._client = hvac.Client(
-            url=config.addr,
-            token=token,
-            namespace=config.namespace,
-            verify=verify,
-            timeout=config.timeout_s,
-            session=self._session,
-        )
+        self._pool = _pool if _pool is not None else Pool(config)
+        headers = {"Content-Type": "application/json", "Accept": "application/json",
+                   "X-Vault-Request": "true"}
+        if token:
+            headers["X-Vault-Token"] = token
+        if config.namespace:
+            headers["X-Vault-Namespace"] = config.namespace
+        self._headers = headers
 
     def with_token(self, token: str | None) -> VaultApi:
         """A client for another token, reusing this one's connections."""
-        return VaultApi(self.config, token, _session=self._session)
+        return VaultApi(self.config, token, _pool=self._pool)
 
     def close(self) -> None:
-        self._session.close()
+        self._pool.close()
 
     # -- the one place HTTP happens --------------------------------------------------------------
 
@@ -130,51 +139,44 @@ class VaultApi:
 
     def _once(self, method: str, path: str, *, what: str, json: dict[str, Any] | None,
               wrap_ttl_s: int | None, timeout: float) -> dict[str, Any] | None:
-        import hvac.exceptions
-        import requests
+        import http.client
 
-        kwargs: dict[str, Any] = {"timeout": timeout}
-        if json is not None:
-            kwargs["json"] = json
+        headers = self._headers
         if wrap_ttl_s:
-            kwargs["wrap_ttl"] = f"{int(wrap_ttl_s)}s"
+            headers = {**headers, "X-Vault-Wrap-TTL": f"{int(wrap_ttl_s)}s"}
+        payload = _json.dumps(json).encode() if json is not None else None
         try:
-            response = self._client.adapter.request(method, f"/v1/{path}", **kwargs)
-        except requests.exceptions.SSLError as exc:
+            response = self._pool.request(method, f"/v1/{path}", headers=headers, body=payload,
+                                          timeout=timeout)
+        except ssl.SSLError as exc:
             # Not transient: a certificate that does not verify may be an interception.
             raise CredentialError(
                 "TLS verification of Vault failed", subject=self.config.addr,
+                details=(type(exc).__name__,),
                 hint="set the Vault CA (VAULT_CACERT / VaultConfig.ca_cert)") from exc
-        except requests.exceptions.Timeout as exc:
+        except TimeoutError as exc:
             raise _Transient(f"timed out after {timeout:.1f} s") from exc
-        except requests.exceptions.ConnectionError as exc:
-            raise _Transient("connection failed") from exc
-        except (hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden) as exc:
-            status = 401 if isinstance(exc, hvac.exceptions.Unauthorized) else 403
-            raise CredentialDenied(
-                f"Vault refused {what} (HTTP {status})", subject=path,
-                details=_vault_errors(exc),
-                hint="check the token's policies, the auth role and that the token is alive",
-            ) from exc
-        except (hvac.exceptions.RateLimitExceeded, hvac.exceptions.BadGateway,
-                hvac.exceptions.VaultDown) as exc:
-            status = {hvac.exceptions.RateLimitExceeded: 429, hvac.exceptions.BadGateway: 502,
-                      hvac.exceptions.VaultDown: 503}[type(exc)]
-            raise _Transient(f"HTTP {status}") from exc
-        except hvac.exceptions.VaultError as exc:
-            raise CredentialError(f"Vault failed {what} ({type(exc).__name__})", subject=path,
-                                  details=_vault_errors(exc)) from exc
-        if isinstance(response, dict):
-            return response
-        status = getattr(response, "status_code", 0)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(f"connection failed ({type(exc).__name__})") from exc
+        status = response.status
         if status in _TRANSIENT_STATUS:
             raise _Transient(f"HTTP {status}")
-        if status == 204:
-            return None
+        if status in (401, 403):
+            raise CredentialDenied(
+                f"Vault refused {what} (HTTP {status})", subject=path,
+                details=_vault_errors(response.body),
+                hint="check the token's policies, the auth role and that the token is alive",
+            )
         if 200 <= status < 300:
+            if status == 204 or not response.body:
+                return None
             try:
-                body = response.json()
+                body = _json.loads(response.body)
             except ValueError:
                 return None
             return body if isinstance(body, dict) else None
-        raise CredentialError(f"Vault failed {what} (HTTP {status})", subject=path)
+        reason = _REASONS.get(status, "unexpected answer")
+        err = CredentialError(f"Vault failed {what} (HTTP {status} {reason})", subject=path,
+                              details=_vault_errors(response.body))
+        err._vault_status = status  # type: ignore[attr-defined]
+        raise err

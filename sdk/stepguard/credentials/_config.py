@@ -58,13 +58,15 @@ def _login_result(body: dict[str, Any] | None, what: str) -> Login:
 
 
 def _login(api: VaultApi, mount: str, payload: dict[str, Any], what: str) -> Login:
+    from stepguard.credentials._api import vault_status
+
     path = f"auth/{mount}/login"
     try:
         body = api.with_token(None).request("POST", path, what=what, json=payload)
     except CredentialError as exc:
         # Vault answers bad login material with 400 ("invalid role or secret ID", "error
         # validating token"): for the caller that is a refusal, not a fault to retry.
-        if type(exc) is CredentialError and "InvalidRequest" in exc.message:
+        if type(exc) is CredentialError and vault_status(exc) == 400:
             raise CredentialDenied(f"Vault refused {what}", subject=path, details=exc.details,
                                    hint="check the role and the login material") from exc
         raise

@@ -116,7 +116,7 @@ def unwrap_delivery(token: str | SecretStr, *, settings: VaultConfig | None = No
     unwrapped raises :class:`~stepguard.errors.CredentialDenied` and records an
     ``unwrap_refused`` event on the current span.
     """
-    from stepguard.credentials._api import VaultApi
+    from stepguard.credentials._api import VaultApi, vault_status
     from stepguard.credentials._config import VaultConfig
 
     cfg = settings if settings is not None else VaultConfig.from_env(require_auth=False)
@@ -132,7 +132,7 @@ def unwrap_delivery(token: str | SecretStr, *, settings: VaultConfig | None = No
                                                   what="wrapping token lookup",
                                                   json={"token": raw})
         except CredentialError as exc:
-            if isinstance(exc, CredentialDenied) or "InvalidRequest" in exc.message:
+            if isinstance(exc, CredentialDenied) or vault_status(exc) == 400:
                 raise _refused("token unknown, expired or already used", token_hash) from exc
             raise
         creation_path = str(((looked or {}).get("data") or {}).get("creation_path", ""))
@@ -143,7 +143,7 @@ def unwrap_delivery(token: str | SecretStr, *, settings: VaultConfig | None = No
             body = api.with_token(raw).request("POST", "sys/wrapping/unwrap",
                                                what="credential unwrap", retry=False)
         except CredentialError as exc:
-            if isinstance(exc, CredentialDenied) or "InvalidRequest" in exc.message:
+            if isinstance(exc, CredentialDenied) or vault_status(exc) == 400:
                 raise _refused("token already used", token_hash) from exc
             raise
     finally:

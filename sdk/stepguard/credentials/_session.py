@@ -269,8 +269,9 @@ class CredentialSession(CredentialSet):
         self._leases: list[LeaseRecord] = []
         self._issued: list[Issued] = []
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
+        #: Held while a renewal runs; revocation takes it so no renewal overlaps it.
+        self._renew_lock = threading.Lock()
+        self._started = time.monotonic()
         self._closed = False
         self._login_revoked = False
         self.timings: dict[str, float] = {}
@@ -386,19 +387,20 @@ class CredentialSession(CredentialSet):
         return max(1.0, min(ttls) * 2 / 3)
 
     def _start_renewer(self) -> None:
-        if self._renew_interval() is None:
-            return
-        self._renewer = threading.Thread(target=self._renew_loop, daemon=True,
-                                         name=f"stepguard-renew-{self.context.step}")
-        self._renewer.start()
+        self._started = time.monotonic()
+        self._schedule_renewal()
 
-    def _renew_loop(self) -> None:
-        started = time.monotonic()
-        while True:
-            interval = self._renew_interval()
-            if interval is None or self._stop.wait(interval):
+    def _schedule_renewal(self) -> None:
+        interval = self._renew_interval()
+        if interval is not None:
+            _RENEWALS.add(self, time.monotonic() + interval)
+
+    def _renew_due(self) -> None:
+        """Run by the process's renewal thread when this session's renewal is due."""
+        with self._renew_lock:
+            if self._closed:
                 return
-            remaining = self._ttl_s - (time.monotonic() - started)
+            remaining = self._ttl_s - (time.monotonic() - self._started)
             if remaining <= 0:
                 return
             try:
@@ -406,6 +408,7 @@ class CredentialSession(CredentialSet):
             except StepguardError as exc:
                 # Logged without values; the next tick tries again, expiry is the backstop.
                 log.warning("renewal for step %s failed: %s", self.context.step, exc)
+            self._schedule_renewal()
 
     def _renew_once(self, remaining: float) -> None:
         api = self.step_api()
@@ -439,9 +442,10 @@ class CredentialSession(CredentialSet):
             if self._closed:
                 return tuple(self._leases)
             self._closed = True
-        self._stop.set()
-        if self._renewer is not None and self._renewer is not threading.current_thread():
-            self._renewer.join(timeout=self.config.timeout_s + 1)
+        _RENEWALS.remove(self)
+        if not _RENEWALS.on_renewal_thread():
+            with self._renew_lock:  # a renewal in flight finishes first
+                pass
         self._remove_files()
         t0 = time.monotonic()
         api = self._step_api
@@ -498,6 +502,61 @@ class CredentialSession(CredentialSet):
         return tuple(self._leases)
 
 
+class _Renewals:
+    """One daemon thread per process renews every open session's token and leases when due.
+
+    A session adds itself with its next due time and is dropped when it revokes; the thread
+    sleeps until the earliest due time. Sessions are held weakly: a session nobody closes is
+    not kept alive by its renewals (its token's TTL then ends it).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: weakref.WeakKeyDictionary[CredentialSession, float] = (
+            weakref.WeakKeyDictionary())
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, session: CredentialSession, at: float) -> None:
+        with self._cond:
+            if self._pid != os.getpid():
+                # After fork: the parent's thread and schedule do not exist here.
+                self._thread, self._pid = None, os.getpid()
+                self._due = weakref.WeakKeyDictionary()
+            self._due[session] = at
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="stepguard-renewals")
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, session: CredentialSession) -> None:
+        with self._cond:
+            self._due.pop(session, None)
+
+    def scheduled(self, session: CredentialSession) -> bool:
+        with self._cond:
+            return session in self._due
+
+    def on_renewal_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                ready = [s for s, at in self._due.items() if at <= now]
+                for s in ready:
+                    del self._due[s]
+                if not ready:
+                    nxt = min(self._due.values(), default=None)
+                    self._cond.wait(None if nxt is None else nxt - now)
+                    continue
+            for session in ready:
+                session._renew_due()
+
+
+_RENEWALS = _Renewals()
 _OPEN: weakref.WeakSet[CredentialSession] = weakref.WeakSet()
 
 

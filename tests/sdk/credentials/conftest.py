@@ -3,8 +3,11 @@ small fault-injecting HTTP proxy placed in front of the real OpenBao."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import select
 import socket
+import socketserver
 import threading
 import time
 import warnings
@@ -210,3 +213,142 @@ def fault_proxy(dev_stack: DevStackInfo) -> Iterator[FaultProxy]:
     yield proxy
     server.shutdown()
     server.server_close()
+
+
+# -- real TCP/HTTP proxies for the transport tests ------------------------------------------------
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    socks = [a, b]
+    try:
+        while True:
+            readable, _, _ = select.select(socks, [], [], 5)
+            if not readable:
+                continue
+            for s in readable:
+                data = s.recv(65536)
+                if not data:
+                    return
+                (b if s is a else a).sendall(data)
+    except OSError:
+        return
+    finally:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@dataclass
+class Proxy:
+    """What a proxy saw: accepted client connections, request lines, proxy auth headers."""
+
+    port: int = 0
+    connections: int = 0
+    lines: list[str] = field(default_factory=list)
+    auth: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def read_head(sock: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+@contextlib.contextmanager
+def serve_tcp(handle: Any) -> Iterator[int]:
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            handle(self.request)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def tcp_forwarder(upstream: str) -> Iterator[Proxy]:
+    """Plain TCP relay to ``upstream``: counts the connections made through it."""
+    up = urlsplit(upstream)
+    seen = Proxy()
+
+    def handle(client: socket.socket) -> None:
+        seen.connections += 1
+        _pipe(client, socket.create_connection((up.hostname, up.port)))
+
+    with serve_tcp(handle) as port:
+        seen.port = port
+        yield seen
+
+
+@contextlib.contextmanager
+def http_proxy() -> Iterator[Proxy]:
+    """A forward proxy: absolute-URI requests (plain http) and CONNECT tunnels (https)."""
+    seen = Proxy()
+
+    def handle(client: socket.socket) -> None:
+        seen.connections += 1
+        head = read_head(client)
+        lines = head.decode("latin-1").split("\r\n")
+        seen.lines.append(lines[0])
+        seen.auth += [ln.split(":", 1)[1].strip() for ln in lines
+                      if ln.lower().startswith("proxy-authorization:")]
+        method, target, _ = lines[0].split(" ", 2)
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            _pipe(client, upstream)
+            return
+        url = urlsplit(target)
+        upstream = socket.create_connection((url.hostname, url.port))
+        path = url.path + (f"?{url.query}" if url.query else "")
+        rest = head.split(b"\r\n", 1)[1]
+        upstream.sendall(f"{method} {path} HTTP/1.1\r\n".encode() + rest)
+        _pipe(client, upstream)  # one request per proxied connection is enough here
+
+    with serve_tcp(handle) as port:
+        seen.port = port
+        yield seen
+
+
+class NetTools:
+    """The helpers above, for tests (conftest modules are not importable by name here)."""
+
+    Proxy = Proxy
+    serve_tcp = staticmethod(serve_tcp)
+    tcp_forwarder = staticmethod(tcp_forwarder)
+    http_proxy = staticmethod(http_proxy)
+    read_head = staticmethod(read_head)
+
+
+@pytest.fixture
+def net() -> type[NetTools]:
+    return NetTools
+
+
+@pytest.fixture
+def forward_proxy() -> Iterator[Proxy]:
+    with http_proxy() as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy variables from the machine running the tests."""
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)

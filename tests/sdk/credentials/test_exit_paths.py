@@ -15,6 +15,7 @@ import time
 import pytest
 
 from stepguard.credentials import VaultConfig, open_session
+from stepguard.credentials._session import _RENEWALS
 from stepguard.spec import CredentialRequest, RunContext
 
 pytestmark = [pytest.mark.services]
@@ -142,7 +143,11 @@ def test_long_step_renews_token_and_stops_at_exit(dev_stack, approle_auth, vault
         body = s.step_api().request("GET", "auth/token/lookup-self", what="test lookup")
         assert body["data"]["ttl"] > 0
         assert s.token.renewals >= 2
-        renewer = s._renewer
-    assert renewer is not None and not renewer.is_alive()
+        assert _RENEWALS.scheduled(s)
     assert s.token.revoked
-    assert not [t for t in threading.enumerate() if t.name.startswith("stepguard-renew")]
+    assert not _RENEWALS.scheduled(s)
+    renewals = s.token.renewals
+    time.sleep(4)  # past the next due time: nothing renews a revoked session
+    assert s.token.renewals == renewals
+    # One renewal thread serves the whole process, however many sessions ran.
+    assert len([t for t in threading.enumerate() if t.name.startswith("stepguard-renew")]) <= 1

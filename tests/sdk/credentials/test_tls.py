@@ -71,3 +71,22 @@ def test_unverifiable_certificate_fails_at_once(tls_vault):
             pass
     assert not isinstance(info.value, TransientCredentialError)
     assert time.monotonic() - t0 < 3
+
+
+def test_https_through_a_connect_proxy_still_verifies_vault(tls_vault, forward_proxy,
+                                                            no_proxy_env, monkeypatch):
+    """HTTPS_PROXY tunnels with CONNECT; the certificate is still checked against the CA (the
+    proxy cannot read or alter the traffic), and without the CA the tunnel does not help."""
+    addr, ca = tls_vault
+    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
+    cfg = VaultConfig(addr=addr, auth=_auth(), ca_cert=ca, default_policies=("default",))
+    with open_session([], settings=cfg, context=RunContext(), ttl_s=30) as s:
+        assert s.token.child
+    assert s.token.revoked
+    port = addr.rsplit(":", 1)[1]
+    assert forward_proxy.lines and all(ln.startswith(f"CONNECT 127.0.0.1:{port} ")
+                                       for ln in forward_proxy.lines)
+    bad = VaultConfig(addr=addr, auth=_auth(), default_policies=("default",))
+    with pytest.raises(CredentialError, match="TLS verification"):
+        with open_session([], settings=bad, context=RunContext(), ttl_s=30):
+            pass
