@@ -87,24 +87,63 @@ def main() -> int:
             return {"total": total, "login": t["login_s"], "token": t["token_s"],
                     "db_issue": s.leases[0].issue_s, "revoke": t["revoke_s"]}
 
+        import http.client
+        import json
+        from urllib.parse import urlsplit
+
+        url = urlsplit(info.vault_addr)
+        role_id = info.approle_role_id
+        secret_id = info.approle_secret_id_file.read_text().strip()
+
+        def bare(i: int) -> float:
+            """The same five calls with nothing around them: bare http.client, one connection."""
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+
+            def call(method: str, path: str, token: str | None, body: object = None) -> dict:
+                headers = {"X-Vault-Token": token} if token else {}
+                conn.request(method, f"/v1/{path}", headers=headers,
+                             body=None if body is None else json.dumps(body))
+                resp = conn.getresponse()
+                data = resp.read()
+                assert resp.status < 300, (path, resp.status)
+                return json.loads(data) if data else {}
+
+            t0 = time.perf_counter()
+            login = call("POST", "auth/approle/login", None,
+                         {"role_id": role_id, "secret_id": secret_id})["auth"]["client_token"]
+            child = call("POST", "auth/token/create", login,
+                         {"policies": ["stepguard-step"], "ttl": "300s",
+                          "explicit_max_ttl": "600s", "meta": {"run_id": f"bare-{i}"}}
+                         )["auth"]["client_token"]
+            lease = call("GET", "database/creds/stepguard-step", child)["lease_id"]
+            body()
+            call("PUT", "sys/leases/revoke", child, {"lease_id": lease})
+            call("POST", "auth/token/revoke-self", login)
+            elapsed = time.perf_counter() - t0
+            conn.close()
+            return elapsed
+
         for i in range(3):  # warm up connections and the database plugin
             secured(-i)
+            bare(-i)
         from stepguard.credentials._api import VaultApi
 
         # The floor: one round trip through the same client stack the session uses.
-        http = VaultApi(VaultConfig(addr=info.vault_addr, auth=None))
-        http.request("GET", "sys/health", what="health")
+        floor_api = VaultApi(VaultConfig(addr=info.vault_addr, auth=None))
+        floor_api.request("GET", "sys/health", what="health")
         base: list[float] = []
         floor: list[float] = []
+        bare_runs: list[float] = []
         sec: list[dict[str, float]] = []
         for i in range(runs):
             t0 = time.perf_counter()
             body()
             base.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            http.request("GET", "sys/health", what="health")
+            floor_api.request("GET", "sys/health", what="health")
             floor.append(time.perf_counter() - t0)
             sec.append(secured(i))
+            bare_runs.append(bare(i))
         overhead = [s["total"] - b for s, b in zip(sec, base, strict=True)]
         db_issue = [s["db_issue"] for s in sec]
         without_db = [o - d for o, d in zip(overhead, db_issue, strict=True)]
@@ -120,6 +159,10 @@ def main() -> int:
         print(row("  of which revoke (lease + tokens)", [s["revoke"] for s in sec]))
         print(row("overhead excluding DB user creation", without_db))
         print(row("floor: one Vault round trip (health)", floor))
+        print(row("floor: the 5 calls, bare http.client", bare_runs))
+        ours = [o - b for o, b in zip(overhead, bare_runs, strict=True)]
+        print(f"stepguard's own code (overhead - bare calls): p50 {pct(ours, 50) * 1000:.2f} ms, "
+              f"mean {statistics.fmean(ours) * 1000:.2f} ms")
         print(f"the secured path makes 5 Vault calls (login, child token, DB creds, lease revoke, "
               f"token-tree revoke); overhead p50 = {pct(overhead, 50) / pct(floor, 50):.1f} "
               f"round trips of this machine right now")

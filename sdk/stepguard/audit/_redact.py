@@ -26,8 +26,43 @@ _MIN_SECRET_LEN = 4
 _HASH_HEX_CHARS = 32
 _DOMAIN = b"stepguard.audit.identifier.v1\x00"
 
+#: Up to this many guarded forms a string is scanned once per form (C-speed substring search);
+#: beyond it, through the index of 4-character prefixes, whose cost does not grow with the number
+#: of secrets a long-lived process has seen.
+_SCAN_EACH_FORM_UP_TO = 128
+
+
+class _Guard:
+    """The registered forms, append-only. Writers hold ``_lock``; readers take no lock: they see
+    the list and the index entries (immutable tuples, replaced whole) as of some moment."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.forms: list[str] = []
+        self.index: dict[str, tuple[str, ...]] = {}
+
+    def add(self, forms: frozenset[str]) -> None:
+        for form in forms - self.seen:
+            self.seen.add(form)
+            key = form[:_MIN_SECRET_LEN]
+            self.index[key] = (*self.index.get(key, ()), form)
+            self.forms.append(form)
+
+    def found_in(self, text: str) -> bool:
+        forms = self.forms
+        if len(forms) <= _SCAN_EACH_FORM_UP_TO:
+            return any(f in text for f in forms)
+        index = self.index
+        n = _MIN_SECRET_LEN
+        for i in range(len(text) - n + 1):
+            candidates = index.get(text[i:i + n])
+            if candidates and any(text.startswith(f, i) for f in candidates):
+                return True
+        return False
+
+
 _lock = threading.Lock()
-_forms: frozenset[str] = frozenset()
+_guard = _Guard()
 _hash_key: bytes | None = None
 
 
@@ -84,7 +119,6 @@ def register_secret(value: str | bytes) -> None:
     >>> redact("password=hunter2-canary")
     '[REDACTED]'
     """
-    global _forms  # noqa: PLW0603 - process-wide state by design
     text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
     if not text:
         return
@@ -96,15 +130,12 @@ def register_secret(value: str | bytes) -> None:
         )
     new = secret_forms(text)
     with _lock:
-        _forms = _forms | new
+        _guard.add(new)
 
 
 def contains_secret(text: str) -> bool:
     """True when ``text`` contains a registered secret in any guarded form."""
-    forms = _forms
-    if not forms:
-        return False
-    return any(f in text for f in forms)
+    return bool(_guard.forms) and _guard.found_in(text)
 
 
 def redact(value: Any) -> Any:
@@ -113,7 +144,7 @@ def redact(value: Any) -> Any:
     Works on strings, sequences and mappings (keys too); other values pass through unchanged.
     The whole string is replaced, not only the secret, so no partial encoding survives.
     """
-    if not _forms:
+    if not _guard.forms:
         return value
     return _redact(value)
 
@@ -132,14 +163,14 @@ def _redact(value: Any) -> Any:
 
 def has_secrets() -> bool:
     """True when at least one secret is registered (lets hot paths skip the scan)."""
-    return bool(_forms)
+    return bool(_guard.forms)
 
 
 def _forget_all_secrets() -> None:
     # For tests only: a real process never forgets a secret it has seen.
-    global _forms  # noqa: PLW0603 - process-wide state by design
+    global _guard  # noqa: PLW0603 - process-wide state by design
     with _lock:
-        _forms = frozenset()
+        _guard = _Guard()
 
 
 def set_hash_key(key: bytes | None) -> None:

@@ -168,6 +168,26 @@ def test_redaction_helpers():
         audit.register_secret("abc")
 
 
+def test_redaction_still_catches_every_form_with_thousands_of_secrets(monkeypatch):
+    """A long-lived worker accumulates secrets; past the per-form scan the prefix index takes
+    over and must find the first and the last secret, in every encoding, anywhere in a string."""
+    from stepguard.audit import _redact
+
+    monkeypatch.setattr(_redact, "_guard", _redact._Guard())  # this test's secrets only
+    secrets = [f"tok-{i:05d}-{'q' * (i % 7)}-zz" for i in range(3000)]
+    for value in secrets:
+        audit.register_secret(value)
+    assert len(_redact._guard.forms) > _redact._SCAN_EACH_FORM_UP_TO  # the index path is used
+    for value in (secrets[0], secrets[1500], secrets[-1]):
+        basic = base64.b64encode(f"user:{value}".encode()).decode()
+        for text in (value, f"prefix {value.upper()} suffix", f"Authorization: Basic {basic}",
+                     "x" * 5000 + value.encode().hex() + "y"):
+            assert audit.contains_secret(text), text[:40]
+            assert audit.redact({"k": [text]}) == {"k": ["[REDACTED]"]}
+    assert not audit.contains_secret("tok-99999-zz and tok-0000 and " + "tok-" * 500)
+    assert audit.redact("nothing here") == "nothing here"
+
+
 def test_hash_identifier_is_one_way_stable_and_keyed():
     lease = "database/creds/trainer/8Hk2mQ"
     h = audit.hash_identifier(lease)
