@@ -6,7 +6,7 @@ PostgreSQL user, then lease and token revocation. The difference is the fixed co
 to every step that asks for credentials. The database engine's own user creation (Vault's
 ``database/creds`` round trip, which runs CREATE ROLE in PostgreSQL) is reported separately.
 
-    .venv/bin/python benchmarks/bench_credentials.py            # 200 runs
+    .venv/bin/python benchmarks/bench_credentials.py            # 1000 runs
     .venv/bin/python benchmarks/bench_credentials.py --quick    # 20 runs
     STEPGUARD_TEST_DEV_DIR=~/.stepguard/dev .venv/bin/python benchmarks/bench_credentials.py
 
@@ -44,10 +44,10 @@ def body() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 runs instead of 200")
+    parser.add_argument("--quick", action="store_true", help="20 runs instead of 1000")
     parser.add_argument("--runs", type=int, default=None)
     args = parser.parse_args()
-    runs = args.runs or (20 if args.quick else 200)
+    runs = args.runs or (20 if args.quick else 1000)
 
     from stepguard import devstack
     from stepguard.credentials import AppRoleAuth, VaultConfig, open_session
