@@ -199,6 +199,7 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/stepguard-bench-integrity", help="data location")
     ap.add_argument("--repeat", type=int, default=None, help="runs per figure (best kept)")
     ap.add_argument("--json", help="also write all figures to this JSON file")
+    ap.add_argument("--only", choices=("tree", "many"), help="measure one data set only")
     args = ap.parse_args()
     repeat = args.repeat or (1 if args.quick else 2)
     root = Path(args.dir)
@@ -224,6 +225,8 @@ def main() -> int:
         return r
 
     for label, path in (("tree", data["tree"]), ("many", data["many"])):
+        if args.only and label != args.only:
+            continue
         nfiles, nbytes = tree_stats(path)
         warm(path)
         print(f"\n[{label}] {nfiles:,} files, {nbytes / GiB:.2f} GiB")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepguard.errors import ManifestError
+from stepguard.integrity._gc import gc_paused
 from stepguard.integrity._paths import _FAST_SAFE, find_collisions, path_problems
 
 __all__ = [
@@ -33,6 +34,8 @@ DEFAULT_SHARD_SIZE = 64 * 1024 * 1024
 
 ALGORITHMS = ("sha256", "blake3")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+#: What the JSON encoder escapes with ensure_ascii=False (and nothing else).
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f\\"]')
 _SUBJECT_KEYS = frozenset({"name", "digest", "annotations"})
 _ANNOTATION_KEYS = frozenset({"size"})
 _MAX_SIZE = 2**63 - 1
@@ -85,17 +88,30 @@ def root_digest_of(
     """
     h = hashlib.sha256()
     h.update(('{"algorithm":' + _CANONICAL(algorithm) + ',"entries":[').encode())
-    chunk: list[str] = []
+    chunk: list[ManifestEntry] = []
     first = True
     for e in entries:
-        chunk.append(_CANONICAL([e.path, e.size, e.digest]))
+        chunk.append(e)
         if len(chunk) == 4096:
-            h.update(((",") if not first else "").encode() + ",".join(chunk).encode())
+            h.update(("," if not first else "").encode() + _canonical_entries(chunk).encode())
             first, chunk = False, []
     if chunk:
-        h.update(((",") if not first else "").encode() + ",".join(chunk).encode())
+        h.update(("," if not first else "").encode() + _canonical_entries(chunk).encode())
     h.update(('],"params":' + _CANONICAL(dict(params)) + "}").encode())
     return "sha256:" + h.hexdigest()
+
+
+def _canonical_entries(chunk: list[ManifestEntry]) -> str:
+    """``[path,size,digest]`` JSON of each entry, comma-joined, exactly as ``_CANONICAL`` writes
+    it. Built with f-strings when nothing in the chunk needs JSON escaping (the usual case:
+    the encoder escapes only quotes, backslashes and control characters), else entry by entry
+    through the encoder."""
+    if all(type(e.path) is str and type(e.size) is int and type(e.digest) is str
+           for e in chunk):
+        fields = "".join([e.path + e.digest for e in chunk])
+        if _NEEDS_ESCAPE.search(fields) is None:
+            return ",".join([f'["{e.path}",{e.size},"{e.digest}"]' for e in chunk])
+    return ",".join([_CANONICAL([e.path, e.size, e.digest]) for e in chunk])
 
 
 def _param_problems(algorithm: str, params: Mapping[str, Any]) -> list[str]:
@@ -222,8 +238,13 @@ class Manifest:
         return "\n".join(lines)
 
     @classmethod
+    @gc_paused
     def from_json(cls, text: str | bytes) -> Manifest:
         """Parse and strictly validate manifest JSON; raise ManifestError naming the bad entry."""
+        fast = _parse_own_layout(text)
+        if fast is not None:
+            algorithm, params, entries, root = fast
+            return cls(algorithm, params, entries, root)
         try:
             doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except _DuplicateKey as exc:
@@ -359,6 +380,67 @@ class Manifest:
                 hint="pass the data directory (--data) or create the manifest with shard_size=0",
             )
         return "".join(lines)
+
+
+# The exact text :meth:`Manifest.to_json` writes. A document in this layout is parsed line by
+# line; the patterns accept only what needs no JSON unescaping (names without quotes, backslashes
+# or control characters), so they read exactly what a JSON parser would. Anything else --
+# another layout, escapes, a duplicated key -- goes through the general parser.
+_HEAD = ('{\n  "_type": "https://in-toto.io/Statement/v1",\n  "predicate": ')
+_MIDDLE = ',\n  "predicateType": "https://stepguard.dev/manifest/v1",\n  "subject": [\n'
+_SUBJECT_LINE = re.compile(
+    r'    \{"annotations": \{"size": (0|[1-9][0-9]{0,18})\}, '
+    r'"digest": \{"([a-z0-9-]{1,32})": "([0-9a-f]{1,128})"\}, '
+    r'"name": "([^"\\\x00-\x1f]+)"\}(,?)'
+)
+
+
+def _parse_own_layout(
+    text: str | bytes,
+) -> tuple[str, dict[str, Any], tuple[ManifestEntry, ...], str] | None:
+    """(algorithm, params, entries, root digest) of a manifest in our own layout, else None."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not text.startswith(_HEAD):
+        return None
+    pred_end = text.find("\n", len(_HEAD))
+    if pred_end < 0 or not text.startswith(_MIDDLE, pred_end - 1):
+        return None
+    try:
+        pred = json.loads(text[len(_HEAD):pred_end - 1], object_pairs_hook=_no_duplicate_keys)
+    except ValueError:
+        return None
+    if (not isinstance(pred, dict) or set(pred) != {"algorithm", "params", "rootDigest"}
+            or not isinstance(pred["algorithm"], str) or not isinstance(pred["params"], dict)
+            or not isinstance(pred["rootDigest"], str)
+            or not pred["rootDigest"].startswith("sha256:")
+            or not _HEX64.fullmatch(pred["rootDigest"], 7)):
+        return None
+    body = text[pred_end - 1 + len(_MIDDLE):]
+    for tail in ("  ]\n}\n", "  ]\n}"):
+        if body.endswith(tail):
+            body = body[: -len(tail)]
+            break
+    else:
+        return None
+    if not body:
+        return pred["algorithm"], pred["params"], (), pred["rootDigest"]
+    if not body.endswith("\n"):
+        return None
+    lines = body[:-1].split("\n")
+    entries: list[ManifestEntry] = []
+    append = entries.append
+    match = _SUBJECT_LINE.fullmatch
+    last = len(lines) - 1
+    for i, line in enumerate(lines):
+        m = match(line)
+        if m is None or (m[5] == ",") != (i < last):
+            return None
+        append(ManifestEntry(m[4], int(m[1]), f"{m[2]}:{m[3]}"))
+    return pred["algorithm"], pred["params"], tuple(entries), pred["rootDigest"]
 
 
 class _DuplicateKey(ValueError):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepguard.errors import ConfigurationError, IntegrityError, ManifestError, OperationalError
+from stepguard.integrity._gc import gc_paused
 from stepguard.integrity._manifest import (
     ALGORITHMS,
     DEFAULT_SHARD_SIZE,
@@ -540,6 +541,7 @@ def _warn_hardlinks(flag: bool) -> None:
 # -- public operations ---------------------------------------------------------------------------
 
 
+@gc_paused
 def create_manifest(
     path: str | os.PathLike[str],
     *,
@@ -653,6 +655,7 @@ def _finish(findings: list[str], root: str) -> None:
     )
 
 
+@gc_paused
 def verify_manifest(
     path: str | os.PathLike[str],
     manifest: Manifest,
@@ -702,6 +705,7 @@ def verify_manifest(
                               sum(e.size for _, _, e in to_hash), time.monotonic() - start)
 
 
+@gc_paused
 def stage_and_verify(
     source: str | os.PathLike[str],
     manifest: Manifest,
@@ -779,6 +783,7 @@ def _make_read_only(root: str) -> None:
         os.chmod(dirpath, 0o500)
 
 
+@gc_paused
 def plain_sha256_digests(
     path: str | os.PathLike[str], manifest: Manifest, *, jobs: int | None = None
 ) -> dict[str, str]:

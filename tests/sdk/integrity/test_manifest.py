@@ -173,3 +173,111 @@ def test_export_sha256sum_refuses_sharded_without_data() -> None:
         m.export_sha256sum()
     assert info.value.subject == "big"
     assert m.export_sha256sum({"big": "cd" * 32}) == f"{'cd' * 32}  ./big\n{HEX}  ./small\n"
+
+
+# -- our own JSON layout is parsed line by line: it must agree with a JSON parser -----------------
+
+
+def _own(names: list[str]) -> tuple[Manifest, str]:
+    params = {"root": "directory", "shard_size": 64 * 2**20}
+    m = Manifest("sha256", params, tuple(ManifestEntry(n, 1, f"sha256:{HEX}")
+                                         for n in sorted(names)))
+    return m, m.to_json()
+
+
+def test_own_layout_reads_exactly_what_a_json_parser_reads() -> None:
+    from stepguard.integrity._manifest import _parse_own_layout
+
+    for names in (["a", "b/c.bin", "données/été.csv", "z z"], ['q"uote', "plain"], []):
+        m, text = _own(names)
+        general = Manifest.from_statement(json.loads(text))
+        assert Manifest.from_json(text) == general == m
+        assert Manifest.from_json(text.encode()) == m
+        layout = _parse_own_layout(text)
+        if any('"' in n for n in names):
+            assert layout is None  # needs unescaping: left to the JSON parser
+        else:
+            assert layout is not None and layout[2] == m.entries
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda t: t.replace('"size": 1}', '"size": -1}', 1), "size"),
+        (lambda t: t.replace('"size": 1}', '"size": 01}', 1), "not valid JSON"),
+        (lambda t: t.replace('"name": "a"}', '"name": "a", "name": "b"}', 1), "repeats a key"),
+        (lambda t: t.replace(HEX, HEX.upper(), 1), "digest"),
+        (lambda t: t.replace('"name": "a"}', '"name": "\\u002e\\u002e/a"}', 1), "'..'"),
+        (lambda t: t.replace('"name": "a"},', '"name": "a"}', 1), "not valid JSON"),
+        (lambda t: t.replace('"name": "b"}', '"name": "b"},', 1), "not valid JSON"),
+        (lambda t: t.replace('"name": "b"}', '"name": "a"}', 1), "duplicated entry"),
+        (lambda t: t.replace('"sha256": "', '"sha256-sharded": "', 1), "digest must be"),
+        (lambda t: t.replace('"rootDigest": "sha256:', '"rootDigest": "sha256:0', 1),
+         "rootDigest"),
+        (lambda t: t[:-2], "not valid JSON"),
+        (lambda t: t.replace("\n  ]", "\n\n  ]", 1), None),
+    ],
+)
+def test_edited_own_layout_gets_the_json_parsers_verdict(edit, needle) -> None:
+    m, text = _own(["a", "b"])
+    edited = edit(text)
+    assert edited != text
+    if needle is None:  # still valid JSON in another layout: same manifest
+        assert Manifest.from_json(edited) == m
+        return
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_json(edited)
+    assert needle in info.value.diagnostics()
+
+
+def test_own_layout_with_a_tampered_entry_breaks_the_root_digest() -> None:
+    m, text = _own(["a", "b"])
+    other = "cd" * 32
+    with pytest.raises(ManifestError, match="root digest does not match"):
+        Manifest.from_json(text.replace(HEX, other, 1))
+
+
+def test_root_digest_of_names_that_need_escaping_matches_canonical_json() -> None:
+    """The root digest is built with f-strings when nothing needs escaping, else by the JSON
+    encoder; both must give the documented canonical JSON."""
+    import hashlib
+
+    params = {"root": "directory", "shard_size": 0}
+    for names in (["plain", "a/b"], ['q"uote', "back\\slash", "tab\tname", "é", "\u2028"],
+                  [f"f{i:05d}" for i in range(5000)] + ['z"']):
+        entries = [ManifestEntry(n, i, f"sha256:{HEX}") for i, n in enumerate(sorted(names))]
+        canonical = json.dumps({"algorithm": "sha256",
+                                "entries": [[e.path, e.size, e.digest] for e in entries],
+                                "params": params},
+                               sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        want = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+        assert root_digest_of("sha256", params, entries) == want
+
+
+def test_gc_pause_restores_the_collector_on_every_path() -> None:
+    import gc
+
+    from stepguard.integrity._gc import gc_paused
+
+    @gc_paused
+    def inner() -> bool:
+        return gc.isenabled()
+
+    @gc_paused
+    def outer(fail: bool) -> tuple[bool, bool]:
+        seen = (gc.isenabled(), inner())
+        if fail:
+            raise ValueError("boom")
+        return seen
+
+    assert gc.isenabled()
+    assert outer(False) == (False, False) and gc.isenabled()
+    with pytest.raises(ValueError):
+        outer(True)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        outer(False)
+        assert not gc.isenabled()  # a host that disabled it keeps it disabled
+    finally:
+        gc.enable()
