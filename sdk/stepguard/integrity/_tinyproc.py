@@ -17,22 +17,43 @@ import sys
 import threading
 from collections.abc import Callable
 
-# Runs in the helper. Input: NUL-separated open flags, then (dev, ino, size, path) per file.
-# Output: one line per file, in order: the SHA-256 hex digest, or "!" and the problem.
+# Runs in the helper. Input: NUL-separated open flags and the tiny-file limit, then
+# (dev, ino, size, path) per file; dev -1 means "not stat'ed yet" (the descriptor's fstat decides,
+# size -1: unknown). Output: one line per file, in order: the SHA-256 hex digest, for a file not
+# stat'ed before followed by " size" when its size was unknown, or " size dev ino nlink" when it
+# has several names; "L size dev ino nlink" for such a file that is not tiny after all (not
+# hashed); or "!" and the problem.
 _CHILD = r"""
 import hashlib, os, stat, sys
 f = sys.stdin.buffer.read().split(b"\0")
-flags = int(f[0]); out = []
-it = iter(f[1:-1])
+flags = int(f[0]); tiny = int(f[1]); out = []
+it = iter(f[2:-1])
+kinds = {stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFIFO: "FIFO",
+         stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
 for dev, ino, size, path in zip(it, it, it, it):
-    size = int(size)
+    dev, ino, size = int(dev), int(ino), int(size)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
         out.append(f"!cannot open ({exc.strerror})"); continue
+    tail = ""
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (int(dev), int(ino)):
+        if dev < 0:
+            if not stat.S_ISREG(st.st_mode):
+                kind = kinds.get(stat.S_IFMT(st.st_mode), "special file")
+                out.append(f"!replaced by a {kind}"); continue
+            if st.st_nlink != 1 or (size < 0 and st.st_size >= tiny):
+                tail = f" {st.st_size} {st.st_dev} {st.st_ino} {st.st_nlink}"
+            elif size < 0:
+                tail = f" {st.st_size}"
+            if size < 0:
+                size = st.st_size
+                if size >= tiny:
+                    out.append("L" + tail); continue
+            elif st.st_size != size:
+                out.append(f"!size {st.st_size}, manifest {size}"); continue
+        elif not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (dev, ino):
             out.append("!replaced while verifying"); continue
         data = os.read(fd, size + 1)
     except OSError as exc:
@@ -41,9 +62,37 @@ for dev, ino, size, path in zip(it, it, it, it):
         os.close(fd)
     if len(data) != size:
         out.append(f"!size changed while verifying ({size} -> {len(data)})"); continue
-    out.append(hashlib.sha256(data).hexdigest())
+    out.append(hashlib.sha256(data).hexdigest() + tail)
 sys.stdout.buffer.write("\n".join(out).encode("utf-8", "surrogateescape"))
 """
+
+
+def parse_line(line: str) -> str | tuple[str | None, tuple[int, int, int, int] | None]:
+    """A helper's answer for one file: the problem, or (hex digest or None when the file was
+    passed over as not tiny, (size, dev, ino, nlink) or None when the walk had stat'ed it).
+
+    >>> parse_line("!cannot open (No such file or directory)")
+    'cannot open (No such file or directory)'
+    >>> parse_line("ab12 4096 2049 77 1")
+    ('ab12', (4096, 2049, 77, 1))
+    >>> parse_line("L 99999 2049 78 1")
+    (None, (99999, 2049, 78, 1))
+    >>> parse_line("cd34 512")
+    ('cd34', (512, -1, -1, 1))
+    """
+    if line.startswith("!"):
+        return line[1:]
+    head, sep, rest = line.partition(" ")
+    if not sep:
+        return line, None
+    if " " not in rest:  # one name: its identity is of no interest
+        return head, (int(rest), -1, -1, 1)
+    size, dev, ino, nlink = (int(x) for x in rest.split(" "))
+    return (None if head == "L" else head), (size, dev, ino, nlink)
+
+
+#: Tiny files hashed in the time a helper takes to start and read its share (about 40 ms).
+_STARTUP_FILES = 4000
 
 # One (key, open path, (dev, ino), size) per file.
 TinyFile = tuple[str, str, tuple[int, int], int]
@@ -52,12 +101,12 @@ TinyFile = tuple[str, str, tuple[int, int], int]
 class Helper:
     """One helper interpreter hashing a share of the files while the caller hashes its own."""
 
-    def __init__(self, share: list[TinyFile], open_flags: int) -> None:
+    def __init__(self, share: list[TinyFile], open_flags: int, tiny: int) -> None:
         self.share = share
         self._out: list[bytes] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
-        parts = [str(open_flags).encode()]
+        parts = [str(open_flags).encode(), str(tiny).encode()]
         for _key, path, (dev, ino), size in share:
             parts += (b"%d" % dev, b"%d" % ino, b"%d" % size, os.fsencode(path))
         parts.append(b"")
@@ -113,16 +162,20 @@ class Helper:
         return lines
 
 
-def run_helpers(files: list[TinyFile], helpers: int, open_flags: int,
+def run_helpers(files: list[TinyFile], helpers: int, open_flags: int, tiny: int, *,
                 hash_here: Callable[[list[TinyFile]], None],
                 merge: Callable[[list[TinyFile], list[str]], None]) -> None:
-    """Split ``files`` into ``helpers + 1`` shares; hash one here, the rest in helpers."""
+    """Split ``files`` into ``helpers + 1`` shares; hash one here, the rest in helpers.
+
+    The caller's share is larger by what the helpers spend starting up, so all finish together.
+    """
     n = len(files)
-    per = -(-n // (helpers + 1))
+    own = min(n, -(-n // (helpers + 1)) + _STARTUP_FILES * helpers // (helpers + 1))
+    per = -(-(n - own) // helpers) if helpers and n > own else n
     started: list[Helper] = []
     try:
-        started += (Helper(files[i:i + per], open_flags) for i in range(per, n, per))
-        hash_here(files[:per])
+        started += (Helper(files[i:i + per], open_flags, tiny) for i in range(own, n, per))
+        hash_here(files[:own])
         for h in started:
             lines = h.results()
             if lines is None:

@@ -29,7 +29,7 @@ from stepguard.integrity._manifest import (
     Manifest,
     ManifestEntry,
 )
-from stepguard.integrity._tinyproc import TinyFile, run_helpers
+from stepguard.integrity._tinyproc import TinyFile, parse_line, run_helpers
 
 __all__ = [
     "ProgressCallback",
@@ -96,6 +96,10 @@ _KINDS = {
 }
 
 
+#: Identity of a file whose inode has not been looked at yet (see ``_scan(defer_files=True)``).
+_UNKNOWN: tuple[int, int] = (-1, -1)
+
+
 @dataclass(slots=True)
 class _Node:
     rel: str
@@ -105,6 +109,12 @@ class _Node:
     size: int = 0
     nlink: int = 1
     note: str = ""
+    #: A regular file by its directory entry, not stat'ed yet: the ``fstat`` of the descriptor
+    #: it is hashed through supplies size, identity and link count (``settle``).
+    deferred: bool = False
+
+    def settle(self, size: int, dev: int, ino: int, nlink: int) -> None:
+        self.size, self.ident, self.nlink, self.deferred = size, (dev, ino), nlink, False
 
 
 @dataclass
@@ -130,7 +140,10 @@ def _resolve_root(path: str | os.PathLike[str]) -> str:
     return real
 
 
-def _scan(root: str, allow_internal_symlinks: bool) -> _Scan:
+def _scan(root: str, allow_internal_symlinks: bool, *, defer_files: bool = False) -> _Scan:
+    """Walk ``root`` without following links. With ``defer_files``, regular files (by their
+    directory entry's type) are not ``lstat``'ed: they are opened with ``O_NOFOLLOW`` later and
+    the ``fstat`` of that descriptor is what counts, which saves one system call per file."""
     st = os.lstat(root)
     if stat.S_ISREG(st.st_mode):
         name = os.path.basename(root)
@@ -158,7 +171,11 @@ def _scan(root: str, allow_internal_symlinks: bool) -> _Scan:
                 scan.problems.append((rel_dir, "directory replaced while walking"))
                 continue
             with os.scandir(fd) as it:
-                entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+                if defer_files:
+                    entries = [(e.name, None if e.is_file(follow_symlinks=False)
+                                else e.stat(follow_symlinks=False)) for e in it]
+                else:
+                    entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
         except OSError as exc:
             scan.problems.append((rel_dir or ".", f"unreadable directory ({exc.strerror})"))
             continue
@@ -171,6 +188,9 @@ def _scan(root: str, allow_internal_symlinks: bool) -> _Scan:
         for name, est in entries:
             rel = rel_prefix + name
             abs_path = abs_prefix + name
+            if est is None:
+                nodes[rel] = _Node(rel, "file", abs_path, _UNKNOWN, -1, -1, deferred=True)
+                continue
             mode = est.st_mode
             if is_reg(mode):
                 nodes[rel] = _Node(rel, "file", abs_path, (est.st_dev, est.st_ino),
@@ -213,13 +233,14 @@ def _link_node(root: str, rel: str, abs_path: str, allowed: bool) -> _Node:
 
 def _hardlink_problems(scan: _Scan) -> list[tuple[str, str]]:
     """Files whose inode has names outside the tree: bytes could change there after we check."""
+    # Only inodes with more than one name matter (a file never stat'ed has nlink -1).
+    linked = [n for n in scan.nodes.values() if n.nlink > 1 and n.kind == "file" and not n.note]
     seen: dict[tuple[int, int], int] = {}
-    for n in scan.nodes.values():
-        if n.kind == "file" and not n.note:
-            seen[n.ident] = seen.get(n.ident, 0) + 1
+    for n in linked:
+        seen[n.ident] = seen.get(n.ident, 0) + 1
     out = []
-    for n in scan.nodes.values():
-        if n.kind == "file" and not n.note and n.nlink > seen[n.ident]:
+    for n in linked:
+        if n.nlink > seen[n.ident]:
             outside = n.nlink - seen[n.ident]
             out.append((n.rel, f"hard link with {outside} name(s) outside the root"))
     return out
@@ -289,14 +310,28 @@ def _hash_small(job: _Job, algorithm: str) -> bytes:
     return digest
 
 
-def _hash_tiny(files: list[TinyFile], algorithm: str, progress: ProgressCallback | None,
-               digests: dict[str, str], errors: dict[str, str]) -> None:
-    """:func:`_hash_small`'s checks, inlined over many tiny files with no per-file objects."""
+#: File statistics recorded for deferred files: key -> (size, device, inode, link count).
+Stats = dict[str, tuple[int, int, int, int]]
+
+
+def _hash_tiny(files: list[TinyFile], algorithm: str, progress: ProgressCallback | None, *,
+               digests: dict[str, str], errors: dict[str, str], stats: Stats,
+               large: list[str]) -> None:
+    """:func:`_hash_small`'s checks, inlined over many tiny files with no per-file objects.
+
+    A deferred file (identity unknown) is checked by the ``fstat`` of its descriptor: it must
+    be a regular file, of the expected size when one is given (verify), and is passed over into
+    ``large`` when it is not tiny after all (create). Its statistics go to ``stats`` when the
+    caller lacks them: always without an expected size, else only for a file with several names
+    (the hard-link check).
+    """
     sha = algorithm == "sha256"
     prefix = algorithm + ":"
     flags = _OPEN_FLAGS
     is_reg = stat.S_ISREG
-    for key, path, ident, size in files:
+    tiny = _TINY
+    for key, path, ident, expected in files:
+        size = expected
         try:
             fd = os.open(path, flags)
         except OSError as exc:
@@ -304,7 +339,21 @@ def _hash_tiny(files: list[TinyFile], algorithm: str, progress: ProgressCallback
             continue
         try:
             st = os.fstat(fd)
-            if not is_reg(st.st_mode) or (st.st_dev, st.st_ino) != ident:
+            if ident[0] < 0:
+                if not is_reg(st.st_mode):
+                    errors.setdefault(key, f"replaced by a {_kind(st.st_mode)}")
+                    continue
+                if size < 0 or st.st_nlink != 1:  # what the caller does not know yet
+                    stats[key] = (st.st_size, st.st_dev, st.st_ino, st.st_nlink)
+                if size < 0:
+                    size = st.st_size
+                    if size >= tiny:
+                        large.append(key)
+                        continue
+                elif st.st_size != size:
+                    errors.setdefault(key, f"size {st.st_size}, manifest {size}")
+                    continue
+            elif not is_reg(st.st_mode) or (st.st_dev, st.st_ino) != ident:
                 errors.setdefault(key, "replaced while verifying")
                 continue
             # One read() of size+1 bytes takes the whole file and detects growth.
@@ -329,25 +378,37 @@ def _hash_tiny(files: list[TinyFile], algorithm: str, progress: ProgressCallback
 
 def _hash_tiny_all(files: list[TinyFile], algorithm: str, jobs: int, *,
                    progress: ProgressCallback | None, digests: dict[str, str],
-                   errors: dict[str, str]) -> None:
+                   errors: dict[str, str], stats: Stats, large: list[str]) -> None:
     helpers = min(jobs - 1, len(files) // _HELPER_FILES)
     if algorithm != "sha256" or len(files) < _HELPERS_FROM or helpers < 1:
-        _hash_tiny(files, algorithm, progress, digests, errors)
+        _hash_tiny(files, algorithm, progress, digests=digests, errors=errors, stats=stats,
+                   large=large)
         return
 
     def here(share: list[TinyFile]) -> None:
-        _hash_tiny(share, algorithm, progress, digests, errors)
+        _hash_tiny(share, algorithm, progress, digests=digests, errors=errors, stats=stats,
+                   large=large)
 
     def merge(share: list[TinyFile], lines: list[str]) -> None:
-        for (key, _path, _ident, size), line in zip(share, lines, strict=True):
-            if line.startswith("!"):
-                errors.setdefault(key, line[1:])
-            else:
-                digests[key] = "sha256:" + line
-                if progress is not None:
-                    progress(size)
+        for (key, _path, _ident, _size), line in zip(share, lines, strict=True):
+            if len(line) == 64 and line[0] != "!" and progress is None:
+                digests[key] = "sha256:" + line  # a plain digest: the common case in verify
+                continue
+            result = parse_line(line)
+            if isinstance(result, str):
+                errors.setdefault(key, result)
+                continue
+            hexd, st = result
+            if st is not None:
+                stats[key] = st
+            if hexd is None:
+                large.append(key)
+                continue
+            digests[key] = "sha256:" + hexd
+            if progress is not None:
+                progress(st[0] if st is not None else _size)
 
-    run_helpers(files, helpers, _OPEN_FLAGS, here, merge)
+    run_helpers(files, helpers, _OPEN_FLAGS, _TINY, hash_here=here, merge=merge)
 
 
 def _hash_job(job: _Job, algorithm: str, progress: ProgressCallback | None) -> bytes:
@@ -451,7 +512,31 @@ def _run_batch(batch: list[_Job], algorithm: str, progress: ProgressCallback | N
 def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: int, jobs: int,
                 progress: ProgressCallback | None, dest_root: str | None = None
                 ) -> tuple[dict[str, str], dict[str, str]]:
-    """Hash files; return (key -> ``scheme:hex``, key -> problem)."""
+    """Hash files; return (key -> ``scheme:hex``, key -> problem).
+
+    Deferred nodes are settled (size, identity, link count from their descriptor's ``fstat``);
+    one that turns out not to be tiny is hashed in a second round like any stat'ed file.
+    """
+    stats: Stats = {}
+    large: list[str] = []
+    digests, errors = _hash_round(nodes, algorithm=algorithm, shard_size=shard_size, jobs=jobs,
+                                  progress=progress, dest_root=dest_root, stats=stats,
+                                  large=large)
+    by_key = dict(nodes)
+    for key, (size, dev, ino, nlink) in stats.items():
+        by_key[key].settle(size, dev, ino, nlink)
+    if large:
+        more, more_errors = _hash_round([(k, by_key[k]) for k in large], algorithm=algorithm,
+                                        shard_size=shard_size, jobs=jobs, progress=progress,
+                                        dest_root=dest_root, stats=stats, large=[])
+        digests.update(more)
+        errors.update(more_errors)
+    return digests, errors
+
+
+def _hash_round(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: int, jobs: int,
+                progress: ProgressCallback | None, dest_root: str | None, stats: Stats,
+                large: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     if algorithm == "blake3":
         try:
             import blake3  # noqa: F401
@@ -466,7 +551,7 @@ def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
     if dest_root is None:
         queued: list[tuple[str, _Node]] = []
         for key, n in nodes:
-            if n.size < _TINY:
+            if n.size < _TINY:  # deferred files of unknown size (-1) too: most are tiny
                 direct.append((key, n.open_path, n.ident, n.size))
             else:
                 queued.append((key, n))
@@ -493,13 +578,14 @@ def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
             collect(_run_batch(b, algorithm, progress))
         # With no pool at work, idle cores take shares of the tiny files in helper processes.
         _hash_tiny_all(direct, algorithm, jobs if not rest else 1, progress=progress,
-                       digests=digests, errors=errors)
+                       digests=digests, errors=errors, stats=stats, large=large)
     else:
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="stepguard-hash") as pool:
             futures: list[Future[list[tuple[_Job, bytes | str]]]] = [
                 pool.submit(_run_batch, b, algorithm, progress) for b in rest
             ]
-            _hash_tiny(direct, algorithm, progress, digests, errors)
+            _hash_tiny(direct, algorithm, progress, digests=digests, errors=errors,
+                       stats=stats, large=large)
             for b in tiny:
                 collect(_run_batch(b, algorithm, progress))
             for f in futures:
@@ -572,22 +658,12 @@ def create_manifest(
     n_jobs = _jobs_arg(jobs)
     _warn_hardlinks(unsafe_allow_external_hardlinks)
     root = _resolve_root(path)
-    scan = _scan(root, allow_internal_symlinks)
+    scan = _scan(root, allow_internal_symlinks, defer_files=True)
     problems = list(scan.problems)
     for n in scan.nodes.values():
         if n.kind != "file":
             problems.append((n.rel, f"{n.kind} {n.note}".strip() + " refused"))
-    if not unsafe_allow_external_hardlinks:
-        problems += _hardlink_problems(scan)
-    if problems:
-        problems.sort()
-        raise IntegrityError(
-            "refusing to create a manifest", subject=problems[0][0],
-            details=tuple(f"{p}: {why}" for p, why in problems),
-            hint="remove or replace the entries named above" + (
-                "" if allow_internal_symlinks else
-                " (allow_internal_symlinks permits links to files inside the root)"),
-        )
+    _refuse(problems, allow_internal_symlinks)
     items = sorted(scan.nodes.items())
     digests, errors = _hash_nodes(items, algorithm=algorithm, shard_size=shard_size,
                                   jobs=n_jobs, progress=progress)
@@ -595,6 +671,9 @@ def create_manifest(
         raise IntegrityError("files changed while the manifest was being created",
                              subject=min(errors),
                              details=tuple(f"{p}: {why}" for p, why in sorted(errors.items())))
+    if not unsafe_allow_external_hardlinks:
+        # Link counts of files not stat'ed by the walk are known once they have been opened.
+        _refuse(_hardlink_problems(scan), allow_internal_symlinks)
     params: dict[str, Any] = {"root": "file" if scan.is_file else "directory"}
     if algorithm == "sha256":
         params["shard_size"] = shard_size
@@ -604,8 +683,24 @@ def create_manifest(
     return Manifest(algorithm, params, entries)
 
 
-def _differences(scan: _Scan, manifest: Manifest, unsafe_allow_external_hardlinks: bool
+def _refuse(problems: list[tuple[str, str]], allow_internal_symlinks: bool) -> None:
+    if not problems:
+        return
+    problems.sort()
+    raise IntegrityError(
+        "refusing to create a manifest", subject=problems[0][0],
+        details=tuple(f"{p}: {why}" for p, why in problems),
+        hint="remove or replace the entries named above" + (
+            "" if allow_internal_symlinks else
+            " (allow_internal_symlinks permits links to files inside the root)"),
+    )
+
+
+def _differences(scan: _Scan, manifest: Manifest, unsafe_allow_external_hardlinks: bool,
+                 *, deferred_links: bool = False
                  ) -> tuple[list[str], list[tuple[str, _Node, ManifestEntry]]]:
+    """Findings from the walk alone, and the files left to hash. With ``deferred_links`` the
+    hard-link check is left to the caller (after hashing has settled deferred files)."""
     findings: list[str] = [f"unreadable: {p} ({why})" for p, why in scan.problems]
     to_hash: list[tuple[str, _Node, ManifestEntry]] = []
     is_file_manifest = manifest.params.get("root") == "file"
@@ -621,6 +716,19 @@ def _differences(scan: _Scan, manifest: Manifest, unsafe_allow_external_hardlink
     expected = {e.path for e in manifest.entries}
     for e in manifest.entries:
         node = nodes.get(e.path)
+        if node is not None and node.deferred:
+            if e.size < _TINY:
+                # Checked against the expected size through its own descriptor when hashed.
+                node.size = e.size
+                to_hash.append((e.path, node, e))
+                continue
+            try:
+                st = os.lstat(node.open_path)
+            except OSError as exc:
+                findings.append(f"modified: {e.path} (cannot stat ({exc.strerror}))")
+                continue
+            node.kind = _kind(st.st_mode)
+            node.settle(st.st_size, st.st_dev, st.st_ino, st.st_nlink)
         if node is None:
             if e.path in scan.dirs:
                 findings.append(f"type changed: {e.path} (expected file, found directory)")
@@ -636,10 +744,13 @@ def _differences(scan: _Scan, manifest: Manifest, unsafe_allow_external_hardlink
     for rel, node in nodes.items():
         if rel not in expected:
             findings.append(f"added: {rel} ({node.kind}{' ' + node.note if node.note else ''})")
-    if not unsafe_allow_external_hardlinks:
-        findings += [f"hard link: {p} ({why})" for p, why in _hardlink_problems(scan)
-                     if p in expected]
+    if not unsafe_allow_external_hardlinks and not deferred_links:
+        findings += _hardlink_findings(scan, expected)
     return findings, to_hash
+
+
+def _hardlink_findings(scan: _Scan, expected: set[str]) -> list[str]:
+    return [f"hard link: {p} ({why})" for p, why in _hardlink_problems(scan) if p in expected]
 
 
 def _finish(findings: list[str], root: str) -> None:
@@ -690,8 +801,9 @@ def verify_manifest(
     _warn_hardlinks(unsafe_allow_external_hardlinks)
     start = time.monotonic()
     root = _resolve_root(path)
-    scan = _scan(root, allow_internal_symlinks)
-    findings, to_hash = _differences(scan, manifest, unsafe_allow_external_hardlinks)
+    scan = _scan(root, allow_internal_symlinks, defer_files=True)
+    findings, to_hash = _differences(scan, manifest, unsafe_allow_external_hardlinks,
+                                     deferred_links=True)
     digests, errors = _hash_nodes([(k, n) for k, n, _ in to_hash], algorithm=manifest.algorithm,
                                   shard_size=int(manifest.params.get("shard_size", 0)),
                                   jobs=n_jobs, progress=progress)
@@ -700,6 +812,8 @@ def verify_manifest(
             findings.append(f"modified: {key} ({errors[key]})")
         elif digests[key] != entry.digest:
             findings.append(f"modified: {key} (content differs)")
+    if not unsafe_allow_external_hardlinks:
+        findings += _hardlink_findings(scan, {e.path for e in manifest.entries})
     _finish(findings, root)
     return VerificationReport(root, manifest.digest, len(to_hash),
                               sum(e.size for _, _, e in to_hash), time.monotonic() - start)

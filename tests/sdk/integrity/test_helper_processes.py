@@ -30,6 +30,17 @@ def helpers_on(monkeypatch):
         calls.append((len(files), helpers))
         return real(files, helpers, *args, **kwargs)
 
+    from stepguard.integrity import _tinyproc
+
+    monkeypatch.setattr(_tinyproc, "_STARTUP_FILES", 0)  # small trees: helpers get shares
+    real_helper = _tinyproc.Helper
+
+    class CountingHelper(real_helper):
+        def __init__(self, share, *args, **kwargs):
+            calls.append(("helper process", len(share)))
+            super().__init__(share, *args, **kwargs)
+
+    monkeypatch.setattr(_tinyproc, "Helper", CountingHelper)
     monkeypatch.setattr(_tree, "_HELPERS_FROM", 10)
     monkeypatch.setattr(_tree, "_HELPER_FILES", 5)
     monkeypatch.setattr(_tree, "run_helpers", spy)
@@ -42,6 +53,7 @@ def test_helper_digests_equal_in_process_digests(tmp_path, helpers_on):
     assert helpers_on == []
     with_helpers = create_manifest(data, jobs=2)
     assert helpers_on and helpers_on[0][1] >= 1, "helper path not taken"
+    assert any(c[0] == "helper process" and c[1] > 0 for c in helpers_on), helpers_on
     assert with_helpers.to_json() == in_process.to_json()
     verify_manifest(data, in_process, jobs=2)
 
@@ -65,3 +77,27 @@ def test_helpers_still_catch_every_tampering(tmp_path, helpers_on):
     text = "\n".join(info.value.details)
     for name in ("d1/f005.txt", "d3/f055.txt", "d2/f030.txt", "d0/f040.txt"):
         assert name in text, f"{name} not reported:\n{text}"
+
+
+def test_helper_checks_files_the_walk_did_not_stat(tmp_path):
+    """The helper protocol for files known only by name: statistics come back from the
+    descriptor's fstat, a file that is not tiny is passed back unhashed, a FIFO is named."""
+    import hashlib
+
+    from stepguard.integrity._tinyproc import Helper, parse_line
+
+    (tmp_path / "small").write_bytes(b"abc")
+    (tmp_path / "big").write_bytes(b"x" * 100)
+    os.mkfifo(tmp_path / "pipe")
+    unknown = (-1, -1)
+    share = [("small", str(tmp_path / "small"), unknown, -1),
+             ("big", str(tmp_path / "big"), unknown, -1),
+             ("pipe", str(tmp_path / "pipe"), unknown, -1),
+             ("sized", str(tmp_path / "small"), unknown, 4)]
+    lines = Helper(share, _tree._OPEN_FLAGS, 50).results()
+    assert lines is not None
+    small, big, pipe, sized = (parse_line(line) for line in lines)
+    assert small == (hashlib.sha256(b"abc").hexdigest(), (3, -1, -1, 1))  # one name: size only
+    assert big[0] is None and big[1][0] == 100
+    assert pipe == "replaced by a FIFO"
+    assert sized == "size 3, manifest 4"

@@ -327,3 +327,49 @@ def test_memory_stays_flat_for_a_large_file(tmp_path: Path) -> None:
                          text=True, check=True, timeout=120)
     peak_mib = int(out.stdout.strip()) / 1024
     assert peak_mib < 100, peak_mib
+
+
+def _swap_for_fifo_on_first_progress(target: Path):
+    swapped: list[int] = []
+
+    def progress(n: int) -> None:
+        if not swapped:
+            swapped.append(n)
+            target.unlink()
+            os.mkfifo(target)
+
+    return progress
+
+
+def test_tiny_file_swapped_for_a_fifo_after_the_walk_is_named(tree: Path,
+                                                              manifest: Manifest) -> None:
+    """The walk does not stat tiny regular files; the fstat of the descriptor each is read
+    through decides. A FIFO swapped in after the walk is named and never read (no hang)."""
+    target = tree / "data" / "train" / "part-1.csv"
+    _fails(tree, manifest, "modified: data/train/part-1.csv (replaced by a FIFO)", jobs=1,
+           progress=_swap_for_fifo_on_first_progress(target))
+
+
+def test_create_names_a_tiny_file_swapped_for_a_fifo(tree: Path) -> None:
+    target = tree / "data" / "train" / "part-1.csv"
+    with pytest.raises(IntegrityError, match="changed while the manifest") as info:
+        create_manifest(tree, jobs=1, progress=_swap_for_fifo_on_first_progress(target))
+    assert "data/train/part-1.csv: replaced by a FIFO" in info.value.details
+
+
+def test_tiny_file_grown_past_the_tiny_limit_is_reported_by_size(tree: Path,
+                                                                 manifest: Manifest) -> None:
+    (tree / "data" / "labels.json").write_bytes(b"x" * (256 * 1024))
+    _fails(tree, manifest, f"modified: data/labels.json (size {256 * 1024}, manifest 8)")
+
+
+def test_create_records_sizes_of_files_found_large_after_the_walk(tmp_path: Path) -> None:
+    """Sizes of files the walk did not stat come from their descriptors: tiny, just below and
+    above the tiny limit, and sharded."""
+    sizes = {"a": 0, "b": 65535, "c": 65536, "d": 300_000, "e": 3 * MiB + 1}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(os.urandom(size))
+    m = create_manifest(tmp_path, shard_size=MiB)
+    assert {e.path: e.size for e in m.entries} == sizes
+    assert m.entries[-1].scheme == "sha256-sharded"
+    verify_manifest(tmp_path, m)
