@@ -388,30 +388,36 @@ class Manifest:
 # another layout, escapes, a duplicated key -- goes through the general parser.
 _HEAD = ('{\n  "_type": "https://in-toto.io/Statement/v1",\n  "predicate": ')
 _MIDDLE = ',\n  "predicateType": "https://stepguard.dev/manifest/v1",\n  "subject": [\n'
-_SUBJECT_LINE = re.compile(
+_SUBJECT_LINE_TEXT = (
     r'    \{"annotations": \{"size": (0|[1-9][0-9]{0,18})\}, '
     r'"digest": \{"([a-z0-9-]{1,32})": "([0-9a-f]{1,128})"\}, '
-    r'"name": "([^"\\\x00-\x1f]+)"\}(,?)'
+    r'"name": "([^"\\\x00-\x1f]+)"\}(,?)\n'
 )
+_SUBJECT_LINE = re.compile(_SUBJECT_LINE_TEXT)
+_SUBJECT_LINE_BYTES = re.compile(_SUBJECT_LINE_TEXT.encode())
 
 
 def _parse_own_layout(
     text: str | bytes,
 ) -> tuple[str, dict[str, Any], tuple[ManifestEntry, ...], str] | None:
-    """(algorithm, params, entries, root digest) of a manifest in our own layout, else None."""
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    if not text.startswith(_HEAD):
+    """(algorithm, params, entries, root digest) of a manifest in our own layout, else None.
+
+    Bytes are read as bytes (only names are decoded, strictly as UTF-8) and nothing is sliced
+    out of the document: a 100,000-entry manifest is never copied.
+    """
+    raw = isinstance(text, bytes)
+    doc: Any = text  # str or bytes: the same steps on either, with literals of its own type
+    head, middle = (_HEAD.encode(), _MIDDLE.encode()) if raw else (_HEAD, _MIDDLE)
+    nl, tails = (b"\n", (b"  ]\n}\n", b"  ]\n}")) if raw else ("\n", ("  ]\n}\n", "  ]\n}"))
+    pattern: Any = _SUBJECT_LINE_BYTES if raw else _SUBJECT_LINE
+    if not doc.startswith(head):
         return None
-    pred_end = text.find("\n", len(_HEAD))
-    if pred_end < 0 or not text.startswith(_MIDDLE, pred_end - 1):
+    pred_end = doc.find(nl, len(head))
+    if pred_end < 0 or not doc.startswith(middle, pred_end - 1):
         return None
     try:
-        pred = json.loads(text[len(_HEAD):pred_end - 1], object_pairs_hook=_no_duplicate_keys)
-    except ValueError:
+        pred = json.loads(doc[len(head):pred_end - 1], object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError):
         return None
     if (not isinstance(pred, dict) or set(pred) != {"algorithm", "params", "rootDigest"}
             or not isinstance(pred["algorithm"], str) or not isinstance(pred["params"], dict)
@@ -419,27 +425,32 @@ def _parse_own_layout(
             or not pred["rootDigest"].startswith("sha256:")
             or not _HEX64.fullmatch(pred["rootDigest"], 7)):
         return None
-    body = text[pred_end - 1 + len(_MIDDLE):]
-    for tail in ("  ]\n}\n", "  ]\n}"):
-        if body.endswith(tail):
-            body = body[: -len(tail)]
+    start = pred_end - 1 + len(middle)
+    for tail in tails:
+        if doc.endswith(tail):
+            end = len(doc) - len(tail)
             break
     else:
         return None
-    if not body:
-        return pred["algorithm"], pred["params"], (), pred["rootDigest"]
-    if not body.endswith("\n"):
-        return None
-    lines = body[:-1].split("\n")
+    # One match at a time; each must start where the previous one ended, and only the last
+    # may lack the comma.
     entries: list[ManifestEntry] = []
     append = entries.append
-    match = _SUBJECT_LINE.fullmatch
-    last = len(lines) - 1
-    for i, line in enumerate(lines):
-        m = match(line)
-        if m is None or (m[5] == ",") != (i < last):
-            return None
-        append(ManifestEntry(m[4], int(m[1]), f"{m[2]}:{m[3]}"))
+    pos, comma = start, True
+    try:
+        for m in pattern.finditer(doc, start, end):
+            if m.start() != pos or not comma:
+                return None
+            pos, comma = m.end(), bool(m[5])
+            if raw:
+                append(ManifestEntry(m[4].decode(), int(m[1]),
+                                     f"{m[2].decode()}:{m[3].decode()}"))
+            else:
+                append(ManifestEntry(m[4], int(m[1]), f"{m[2]}:{m[3]}"))
+    except UnicodeDecodeError:
+        return None
+    if pos != end or (entries and comma):
+        return None
     return pred["algorithm"], pred["params"], tuple(entries), pred["rootDigest"]
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
+import tempfile
 from collections.abc import Callable
+from typing import BinaryIO
 
 # Runs in the helper. Input: NUL-separated open flags and the tiny-file limit, then
 # (dev, ino, size, path) per file; dev -1 means "not stat'ed yet" (the descriptor's fstat decides,
@@ -98,64 +99,71 @@ _STARTUP_FILES = 4000
 TinyFile = tuple[str, str, tuple[int, int], int]
 
 
+def _anonymous_file() -> BinaryIO:
+    """A read/write file with no name: in memory where the kernel offers it."""
+    try:
+        fd = os.memfd_create("stepguard-tiny", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        return tempfile.TemporaryFile()
+    return open(fd, "w+b")
+
+
 class Helper:
-    """One helper interpreter hashing a share of the files while the caller hashes its own."""
+    """One helper interpreter hashing a share of the files while the caller does other work.
+
+    The share goes in and the answers come out through anonymous files, not pipes: a pipe would
+    need a thread of the caller to feed and drain it, and that thread competes for the GIL with
+    the caller's own (CPU-bound) work, starving the helper.
+    """
 
     def __init__(self, share: list[TinyFile], open_flags: int, tiny: int) -> None:
         self.share = share
-        self._out: list[bytes] = []
         self._proc: subprocess.Popen[bytes] | None = None
-        self._thread: threading.Thread | None = None
+        self._files: list[BinaryIO] = []
         parts = [str(open_flags).encode(), str(tiny).encode()]
+        unknown = b"-1"
+        fsencode = os.fsencode
         for _key, path, (dev, ino), size in share:
-            parts += (b"%d" % dev, b"%d" % ino, b"%d" % size, os.fsencode(path))
+            if dev < 0 and size < 0:  # not stat'ed yet: the common case, kept cheap
+                parts += (unknown, unknown, unknown, fsencode(path))
+            else:
+                parts += (b"%d" % dev, b"%d" % ino, b"%d" % size, fsencode(path))
         parts.append(b"")
-        payload = b"\0".join(parts)
         exe = sys.executable
         # Embedded interpreters (uWSGI, frozen apps) report a sys.executable that is not Python.
         if not exe or not os.path.basename(exe).startswith("python"):
             return
         try:
+            stdin, stdout = _anonymous_file(), _anonymous_file()
+            self._files += (stdin, stdout)
+            stdin.write(b"\0".join(parts))
+            stdin.seek(0)
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _CHILD],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                close_fds=True,
+                stdin=stdin, stdout=stdout, stderr=subprocess.DEVNULL, close_fds=True,
             )
         except (OSError, ValueError):
+            self.stop()
             return
-        # communicate() in a thread: the helper's output is larger than a pipe buffer, and the
-        # caller is busy hashing its own share meanwhile (the thread sleeps in poll, GIL free).
-        self._thread = threading.Thread(target=self._talk, args=(payload,), daemon=True,
-                                        name="stepguard-tiny")
-        self._thread.start()
-
-    def _talk(self, payload: bytes) -> None:
-        assert self._proc is not None
-        try:
-            out, _ = self._proc.communicate(payload)
-        except (OSError, ValueError):
-            return
-        if self._proc.returncode == 0:
-            self._out.append(out)
 
     def stop(self) -> None:
         """Kill the helper if it is still running (the caller gave up on the results)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
-        if self._thread is not None:
-            self._thread.join()
+            self._proc.wait()
+        for f in self._files:
+            f.close()
+        self._files = []
 
     def results(self) -> list[str] | None:
         """One line per file of the share, or None if the helper failed (hash in-process)."""
-        if self._proc is None or self._thread is None:
+        if self._proc is None or not self._files:
             return None
-        self._thread.join()
-        if self._proc.poll() is None:  # pragma: no cover - communicate() returned early
-            self._proc.kill()
-            self._proc.wait()
-        if not self._out:
+        if self._proc.wait() != 0:
             return None
-        raw = self._out[0]
+        out = self._files[1]
+        out.seek(0)
+        raw = out.read()
         lines = raw.decode("utf-8", "surrogateescape").split("\n") if raw else []
         if len(lines) != len(self.share):
             return None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepguard.errors import ConfigurationError, IntegrityError, ManifestError, OperationalError
+from stepguard.integrity import _tinyproc
 from stepguard.integrity._gc import gc_paused
 from stepguard.integrity._manifest import (
     ALGORITHMS,
@@ -29,7 +30,11 @@ from stepguard.integrity._manifest import (
     Manifest,
     ManifestEntry,
 )
-from stepguard.integrity._tinyproc import TinyFile, parse_line, run_helpers
+from stepguard.integrity._tinyproc import (
+    TinyFile,
+    parse_line,
+    run_helpers,
+)
 
 __all__ = [
     "ProgressCallback",
@@ -390,25 +395,78 @@ def _hash_tiny_all(files: list[TinyFile], algorithm: str, jobs: int, *,
                    large=large)
 
     def merge(share: list[TinyFile], lines: list[str]) -> None:
-        for (key, _path, _ident, _size), line in zip(share, lines, strict=True):
-            if len(line) == 64 and line[0] != "!" and progress is None:
-                digests[key] = "sha256:" + line  # a plain digest: the common case in verify
-                continue
-            result = parse_line(line)
-            if isinstance(result, str):
-                errors.setdefault(key, result)
-                continue
-            hexd, st = result
-            if st is not None:
-                stats[key] = st
-            if hexd is None:
-                large.append(key)
-                continue
-            digests[key] = "sha256:" + hexd
-            if progress is not None:
-                progress(st[0] if st is not None else _size)
+        _merge_helper(share, lines, progress=progress, digests=digests, errors=errors,
+                      stats=stats, large=large)
 
     run_helpers(files, helpers, _OPEN_FLAGS, _TINY, hash_here=here, merge=merge)
+
+
+def _merge_helper(share: list[TinyFile], lines: list[str], *, progress: ProgressCallback | None,
+                  digests: dict[str, str], errors: dict[str, str], stats: Stats,
+                  large: list[str]) -> None:
+    """Record a helper's answers (see :func:`parse_line`) for its share of the files."""
+    for (key, _path, _ident, size), line in zip(share, lines, strict=True):
+        if len(line) == 64 and line[0] != "!" and progress is None:
+            digests[key] = "sha256:" + line  # a plain digest: the common case in verify
+            continue
+        result = parse_line(line)
+        if isinstance(result, str):
+            errors.setdefault(key, result)
+            continue
+        hexd, st = result
+        if st is not None:
+            stats[key] = st
+        if hexd is None:
+            large.append(key)
+            continue
+        digests[key] = "sha256:" + hexd
+        if progress is not None:
+            progress(st[0] if st is not None else size)
+
+
+class _EarlyHashing:
+    """Helper interpreters hashing a share of a tree's un-stat'ed files (SHA-256, sizes not
+    yet known) while the caller parses the manifest that the results are then checked against.
+    """
+
+    def __init__(self, scan: _Scan, jobs: int) -> None:
+        self.helpers: list[_tinyproc.Helper] = []
+        self.keys: set[str] = set()
+        files = [(k, n) for k, n in scan.nodes.items() if n.deferred]
+        n = len(files)
+        helpers = min(jobs - 1, n // _HELPER_FILES)
+        if n < _HELPERS_FROM or helpers < 1:
+            return
+        # Parsing and checking a manifest costs the caller about as much per entry as hashing
+        # half a tiny file: it keeps that much less than an equal share.
+        own = max(0, (n // 2 + _tinyproc._STARTUP_FILES * helpers) // (helpers + 1))
+        per = -(-(n - own) // helpers) if n > own else n
+        for i in range(own, n, per):
+            share: list[TinyFile] = [(k, node.open_path, _UNKNOWN, -1)
+                                     for k, node in files[i:i + per]]
+            self.helpers.append(_tinyproc.Helper(share, _OPEN_FLAGS, _TINY))
+            self.keys.update(k for k, *_ in share)
+
+    def collect(self, progress: ProgressCallback | None
+                ) -> tuple[dict[str, str], dict[str, str], Stats, list[str]]:
+        """Wait for the helpers; a share whose helper failed is hashed here instead."""
+        digests: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        stats: Stats = {}
+        large: list[str] = []
+        for h in self.helpers:
+            lines = h.results()
+            if lines is None:
+                _hash_tiny(h.share, "sha256", progress, digests=digests, errors=errors,
+                           stats=stats, large=large)
+            else:
+                _merge_helper(h.share, lines, progress=progress, digests=digests,
+                              errors=errors, stats=stats, large=large)
+        return digests, errors, stats, large
+
+    def stop(self) -> None:
+        for h in self.helpers:
+            h.stop()
 
 
 def _hash_job(job: _Job, algorithm: str, progress: ProgressCallback | None) -> bytes:
@@ -510,8 +568,8 @@ def _run_batch(batch: list[_Job], algorithm: str, progress: ProgressCallback | N
 
 
 def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: int, jobs: int,
-                progress: ProgressCallback | None, dest_root: str | None = None
-                ) -> tuple[dict[str, str], dict[str, str]]:
+                progress: ProgressCallback | None, dest_root: str | None = None,
+                tiny_helpers: bool = True) -> tuple[dict[str, str], dict[str, str]]:
     """Hash files; return (key -> ``scheme:hex``, key -> problem).
 
     Deferred nodes are settled (size, identity, link count from their descriptor's ``fstat``);
@@ -521,7 +579,7 @@ def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
     large: list[str] = []
     digests, errors = _hash_round(nodes, algorithm=algorithm, shard_size=shard_size, jobs=jobs,
                                   progress=progress, dest_root=dest_root, stats=stats,
-                                  large=large)
+                                  large=large, tiny_helpers=tiny_helpers)
     by_key = dict(nodes)
     for key, (size, dev, ino, nlink) in stats.items():
         by_key[key].settle(size, dev, ino, nlink)
@@ -536,7 +594,8 @@ def _hash_nodes(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
 
 def _hash_round(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: int, jobs: int,
                 progress: ProgressCallback | None, dest_root: str | None, stats: Stats,
-                large: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+                large: list[str], tiny_helpers: bool = True
+                ) -> tuple[dict[str, str], dict[str, str]]:
     if algorithm == "blake3":
         try:
             import blake3  # noqa: F401
@@ -577,7 +636,8 @@ def _hash_round(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
         for b in rest + tiny:
             collect(_run_batch(b, algorithm, progress))
         # With no pool at work, idle cores take shares of the tiny files in helper processes.
-        _hash_tiny_all(direct, algorithm, jobs if not rest else 1, progress=progress,
+        _hash_tiny_all(direct, algorithm, jobs if not rest and tiny_helpers else 1,
+                       progress=progress,
                        digests=digests, errors=errors, stats=stats, large=large)
     else:
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="stepguard-hash") as pool:
@@ -769,7 +829,7 @@ def _finish(findings: list[str], root: str) -> None:
 @gc_paused
 def verify_manifest(
     path: str | os.PathLike[str],
-    manifest: Manifest,
+    manifest: Manifest | str | bytes,
     *,
     jobs: int | None = None,
     allow_internal_symlinks: bool = False,
@@ -778,15 +838,20 @@ def verify_manifest(
 ) -> VerificationReport:
     """Check every byte under ``path`` against ``manifest``; return a report or raise.
 
-    Raises :class:`~stepguard.errors.IntegrityError` whose ``details`` list *every* difference
-    (``modified:``, ``missing:``, ``added:``, ``type changed:``, ``hard link:``), each naming the
-    file. No mtime or inode cache is consulted: all content is re-hashed.
+    ``manifest`` is a :class:`Manifest` or its JSON text; given the text, parsing it (strictly,
+    as :meth:`Manifest.from_json`) overlaps with hashing the first files, which matters for trees
+    of many small files. Raises :class:`~stepguard.errors.IntegrityError` whose ``details`` list
+    *every* difference (``modified:``, ``missing:``, ``added:``, ``type changed:``,
+    ``hard link:``), each naming the file. No mtime or inode cache is consulted: all content is
+    re-hashed.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> _ = (d / "a").write_bytes(b"1"); _ = (d / "b").write_bytes(b"2")
     >>> m = create_manifest(d)
     >>> verify_manifest(d, m).files
+    2
+    >>> verify_manifest(d, m.to_json()).files
     2
     >>> _ = (d / "a").write_bytes(b"X"); (d / "b").unlink()
     >>> try:
@@ -795,18 +860,37 @@ def verify_manifest(
     ...     print(err.details)
     ('modified: a (content differs)', 'missing: b')
     """
-    if not isinstance(manifest, Manifest):
-        raise ConfigurationError("verify_manifest needs a Manifest (use Manifest.from_json)")
+    text = manifest if isinstance(manifest, str | bytes) else None
+    if text is None and not isinstance(manifest, Manifest):
+        raise ConfigurationError("verify_manifest needs a Manifest or its JSON text")
     n_jobs = _jobs_arg(jobs)
     _warn_hardlinks(unsafe_allow_external_hardlinks)
     start = time.monotonic()
     root = _resolve_root(path)
     scan = _scan(root, allow_internal_symlinks, defer_files=True)
-    findings, to_hash = _differences(scan, manifest, unsafe_allow_external_hardlinks,
-                                     deferred_links=True)
-    digests, errors = _hash_nodes([(k, n) for k, n, _ in to_hash], algorithm=manifest.algorithm,
-                                  shard_size=int(manifest.params.get("shard_size", 0)),
-                                  jobs=n_jobs, progress=progress)
+    # Tiny-file digests do not depend on sharding; only a SHA-256 manifest can use them.
+    early = _EarlyHashing(scan, n_jobs) if text is not None and _says_sha256(text) else None
+    try:
+        if text is not None:
+            manifest = Manifest.from_json(text)
+        assert isinstance(manifest, Manifest)
+        if early is not None and manifest.algorithm != "sha256":
+            early.stop()
+            early = None
+        findings, to_hash = _differences(scan, manifest, unsafe_allow_external_hardlinks,
+                                         deferred_links=True)
+        done = early.keys if early is not None else set()
+        # Files the manifest calls large are hashed here, whatever a helper made of them.
+        here = [(k, n) for k, n, e in to_hash if k not in done or e.size >= _TINY]
+        digests, errors = _hash_nodes(here, algorithm=manifest.algorithm,
+                                      shard_size=int(manifest.params.get("shard_size", 0)),
+                                      jobs=n_jobs, progress=progress,
+                                      tiny_helpers=early is None or not early.helpers)
+        if early is not None:
+            _take_early(early.collect(progress), to_hash, digests, errors)
+    finally:
+        if early is not None:
+            early.stop()
     for key, _node, entry in to_hash:
         if key in errors:
             findings.append(f"modified: {key} ({errors[key]})")
@@ -817,6 +901,35 @@ def verify_manifest(
     _finish(findings, root)
     return VerificationReport(root, manifest.digest, len(to_hash),
                               sum(e.size for _, _, e in to_hash), time.monotonic() - start)
+
+
+def _says_sha256(text: str | bytes) -> bool:
+    head = text[:400]
+    return (b'"algorithm": "sha256"' in head if isinstance(head, bytes)
+            else '"algorithm": "sha256"' in head)
+
+
+def _take_early(results: tuple[dict[str, str], dict[str, str], Stats, list[str]],
+                to_hash: list[tuple[str, _Node, ManifestEntry]],
+                digests: dict[str, str], errors: dict[str, str]) -> None:
+    """Check what the early helpers hashed against the manifest, as the in-process path would:
+    a file of another size than the manifest's is reported by size, never by content."""
+    e_digests, e_errors, e_stats, e_large = results
+    large = set(e_large)
+    for key, node, entry in to_hash:
+        if key in digests or key in errors or entry.size >= _TINY:
+            continue  # hashed in this process
+        st = e_stats.get(key)
+        if st is not None:
+            node.settle(*st)
+        if key in e_errors:
+            errors[key] = e_errors[key]
+        elif st is not None and st[0] != entry.size:
+            errors[key] = f"size {st[0]}, manifest {entry.size}"
+        elif key in large or key not in e_digests:
+            errors[key] = "not hashed"  # pragma: no cover - a helper answers every file
+        else:
+            digests[key] = e_digests[key]
 
 
 @gc_paused

@@ -94,10 +94,70 @@ def test_helper_checks_files_the_walk_did_not_stat(tmp_path):
              ("big", str(tmp_path / "big"), unknown, -1),
              ("pipe", str(tmp_path / "pipe"), unknown, -1),
              ("sized", str(tmp_path / "small"), unknown, 4)]
-    lines = Helper(share, _tree._OPEN_FLAGS, 50).results()
+    helper = Helper(share, _tree._OPEN_FLAGS, 50)
+    try:
+        lines = helper.results()
+    finally:
+        helper.stop()
     assert lines is not None
     small, big, pipe, sized = (parse_line(line) for line in lines)
     assert small == (hashlib.sha256(b"abc").hexdigest(), (3, -1, -1, 1))  # one name: size only
     assert big[0] is None and big[1][0] == 100
     assert pipe == "replaced by a FIFO"
     assert sized == "size 3, manifest 4"
+
+
+def test_manifest_text_is_parsed_while_helpers_hash_with_the_same_findings(tmp_path,
+                                                                           helpers_on):
+    """Given the manifest's text, helpers start hashing before it is parsed; every finding
+    (content, size, FIFO, added, missing) is the same as verifying a parsed Manifest."""
+    data = _tree_of(tmp_path / "data")
+    manifest = create_manifest(data, jobs=1)
+    text = manifest.to_json()
+    assert verify_manifest(data, text, jobs=2).files == len(manifest.entries)
+    poisoned = data / "d1" / "f005.txt"
+    poisoned.write_bytes(poisoned.read_bytes().replace(b"row", b"r0w"))  # same size
+    (data / "d2" / "f058.txt").write_bytes(b"x" * 70_000)   # grown past the tiny limit
+    (data / "d3" / "f059.txt").write_bytes(b"shorter")
+    (data / "d0" / "f040.txt").unlink()
+    os.mkfifo(data / "d0" / "f040.txt")
+    (data / "d0" / "f044.txt").unlink()
+    (data / "d0" / "new.txt").write_bytes(b"added\n")
+    helpers_on.clear()
+    with pytest.raises(IntegrityError) as from_text:
+        verify_manifest(data, text.encode(), jobs=2)
+    assert any(c[0] == "helper process" and c[1] > 0 for c in helpers_on), helpers_on
+    with pytest.raises(IntegrityError) as from_object:
+        verify_manifest(data, manifest, jobs=1)
+    assert from_text.value.details == from_object.value.details
+    text_details = "\n".join(from_text.value.details)
+    for needle in ("modified: d1/f005.txt (content differs)",
+                   "modified: d2/f058.txt (size 70000, manifest",
+                   "modified: d3/f059.txt (size 7, manifest",
+                   "type changed: d0/f040.txt (expected file, found FIFO)",
+                   "missing: d0/f044.txt", "added: d0/new.txt"):
+        assert needle in text_details, (needle, text_details)
+
+
+def test_bad_manifest_text_stops_the_helpers(tmp_path, helpers_on):
+    from stepguard.errors import ManifestError
+
+    data = _tree_of(tmp_path / "data")
+    text = create_manifest(data, jobs=1).to_json()
+    before = set(os.listdir("/proc"))
+    with pytest.raises(ManifestError):
+        verify_manifest(data, text.replace('"rootDigest": "sha256:', '"rootDigest": "sha256:0'),
+                        jobs=2)
+    assert any(c[0] == "helper process" for c in helpers_on), helpers_on
+    leftover = [p for p in set(os.listdir("/proc")) - before if p.isdigit()
+                and os.path.exists(f"/proc/{p}/cmdline")
+                and b"-I\x00-S" in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert leftover == []
+
+
+def test_blake3_manifest_text_verifies_without_early_helpers(tmp_path, helpers_on):
+    data = _tree_of(tmp_path / "data")
+    text = create_manifest(data, algorithm="blake3").to_json()
+    helpers_on.clear()
+    assert verify_manifest(data, text, jobs=2).files == 60
+    assert not any(c[0] == "helper process" for c in helpers_on)

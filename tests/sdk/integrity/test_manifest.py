@@ -281,3 +281,10 @@ def test_gc_pause_restores_the_collector_on_every_path() -> None:
         assert not gc.isenabled()  # a host that disabled it keeps it disabled
     finally:
         gc.enable()
+
+
+def test_own_layout_bytes_with_invalid_utf8_in_a_name_is_refused() -> None:
+    _, text = _own(["a", "b"])
+    raw = text.encode().replace(b'"name": "a"', b'"name": "\xff"', 1)
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.from_json(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -308,7 +309,8 @@ def test_bad_arguments(tree: Path, manifest: Manifest) -> None:
     with pytest.raises(ConfigurationError):
         create_manifest(tree, shard_size=10)
     with pytest.raises(ConfigurationError):
-        verify_manifest(tree, manifest.to_json())  # type: ignore[arg-type]
+        verify_manifest(tree, json.loads(manifest.to_json()))  # type: ignore[arg-type]
+    assert verify_manifest(tree, manifest.to_json()).files == len(manifest.entries)
 
 
 def test_memory_stays_flat_for_a_large_file(tmp_path: Path) -> None:
