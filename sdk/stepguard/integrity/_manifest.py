@@ -246,7 +246,9 @@ class Manifest:
             algorithm, params, entries, root = fast
             return cls(algorithm, params, entries, root)
         try:
-            doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+            # UTF-8 only (RFC 8259): json.loads would also take UTF-16/32 bytes.
+            doc = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text,
+                             object_pairs_hook=_no_duplicate_keys)
         except _DuplicateKey as exc:
             raise ManifestError("manifest JSON repeats a key", subject=str(exc)) from exc
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -416,7 +418,14 @@ def _parse_own_layout(
     if pred_end < 0 or not doc.startswith(middle, pred_end - 1):
         return None
     try:
-        pred = json.loads(doc[len(head):pred_end - 1], object_pairs_hook=_no_duplicate_keys)
+        # Decoded here, strictly, as the whole document must be UTF-8: json.loads would guess
+        # another encoding (or skip a BOM) for the slice alone.
+        pred_text = doc[len(head):pred_end - 1]
+        if raw:
+            pred_text = pred_text.decode("utf-8")
+        if not pred_text.startswith("{"):
+            return None
+        pred = json.loads(pred_text, object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError):
         return None
     if (not isinstance(pred, dict) or set(pred) != {"algorithm", "params", "rootDigest"}

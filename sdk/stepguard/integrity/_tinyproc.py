@@ -18,23 +18,46 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
-# Runs in the helper. Input: NUL-separated open flags and the tiny-file limit, then
-# (dev, ino, size, path) per file; dev -1 means "not stat'ed yet" (the descriptor's fstat decides,
-# size -1: unknown). Output: one line per file, in order: the SHA-256 hex digest, for a file not
-# stat'ed before followed by " size" when its size was unknown, or " size dev ino nlink" when it
-# has several names; "L size dev ino nlink" for such a file that is not tiny after all (not
-# hashed); or "!" and the problem.
+# Runs in the helper. Input: NUL-separated open flags and the tiny-file limit, then per file
+# (dev, ino, size, directory dev, directory ino, path). With a directory identity the file is
+# opened relative to its directory after checking that directory. dev -1: not stat'ed yet (the
+# descriptor's fstat decides; size -1: unknown). Output: one line per file, in order: the SHA-256
+# hex digest, for a file not stat'ed before followed by " size" when its size was unknown, or
+# " size dev ino nlink" when it has several names; "L size dev ino nlink" for such a file that is
+# not tiny after all (not hashed); or "!" and the problem.
 _CHILD = r"""
-import hashlib, os, stat, sys
+import errno, hashlib, os, stat, sys
 f = sys.stdin.buffer.read().split(b"\0")
 flags = int(f[0]); tiny = int(f[1]); out = []
+dflags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 it = iter(f[2:-1])
 kinds = {stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFIFO: "FIFO",
          stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
-for dev, ino, size, path in zip(it, it, it, it):
-    dev, ino, size = int(dev), int(ino), int(size)
+cur, dfd, dproblem = None, -1, None
+for dev, ino, size, pdev, pino, path in zip(it, it, it, it, it, it):
+    dev, ino, size, pdev, pino = int(dev), int(ino), int(size), int(pdev), int(pino)
     try:
-        fd = os.open(path, flags)
+        if pdev < 0:
+            fd = os.open(path, flags)
+        else:
+            d, _, name = path.rpartition(b"/")
+            d = d or b"/"
+            if (d, pdev, pino) != cur:
+                if dfd >= 0:
+                    os.close(dfd); dfd = -1
+                cur, dproblem = (d, pdev, pino), None
+                try:
+                    dfd = os.open(d, dflags)
+                    dst = os.fstat(dfd)
+                    if (dst.st_dev, dst.st_ino) != (pdev, pino):
+                        dproblem = "directory replaced while verifying"
+                except OSError as exc:
+                    swapped = exc.errno in (errno.ELOOP, errno.ENOTDIR)
+                    dproblem = ("directory replaced while verifying" if swapped
+                                else f"cannot open its directory ({exc.strerror})")
+            if dproblem is not None:
+                out.append("!" + dproblem); continue
+            fd = os.open(name, flags, dir_fd=dfd)
     except OSError as exc:
         out.append(f"!cannot open ({exc.strerror})"); continue
     tail = ""
@@ -95,8 +118,9 @@ def parse_line(line: str) -> str | tuple[str | None, tuple[int, int, int, int] |
 #: Tiny files hashed in the time a helper takes to start and read its share (about 40 ms).
 _STARTUP_FILES = 4000
 
-# One (key, open path, (dev, ino), size) per file.
-TinyFile = tuple[str, str, tuple[int, int], int]
+# One (key, open path, (dev, ino), size, identity of its directory or None) per file. With a
+# directory identity, the file is opened relative to that directory after checking it.
+TinyFile = tuple[str, str, tuple[int, int], int, "tuple[int, int] | None"]
 
 
 def _anonymous_file() -> BinaryIO:
@@ -123,11 +147,12 @@ class Helper:
         parts = [str(open_flags).encode(), str(tiny).encode()]
         unknown = b"-1"
         fsencode = os.fsencode
-        for _key, path, (dev, ino), size in share:
+        for _key, path, (dev, ino), size, parent in share:
+            pdev, pino = (b"%d" % parent[0], b"%d" % parent[1]) if parent else (unknown, unknown)
             if dev < 0 and size < 0:  # not stat'ed yet: the common case, kept cheap
-                parts += (unknown, unknown, unknown, fsencode(path))
+                parts += (unknown, unknown, unknown, pdev, pino, fsencode(path))
             else:
-                parts += (b"%d" % dev, b"%d" % ino, b"%d" % size, fsencode(path))
+                parts += (b"%d" % dev, b"%d" % ino, b"%d" % size, pdev, pino, fsencode(path))
         parts.append(b"")
         exe = sys.executable
         # Embedded interpreters (uWSGI, frozen apps) report a sys.executable that is not Python.

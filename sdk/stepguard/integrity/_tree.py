@@ -9,6 +9,7 @@ is cached: every verification rereads every byte. See docs/concepts/integrity.md
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -16,7 +17,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,10 @@ class _Node:
     #: A regular file by its directory entry, not stat'ed yet: the ``fstat`` of the descriptor
     #: it is hashed through supplies size, identity and link count (``settle``).
     deferred: bool = False
+    #: For a deferred file: the identity of the directory it was listed in. The file is opened
+    #: relative to that directory, re-opened and checked, so a parent directory swapped for a
+    #: link after the walk cannot redirect the read.
+    parent: tuple[int, int] | None = None
 
     def settle(self, size: int, dev: int, ino: int, nlink: int) -> None:
         self.size, self.ident, self.nlink, self.deferred = size, (dev, ino), nlink, False
@@ -194,7 +199,8 @@ def _scan(root: str, allow_internal_symlinks: bool, *, defer_files: bool = False
             rel = rel_prefix + name
             abs_path = abs_prefix + name
             if est is None:
-                nodes[rel] = _Node(rel, "file", abs_path, _UNKNOWN, -1, -1, deferred=True)
+                nodes[rel] = _Node(rel, "file", abs_path, _UNKNOWN, -1, -1, deferred=True,
+                                   parent=ident)
                 continue
             mode = est.st_mode
             if is_reg(mode):
@@ -236,10 +242,29 @@ def _link_node(root: str, rel: str, abs_path: str, allowed: bool) -> _Node:
                  note=f"symlink -> {target}")
 
 
-def _hardlink_problems(scan: _Scan) -> list[tuple[str, str]]:
-    """Files whose inode has names outside the tree: bytes could change there after we check."""
-    # Only inodes with more than one name matter (a file never stat'ed has nlink -1).
-    linked = [n for n in scan.nodes.values() if n.nlink > 1 and n.kind == "file" and not n.note]
+def _hardlink_problems(scan: _Scan, hashed: Container[str] = ()) -> list[tuple[str, str]]:
+    """Files whose inode has names outside the tree: bytes could change there after we check.
+
+    ``hashed``: keys hashed without their statistics being recorded, which means a single name.
+    """
+    def linked_files() -> list[_Node]:
+        # Only inodes with more than one name matter (a file never stat'ed has nlink -1).
+        return [n for n in scan.nodes.values()
+                if n.nlink > 1 and n.kind == "file" and not n.note]
+
+    linked = linked_files()
+    if linked:
+        # Other names of these inodes may be files nothing has stat'ed yet (added, failed):
+        # look at them now, so every name inside the tree is counted.
+        for n in scan.nodes.values():
+            if n.deferred and n.rel not in hashed:
+                try:
+                    st = _stat_in_dir(n)
+                except (OSError, _Changed):
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    n.settle(st.st_size, st.st_dev, st.st_ino, st.st_nlink)
+        linked = linked_files()
     seen: dict[tuple[int, int], int] = {}
     for n in linked:
         seen[n.ident] = seen.get(n.ident, 0) + 1
@@ -330,15 +355,86 @@ def _hash_tiny(files: list[TinyFile], algorithm: str, progress: ProgressCallback
     caller lacks them: always without an expected size, else only for a file with several names
     (the hard-link check).
     """
+    with _DirCursor() as dirs:
+        _hash_tiny_in(files, algorithm, progress, dirs, digests=digests, errors=errors,
+                      stats=stats, large=large)
+
+
+class _DirCursor:
+    """The directory of the file being opened, opened itself (``O_NOFOLLOW|O_DIRECTORY``) and
+    checked against the identity the walk listed it under; kept open while consecutive files
+    come from it."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.ident: tuple[int, int] | None = None
+        self.fd = -1
+        self.problem: str | None = None
+
+    def __enter__(self) -> _DirCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path = None
+
+    def open_in(self, path: str, parent: tuple[int, int], flags: int) -> int:
+        """Open ``path``'s last component relative to its checked directory (raises OSError,
+        or _Changed when the directory is not the one the walk listed)."""
+        return os.open(self._enter(path, parent), flags, dir_fd=self.fd)
+
+    def stat_in(self, path: str, parent: tuple[int, int]) -> os.stat_result:
+        """``lstat`` of ``path``'s last component relative to its checked directory."""
+        return os.stat(self._enter(path, parent), dir_fd=self.fd, follow_symlinks=False)
+
+    def _enter(self, path: str, parent: tuple[int, int]) -> str:
+        directory, _, name = path.rpartition("/")
+        directory = directory or "/"
+        if directory != self.path or parent != self.ident:
+            self.close()
+            self.path, self.ident, self.problem = directory, parent, None
+            try:
+                self.fd = os.open(directory, _DIR_FLAGS)
+                st = os.fstat(self.fd)
+                if (st.st_dev, st.st_ino) != parent:
+                    self.problem = "directory replaced while verifying"
+            except OSError as exc:
+                # A link or a file where the directory was: it has been replaced.
+                self.problem = ("directory replaced while verifying"
+                                if exc.errno in (errno.ELOOP, errno.ENOTDIR)
+                                else f"cannot open its directory ({exc.strerror})")
+        if self.problem is not None:
+            raise _Changed(self.problem)
+        return name
+
+
+def _stat_in_dir(node: _Node) -> os.stat_result:
+    """``lstat`` of a deferred file through its checked directory (OSError or _Changed)."""
+    assert node.parent is not None
+    with _DirCursor() as dirs:
+        return dirs.stat_in(node.open_path, node.parent)
+
+
+def _hash_tiny_in(files: list[TinyFile], algorithm: str, progress: ProgressCallback | None,
+                  dirs: _DirCursor, *, digests: dict[str, str], errors: dict[str, str],
+                  stats: Stats, large: list[str]) -> None:
     sha = algorithm == "sha256"
     prefix = algorithm + ":"
     flags = _OPEN_FLAGS
     is_reg = stat.S_ISREG
     tiny = _TINY
-    for key, path, ident, expected in files:
+    for key, path, ident, expected, parent in files:
         size = expected
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, flags) if parent is None else dirs.open_in(path, parent, flags)
+        except _Changed as exc:
+            errors.setdefault(key, str(exc))
+            continue
         except OSError as exc:
             errors.setdefault(key, f"cannot open ({exc.strerror})")
             continue
@@ -405,7 +501,7 @@ def _merge_helper(share: list[TinyFile], lines: list[str], *, progress: Progress
                   digests: dict[str, str], errors: dict[str, str], stats: Stats,
                   large: list[str]) -> None:
     """Record a helper's answers (see :func:`parse_line`) for its share of the files."""
-    for (key, _path, _ident, size), line in zip(share, lines, strict=True):
+    for (key, _path, _ident, size, _parent), line in zip(share, lines, strict=True):
         if len(line) == 64 and line[0] != "!" and progress is None:
             digests[key] = "sha256:" + line  # a plain digest: the common case in verify
             continue
@@ -442,7 +538,7 @@ class _EarlyHashing:
         own = max(0, (n // 2 + _tinyproc._STARTUP_FILES * helpers) // (helpers + 1))
         per = -(-(n - own) // helpers) if n > own else n
         for i in range(own, n, per):
-            share: list[TinyFile] = [(k, node.open_path, _UNKNOWN, -1)
+            share: list[TinyFile] = [(k, node.open_path, _UNKNOWN, -1, node.parent)
                                      for k, node in files[i:i + per]]
             self.helpers.append(_tinyproc.Helper(share, _OPEN_FLAGS, _TINY))
             self.keys.update(k for k, *_ in share)
@@ -611,7 +707,7 @@ def _hash_round(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
         queued: list[tuple[str, _Node]] = []
         for key, n in nodes:
             if n.size < _TINY:  # deferred files of unknown size (-1) too: most are tiny
-                direct.append((key, n.open_path, n.ident, n.size))
+                direct.append((key, n.open_path, n.ident, n.size, n.parent))
             else:
                 queued.append((key, n))
         nodes = queued
@@ -733,7 +829,7 @@ def create_manifest(
                              details=tuple(f"{p}: {why}" for p, why in sorted(errors.items())))
     if not unsafe_allow_external_hardlinks:
         # Link counts of files not stat'ed by the walk are known once they have been opened.
-        _refuse(_hardlink_problems(scan), allow_internal_symlinks)
+        _refuse(_hardlink_problems(scan, digests), allow_internal_symlinks)
     params: dict[str, Any] = {"root": "file" if scan.is_file else "directory"}
     if algorithm == "sha256":
         params["shard_size"] = shard_size
@@ -783,7 +879,10 @@ def _differences(scan: _Scan, manifest: Manifest, unsafe_allow_external_hardlink
                 to_hash.append((e.path, node, e))
                 continue
             try:
-                st = os.lstat(node.open_path)
+                st = _stat_in_dir(node)
+            except _Changed as exc:
+                findings.append(f"modified: {e.path} ({exc})")
+                continue
             except OSError as exc:
                 findings.append(f"modified: {e.path} (cannot stat ({exc.strerror}))")
                 continue
@@ -805,12 +904,13 @@ def _differences(scan: _Scan, manifest: Manifest, unsafe_allow_external_hardlink
         if rel not in expected:
             findings.append(f"added: {rel} ({node.kind}{' ' + node.note if node.note else ''})")
     if not unsafe_allow_external_hardlinks and not deferred_links:
-        findings += _hardlink_findings(scan, expected)
+        findings += _hardlink_findings(scan, expected, ())
     return findings, to_hash
 
 
-def _hardlink_findings(scan: _Scan, expected: set[str]) -> list[str]:
-    return [f"hard link: {p} ({why})" for p, why in _hardlink_problems(scan) if p in expected]
+def _hardlink_findings(scan: _Scan, expected: set[str], hashed: Container[str]) -> list[str]:
+    return [f"hard link: {p} ({why})" for p, why in _hardlink_problems(scan, hashed)
+            if p in expected]
 
 
 def _finish(findings: list[str], root: str) -> None:
@@ -897,7 +997,7 @@ def verify_manifest(
         elif digests[key] != entry.digest:
             findings.append(f"modified: {key} (content differs)")
     if not unsafe_allow_external_hardlinks:
-        findings += _hardlink_findings(scan, {e.path for e in manifest.entries})
+        findings += _hardlink_findings(scan, {e.path for e in manifest.entries}, digests)
     _finish(findings, root)
     return VerificationReport(root, manifest.digest, len(to_hash),
                               sum(e.size for _, _, e in to_hash), time.monotonic() - start)

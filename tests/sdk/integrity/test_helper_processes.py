@@ -90,10 +90,10 @@ def test_helper_checks_files_the_walk_did_not_stat(tmp_path):
     (tmp_path / "big").write_bytes(b"x" * 100)
     os.mkfifo(tmp_path / "pipe")
     unknown = (-1, -1)
-    share = [("small", str(tmp_path / "small"), unknown, -1),
-             ("big", str(tmp_path / "big"), unknown, -1),
-             ("pipe", str(tmp_path / "pipe"), unknown, -1),
-             ("sized", str(tmp_path / "small"), unknown, 4)]
+    share = [("small", str(tmp_path / "small"), unknown, -1, None),
+             ("big", str(tmp_path / "big"), unknown, -1, None),
+             ("pipe", str(tmp_path / "pipe"), unknown, -1, None),
+             ("sized", str(tmp_path / "small"), unknown, 4, None)]
     helper = Helper(share, _tree._OPEN_FLAGS, 50)
     try:
         lines = helper.results()
@@ -161,3 +161,89 @@ def test_blake3_manifest_text_verifies_without_early_helpers(tmp_path, helpers_o
     helpers_on.clear()
     assert verify_manifest(data, text, jobs=2).files == 60
     assert not any(c[0] == "helper process" for c in helpers_on)
+
+
+def test_helper_opens_files_through_their_checked_directory(tmp_path):
+    """A file the walk did not stat is opened relative to its directory, and only once that
+    directory proves to be the one the walk listed."""
+    import hashlib
+
+    from stepguard.integrity._tinyproc import Helper, parse_line
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"abc")
+    st = (tmp_path / "d").stat()
+    unknown = (-1, -1)
+    share = [("ok", str(tmp_path / "d" / "f"), unknown, -1, (st.st_dev, st.st_ino)),
+             ("other", str(tmp_path / "d" / "f"), unknown, -1, (st.st_dev, st.st_ino + 7))]
+    helper = Helper(share, _tree._OPEN_FLAGS, 50)
+    try:
+        lines = helper.results()
+    finally:
+        helper.stop()
+    assert lines is not None
+    ok, other = (parse_line(line) for line in lines)
+    assert ok[0] == hashlib.sha256(b"abc").hexdigest()
+    assert other == "directory replaced while verifying"
+
+
+def _swap_parent_after_walk(monkeypatch, root: Path, sub: str, outside: Path) -> None:
+    """After the walk has listed ``root/sub``, replace it with a symlink to an outside copy."""
+    real_scan = _tree._scan
+
+    def racing_scan(*args, **kwargs):
+        scan = real_scan(*args, **kwargs)
+        os.rename(root / sub, root.parent / (sub + ".orig"))
+        os.symlink(outside, root / sub)
+        return scan
+
+    monkeypatch.setattr(_tree, "_scan", racing_scan)
+
+
+@pytest.mark.parametrize("how", ["in-process", "helpers", "manifest text"])
+def test_parent_directory_swapped_after_the_walk_is_caught(tmp_path, monkeypatch, helpers_on,
+                                                          how):
+    """The same bytes behind a symlinked parent are still not the verified files."""
+    import shutil
+
+    data = _tree_of(tmp_path / "data")
+    manifest = create_manifest(data, jobs=1)
+    outside = tmp_path / "attacker"
+    shutil.copytree(data / "d1", outside)
+    _swap_parent_after_walk(monkeypatch, data, "d1", outside)
+    target = manifest.to_json() if how == "manifest text" else manifest
+    with pytest.raises(IntegrityError) as info:
+        verify_manifest(data, target, jobs=1 if how == "in-process" else 2)
+    text = "\n".join(info.value.details)
+    assert "modified: d1/f001.txt (directory replaced while verifying)" in text, text
+    assert "d0/" not in text  # the other directories verify
+
+
+def test_create_refuses_a_parent_directory_swapped_after_the_walk(tmp_path, monkeypatch):
+    import shutil
+
+    data = _tree_of(tmp_path / "data")
+    outside = tmp_path / "attacker"
+    shutil.copytree(data / "d2", outside)
+    _swap_parent_after_walk(monkeypatch, data, "d2", outside)
+    with pytest.raises(IntegrityError, match="changed while the manifest") as info:
+        create_manifest(data, jobs=1)
+    assert "d2/f002.txt: directory replaced while verifying" in info.value.details
+
+
+def test_hard_link_findings_do_not_depend_on_which_process_hashed(tmp_path, helpers_on):
+    data = _tree_of(tmp_path / "data")
+    manifest = create_manifest(data, jobs=1)
+    (tmp_path / "outside").write_bytes(b"x")
+    os.unlink(data / "d3" / "f059.txt")
+    os.link(tmp_path / "outside", data / "d3" / "f059.txt")  # a name outside; size changed too
+    os.link(data / "d0" / "f000.txt", data / "d0" / "extra")  # a second name inside the tree
+    results = []
+    for target, jobs in ((manifest, 1), (manifest, 2), (manifest.to_json(), 2)):
+        with pytest.raises(IntegrityError) as info:
+            verify_manifest(data, target, jobs=jobs)
+        results.append(info.value.details)
+    assert results[0] == results[1] == results[2]
+    text = "\n".join(results[0])
+    assert "hard link: d3/f059.txt (hard link with 1 name(s) outside the root)" in text
+    assert "hard link: d0/f000.txt" not in text and "added: d0/extra (file)" in text

@@ -288,3 +288,28 @@ def test_own_layout_bytes_with_invalid_utf8_in_a_name_is_refused() -> None:
     raw = text.encode().replace(b'"name": "a"', b'"name": "\xff"', 1)
     with pytest.raises(ManifestError, match="not valid JSON"):
         Manifest.from_json(raw)
+
+
+@pytest.mark.parametrize("encode", [
+    lambda p: b"\xef\xbb\xbf" + p,
+    lambda p: p.decode().encode("utf-16-be"),
+    lambda p: p.decode().encode("utf-16"),
+])
+def test_own_layout_predicate_in_another_encoding_is_refused(encode) -> None:
+    """Only a document a strict JSON parser accepts: the predicate slice alone must not be
+    re-guessed as UTF-16 or have a BOM skipped."""
+    _, text = _own(["a"])
+    raw = text.encode()
+    head = b'  "predicate": '
+    i = raw.index(head) + len(head)
+    j = raw.index(b',\n  "predicateType"')
+    with pytest.raises(ManifestError):
+        Manifest.from_json(raw[:i] + encode(raw[i:j]) + raw[j:])
+
+
+def test_manifest_bytes_must_be_utf8() -> None:
+    m, text = _own(["a"])
+    assert Manifest.from_json(text.encode()) == m
+    for encoding in ("utf-16", "utf-32", "utf-16-le"):
+        with pytest.raises(ManifestError, match="not valid JSON"):
+            Manifest.from_json(json.dumps(json.loads(text)).encode(encoding))
