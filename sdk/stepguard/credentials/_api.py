@@ -15,6 +15,7 @@ import logging
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from stepguard.errors import CredentialDenied, CredentialError, TransientCredentialError
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("stepguard.credentials")
 
 _TRANSIENT_STATUS = frozenset({429, 502, 503})
+#: Left as they are in request paths (what is legal in a URL path and query); the rest is
+#: percent-encoded, as a browser or requests would.
+_PATH_SAFE = "/?=&%:@-._~!$'()*+,;"
 _REASONS = {400: "bad request", 404: "not found", 405: "unsupported operation",
             412: "precondition failed", 500: "internal error"}
 
@@ -145,15 +149,26 @@ class VaultApi:
         if wrap_ttl_s:
             headers = {**headers, "X-Vault-Wrap-TTL": f"{int(wrap_ttl_s)}s"}
         payload = _json.dumps(json).encode() if json is not None else None
+        target = "/v1/" + quote(path, safe=_PATH_SAFE)
         try:
-            response = self._pool.request(method, f"/v1/{path}", headers=headers, body=payload,
+            response = self._pool.request(method, target, headers=headers, body=payload,
                                           timeout=timeout)
-        except ssl.SSLError as exc:
+        except ssl.SSLError as exc:  # before ValueError: certificate errors are ValueErrors too
             # Not transient: a certificate that does not verify may be an interception.
             raise CredentialError(
                 "TLS verification of Vault failed", subject=self.config.addr,
                 details=(type(exc).__name__,),
                 hint="set the Vault CA (VAULT_CACERT / VaultConfig.ca_cert)") from exc
+        except ValueError:
+            # http.client refuses header values with line breaks or characters outside
+            # Latin-1, and its message quotes the value (a token): never chain it.
+            raise CredentialError(
+                f"invalid header value in the Vault request for {what}", subject=path,
+                hint="a Vault token or namespace with a line break or stray characters?",
+            ) from None
+        except http.client.InvalidURL:
+            raise CredentialError(f"invalid Vault request path for {what}",
+                                  subject=path) from None
         except TimeoutError as exc:
             raise _Transient(f"timed out after {timeout:.1f} s") from exc
         except (OSError, http.client.HTTPException) as exc:

@@ -114,7 +114,7 @@ class TokenAuth:
     def from_env(cls, env: Mapping[str, str] | None = None) -> TokenAuth:
         """``VAULT_TOKEN``, or the file named by ``VAULT_TOKEN_FILE``."""
         e = _env(env)
-        token = e.get("VAULT_TOKEN")
+        token = (e.get("VAULT_TOKEN") or "").strip()  # a stray newline from `echo` or a file
         if not token and e.get("VAULT_TOKEN_FILE"):
             token = _read_token_file(e["VAULT_TOKEN_FILE"], "Vault token file")
         if not token:

@@ -408,12 +408,15 @@ class CredentialSession(CredentialSet):
             except StepguardError as exc:
                 # Logged without values; the next tick tries again, expiry is the backstop.
                 log.warning("renewal for step %s failed: %s", self.context.step, exc)
+            except Exception as exc:  # the renewal thread serves every session: it must live
+                log.warning("renewal for step %s failed unexpectedly (%s)", self.context.step,
+                            type(exc).__name__)
             self._schedule_renewal()
 
     def _renew_once(self, remaining: float) -> None:
         api = self.step_api()
         tok = self._token
-        if tok is not None and tok.child:
+        if tok is not None and tok.child and not self._closed:
             inc = int(max(2, min(self.config.token_heartbeat_s, remaining + 30)))
             body = api.request("POST", "auth/token/renew-self", what="step token renewal",
                                json={"increment": f"{inc}s"})
@@ -422,6 +425,8 @@ class CredentialSession(CredentialSet):
                 self._token = replace(tok, ttl_s=ttl, renewals=tok.renewals + 1)
         for i, issued in enumerate(list(self._issued)):
             rec = self._leases[i]
+            if self._closed:  # revocation has begun: renewing now would only race it
+                return
             if not (issued.lease_id and rec.renewable and rec.revocable):
                 continue
             body = api.request("PUT", "sys/leases/renew", what=f"lease renewal {rec.name!r}",
@@ -443,9 +448,14 @@ class CredentialSession(CredentialSet):
                 return tuple(self._leases)
             self._closed = True
         _RENEWALS.remove(self)
+        # A renewal in flight finishes first (it stops between requests once _closed is set),
+        # but revocation never waits longer than one request's timeout for it.
         if not _RENEWALS.on_renewal_thread():
-            with self._renew_lock:  # a renewal in flight finishes first
-                pass
+            if self._renew_lock.acquire(timeout=self.config.timeout_s + 1):
+                self._renew_lock.release()
+            else:
+                log.warning("a renewal for step %s is still running; revoking anyway",
+                            self.context.step)
         self._remove_files()
         t0 = time.monotonic()
         api = self._step_api
@@ -553,7 +563,10 @@ class _Renewals:
                     self._cond.wait(None if nxt is None else nxt - now)
                     continue
             for session in ready:
-                session._renew_due()
+                try:
+                    session._renew_due()
+                except Exception as exc:  # pragma: no cover - _renew_due catches its own
+                    log.warning("renewal failed unexpectedly (%s)", type(exc).__name__)
 
 
 _RENEWALS = _Renewals()

@@ -5,14 +5,16 @@ A secured step makes five Vault calls on its critical path, each a few hundred m
 server time on a local Vault; a general-purpose client stack (requests + hvac's adapter) costs
 more than that per call in Python alone, so the calls go through :mod:`http.client` directly.
 What that stack would otherwise have done for us is done here once per pool, not per call:
-proxy resolution from the environment (``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``, tunnelled
-with CONNECT for https) and the TLS context (``VaultConfig.ca_cert``, else the system store).
+proxy resolution from the environment (``HTTPS_PROXY``/``HTTP_PROXY`` with an http:// proxy,
+tunnelled with CONNECT for https; ``NO_PROXY`` with names, domain suffixes, addresses, CIDR
+ranges and ports) and the TLS context (``VaultConfig.ca_cert``, else the system store).
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import select
 import ssl
 import threading
@@ -43,6 +45,60 @@ def _tls_context(config: VaultConfig) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
     return ssl.create_default_context(cafile=config.ca_cert or None)
+
+
+def no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` exempts ``host:port``: ``*``, host names and domain suffixes
+    (``example.com``/``.example.com``), IP addresses, CIDR ranges, each optionally with
+    ``:port`` (IPv6 in brackets).
+
+    >>> no_proxy_matches("vault.internal", 8200, "localhost, .internal")
+    True
+    >>> no_proxy_matches("10.1.2.3", 8200, "10.0.0.0/8")
+    True
+    >>> no_proxy_matches("vault.internal", 8200, "vault.internal:443")
+    False
+    >>> no_proxy_matches("vault.example.com", 8200, "ample.com")
+    False
+    """
+    host = host.lower().strip("[]")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for raw in no_proxy.replace(" ", ",").split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, want_port = entry, None
+        if entry.startswith("["):  # [v6] or [v6]:port
+            name, _, rest = entry[1:].partition("]")
+            want_port = rest[1:] if rest.startswith(":") else None
+        elif entry.count(":") == 1:  # name:port or v4:port
+            name, _, want_port = entry.partition(":")
+        if want_port is not None and want_port != str(port):
+            continue
+        if "/" in name:
+            if ip is not None:
+                try:
+                    if ip in ipaddress.ip_network(name, strict=False):
+                        return True
+                except ValueError:
+                    pass
+            continue
+        if ip is not None:
+            try:
+                if ip == ipaddress.ip_address(name):
+                    return True
+            except ValueError:
+                pass
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
 
 
 def _dropped(conn: http.client.HTTPConnection) -> bool:
@@ -82,17 +138,27 @@ class Pool:
 
     def _resolve_proxy(self, scheme: str) -> tuple[str, int, dict[str, str]] | None:
         proxies = urllib.request.getproxies_environment()
-        if urllib.request.proxy_bypass(self.host):
+        if no_proxy_matches(self.host, self.port, proxies.get("no", "")):
             return None
         raw = proxies.get(scheme)
         if not raw:
             return None
         purl = urlsplit(raw if "://" in raw else f"http://{raw}")
+        if purl.scheme != "http":
+            # TLS to the proxy itself (https://) or SOCKS would need more than http.client has;
+            # sending the proxy password over a plain connection instead is not an option.
+            from stepguard.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"{purl.scheme}:// proxies are not supported for Vault",
+                subject=f"{scheme.upper()}_PROXY",
+                hint="use an http:// proxy (Vault over https is still tunnelled end to end "
+                     "with CONNECT), or exempt Vault with NO_PROXY")
         headers: dict[str, str] = {}
         if purl.username is not None:
             cred = f"{unquote(purl.username)}:{unquote(purl.password or '')}"
             headers["Proxy-Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
-        return purl.hostname or "", purl.port or 8080, headers
+        return purl.hostname or "", purl.port or 80, headers
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection

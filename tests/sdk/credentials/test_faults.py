@@ -142,3 +142,42 @@ def test_retried_issuance_leaves_no_orphan_lease(fault_proxy, approle_auth, prob
     # The orphan is not in the session's records, yet revoking the token revoked it.
     assert probes.wait_for(lambda: not (set(probes.leases_under(PREFIX)) & new_leases), 15)
     assert probes.wait_for(lambda: not (probes.dynamic_roles() & new_roles), 15)
+
+
+@pytest.mark.slow
+def test_revocation_does_not_wait_for_a_hanging_renewal(fault_proxy, approle_auth, probes):
+    """Vault hangs on renewal: revocation (e.g. at SIGTERM, inside a grace period) waits at
+    most one request timeout for the renewal in flight, then revokes anyway."""
+    fault_proxy.rule = lambda m, p, n: ("delay", 20) if p.endswith("/renew-self") else "pass"
+    cfg = _cfg(fault_proxy.url, approle_auth, token_heartbeat_s=3, retry_total_s=20)
+    with open_session([DB], settings=cfg, context=RunContext(step="hang"), ttl_s=60) as s:
+        user = s.values["db"].reveal("username")
+        time.sleep(2.6)  # the renewal (due at 2 s) is now stuck in Vault
+        assert any(p.endswith("/renew-self") for _, p, _ in fault_proxy.seen)
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    assert took < cfg.timeout_s + 2, took
+    assert s.revocation_ok
+    assert not probes.role_exists(user)
+
+
+@pytest.mark.slow
+def test_one_sessions_broken_renewal_does_not_stop_the_others(dev_stack, approle_auth,
+                                                             caplog):
+    """One renewal thread serves the process: an unexpected error in one session's renewal is
+    logged (no values) and the other sessions go on being renewed."""
+    cfg = VaultConfig(addr=dev_stack.vault_addr, auth=approle_auth, token_heartbeat_s=3)
+    caplog.set_level(logging.WARNING, logger="stepguard.credentials")
+    with open_session([], settings=cfg, context=RunContext(step="bad"), ttl_s=60,
+                      handle_sigterm=False) as bad, \
+            open_session([], settings=cfg, context=RunContext(step="good"), ttl_s=60,
+                         handle_sigterm=False) as good:
+
+        def broken(remaining: float) -> None:
+            raise KeyError("internal")
+
+        bad._renew_once = broken  # type: ignore[method-assign]
+        time.sleep(4.5)
+        assert good.token.renewals >= 1
+    assert "renewal for step bad failed unexpectedly (KeyError)" in caplog.text
+    assert good.revocation_ok and bad.revocation_ok

@@ -129,3 +129,77 @@ def test_answers_map_to_typed_errors_with_vault_reasons(net):
             api.request("GET", "denied", what="a read")
         assert denied.value.details == ("permission denied",)
         api.close()
+
+
+@pytest.mark.parametrize(("no_proxy", "bypassed"), [
+    ("127.0.0.0/8", True),
+    ("localhost, 127.0.0.1", True),
+    ("*", True),
+    ("127.0.0.1:1", False),   # another port: still proxied
+    ("10.0.0.0/8", False),
+])
+def test_no_proxy_cidr_and_port_entries(dev_stack, approle_auth, monkeypatch, forward_proxy,
+                                        no_proxy, bypassed):
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    cfg = VaultConfig(addr=dev_stack.vault_addr, auth=approle_auth)
+    with open_session([], settings=cfg, context=RunContext(), ttl_s=30):
+        pass
+    assert (forward_proxy.connections == 0) is bypassed
+
+
+def test_no_proxy_with_the_vault_port_bypasses(dev_stack, approle_auth, monkeypatch,
+                                               forward_proxy):
+    port = urlsplit(dev_stack.vault_addr).port
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.setenv("NO_PROXY", f"example.com,127.0.0.1:{port}")
+    cfg = VaultConfig(addr=dev_stack.vault_addr, auth=approle_auth)
+    with open_session([], settings=cfg, context=RunContext(), ttl_s=30):
+        pass
+    assert forward_proxy.connections == 0
+
+
+def test_https_proxy_url_is_refused_before_its_password_is_sent(dev_stack, approle_auth,
+                                                                monkeypatch, net):
+    """An https:// proxy would need TLS to the proxy itself; sending its password over a plain
+    connection instead is refused, before anything is sent."""
+    from stepguard.errors import ConfigurationError
+
+    seen = net.Proxy()
+
+    def handle(client: socket.socket) -> None:
+        seen.connections += 1
+        seen.lines.append(net.read_head(client).decode("latin-1"))
+
+    with net.serve_tcp(handle) as port:
+        monkeypatch.setenv("HTTP_PROXY", f"https://alice:s3cret-proxy-pw@127.0.0.1:{port}")
+        cfg = VaultConfig(addr=dev_stack.vault_addr, auth=approle_auth)
+        with pytest.raises(ConfigurationError, match="https:// proxies") as info:
+            with open_session([], settings=cfg, context=RunContext(), ttl_s=30):
+                pass
+    assert seen.connections == 0
+    assert "s3cret" not in info.value.diagnostics()
+
+
+def test_token_with_a_line_break_never_reaches_an_error_message(dev_stack):
+    """http.client quotes a refused header value in its own error: that text must not travel."""
+    import traceback
+
+    token = "hvs.CANARYtoken1234567890\n"
+    api = VaultApi(VaultConfig(addr=dev_stack.vault_addr, auth=None), token=token)
+    with pytest.raises(CredentialError, match="invalid header value") as info:
+        api.request("GET", "auth/token/lookup-self", what="token lookup")
+    text = "".join(traceback.format_exception(info.value)) + repr(info.value)
+    assert "CANARY" not in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_paths_are_percent_encoded(dev_stack, vault_client):
+    """A KV secret whose name has a space and a non-ASCII letter is read as such."""
+    vault_client.secrets.kv.v2.create_or_update_secret(path="my app/café",
+                                                       secret={"k": "v"})
+    api = VaultApi(VaultConfig(addr=dev_stack.vault_addr, auth=None),
+                   token=dev_stack.vault_root_token)
+    body = api.request("GET", "secret/data/my app/café", what="kv read")
+    assert body["data"]["data"] == {"k": "v"}
+    api.close()
