@@ -33,23 +33,23 @@ dflags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 it = iter(f[2:-1])
 kinds = {stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFIFO: "FIFO",
          stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
-cur, dfd, dproblem = None, -1, None
+cur, cur_dev, cur_ino, dfd, dproblem = None, None, None, -1, None
 for dev, ino, size, pdev, pino, path in zip(it, it, it, it, it, it):
-    dev, ino, size, pdev, pino = int(dev), int(ino), int(size), int(pdev), int(pino)
+    dev, ino, size = int(dev), int(ino), int(size)
     try:
-        if pdev < 0:
+        if pdev == b"-1":
             fd = os.open(path, flags)
         else:
             d, _, name = path.rpartition(b"/")
             d = d or b"/"
-            if (d, pdev, pino) != cur:
+            if d != cur or pdev != cur_dev or pino != cur_ino:
                 if dfd >= 0:
                     os.close(dfd); dfd = -1
-                cur, dproblem = (d, pdev, pino), None
+                cur, cur_dev, cur_ino, dproblem = d, pdev, pino, None
                 try:
                     dfd = os.open(d, dflags)
                     dst = os.fstat(dfd)
-                    if (dst.st_dev, dst.st_ino) != (pdev, pino):
+                    if (dst.st_dev, dst.st_ino) != (int(pdev), int(pino)):
                         dproblem = "directory replaced while verifying"
                 except OSError as exc:
                     swapped = exc.errno in (errno.ELOOP, errno.ENOTDIR)
@@ -147,8 +147,13 @@ class Helper:
         parts = [str(open_flags).encode(), str(tiny).encode()]
         unknown = b"-1"
         fsencode = os.fsencode
+        last: tuple[int, int] | None = None
+        pdev = pino = unknown
         for _key, path, (dev, ino), size, parent in share:
-            pdev, pino = (b"%d" % parent[0], b"%d" % parent[1]) if parent else (unknown, unknown)
+            if parent != last:  # files come directory by directory: encode each one once
+                last = parent
+                pdev, pino = (b"%d" % parent[0], b"%d" % parent[1]) if parent else (unknown,
+                                                                                    unknown)
             if dev < 0 and size < 0:  # not stat'ed yet: the common case, kept cheap
                 parts += (unknown, unknown, unknown, pdev, pino, fsencode(path))
             else:

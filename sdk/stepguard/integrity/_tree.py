@@ -383,10 +383,13 @@ class _DirCursor:
             self.fd = -1
         self.path = None
 
-    def open_in(self, path: str, parent: tuple[int, int], flags: int) -> int:
+    def open_in(self, path: str, parent: tuple[int, int], flags: int, *,
+                check_only: bool = False) -> int:
         """Open ``path``'s last component relative to its checked directory (raises OSError,
-        or _Changed when the directory is not the one the walk listed)."""
-        return os.open(self._enter(path, parent), flags, dir_fd=self.fd)
+        or _Changed when the directory is not the one the walk listed). ``check_only``: only
+        move the cursor to that directory and check it."""
+        name = self._enter(path, parent)
+        return -1 if check_only else os.open(name, flags, dir_fd=self.fd)
 
     def stat_in(self, path: str, parent: tuple[int, int]) -> os.stat_result:
         """``lstat`` of ``path``'s last component relative to its checked directory."""
@@ -428,10 +431,20 @@ def _hash_tiny_in(files: list[TinyFile], algorithm: str, progress: ProgressCallb
     flags = _OPEN_FLAGS
     is_reg = stat.S_ISREG
     tiny = _TINY
+    open_ = os.open
     for key, path, ident, expected, parent in files:
         size = expected
         try:
-            fd = os.open(path, flags) if parent is None else dirs.open_in(path, parent, flags)
+            if parent is None:
+                fd = open_(path, flags)
+            else:
+                # The cursor's checks, with the same directory as the last file in one test.
+                directory, _, name = path.rpartition("/")
+                if directory != dirs.path or parent != dirs.ident:
+                    dirs.open_in(path, parent, flags, check_only=True)
+                elif dirs.problem is not None:
+                    raise _Changed(dirs.problem)
+                fd = open_(name, flags, dir_fd=dirs.fd)
         except _Changed as exc:
             errors.setdefault(key, str(exc))
             continue
