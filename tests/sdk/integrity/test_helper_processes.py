@@ -79,12 +79,25 @@ def test_helpers_still_catch_every_tampering(tmp_path, helpers_on):
         assert name in text, f"{name} not reported:\n{text}"
 
 
+def _answers(share):
+    """Run one helper interpreter over ``share``; its answer lines."""
+    from stepguard.integrity._tinyproc import Helper
+
+    helper = Helper(share, _tree._OPEN_FLAGS, 50)
+    try:
+        lines = helper.results()
+    finally:
+        helper.stop()
+    assert lines is not None
+    return lines
+
+
 def test_helper_checks_files_the_walk_did_not_stat(tmp_path):
     """The helper protocol for files known only by name: statistics come back from the
     descriptor's fstat, a file that is not tiny is passed back unhashed, a FIFO is named."""
     import hashlib
 
-    from stepguard.integrity._tinyproc import Helper, parse_line
+    from stepguard.integrity._tinyproc import parse_line
 
     (tmp_path / "small").write_bytes(b"abc")
     (tmp_path / "big").write_bytes(b"x" * 100)
@@ -94,12 +107,7 @@ def test_helper_checks_files_the_walk_did_not_stat(tmp_path):
              ("big", str(tmp_path / "big"), unknown, -1, None),
              ("pipe", str(tmp_path / "pipe"), unknown, -1, None),
              ("sized", str(tmp_path / "small"), unknown, 4, None)]
-    helper = Helper(share, _tree._OPEN_FLAGS, 50)
-    try:
-        lines = helper.results()
-    finally:
-        helper.stop()
-    assert lines is not None
+    lines = _answers(share)
     small, big, pipe, sized = (parse_line(line) for line in lines)
     assert small == (hashlib.sha256(b"abc").hexdigest(), (3, -1, -1, 1))  # one name: size only
     assert big[0] is None and big[1][0] == 100
@@ -168,7 +176,7 @@ def test_helper_opens_files_through_their_checked_directory(tmp_path):
     directory proves to be the one the walk listed."""
     import hashlib
 
-    from stepguard.integrity._tinyproc import Helper, parse_line
+    from stepguard.integrity._tinyproc import parse_line
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_bytes(b"abc")
@@ -176,12 +184,7 @@ def test_helper_opens_files_through_their_checked_directory(tmp_path):
     unknown = (-1, -1)
     share = [("ok", str(tmp_path / "d" / "f"), unknown, -1, (st.st_dev, st.st_ino)),
              ("other", str(tmp_path / "d" / "f"), unknown, -1, (st.st_dev, st.st_ino + 7))]
-    helper = Helper(share, _tree._OPEN_FLAGS, 50)
-    try:
-        lines = helper.results()
-    finally:
-        helper.stop()
-    assert lines is not None
+    lines = _answers(share)
     ok, other = (parse_line(line) for line in lines)
     assert ok[0] == hashlib.sha256(b"abc").hexdigest()
     assert other == "directory replaced while verifying"
