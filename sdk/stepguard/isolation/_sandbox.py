@@ -192,111 +192,92 @@ def build_bwrap(
     bind_python: bool,
     tmp_size: int | None,
 ) -> BwrapPlan:
-    """Assemble the bwrap invocation. The caller closes ``plan.pass_fds`` after spawning."""
+    """Assemble the bwrap invocation. The caller closes ``plan.pass_fds`` after spawning;
+    if assembling fails, the descriptors opened so far are closed here."""
     plan = BwrapPlan([find_bwrap()])
     try:
-        _fill(plan, command, uid=uid, ro_binds=ro_binds, rw_binds=rw_binds, extra_ro=extra_ro,
-              secret_files=secret_files, cwd=cwd, gpus=gpus, share_net=share_net,
-              bind_python=bind_python, tmp_size=tmp_size)
+        a = plan.argv.extend
+        a(["--unshare-all", "--unshare-user", "--unshare-cgroup-try", "--disable-userns",
+           "--uid", str(uid), "--gid", str(uid), "--hostname", "stepguard",
+           "--cap-drop", "ALL", "--new-session", "--die-with-parent"])
+        if share_net:
+            a(["--share-net"])
+        a(["--ro-bind", "/usr", "/usr"])
+        for d in _SYSTEM_DIRS:
+            if os.path.islink(d):
+                a(["--symlink", os.readlink(d), d])
+            elif os.path.isdir(d):
+                a(["--ro-bind", d, d])
+        for e in _ETC:
+            if os.path.exists(e):
+                a(["--ro-bind", e, e])
+        if share_net and os.path.exists("/etc/resolv.conf"):
+            a(["--ro-bind", "/etc/resolv.conf", "/etc/resolv.conf"])
+
+        def data(dest: str, content: bytes, perms: str = "0444") -> None:
+            fd = _data_fd(content)
+            plan.pass_fds.append(fd)
+            a(["--perms", perms, "--ro-bind-data", str(fd), dest])
+
+        data("/etc/passwd", (f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+                             f"stepguard:x:{uid}:{uid}:stepguard:{SANDBOX_HOME}:/usr/sbin/nologin\n"
+                             ).encode())
+        data("/etc/group", f"root:x:0:\nstepguard:x:{uid}:\n".encode())
+        data("/etc/hosts", b"127.0.0.1 localhost stepguard\n::1 localhost\n")
+
+        a(["--proc", "/proc", "--dev", "/dev"])
+        if tmp_size:
+            a(["--size", str(tmp_size)])
+        a(["--tmpfs", "/tmp", "--tmpfs", SANDBOX_HOME])  # noqa: S108 -- private tmpfs
+
+        if gpus > 0:
+            nodes = gpu_device_nodes(gpus)
+            for node in nodes:
+                a(["--dev-bind", node, node])
+            if nodes:
+                plan.gpus_visible = True
+                for lib in _nvidia_libraries() + _nvidia_binaries():
+                    if not _covered(lib, ["/usr"]):
+                        a(["--ro-bind", lib, lib])
+        else:
+            # /usr is bound whole, so driver libraries and tools must be masked, not merely omitted.
+            for path in _nvidia_libraries() + _nvidia_binaries():
+                if _covered(path, ["/usr"]) and not os.path.islink(path):
+                    a(["--ro-bind", "/dev/null", path])
+
+        if bind_python:
+            for prefix in python_prefixes():
+                a(["--ro-bind", prefix, prefix])
+        for path in extra_ro:
+            real = check_host_path(path, subject=f"isolation.read_only_paths:{path}")
+            a(["--ro-bind", real, check_sandbox_path(path, subject=path)])
+        for host, inside in ro_binds.items():
+            a(["--ro-bind", check_host_path(host, subject=host),
+               check_sandbox_path(inside, subject=inside)])
+        for host, inside in rw_binds.items():
+            a(["--bind", check_host_path(host, subject=host),
+               check_sandbox_path(inside, subject=inside)])
+
+        if secret_files:
+            size = max(1 << 20, 2 * sum(map(len, secret_files.values())))
+            a(["--perms", "0700", "--size", str(size), "--tmpfs", SECRETS_DIR])
+            for name, content in secret_files.items():
+                fd = _data_fd(content)
+                plan.pass_fds.append(fd)
+                a(["--perms", "0400", "--file", str(fd), f"{SECRETS_DIR}/{name}"])
+
+        from stepguard.isolation._seccomp import filter_fd
+
+        sfd = filter_fd()
+        if sfd is not None:
+            plan.pass_fds.append(sfd)
+            plan.seccomp = True
+            a(["--seccomp", str(sfd)])
+
+        # Last: the root tmpfs (and the directories bwrap created in it) becomes read-only.
+        a(["--remount-ro", "/", "--chdir", cwd or SANDBOX_HOME, "--", *command])
     except BaseException:
         for fd in plan.pass_fds:
             os.close(fd)
         raise
     return plan
-
-
-def _fill(
-    plan: BwrapPlan,
-    command: Sequence[str],
-    *,
-    uid: int,
-    ro_binds: Mapping[str, str],
-    rw_binds: Mapping[str, str],
-    extra_ro: Sequence[str],
-    secret_files: Mapping[str, bytes],
-    cwd: str | None,
-    gpus: int,
-    share_net: bool,
-    bind_python: bool,
-    tmp_size: int | None,
-) -> None:
-    a = plan.argv.extend
-    a(["--unshare-all", "--unshare-user", "--unshare-cgroup-try", "--disable-userns",
-       "--uid", str(uid), "--gid", str(uid), "--hostname", "stepguard",
-       "--cap-drop", "ALL", "--new-session", "--die-with-parent"])
-    if share_net:
-        a(["--share-net"])
-    a(["--ro-bind", "/usr", "/usr"])
-    for d in _SYSTEM_DIRS:
-        if os.path.islink(d):
-            a(["--symlink", os.readlink(d), d])
-        elif os.path.isdir(d):
-            a(["--ro-bind", d, d])
-    for e in _ETC:
-        if os.path.exists(e):
-            a(["--ro-bind", e, e])
-    if share_net and os.path.exists("/etc/resolv.conf"):
-        a(["--ro-bind", "/etc/resolv.conf", "/etc/resolv.conf"])
-
-    def data(dest: str, content: bytes, perms: str = "0444") -> None:
-        fd = _data_fd(content)
-        plan.pass_fds.append(fd)
-        a(["--perms", perms, "--ro-bind-data", str(fd), dest])
-
-    data("/etc/passwd", (f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
-                         f"stepguard:x:{uid}:{uid}:stepguard:{SANDBOX_HOME}:/usr/sbin/nologin\n"
-                         ).encode())
-    data("/etc/group", f"root:x:0:\nstepguard:x:{uid}:\n".encode())
-    data("/etc/hosts", b"127.0.0.1 localhost stepguard\n::1 localhost\n")
-
-    a(["--proc", "/proc", "--dev", "/dev"])
-    if tmp_size:
-        a(["--size", str(tmp_size)])
-    a(["--tmpfs", "/tmp", "--tmpfs", SANDBOX_HOME])  # noqa: S108 -- private tmpfs
-
-    if gpus > 0:
-        nodes = gpu_device_nodes(gpus)
-        for node in nodes:
-            a(["--dev-bind", node, node])
-        if nodes:
-            plan.gpus_visible = True
-            for lib in _nvidia_libraries() + _nvidia_binaries():
-                if not _covered(lib, ["/usr"]):
-                    a(["--ro-bind", lib, lib])
-    else:
-        # /usr is bound whole, so driver libraries and tools must be masked, not merely omitted.
-        for path in _nvidia_libraries() + _nvidia_binaries():
-            if _covered(path, ["/usr"]) and not os.path.islink(path):
-                a(["--ro-bind", "/dev/null", path])
-
-    if bind_python:
-        for prefix in python_prefixes():
-            a(["--ro-bind", prefix, prefix])
-    for path in extra_ro:
-        real = check_host_path(path, subject=f"isolation.read_only_paths:{path}")
-        a(["--ro-bind", real, check_sandbox_path(path, subject=path)])
-    for host, inside in ro_binds.items():
-        a(["--ro-bind", check_host_path(host, subject=host),
-           check_sandbox_path(inside, subject=inside)])
-    for host, inside in rw_binds.items():
-        a(["--bind", check_host_path(host, subject=host),
-           check_sandbox_path(inside, subject=inside)])
-
-    if secret_files:
-        a(["--perms", "0700", "--size", str(max(1 << 20, 2 * sum(map(len, secret_files.values())))),
-           "--tmpfs", SECRETS_DIR])
-        for name, content in secret_files.items():
-            fd = _data_fd(content)
-            plan.pass_fds.append(fd)
-            a(["--perms", "0400", "--file", str(fd), f"{SECRETS_DIR}/{name}"])
-
-    from stepguard.isolation._seccomp import filter_fd
-
-    sfd = filter_fd()
-    if sfd is not None:
-        plan.pass_fds.append(sfd)
-        plan.seccomp = True
-        a(["--seccomp", str(sfd)])
-
-    # Last: the root tmpfs (and the directories bwrap created in it) becomes read-only.
-    a(["--remount-ro", "/", "--chdir", cwd or SANDBOX_HOME, "--", *command])
