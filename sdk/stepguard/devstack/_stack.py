@@ -276,142 +276,127 @@ def _start(
     # The slow parts (initdb, moto's import, its configuration) overlap; leaving the pool waits
     # for every thread, so a failure never tears down under a running initdb.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stepguard-devstack") as pool:
-        return _start_services(
-            sdir, pool=pool, table=table, bao=bao, pg_bins=pg_bins, ports=ports, timeout=timeout
+        root_token = secrets.token_hex(24)
+        redact_in_logs(root_token)
+        base_env = {
+            k: v for k, v in os.environ.items()
+            if not k.startswith(("VAULT_", "BAO_", "AWS_", "PG"))
+        }
+
+        def record_extra_dir(path: Path) -> None:
+            (sdir / EXTRA_DIRS_FILE).write_text(str(path) + "\n")
+
+        prepared: Future[tuple[PostgresInfo, str | None]] | None = None
+        if pg_bins is not None:
+            pg_port = ports.get("postgresql") or free_port()
+            prepared = pool.submit(
+                _postgres.prepare_cluster, sdir, pg_bins, pg_port, record_extra_dir
+            )
+
+        moto_port = ports.get("moto") or free_port()
+        moto_endpoint = f"http://127.0.0.1:{moto_port}"
+        table.start(
+            "moto",
+            [sys.executable, "-m", "stepguard.devstack._moto_main",
+             "-H", "127.0.0.1", "-p", str(moto_port)],
+            port=moto_port, log=sdir / "logs" / "moto.log",
+            # Markers are unique per stack: a recycled pid is never mistaken for a service.
+            marker=f"devstack._moto_main -H 127.0.0.1 -p {moto_port}",
+            env=base_env | {"INITIAL_NO_AUTH_ACTION_COUNT": str(_aws.BOOTSTRAP_CALLS)}, cwd=sdir,
         )
 
-
-def _start_services(
-    sdir: Path,
-    *,
-    pool: ThreadPoolExecutor,
-    table: ProcessTable,
-    bao: Path,
-    pg_bins: _postgres.PgBinaries | None,
-    ports: Mapping[str, int],
-    timeout: float,
-) -> DevStackInfo:
-    root_token = secrets.token_hex(24)
-    redact_in_logs(root_token)
-    base_env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith(("VAULT_", "BAO_", "AWS_", "PG"))
-    }
-
-    def record_extra_dir(path: Path) -> None:
-        (sdir / EXTRA_DIRS_FILE).write_text(str(path) + "\n")
-
-    prepared: Future[tuple[PostgresInfo, str | None]] | None = None
-    if pg_bins is not None:
-        pg_port = ports.get("postgresql") or free_port()
-        prepared = pool.submit(
-            _postgres.prepare_cluster, sdir, pg_bins, pg_port, record_extra_dir
+        vault_port = ports.get("vault") or free_port()
+        vault_addr = f"http://127.0.0.1:{vault_port}"
+        table.start(
+            "openbao",
+            [str(bao), "server", "-dev", f"-dev-listen-address=127.0.0.1:{vault_port}",
+             "-dev-no-store-token"],
+            port=vault_port, log=sdir / "logs" / "openbao.log",
+            marker=f"-dev-listen-address=127.0.0.1:{vault_port}",
+            # The root token goes by environment, not argv, which any local user can read.
+            env=base_env | {"BAO_DEV_ROOT_TOKEN_ID": root_token, "HOME": str(sdir)}, cwd=sdir,
+        )
+        table.wait_ready(
+            "openbao", http_responds(f"{vault_addr}/v1/sys/health", ok_only=True), timeout=timeout
         )
 
-    moto_port = ports.get("moto") or free_port()
-    moto_endpoint = f"http://127.0.0.1:{moto_port}"
-    table.start(
-        "moto",
-        [sys.executable, "-m", "stepguard.devstack._moto_main",
-         "-H", "127.0.0.1", "-p", str(moto_port)],
-        port=moto_port, log=sdir / "logs" / "moto.log",
-        # Markers are unique per stack: a recycled pid is never mistaken for a service.
-        marker=f"devstack._moto_main -H 127.0.0.1 -p {moto_port}",
-        env=base_env | {"INITIAL_NO_AUTH_ACTION_COUNT": str(_aws.BOOTSTRAP_CALLS)}, cwd=sdir,
-    )
+        pg_info = None
+        if prepared is not None and pg_bins is not None:
+            pg_info, pg_user = prepared.result()
+            redact_in_logs(pg_info.admin_password)
+            _postgres.start_cluster(table, sdir, pg_bins, pg_info, pg_user)
 
-    vault_port = ports.get("vault") or free_port()
-    vault_addr = f"http://127.0.0.1:{vault_port}"
-    table.start(
-        "openbao",
-        [str(bao), "server", "-dev", f"-dev-listen-address=127.0.0.1:{vault_port}",
-         "-dev-no-store-token"],
-        port=vault_port, log=sdir / "logs" / "openbao.log",
-        marker=f"-dev-listen-address=127.0.0.1:{vault_port}",
-        # The root token goes by environment, not argv, which any local user can read.
-        env=base_env | {"BAO_DEV_ROOT_TOKEN_ID": root_token, "HOME": str(sdir)}, cwd=sdir,
-    )
-    table.wait_ready(
-        "openbao", http_responds(f"{vault_addr}/v1/sys/health", ok_only=True), timeout=timeout
-    )
-
-    pg_info = None
-    if prepared is not None and pg_bins is not None:
-        pg_info, pg_user = prepared.result()
-        redact_in_logs(pg_info.admin_password)
-        _postgres.start_cluster(table, sdir, pg_bins, pg_info, pg_user)
-
-    table.wait_ready("moto", http_responds(f"{moto_endpoint}/moto-api/"), timeout=timeout)
-    # moto only needs the issuer's address now; the JWKS is fetched when a token is presented.
-    oidc_issuer = f"{vault_addr}/v1/identity/oidc"
-    aws_future = pool.submit(
-        _aws.configure_moto, moto_endpoint, oidc_issuer, _vault.STS_AUDIENCE
-    )
-
-    vault_pg_password = None
-    if pg_info is not None:
-        vault_pg_password = _postgres.wait_and_bootstrap(table, pg_info, timeout)
-        redact_in_logs(vault_pg_password)
-
-    # Imported only now: the services were already starting meanwhile.
-    import hvac
-    import hvac.exceptions
-    import requests
-
-    client = hvac.Client(url=vault_addr, token=root_token, timeout=30)
-    try:
-        vault = _vault.configure_vault(
-            client, sdir, vault_addr=vault_addr, postgres=pg_info,
-            vault_pg_password=vault_pg_password,
+        table.wait_ready("moto", http_responds(f"{moto_endpoint}/moto-api/"), timeout=timeout)
+        # moto only needs the issuer's address now; the JWKS is fetched when a token is presented.
+        oidc_issuer = f"{vault_addr}/v1/identity/oidc"
+        aws_future = pool.submit(
+            _aws.configure_moto, moto_endpoint, oidc_issuer, _vault.STS_AUDIENCE
         )
-    except (hvac.exceptions.VaultError, requests.RequestException) as exc:
-        raise ServiceError(
-            "could not configure OpenBao", subject="openbao",
-            details=(type(exc).__name__, *log_tail(table.procs["openbao"].log, 5)),
-        ) from exc
-    finally:
-        client.adapter.close()
 
-    try:
-        aws = aws_future.result()
-    except Exception as exc:  # botocore raises many unrelated types
-        raise ServiceError(
-            "could not configure moto", subject="moto",
-            details=(type(exc).__name__, *log_tail(table.procs["moto"].log, 5)),
-        ) from exc
-    redact_in_logs(aws.secret_access_key)
+        vault_pg_password = None
+        if pg_info is not None:
+            vault_pg_password = _postgres.wait_and_bootstrap(table, pg_info, timeout)
+            redact_in_logs(vault_pg_password)
 
-    info = DevStackInfo(
-        state_dir=sdir,
-        env_file=sdir / ENV_FILE,
-        vault_addr=vault_addr,
-        vault_root_token=root_token,
-        moto_endpoint=moto_endpoint,
-        aws_region=_aws.REGION,
-        aws_account_id=aws.account_id,
-        aws_access_key_id=aws.access_key_id,
-        aws_secret_access_key=aws.secret_access_key,
-        postgres=pg_info,
-        jwt_private_key_path=vault.jwt_private_key_path,
-        jwt_issuer=_vault.JWT_ISSUER,
-        jwt_audience=_vault.JWT_AUDIENCE,
-        jwt_role=_vault.JWT_ROLE,
-        approle_role_id=vault.approle_role_id,
-        approle_secret_id_file=vault.approle_secret_id_file,
-        oidc_issuer=vault.oidc_issuer,
-        oidc_provider_arn=aws.oidc_provider_arn,
-        web_identity_role_arn=aws.web_identity_role_arn,
-        pids={p.name: p.pid for p in table.procs.values()},
-        ports={p.name: p.port for p in table.procs.values()},
-        extra_dirs=tuple(
-            [str(Path(pg_info.data_dir).parent)]
-            if pg_info is not None and not Path(pg_info.data_dir).is_relative_to(sdir)
-            else []
-        ),
-    )
-    write_private(info.env_file, "\n".join(_env_lines(info)) + "\n")
-    save_state(info)
-    return info
+        # Imported only now: the services were already starting meanwhile.
+        import hvac
+        import hvac.exceptions
+        import requests
+
+        client = hvac.Client(url=vault_addr, token=root_token, timeout=30)
+        try:
+            vault = _vault.configure_vault(
+                client, sdir, vault_addr=vault_addr, postgres=pg_info,
+                vault_pg_password=vault_pg_password,
+            )
+        except (hvac.exceptions.VaultError, requests.RequestException) as exc:
+            raise ServiceError(
+                "could not configure OpenBao", subject="openbao",
+                details=(type(exc).__name__, *log_tail(table.procs["openbao"].log, 5)),
+            ) from exc
+        finally:
+            client.adapter.close()
+
+        try:
+            aws = aws_future.result()
+        except Exception as exc:  # botocore raises many unrelated types
+            raise ServiceError(
+                "could not configure moto", subject="moto",
+                details=(type(exc).__name__, *log_tail(table.procs["moto"].log, 5)),
+            ) from exc
+        redact_in_logs(aws.secret_access_key)
+
+        info = DevStackInfo(
+            state_dir=sdir,
+            env_file=sdir / ENV_FILE,
+            vault_addr=vault_addr,
+            vault_root_token=root_token,
+            moto_endpoint=moto_endpoint,
+            aws_region=_aws.REGION,
+            aws_account_id=aws.account_id,
+            aws_access_key_id=aws.access_key_id,
+            aws_secret_access_key=aws.secret_access_key,
+            postgres=pg_info,
+            jwt_private_key_path=vault.jwt_private_key_path,
+            jwt_issuer=_vault.JWT_ISSUER,
+            jwt_audience=_vault.JWT_AUDIENCE,
+            jwt_role=_vault.JWT_ROLE,
+            approle_role_id=vault.approle_role_id,
+            approle_secret_id_file=vault.approle_secret_id_file,
+            oidc_issuer=vault.oidc_issuer,
+            oidc_provider_arn=aws.oidc_provider_arn,
+            web_identity_role_arn=aws.web_identity_role_arn,
+            pids={p.name: p.pid for p in table.procs.values()},
+            ports={p.name: p.port for p in table.procs.values()},
+            extra_dirs=tuple(
+                [str(Path(pg_info.data_dir).parent)]
+                if pg_info is not None and not Path(pg_info.data_dir).is_relative_to(sdir)
+                else []
+            ),
+        )
+        write_private(info.env_file, "\n".join(_env_lines(info)) + "\n")
+        save_state(info)
+        return info
 
 
 def down(state_dir: Path | str | None = None) -> None:
