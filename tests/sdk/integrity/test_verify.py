@@ -368,7 +368,7 @@ def test_tiny_file_grown_past_the_tiny_limit_is_reported_by_size(tree: Path,
 def test_create_records_sizes_of_files_found_large_after_the_walk(tmp_path: Path) -> None:
     """Sizes of files the walk did not stat come from their descriptors: tiny, just below and
     above the tiny limit, and sharded."""
-    sizes = {"a": 0, "b": 65535, "c": 65536, "d": 300_000, "e": 3 * MiB + 1}
+    sizes = {"a": 0, "b": 65535, "c": 262143, "d": 262144, "e": 3 * MiB + 1}
     for name, size in sizes.items():
         (tmp_path / name).write_bytes(os.urandom(size))
     m = create_manifest(tmp_path, shard_size=MiB)

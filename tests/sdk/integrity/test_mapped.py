@@ -1,0 +1,177 @@
+"""Hashing large files from mappings under a read lease, and medium files on several threads.
+
+Large files (8 MiB and more, or shards that size) are hashed from read-only mappings while a read
+lease keeps writers out; the digests must equal plain reads', a truncation meanwhile must be a
+finding rather than a SIGBUS, and a file someone has open for writing is read as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import blake3
+import pytest
+
+from stepguard.errors import IntegrityError
+from stepguard.integrity import _mapped, create_manifest, verify_manifest
+
+MiB = 2**20
+
+needs_leases = pytest.mark.skipif(
+    not _mapped.leases_usable(),
+    reason="this system grants no read leases (or fs.lease-break-time is below 5 s), so "
+           "large files are read with pread and never mapped",
+)
+
+
+def _sharded(data: bytes, shard: int) -> str:
+    parts = b"".join(hashlib.sha256(data[i:i + shard]).digest()
+                     for i in range(0, len(data), shard))
+    return "sha256-sharded:" + hashlib.sha256(parts).hexdigest()
+
+
+@needs_leases
+def test_lease_is_granted_on_an_own_file_and_refused_while_someone_writes(
+        tmp_path: Path) -> None:
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x" * 100)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert _mapped.take_read_lease(fd)
+        assert _mapped.still_leased(fd)
+    finally:
+        os.close(fd)
+    with open(f, "r+b"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            assert not _mapped.take_read_lease(fd)
+        finally:
+            os.close(fd)
+
+
+def test_mapped_digests_equal_plain_reads(tmp_path: Path) -> None:
+    """Shards at offsets that are not page-aligned, a whole file over several windows, and
+    BLAKE3: each digest recomputed here from the bytes."""
+    data = os.urandom(30 * MiB + 4567)
+    (tmp_path / "w.bin").write_bytes(data)
+    shard = 9 * MiB + 123
+    sharded = create_manifest(tmp_path, shard_size=shard)
+    assert sharded.entries[0].digest == _sharded(data, shard)
+    whole = create_manifest(tmp_path, shard_size=0)
+    assert whole.entries[0].digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    b3 = create_manifest(tmp_path, algorithm="blake3")
+    assert b3.entries[0].digest == "blake3:" + blake3.blake3(data).hexdigest()
+    for m in (sharded, whole, b3):
+        verify_manifest(tmp_path, m)
+
+
+def test_a_file_open_for_writing_is_read_without_a_mapping(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    data = os.urandom(20 * MiB)
+    f = tmp_path / "w.bin"
+    f.write_bytes(data)
+    mapped: list[int] = []
+    real = _mapped.hash_mapped
+
+    def counting(fd: int, *args: object) -> int:
+        mapped.append(fd)
+        return real(fd, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_mapped, "hash_mapped", counting)
+    with open(f, "r+b"):
+        m = create_manifest(tmp_path, shard_size=0)
+    assert m.entries[0].digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert mapped == []
+    create_manifest(tmp_path, shard_size=0)
+    assert bool(mapped) == _mapped.leases_usable()
+
+
+_TRUNCATE_WHILE_HASHING = r"""
+import os, subprocess, sys
+from stepguard.errors import IntegrityError
+from stepguard.integrity import create_manifest, verify_manifest
+path = sys.argv[1]
+root = os.path.dirname(path)
+m = create_manifest(root, shard_size=0)
+seen, writer = [], []
+def progress(n):
+    seen.append(n)
+    if len(seen) == 1:
+        # The truncation has to wait for the lease the first window was hashed under.
+        writer.append(subprocess.Popen(
+            [sys.executable, "-c", "import os, sys; os.truncate(sys.argv[1], 4096)", path]))
+        try:
+            writer[0].wait(timeout=1)
+            print("TRUNCATED UNDER THE MAPPING")
+        except subprocess.TimeoutExpired:
+            pass
+    elif len(seen) == 2:
+        # The lease was given up before this read: the truncation goes through now.
+        writer[0].wait(timeout=30)
+try:
+    verify_manifest(root, m, jobs=1, progress=progress)
+    print("VERIFIED")
+except IntegrityError as exc:
+    print("FINDING", exc.details)
+print("SEEN", seen[:2], "SIZE", os.path.getsize(path))
+"""
+
+
+@needs_leases
+def test_truncation_while_a_file_is_mapped_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    """Run in a child process: without the lease, the truncation would go through under the
+    mapping and the next window would kill the verifier with SIGBUS."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(40 * MiB))
+    out = subprocess.run([sys.executable, "-c", _TRUNCATE_WHILE_HASHING, str(big)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "TRUNCATED UNDER THE MAPPING" not in out.stdout
+    assert "FINDING ('modified: big.bin (truncated while verifying)',)" in out.stdout, out.stdout
+    # One mapped window, then plain reads after the lease was given up to the writer.
+    assert f"SEEN [{_mapped.WINDOW}, {MiB}] SIZE 4096" in out.stdout, out.stdout
+
+
+def test_medium_files_shared_between_threads_match_and_tampering_is_named(
+        tmp_path: Path) -> None:
+    """Files between 32 KiB and 256 KiB go through the direct path on all threads: digests
+    equal one thread's and hashlib's, and a flipped byte, a truncation and a swap for a
+    symlink among them are each named."""
+    root = tmp_path / "ds"
+    blobs: dict[str, bytes] = {}
+    for i in range(300):
+        d = root / f"d{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        blobs[f"d{i % 7}/f{i:03d}.bin"] = data = os.urandom(48 * 1024 + i * 601)
+        (root / f"d{i % 7}/f{i:03d}.bin").write_bytes(data)
+    for i in range(40):
+        blobs[f"tiny/t{i}"] = data = os.urandom(i * 13)
+        (root / "tiny").mkdir(exist_ok=True)
+        (root / f"tiny/t{i}").write_bytes(data)
+    m2 = create_manifest(root, jobs=2)
+    m1 = create_manifest(root, jobs=1)
+    assert m2 == m1
+    assert {e.path: e.digest for e in m2.entries} == {
+        k: "sha256:" + hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
+    verify_manifest(root, m2, jobs=2)
+
+    flipped = root / "d3/f150.bin"
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    flipped.write_bytes(raw)
+    with open(root / "d5/f250.bin", "r+b") as fh:
+        fh.truncate(1000)
+    (root / "d1/f001.bin").unlink()
+    (root / "d1/f001.bin").symlink_to(root / "d1/f008.bin")
+    with pytest.raises(IntegrityError) as info:
+        verify_manifest(root, m2, jobs=2)
+    details = "\n".join(info.value.details)
+    assert "modified: d3/f150.bin (content differs)" in details
+    assert "modified: d5/f250.bin (size 1000, manifest" in details
+    assert "type changed: d1/f001.bin (expected file, found symlink" in details
+    assert len(info.value.details) == 3
