@@ -93,16 +93,28 @@ def env_name(kind: str, name: str) -> str:
     return f"STEPGUARD_{kind.upper()}_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
+def _path_component(value: str) -> str:
+    """``value`` as one safe path component: other characters become ``_``, and so do the
+    dots of ``.`` and ``..``.
+
+    >>> _path_component("manual__2026-11-22T06:00"), _path_component("..")
+    ('manual__2026-11-22T06_00', '__')
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", value)
+    return safe if safe.strip(".") else "_" * max(len(safe), 1)
+
+
 def output_path(template: str, ctx: RunContext, step: str) -> str:
     """Expand ``{run_id}``, ``{step}`` and ``{try_number}`` in an output path, so every run
-    writes to a fresh directory (run ids are made path-safe first).
+    writes to a fresh directory (run ids and step names are made path-safe first). ``step`` is
+    the step as the orchestrator names it: a mapped Airflow task instance is ``<task>.<index>``.
 
     >>> output_path("out/{run_id}/model", RunContext(run_id="manual__2026-11-22T06:00"), "train")
     'out/manual__2026-11-22T06_00/model'
     """
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", ctx.run_id)
     try:
-        return template.format_map({"run_id": safe, "step": step,
+        return template.format_map({"run_id": _path_component(ctx.run_id),
+                                    "step": _path_component(step),
                                     "try_number": str(ctx.try_number)})
     except (KeyError, ValueError, IndexError) as exc:
         raise ConfigurationError(
@@ -135,9 +147,18 @@ class Step:
 
     @property
     def run_dir(self) -> Path:
-        """Where this run's receipt and output manifests are written."""
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.context.run_id)
-        return Path(self.settings.state_dir).resolve() / "runs" / safe / self.spec.name
+        """Where this run's receipt and output manifests are written: one directory per run
+        and step as the orchestrator names it, so the instances of a mapped Airflow task
+        (``train.0``, ``train.1``, ...) keep their own.
+
+        >>> from stepguard.spec import StepSpec
+        >>> s = Step(StepSpec(name="train"), settings=Settings.from_dict({"state_dir": "/srv/sg"}),
+        ...          context=RunContext(run_id="r1", step="train.3"))
+        >>> str(s.run_dir)
+        '/srv/sg/runs/r1/train.3'
+        """
+        return (Path(self.settings.state_dir).resolve() / "runs"
+                / _path_component(self.context.run_id) / _path_component(self.context.step))
 
     def run(
         self,
@@ -244,7 +265,7 @@ class _Run:
     def _prepare_outputs(self) -> dict[str, Path]:
         paths: dict[str, Path] = {}
         for out in self.spec.outputs:
-            p = Path(output_path(out.path, self.ctx, self.spec.name)).absolute()
+            p = Path(output_path(out.path, self.ctx, self.ctx.step)).absolute()
             if p.is_symlink() or (p.exists() and not p.is_dir()):
                 raise ConfigurationError("output path must be a directory", subject=str(p))
             if p.is_dir() and any(p.iterdir()):

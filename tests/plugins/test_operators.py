@@ -72,6 +72,35 @@ def test_decorator_python_body_gets_step_env_and_args(airflow_run, stepguard_env
     assert airflow_run.xcom_of(dr, "fit", "result") == {"lr": 0.25}
 
 
+def test_mapped_instances_keep_their_own_receipts_and_outputs(airflow_run, stepguard_env):
+    """Dynamic task mapping: each instance is its own step (``fit.0``, ``fit.1``, ...), with
+    its own run directory (receipt, output manifests) and ``{step}`` in output paths."""
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG, task
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            @task.stepguard(spec={"outputs": [{"name": "model", "path": "out/{step}/model"}]})
+            def fit(lr: float, step_env):
+                (step_env.outputs["model"] / "lr.txt").write_text(str(lr))
+
+            fit.expand(lr=[0.1, 0.2, 0.3])
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"fit": "success"}
+    from stepguard.receipt import Receipt
+
+    runs = list((stepguard_env / "state" / "runs").iterdir())
+    assert len(runs) == 1
+    for i, lr in enumerate(["0.1", "0.2", "0.3"]):
+        receipt = Receipt.load(runs[0] / f"fit.{i}" / "receipt.json")
+        assert receipt.status == "succeeded" and receipt.context.step == f"fit.{i}"
+        out = receipt.output("model")
+        assert out.path.endswith(f"/out/fit.{i}/model")
+        assert (Path(out.path) / "lr.txt").read_text() == lr
+        assert (runs[0] / f"fit.{i}" / "model.manifest.json").is_file()
+
+
 @pytest.mark.sandbox
 def test_decorator_shell_body_runs_in_the_sandbox(airflow_run, stepguard_env):
     if shutil.which("bwrap") is None:
