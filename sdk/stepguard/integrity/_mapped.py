@@ -12,8 +12,10 @@ file for writing or truncates it waits until the lease is released (at most
 ``fs.lease-break-time`` seconds, 45 by default). Before each window the lease is checked; once a
 writer is waiting it is released and the rest of the file is read with ``pread`` as usual (the
 caller's size and mtime checks then see any change). Each window is populated with
-``MADV_POPULATE_READ`` first, so a disk read error is an ``OSError`` here, as with ``pread``,
-rather than a signal.
+``MADV_POPULATE_READ`` first; if that fails (a read error, or a kernel before 5.14), or the
+file system cannot map files, the rest is read with ``pread``, which reports a read error as
+such, rather than the hash touching a page that cannot be read and the process getting a
+signal.
 
 The lease's break notice is a signal to the process: it is set to ``SIGURG``, which is ignored
 unless a program installs a handler for it, so the notice can never end the process. Leases
@@ -24,7 +26,6 @@ are only granted to the file's owner (or with ``CAP_LEASE``), on file systems th
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import signal
@@ -101,14 +102,19 @@ def hash_mapped(fd: int, hasher: Any, offset: int, end: int,
             break
         base = offset - offset % gran
         n = min(WINDOW - (offset - base), end - offset)
-        with mmap.mmap(fd, offset - base + n, prot=mmap.PROT_READ, offset=base) as m:
+        try:
+            m = mmap.mmap(fd, offset - base + n, prot=mmap.PROT_READ, offset=base)
+        except (OSError, ValueError):
+            # A file system that cannot map files (some FUSE mounts): read the rest.
+            release_lease(fd)
+            break
+        with m:
             try:
                 m.madvise(_POPULATE_READ)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise  # a read error, reported like pread's
-                # Older kernel: no MADV_POPULATE_READ. Read the rest instead of risking a
-                # signal on a disk error.
+            except OSError:
+                # A kernel without MADV_POPULATE_READ (before 5.14), or a read error: read
+                # the rest with pread, which reports a read error as such, rather than risk
+                # a signal when the hash touches a page that cannot be read.
                 release_lease(fd)
                 break
             with memoryview(m) as view, view[offset - base:] as window:

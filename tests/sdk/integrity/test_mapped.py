@@ -175,3 +175,36 @@ def test_medium_files_shared_between_threads_match_and_tampering_is_named(
     assert "modified: d5/f250.bin (size 1000, manifest" in details
     assert "type changed: d1/f001.bin (expected file, found symlink" in details
     assert len(info.value.details) == 3
+
+
+@needs_leases
+@pytest.mark.parametrize("failure", ["mmap", "madvise"])
+def test_a_file_that_cannot_be_mapped_is_read_instead(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      failure: str) -> None:
+    """A FUSE mount that refuses mmap (ENODEV) and a kernel without MADV_POPULATE_READ
+    (EINVAL) are not available here, so ``mmap.mmap`` is replaced by one that fails that way:
+    the file is read with pread from where the mapping stopped, and the digest is right."""
+    import errno
+    import mmap as real_mmap
+
+    data = os.urandom(20 * MiB + 77)
+    (tmp_path / "w.bin").write_bytes(data)
+    calls: list[int] = []
+
+    class Refusing(real_mmap.mmap):
+        def madvise(self, *args: int) -> None:  # type: ignore[override]
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    def fake_mmap(fd: int, length: int, **kw: int) -> real_mmap.mmap:
+        calls.append(length)
+        if failure == "mmap" and len(calls) > 1:
+            raise OSError(errno.ENODEV, "No such device")
+        if failure == "madvise" and len(calls) > 1:
+            return Refusing(fd, length, **kw)
+        return real_mmap.mmap(fd, length, **kw)
+
+    monkeypatch.setattr(_mapped.mmap, "mmap", fake_mmap)
+    m = create_manifest(tmp_path, shard_size=0)
+    assert m.entries[0].digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert calls == [_mapped.WINDOW, _mapped.WINDOW]  # one window mapped, then pread
