@@ -60,15 +60,18 @@ def _total_size(path: str) -> int | None:
     return total
 
 
-def _read_manifest(path: str) -> object:
-    from stepguard.integrity import Manifest
-
+def _manifest_bytes(path: str) -> bytes:
     try:
-        text = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ManifestError("cannot read manifest", subject=path,
                             details=(exc.strerror or str(exc),)) from exc
-    return Manifest.from_json(text)
+
+
+def _read_manifest(path: str) -> object:
+    from stepguard.integrity import Manifest
+
+    return Manifest.from_json(_manifest_bytes(path))
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
@@ -106,17 +109,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from stepguard.errors import IntegrityError
     from stepguard.integrity import Manifest, verify_manifest
 
-    manifest = _read_manifest(args.manifest)
-    assert isinstance(manifest, Manifest)
-    progress = _Progress(manifest.total_size, "verifying")
+    text = _manifest_bytes(args.manifest)
+    progress = _Progress(None, "verifying")
+    # Given the text, verify_manifest parses it while the first files are hashed; only the
+    # progress bar needs the parsed manifest (its total) first.
+    manifest: Manifest | bytes = text
+    if progress.enabled:
+        manifest = Manifest.from_json(text)
+        progress.total = manifest.total_size
     try:
         report = verify_manifest(args.path, manifest, jobs=args.jobs,
                                  allow_internal_symlinks=args.allow_internal_symlinks,
-                                 progress=progress)
+                                 progress=progress if progress.enabled else None)
     except IntegrityError as err:
         progress.close()
         if args.json:
-            print(json.dumps({"ok": False, "digest": manifest.digest, "error": err.message,
+            parsed = manifest if isinstance(manifest, Manifest) else Manifest.from_json(text)
+            print(json.dumps({"ok": False, "digest": parsed.digest, "error": err.message,
                               "subject": err.subject, "differences": list(err.details)}))
         raise
     progress.close()

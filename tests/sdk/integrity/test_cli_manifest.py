@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from stepguard.cli import main
+from stepguard.integrity import Manifest
 
 
 @pytest.fixture
@@ -52,6 +53,7 @@ def test_verify_exit_codes(data: Path, tmp_path: Path, capsys) -> None:
     verdict = json.loads(captured.out)
     assert verdict["ok"] is False
     assert verdict["differences"] == ["modified: a.csv (content differs)", "added: new (file)"]
+    assert verdict["digest"] == Manifest.from_json(out.read_bytes()).digest
     assert "a.csv" in captured.err and "Traceback" not in captured.err
     doc = json.loads(out.read_text())
     doc["subject"][0]["name"] = "../a.csv"
@@ -86,3 +88,17 @@ def test_progress_on_a_terminal(data: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert "hashing:" in err and "MiB/s" in err
     assert "sha256:" in err
+    # verify parses first on a terminal: the bar shows a percentage of the manifest's total.
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [str(Path(os.sys.executable).parent / "stepguard"), "manifest", "verify", str(data),
+             str(out), "--jobs", "1"],
+            stderr=secondary, stdout=subprocess.PIPE, timeout=60,
+        )
+    finally:
+        os.close(secondary)
+    err = os.read(primary, 65536).decode(errors="replace")
+    os.close(primary)
+    assert proc.returncode == 0 and proc.stdout.startswith(b"OK sha256:")
+    assert "verifying:" in err and "%" in err
