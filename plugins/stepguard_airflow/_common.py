@@ -134,7 +134,9 @@ def run_context(context: Mapping[str, Any], step: str) -> RunContext:
     try_number = int(getattr(ti, "try_number", 1) or 1)
     map_index = getattr(ti, "map_index", -1)
     if isinstance(map_index, int) and map_index >= 0:
-        step = f"{step}.{map_index}"[:63]
+        # Not shortened: labels and session names shorten it themselves, and a cut here
+        # would give task.1 and task.12 of a long task id one run directory.
+        step = f"{step}.{map_index}"
     return RunContext(pipeline=dag_id, run_id=run_id, step=step, try_number=try_number,
                       orchestrator="airflow")
 

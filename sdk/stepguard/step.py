@@ -104,10 +104,22 @@ def _path_component(value: str) -> str:
     return safe if safe.strip(".") else "_" * max(len(safe), 1)
 
 
+def _instance_name(spec_name: str, context_step: str) -> str:
+    """The spec's name, or the orchestrator's name for one instance of it (``train.3``, a
+    mapped Airflow task instance) when the run context gives one. Any other context step name
+    (the default ``step``, a caller's label) does not replace the spec's name: several specs
+    run under one context must not share a directory.
+
+    >>> _instance_name("train", "train.3"), _instance_name("train", "step")
+    ('train.3', 'train')
+    """
+    return context_step if context_step.startswith(spec_name + ".") else spec_name
+
+
 def output_path(template: str, ctx: RunContext, step: str) -> str:
     """Expand ``{run_id}``, ``{step}`` and ``{try_number}`` in an output path, so every run
     writes to a fresh directory (run ids and step names are made path-safe first). ``step`` is
-    the step as the orchestrator names it: a mapped Airflow task instance is ``<task>.<index>``.
+    the step's name, for a mapped Airflow task instance ``<task>.<index>``.
 
     >>> output_path("out/{run_id}/model", RunContext(run_id="manual__2026-11-22T06:00"), "train")
     'out/manual__2026-11-22T06_00/model'
@@ -148,8 +160,7 @@ class Step:
     @property
     def run_dir(self) -> Path:
         """Where this run's receipt and output manifests are written: one directory per run
-        and step as the orchestrator names it, so the instances of a mapped Airflow task
-        (``train.0``, ``train.1``, ...) keep their own.
+        and step, and per instance of a mapped Airflow task (``train.0``, ``train.1``, ...).
 
         >>> from stepguard.spec import StepSpec
         >>> s = Step(StepSpec(name="train"), settings=Settings.from_dict({"state_dir": "/srv/sg"}),
@@ -158,7 +169,8 @@ class Step:
         '/srv/sg/runs/r1/train.3'
         """
         return (Path(self.settings.state_dir).resolve() / "runs"
-                / _path_component(self.context.run_id) / _path_component(self.context.step))
+                / _path_component(self.context.run_id)
+                / _path_component(_instance_name(self.spec.name, self.context.step)))
 
     def run(
         self,
@@ -265,7 +277,8 @@ class _Run:
     def _prepare_outputs(self) -> dict[str, Path]:
         paths: dict[str, Path] = {}
         for out in self.spec.outputs:
-            p = Path(output_path(out.path, self.ctx, self.ctx.step)).absolute()
+            p = Path(output_path(out.path, self.ctx,
+                                 _instance_name(self.spec.name, self.ctx.step))).absolute()
             if p.is_symlink() or (p.exists() and not p.is_dir()):
                 raise ConfigurationError("output path must be a directory", subject=str(p))
             if p.is_dir() and any(p.iterdir()):

@@ -392,3 +392,26 @@ def test_consumer_refuses_a_failed_producers_receipt(tmp_path, settings, dataset
     with pytest.raises(IntegrityError, match="did not succeed"):
         run_step(consumer, body=lambda env: ran.append(1), settings=settings)
     assert ran == []
+
+
+def test_run_directories_per_step_and_per_mapped_instance(tmp_path, settings):
+    """Two specs under one run context (default step name) keep their own run directories;
+    instances of one spec named ``<name>.<n>`` by the orchestrator keep theirs too."""
+    def spec(name: str) -> StepSpec:
+        return StepSpec.from_dict({"name": name, "isolation": {"mode": "process"},
+                                   "outputs": [{"name": "o", "path": str(tmp_path / "o" / "{step}")}]})
+
+    def body(env):
+        (env.outputs["o"] / "x").write_text("1")
+
+    shared = RunContext(run_id="r")
+    for name in ("prep", "train"):
+        run_step(spec(name), body=body, settings=settings, context=shared)
+    for i in (1, 12):
+        run_step(spec("fit"), body=body, settings=settings,
+                 context=RunContext(run_id="r", step=f"fit.{i}"))
+    runs = Path(settings.state_dir) / "runs" / "r"
+    assert sorted(p.name for p in runs.iterdir()) == ["fit.1", "fit.12", "prep", "train"]
+    for name in ("prep", "train", "fit.1", "fit.12"):
+        receipt = Receipt.load(runs / name / "receipt.json")
+        assert receipt.output("o").path == str(tmp_path / "o" / name)
