@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepguard.errors import ConfigurationError, IntegrityError, ManifestError, OperationalError
-from stepguard.integrity import _mapped, _tinyproc
+from stepguard.integrity import _tinyproc
 from stepguard.integrity._gc import gc_paused
 from stepguard.integrity._manifest import (
     ALGORITHMS,
@@ -579,13 +579,19 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
                         # any still busy with batches, which take chunks when done).
                         joined = True
                         futures += (pool.submit(worker) for _ in range(jobs - 1))
-            results += (_run_batch(b, algorithm, progress) for b in own)
+            for b in own:
+                if stop.is_set():
+                    break
+                results.append(_run_batch(b, algorithm, progress))
             results += worker()
+            for f in futures:
+                results += f.result()
         except BaseException:
+            # A failed worker, or an interrupt while waiting: the others stop after their
+            # current chunk or batch instead of hashing everything left before the pool
+            # shuts down.
             stop.set()
             raise
-        for f in futures:
-            results += f.result()
     return results
 
 
@@ -673,16 +679,8 @@ def _hash_job(job: _Job, algorithm: str, progress: ProgressCallback | None) -> b
             out_fd = os.open(job.dest, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         big = job.length > _BLAKE3_BUF and algorithm == "blake3"
         h = _new_hasher(algorithm, big)
-        off, remaining = job.offset, job.length
-        if out_fd < 0 and job.length >= _mapped.MAP_FROM and _mapped.take_read_lease(fd):
-            # Under the lease nobody can write or truncate the file; check it did not change
-            # between the fstat above and the lease.
-            st1 = os.fstat(fd)
-            if st1.st_size != st.st_size or st1.st_mtime_ns != st.st_mtime_ns:
-                raise _Changed("modified while verifying")
-            off = _mapped.hash_mapped(fd, h, off, off + remaining, progress)
-            remaining = job.offset + job.length - off
         buf = _buffer(_BLAKE3_BUF if big else _BUF)
+        off, remaining = job.offset, job.length
         while remaining > 0:
             n = os.preadv(fd, [buf[: min(len(buf), remaining)]], off)
             if n == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -375,3 +376,63 @@ def test_create_records_sizes_of_files_found_large_after_the_walk(tmp_path: Path
     assert {e.path: e.size for e in m.entries} == sizes
     assert m.entries[-1].scheme == "sha256-sharded"
     verify_manifest(tmp_path, m)
+
+
+def test_medium_files_shared_between_threads_match_and_tampering_is_named(
+        tmp_path: Path) -> None:
+    """Files between 32 KiB and 256 KiB go through the direct path on all threads: digests
+    equal one thread's and hashlib's, and a flipped byte, a truncation and a swap for a
+    symlink among them are each named."""
+    root = tmp_path / "ds"
+    blobs: dict[str, bytes] = {}
+    for i in range(300):
+        d = root / f"d{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        blobs[f"d{i % 7}/f{i:03d}.bin"] = data = os.urandom(48 * 1024 + i * 601)
+        (root / f"d{i % 7}/f{i:03d}.bin").write_bytes(data)
+    for i in range(40):
+        blobs[f"tiny/t{i}"] = data = os.urandom(i * 13)
+        (root / "tiny").mkdir(exist_ok=True)
+        (root / f"tiny/t{i}").write_bytes(data)
+    m2 = create_manifest(root, jobs=2)
+    m1 = create_manifest(root, jobs=1)
+    assert m2 == m1
+    assert {e.path: e.digest for e in m2.entries} == {
+        k: "sha256:" + hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
+    verify_manifest(root, m2, jobs=2)
+
+    flipped = root / "d3/f150.bin"
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    flipped.write_bytes(raw)
+    with open(root / "d5/f250.bin", "r+b") as fh:
+        fh.truncate(1000)
+    (root / "d1/f001.bin").unlink()
+    (root / "d1/f001.bin").symlink_to(root / "d1/f008.bin")
+    with pytest.raises(IntegrityError) as info:
+        verify_manifest(root, m2, jobs=2)
+    details = "\n".join(info.value.details)
+    assert "modified: d3/f150.bin (content differs)" in details
+    assert "modified: d5/f250.bin (size 1000, manifest" in details
+    assert "type changed: d1/f001.bin (expected file, found symlink" in details
+    assert len(info.value.details) == 3
+
+
+def test_a_failing_progress_callback_stops_every_thread(tmp_path: Path) -> None:
+    """An exception in one hashing thread reaches the caller, and the other threads stop after
+    their current chunk instead of hashing the rest of the tree."""
+    for i in range(1000):
+        d = tmp_path / f"d{i % 10}"
+        d.mkdir(exist_ok=True)
+        (d / f"f{i:04d}").write_bytes(os.urandom(40 * 1024))
+    calls: list[int] = []
+
+    def progress(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 200:
+            raise RuntimeError("progress display failed")
+
+    with pytest.raises(RuntimeError, match="progress display failed"):
+        create_manifest(tmp_path, jobs=2, progress=progress)
+    # The failing chunk and at most one chunk per thread after it (64 files each).
+    assert 200 <= len(calls) < 200 + 3 * 64, len(calls)
