@@ -124,8 +124,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     except IntegrityError as err:
         progress.close()
         if args.json:
-            parsed = manifest if isinstance(manifest, Manifest) else Manifest.from_json(text)
-            print(json.dumps({"ok": False, "digest": parsed.digest, "error": err.message,
+            try:
+                parsed = manifest if isinstance(manifest, Manifest) else Manifest.from_json(text)
+                digest: str | None = parsed.digest
+            except ManifestError:
+                digest = None  # the data was missing before the manifest was read
+            print(json.dumps({"ok": False, "digest": digest, "error": err.message,
                               "subject": err.subject, "differences": list(err.details)}))
         raise
     progress.close()

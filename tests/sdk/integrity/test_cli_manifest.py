@@ -61,6 +61,11 @@ def test_verify_exit_codes(data: Path, tmp_path: Path, capsys) -> None:
     assert main(["manifest", "verify", str(data), str(out)]) == 4
     assert "../a.csv" in capsys.readouterr().err
     assert main(["manifest", "verify", str(data), str(tmp_path / "missing.json")]) == 4
+    # Missing data is found before the (here unsafe) manifest is parsed: a data verdict.
+    capsys.readouterr()
+    assert main(["manifest", "verify", str(tmp_path / "gone"), str(out), "--json"]) == 3
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["digest"] is None and "Traceback" not in captured.err
 
 
 def test_blake3_and_stdout(data: Path, capsys) -> None:
