@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,10 @@ _TINY = 256 * 1024
 # (measured: 8,000 x 4 KiB files, 1 thread 71 ms, 2 threads 102 ms).
 _CHUNK = 64
 _SPREAD_BYTES = 32 * 1024
+# Below this size a file costs about as much Python as reading and hashing: such files are
+# read into a fresh bytes object (cheaper than slicing a reused buffer), and batches of them
+# (staging copies) stay with the calling thread.
+_SMALL_FILE = 64 * 1024
 # Small files are handed to workers in batches: one future per 4 KiB file would cost more than
 # hashing it.
 _BATCH_FILES = 128
@@ -420,11 +424,11 @@ def _hash_tiny_in(files: list[TinyFile], algorithm: str, progress: ProgressCallb
     is_reg = stat.S_ISREG
     tiny = _TINY
     open_ = os.open
-    # Files from 64 KiB up are read into one reused buffer per thread: a fresh bytes object
-    # that size costs fresh pages for every file. Below, a fresh object is cheaper than
+    # Files from _SMALL_FILE up are read into one reused buffer per thread: a fresh bytes
+    # object that size costs fresh pages for every file. Below, a fresh object is cheaper than
     # slicing the buffer (measured: 20,000 x 4 KiB files, 0.233 s against 0.250 s).
     buf = _buffer(_BUF)
-    fresh_below = 64 * 1024
+    fresh_below = _SMALL_FILE
     data: bytes | memoryview
     hashed = 0
     for key, path, ident, expected, parent in files:
@@ -521,14 +525,17 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
     """Hash on ``jobs`` threads, the caller's included; return the batches' results.
 
     The caller takes the direct-path files (in chunks of ``_CHUNK``) and the ``own`` batches,
-    then helps with ``rest``. The other threads take ``rest`` first, then direct-path chunks,
-    but only once a chunk has shown files large enough (``_SPREAD_BYTES`` on average) for
-    reading and hashing, which release the GIL, to outweigh the Python around them.
+    then helps with ``rest``. The other threads take ``rest`` first, then direct-path chunks
+    while the last chunk hashed showed files large enough (``_SPREAD_BYTES`` on average) for
+    reading and hashing, which release the GIL, to outweigh the Python around them; after a
+    chunk of smaller files they leave the direct path to the caller until larger ones come.
     """
     chunks = deque(direct[i:i + _CHUNK] for i in range(0, len(direct), _CHUNK))
     pending = deque(rest)
     spread = threading.Event()
     stop = threading.Event()
+    lock = threading.Lock()
+    active = 0  # other threads asked to work and not finished yet
 
     def take_chunk(dirs: _DirCursor) -> bool:
         try:
@@ -539,6 +546,8 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
                                stats=stats, large=large)
         if hashed >= _SPREAD_BYTES * len(chunk):
             spread.set()
+        else:
+            spread.clear()
         return True
 
     def take_batch(out: list[_Results]) -> bool:
@@ -550,6 +559,7 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
         return True
 
     def worker() -> list[_Results]:
+        nonlocal active
         out: list[_Results] = []
         try:
             with _DirCursor() as dirs:
@@ -559,6 +569,9 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
         except BaseException:
             stop.set()
             raise
+        finally:
+            with lock:
+                active -= 1
         return out
 
     results: list[_Results] = []
@@ -568,21 +581,28 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
                 pass
         results += (_run_batch(b, algorithm, progress) for b in own + rest)
         return results
+    futures: list[Future[list[_Results]]] = []
     with ThreadPoolExecutor(max_workers=jobs - 1, thread_name_prefix="stepguard-hash") as pool:
-        futures = [pool.submit(worker) for _ in range(min(jobs - 1, len(rest)))]
-        joined = False
+
+        def hire(wanted: int) -> None:
+            nonlocal active
+            with lock:
+                n = min(wanted, jobs - 1 - active)
+                active += max(n, 0)
+            futures.extend(pool.submit(worker) for _ in range(n))
+
         try:
+            hire(len(rest))
             with _DirCursor() as dirs:
                 while not stop.is_set() and take_chunk(dirs):
-                    if spread.is_set() and not joined and chunks:
-                        # Files large enough to share: the other threads join in (behind
-                        # any still busy with batches, which take chunks when done).
-                        joined = True
-                        futures += (pool.submit(worker) for _ in range(jobs - 1))
+                    if spread.is_set() and chunks:
+                        hire(jobs - 1)  # files large enough to share: idle threads join in
             for b in own:
                 if stop.is_set():
                     break
                 results.append(_run_batch(b, algorithm, progress))
+            with lock:
+                active += 1  # the caller, as one more worker (it decrements on leaving)
             results += worker()
             for f in futures:
                 results += f.result()
@@ -818,8 +838,8 @@ def _hash_round(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
     # Batches of tiny files (staging copies) stay with the calling thread, as the direct path
     # does; everything else (shards, larger files) spends its time in hashlib/preadv with the
     # GIL released and is shared by all threads.
-    own = [b for b in batches if all(j.index < 0 and j.file_size < _TINY for j in b)]
-    rest = [b for b in batches if not all(j.index < 0 and j.file_size < _TINY for j in b)]
+    own = [b for b in batches if all(j.index < 0 and j.file_size < _SMALL_FILE for j in b)]
+    rest = [b for b in batches if not all(j.index < 0 and j.file_size < _SMALL_FILE for j in b)]
     if not rest and not own and tiny_helpers:
         # With nothing else to do, idle cores may take shares of the files in helper processes.
         _hash_tiny_all(direct, algorithm, jobs, progress=progress, digests=digests,

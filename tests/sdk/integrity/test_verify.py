@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -394,9 +395,15 @@ def test_medium_files_shared_between_threads_match_and_tampering_is_named(
         blobs[f"tiny/t{i}"] = data = os.urandom(i * 13)
         (root / "tiny").mkdir(exist_ok=True)
         (root / f"tiny/t{i}").write_bytes(data)
-    m2 = create_manifest(root, jobs=2)
+    threads: set[str] = set()
+
+    def progress(n: int) -> None:
+        threads.add(threading.current_thread().name)
+
+    m2 = create_manifest(root, jobs=2, progress=progress)
     m1 = create_manifest(root, jobs=1)
     assert m2 == m1
+    assert len(threads) == 2, threads  # the second thread joined the direct path
     assert {e.path: e.digest for e in m2.entries} == {
         k: "sha256:" + hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
     verify_manifest(root, m2, jobs=2)
@@ -436,3 +443,40 @@ def test_a_failing_progress_callback_stops_every_thread(tmp_path: Path) -> None:
         create_manifest(tmp_path, jobs=2, progress=progress)
     # The failing chunk and at most one chunk per thread after it (64 files each).
     assert 200 <= len(calls) < 200 + 3 * 64, len(calls)
+
+
+def test_staging_shares_files_above_64_kib_between_threads(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(64):
+        (src / f"f{i:02d}").write_bytes(os.urandom(150_000))
+    m = create_manifest(src)
+    threads: set[str] = set()
+
+    def progress(n: int) -> None:
+        threads.add(threading.current_thread().name)
+
+    report = stage_and_verify(src, m, tmp_path / "staged", jobs=2, progress=progress)
+    assert report.files == 64
+    assert any(t.startswith("stepguard-hash") for t in threads), threads
+
+
+def test_threads_leave_and_rejoin_the_direct_path_as_file_sizes_change(tmp_path: Path) -> None:
+    """Medium files, then tiny ones, then medium again: every digest is right with two threads,
+    and both threads hash medium files of both stretches (the second one rejoins)."""
+    blobs: dict[str, bytes] = {}
+    for group, (count, size) in enumerate([(200, 50_000), (400, 100), (200, 60_000)]):
+        d = tmp_path / f"g{group}"
+        d.mkdir()
+        for i in range(count):
+            blobs[f"g{group}/f{i:03d}"] = data = os.urandom(size)
+            (d / f"f{i:03d}").write_bytes(data)
+    seen: dict[int, set[str]] = {}
+
+    def progress(n: int) -> None:
+        seen.setdefault(n, set()).add(threading.current_thread().name)
+
+    m = create_manifest(tmp_path, jobs=2, progress=progress)
+    assert {e.path: e.digest for e in m.entries} == {
+        k: "sha256:" + hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
+    assert len(seen[50_000]) == 2 and len(seen[60_000]) == 2, seen
