@@ -105,15 +105,20 @@ def _path_component(value: str) -> str:
 
 
 def _instance_name(spec_name: str, context_step: str) -> str:
-    """The spec's name, or the orchestrator's name for one instance of it (``train.3``, a
-    mapped Airflow task instance) when the run context gives one. Any other context step name
-    (the default ``step``, a caller's label) does not replace the spec's name: several specs
-    run under one context must not share a directory.
+    """The spec's name, or the orchestrator's name for one numbered instance of it
+    (``train.3``, a mapped Airflow task instance) when the run context gives one. Any other
+    context step name (the default ``step``, a caller's label such as ``train.eval``, which
+    could be another spec's name) does not replace the spec's name.
 
     >>> _instance_name("train", "train.3"), _instance_name("train", "step")
     ('train.3', 'train')
+    >>> _instance_name("train", "train.eval")
+    'train'
     """
-    return context_step if context_step.startswith(spec_name + ".") else spec_name
+    suffix = context_step[len(spec_name) + 1:]
+    if context_step.startswith(spec_name + ".") and suffix.isascii() and suffix.isdigit():
+        return context_step
+    return spec_name
 
 
 def output_path(template: str, ctx: RunContext, step: str) -> str:
