@@ -114,7 +114,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     # Given the text, verify_manifest parses it while the first files are hashed; only the
     # progress bar needs the parsed manifest (its total) first.
     manifest: Manifest | bytes = text
-    if progress.enabled:
+    # Missing data is a data verdict (exit 3) before a malformed manifest (exit 4) either way.
+    if progress.enabled and os.path.lexists(args.path):
         manifest = Manifest.from_json(text)
         progress.total = manifest.total_size
     try:
