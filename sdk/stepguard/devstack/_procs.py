@@ -43,13 +43,20 @@ def remember_child(popen: subprocess.Popen[bytes]) -> None:
     _CHILDREN[popen.pid] = popen
 
 
-def reap(pid: int) -> None:
-    """Collect the exit status of a child this process started (no zombie is left)."""
+def reap(pid: int, timeout: float = 0.0) -> None:
+    """Collect the exit status of a child this process started (no zombie is left), waiting up
+    to ``timeout`` seconds for it to finish exiting."""
     popen = _CHILDREN.get(pid)
     if popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=0)
+            popen.wait(timeout=timeout)
             _CHILDREN.pop(pid, None)
+
+
+#: After a process stopped (or was killed), how long to wait for its exit to complete. An
+#: exiting process loses its command line before it becomes a zombie: ``pid_alive`` with a
+#: marker already says no, but its exit status cannot be collected yet.
+EXIT_WAIT = 5.0
 
 
 def free_port() -> int:
@@ -243,7 +250,7 @@ class ProcessTable:
             if proc.name in ours:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
-            self._reap(proc.name)
+            self._reap(proc.name, EXIT_WAIT)
         for proc in procs:
             # One that died before binding (e.g. its port was taken) owns no port to wait for.
             if proc.name not in running:
@@ -258,12 +265,12 @@ class ProcessTable:
         self.path.unlink(missing_ok=True)
         return problems
 
-    def _reap(self, name: str) -> None:
+    def _reap(self, name: str, timeout: float = 0.0) -> None:
         pid = self.procs[name].pid
         popen = self._popen.get(name) or _CHILDREN.get(pid)
         if popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=0)
+                popen.wait(timeout=timeout)
                 _CHILDREN.pop(pid, None)
 
 

@@ -27,6 +27,7 @@ from stepguard.devstack._info import (
     write_private,
 )
 from stepguard.devstack._procs import (
+    EXIT_WAIT,
     PROCS_FILE,
     ProcessTable,
     free_port,
@@ -115,7 +116,10 @@ def _stop_watchdog(state_dir: Path) -> None:
     while pid_alive(pid, "devstack._watchdog") and time.monotonic() < deadline:
         reap(pid)
         time.sleep(0.02)
-    reap(pid)
+    if pid_alive(pid, "devstack._watchdog"):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    reap(pid, EXIT_WAIT)
 
 
 def _start_watchdog(state_dir: Path, owner_pid: int) -> None:

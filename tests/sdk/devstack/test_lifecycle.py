@@ -133,6 +133,10 @@ def test_api_up_down_with_postgres_leaves_nothing(tmp_path: Path, need_bao: None
     assert not state.exists()
     assert devstack.status(state) is None
     devstack.down(state)  # idempotent
+    # Every child's exit status was collected: no zombie, no Popen left to warn at exit.
+    from stepguard.devstack import _procs
+
+    assert not set(_procs._CHILDREN) & {*info.pids.values(), watchdog}
 
 
 def test_stack_stops_when_its_owner_dies(tmp_path: Path, need_bao: None) -> None:
