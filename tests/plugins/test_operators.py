@@ -325,3 +325,46 @@ def test_airflow_cfg_stepguard_options_reach_the_settings(monkeypatch, tmp_path)
     s = StepguardHook(conn_id=None).get_settings()
     assert (s.vault.addr, s.vault.auth, s.registry.url, s.audit.exporter, s.audit.path) == (
         "https://vault.example:8200", "jwt", "s3://models/prod", "both", str(tmp_path / "a.jsonl"))
+
+
+def test_gate_reports_the_signer_it_verified_not_the_receipts_claim(airflow_run, stepguard_env,
+                                                                    monkeypatch):
+    """VerifyModelOperator against a real file:// registry and a key policy: the gate's XCom
+    names the signer the policy accepted in the bundle, whatever the publishing receipt says."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from stepguard.integrity import create_manifest
+    from stepguard.registry import open_registry
+    from stepguard.signing import KeySigner
+
+    root = stepguard_env
+    key = ec.generate_private_key(ec.SECP256R1())
+    (root / "k.pem").write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                                   ser.NoEncryption()))
+    (root / "k.pub").write_bytes(key.public_key().public_bytes(
+        ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
+    model = root / "model"
+    model.mkdir()
+    (model / "weights.json").write_text('{"w": [1, 2, 3]}\n')
+    registry = f"file://{root / 'registry'}"
+    published = open_registry(registry).publish(model, "churn", "1", signer=KeySigner(root / "k.pem"))
+    cfg = root / "stepguard.yaml"
+    cfg.write_text(f"policies:\n  release: {{kind: key, public_keys: [{root / 'k.pub'}]}}\n")
+    monkeypatch.setenv("STEPGUARD_CONFIG", str(cfg))
+    claim = {"outputs": [{"name": "model", "digest": create_manifest(model).digest,
+                          "published": {"registry": registry, "name": "churn", "version": "1",
+                                        "signer": "key:sha256:someone-else"}}]}
+    dag, _ = airflow_run.write(f"""
+        import pendulum
+        from airflow.sdk import DAG
+        from stepguard_airflow.operators import VerifyModelOperator
+
+        with DAG("{{dag_id}}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            VerifyModelOperator(task_id="gate", model={claim!r}, policy="release")
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"gate": "success"}
+    gate = airflow_run.xcom_of(dr, "gate", "gate")
+    assert gate["signer"] == published.signer and gate["signer"].startswith("key:sha256:")
+    assert gate["signer"] != "key:sha256:someone-else"

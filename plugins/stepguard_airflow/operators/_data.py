@@ -353,7 +353,7 @@ class VerifyModelOperator(BaseOperator):
         registry, name, version = (str(published["registry"]), str(published["name"]),
                                    str(published["version"]))
         policy_name = str(self.policy)
-        used: dict[str, Settings] = {}
+        used: dict[str, Any] = {}
 
         def spec_for(settings: Settings) -> StepSpec:
             settings.policy(policy_name)  # an unknown policy fails before anything is fetched
@@ -369,8 +369,8 @@ class VerifyModelOperator(BaseOperator):
             from stepguard.integrity import create_manifest
 
             dest = step_env.outputs[self.output_name]
-            _fetch_verified(used["settings"], registry=registry, name=name, version=version,
-                            policy_name=policy_name, dest=dest)
+            used["signer"] = _fetch_verified(used["settings"], registry=registry, name=name,
+                                             version=version, policy_name=policy_name, dest=dest)
             # Validly signed is not enough: it must be the model the publishing step hashed.
             got = create_manifest(dest).digest
             if got != expected:
@@ -382,20 +382,25 @@ class VerifyModelOperator(BaseOperator):
 
         receipt = execute_step(context=context, spec=spec_for, body=body, conn_id=self.conn_id)
         # The verdict, for dashboards and deployment tooling; the receipt stays a pure receipt.
+        # The signer is the one the policy accepted in the fetched bundle, not the publishing
+        # receipt's claim.
         context["ti"].xcom_push(key="gate", value={
             "policy": policy_name, "registry": registry, "name": name, "version": version,
-            "signer": published.get("signer"), "digest": receipt.outputs[0].digest})
+            "signer": used["signer"], "digest": receipt.outputs[0].digest})
         return receipt_xcom(receipt)
 
 
 def _fetch_verified(settings: Settings, *, registry: str, name: str, version: str,
-                    policy_name: str, dest: Path) -> None:
-    """Fetch ``name:version`` into ``dest``, verified under the named settings policy."""
-    from stepguard.registry import fetch_verified
+                    policy_name: str, dest: Path) -> str:
+    """Fetch ``name:version`` into ``dest``, verified under the named settings policy; return
+    the verified signer."""
+    from stepguard.registry import fetch_verified_model
 
-    staged = fetch_verified(settings, name, version, policy=policy_name, dest=dest / ".staged",
-                            registry=registry)
+    fetched = fetch_verified_model(settings, name, version, policy=policy_name,
+                                   dest=dest / ".staged", registry=registry)
+    staged = fetched.path
     # Only verified bytes appear under the output name.
     for item in list(staged.iterdir()):
         item.rename(dest / item.name)
     staged.rmdir()
+    return fetched.signer

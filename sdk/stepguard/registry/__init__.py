@@ -39,6 +39,7 @@ from stepguard.errors import ConfigurationError
 from stepguard.registry._base import (
     BUNDLE_NAME,
     PROVENANCE_NAME,
+    FetchedModel,
     PublishedModel,
     Registry,
     RegistryEntry,
@@ -49,12 +50,14 @@ from stepguard.registry._s3 import S3Registry
 __all__ = [
     "BUNDLE_NAME",
     "PROVENANCE_NAME",
+    "FetchedModel",
     "LocalRegistry",
     "PublishedModel",
     "Registry",
     "RegistryEntry",
     "S3Registry",
     "fetch_verified",
+    "fetch_verified_model",
     "open_registry",
 ]
 
@@ -85,6 +88,13 @@ def fetch_verified(settings: Any, name: str, version: str, *, policy: str, dest:
     """Fetch ``name``/``version`` into ``dest``, verified under the settings policy ``policy``
     (the deployment gate). ``registry`` defaults to ``settings.registry.url``. Nothing appears at
     ``dest`` unless every check passed."""
+    return fetch_verified_model(settings, name, version, policy=policy, dest=dest,
+                                registry=registry).path
+
+
+def fetch_verified_model(settings: Any, name: str, version: str, *, policy: str,
+                         dest: str | Path, registry: str | None = None) -> FetchedModel:
+    """:func:`fetch_verified`, returning also who signed the version (as verified)."""
     from stepguard.signing import policy_from_settings
 
     url = registry or settings.registry.url
@@ -92,4 +102,4 @@ def fetch_verified(settings: Any, name: str, version: str, *, policy: str, dest:
         raise ConfigurationError("no registry given and none in settings",
                                  subject="registry.url")
     with policy_from_settings(settings, policy) as verified_by:
-        return open_registry(url).fetch(name, version, policy=verified_by, dest=dest)
+        return open_registry(url).fetch_model(name, version, policy=verified_by, dest=dest)

@@ -80,6 +80,17 @@ class RegistryEntry:
     signer: str | None = None
 
 
+@dataclass(frozen=True)
+class FetchedModel:
+    """A version fetched and verified: where its files are and who signed them (the signer
+    the verification policy accepted, from the bundle itself)."""
+
+    path: Path
+    name: str
+    version: str
+    signer: str
+
+
 @dataclass
 class _Upload:
     keys: list[str] = field(default_factory=list)
@@ -267,6 +278,11 @@ class Registry(abc.ABC):
         objects, unsafe formats. ``dest`` must not exist. Nothing is returned (or left behind)
         when any check fails.
         """
+        return self.fetch_model(name, version, policy=policy, dest=dest).path
+
+    def fetch_model(self, name: str, version: str, *, policy: Any,
+                    dest: str | Path) -> FetchedModel:
+        """:meth:`fetch`, returning also who signed the version (as verified)."""
         from stepguard.signing import Policy, verify_model
         from stepguard.signing._bundle import load_bundle, parse_model_statement
 
@@ -318,7 +334,7 @@ class Registry(abc.ABC):
                 raise RegistryError("fetch failed", subject=f"{name}:{version}",
                                     details=(f"{type(exc).__name__}: {exc}"[:300],)) from exc
             raise
-        return dest
+        return FetchedModel(dest, name, version, verified.signer)
 
     def list(self, name: str | None = None, *, policy: Any = None) -> list[RegistryEntry]:
         """Committed versions (bundle present). With ``policy``, only those whose bundle
