@@ -165,7 +165,9 @@ class TransitPolicy(Policy):
         for version, pem in sorted(all_keys.items()):
             hint, key = _load_public_key(pem, f"{self.key} v{version}")
             if self._accepts(version):
-                keys.append((f"transit:{self.mount}/{self.key}:v{version}", hint, key))
+                # The same identity the Transit signer records: key, version and public key.
+                keys.append((f"transit:{self.mount}/{self.key}:v{version}:sha256:{hint}", hint,
+                             key))
             else:
                 refused.append((version, hint))
         for version, hint in refused:

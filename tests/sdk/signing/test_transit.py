@@ -35,9 +35,11 @@ def transit_key(vault_client):
 def test_dev_stack_signing_key_signs(vault_client, model, tmp_path):
     signer = TransitSigner("stepguard-signing", client=vault_client)
     versions = sorted(transit_public_keys(vault_client, "stepguard-signing"))
-    sign_model(model, signer, bundle_path=tmp_path / "m.sig")
-    verify_model(model, tmp_path / "m.sig",
-                 TransitPolicy("stepguard-signing", client=vault_client, versions=versions))
+    signed = sign_model(model, signer, bundle_path=tmp_path / "m.sig")
+    ok = verify_model(model, tmp_path / "m.sig",
+                      TransitPolicy("stepguard-signing", client=vault_client, versions=versions))
+    # The verifier names the signer exactly as the signer names itself (key, version, key hint).
+    assert ok.signer == signed.signer == signer.identity
 
 
 def test_transit_bundle_verifies_with_stock_cli(vault_client, transit_key, model, tmp_path):
