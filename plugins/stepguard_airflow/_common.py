@@ -60,6 +60,18 @@ def coerce_spec(spec: Any, default_name: str,
                              subject=type(spec).__name__)
 
 
+def spec_data(spec: StepSpec | Mapping[str, Any] | str) -> StepSpec | Mapping[str, Any]:
+    """A spec given as a YAML/JSON file path, read (once) into its mapping; others as given."""
+    from stepguard.spec import StepSpec
+
+    if isinstance(spec, (StepSpec, Mapping)):
+        return spec
+    from stepguard._private.schema import load_yaml
+
+    data = load_yaml(Path(spec), "step spec")
+    return data if data is not None else {}
+
+
 def resolve_spec(spec: StepSpec | Mapping[str, Any] | str, isolation: str | None,
                  env: Mapping[str, str] | None,
                  receipts: Mapping[str, Any] | None = None) -> StepSpec:
@@ -70,12 +82,11 @@ def resolve_spec(spec: StepSpec | Mapping[str, Any] | str, isolation: str | None
     """
     from stepguard.spec import StepSpec
 
-    if isinstance(spec, StepSpec):
-        resolved = spec
-    elif isinstance(spec, Mapping):
-        resolved = StepSpec.from_dict(_fill_inputs(spec, receipts or {}))
+    data = spec_data(spec)
+    if isinstance(data, StepSpec):
+        resolved = data
     else:
-        resolved = StepSpec.from_file(spec)
+        resolved = StepSpec.from_dict(_fill_inputs(data, receipts or {}))
     if isolation:
         resolved = replace(resolved, isolation=replace(resolved.isolation,
                                                        mode=isolation))  # type: ignore[arg-type]

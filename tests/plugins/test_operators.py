@@ -295,19 +295,47 @@ def test_on_kill_revokes_the_running_steps_credentials(dev_stack, dev_postgres):
 @pytest.mark.parametrize("spec", [
     {"isolation": {"mode": "sandbox"}},
     {"isolation": {"mode": "pod", "image": "reg.example/x@sha256:" + "a" * 64}},
+    "file:sandbox",
 ])
-def test_callable_is_never_run_with_less_isolation_than_the_spec_asks(spec):
+def test_callable_is_never_run_with_less_isolation_than_the_spec_asks(spec, tmp_path):
     """A Python callable runs in the task process: a spec asking for a sandbox or pod must not
-    be silently downgraded."""
+    be silently downgraded (also when the spec is a YAML file)."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from stepguard_airflow.operators import SecureStepOperator
 
+    if spec == "file:sandbox":
+        path = tmp_path / "train.yaml"
+        path.write_text("name: train\nisolation: {mode: sandbox}\n")
+        spec = str(path)
     ran = []
     op = SecureStepOperator(task_id="train", spec=spec, python_callable=lambda: ran.append(1))
     with pytest.raises(AirflowFailException, match="isolation mode"):
         op.execute({})
     assert ran == []
+
+
+def test_callable_with_a_spec_file_that_leaves_isolation_open_runs(airflow_run, stepguard_env):
+    """A YAML spec file is read once at run time; without an isolation mode it runs the
+    callable in the task process and records that in the receipt."""
+    spec = stepguard_env / "fit.yaml"
+    spec.write_text("name: fit\noutputs: [{name: model, path: model}]\n")
+    dag, _ = airflow_run.write(f"""
+        import pendulum
+        from airflow.sdk import DAG
+        from stepguard_airflow.operators import SecureStepOperator
+
+        def fit(step_env):
+            (step_env.outputs["model"] / "w.txt").write_text("1")
+
+        with DAG("{{dag_id}}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            SecureStepOperator(task_id="fit", spec={str(spec)!r}, python_callable=fit)
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"fit": "success"}
+    receipt = airflow_run.xcom_of(dr, "fit")
+    assert receipt["isolation"]["mode"] == "process"
+    assert (Path(receipt["outputs"][0]["path"]) / "w.txt").read_text() == "1"
 
 
 def test_airflow_cfg_stepguard_options_reach_the_settings(monkeypatch, tmp_path):

@@ -17,6 +17,7 @@ from stepguard_airflow._common import (
     receipt_xcom,
     resolve_spec,
     revoke_on_kill,
+    spec_data,
     step_name,
     task_failure,
 )
@@ -127,8 +128,9 @@ class SecureStepOperator(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         isolation = self.isolation
+        spec_in = spec_data(self.spec)  # a spec file is read once, here
         if self.python_callable is not None and isolation is None:
-            asked = _asked_mode(self.spec)
+            asked = _asked_mode(spec_in)
             if asked not in (None, "process"):
                 # Never run a body with less isolation than its spec asks for.
                 raise task_failure(step_name(self.task_id), ConfigurationError(
@@ -136,7 +138,7 @@ class SecureStepOperator(BaseOperator):
                     "in the task process", subject=f"{self.task_id}.isolation.mode",
                     hint="pass command=... to run it isolated, or set isolation='process'"))
             isolation = "process"
-        spec = resolve_spec(self.spec, isolation, self.env, self.receipts)
+        spec = resolve_spec(spec_in, isolation, self.env, self.receipts)
         box: dict[str, Any] = {}
         receipt = execute_step(context=context, spec=spec, command=self._argv(),
                                body=self._body(box), conn_id=self.conn_id,
@@ -168,13 +170,10 @@ def _jsonable(value: Any) -> Any:
 
 def _asked_mode(spec: Any) -> str | None:
     """The isolation mode a spec states explicitly (None when it leaves it to the default)."""
-    from stepguard._private.schema import load_yaml
     from stepguard.spec import StepSpec
 
     if isinstance(spec, StepSpec):
         return spec.isolation.mode
-    if isinstance(spec, str) and not spec.lstrip().startswith("{"):
-        spec = load_yaml(Path(spec), "step spec")
     if isinstance(spec, Mapping):
         iso = spec.get("isolation")
         if isinstance(iso, Mapping) and iso.get("mode") is not None:
