@@ -330,23 +330,6 @@ def _new_hasher(algorithm: str, big: bool) -> Any:
 Stats = dict[str, tuple[int, int, int, int]]
 
 
-def _hash_tiny(files: list[TinyFile], algorithm: str, progress: ProgressCallback | None, *,
-               digests: dict[str, str], errors: dict[str, str], stats: Stats,
-               large: list[str]) -> None:
-    """The direct path: each file opened, checked and read whole with one read(), no per-file
-    job objects.
-
-    A deferred file (identity unknown) is checked by the ``fstat`` of its descriptor: it must
-    be a regular file, of the expected size when one is given (verify), and is passed over into
-    ``large`` when it is not tiny after all (create). Its statistics go to ``stats`` when the
-    caller lacks them: always without an expected size, else only for a file with several names
-    (the hard-link check).
-    """
-    with _DirCursor() as dirs:
-        _hash_tiny_in(files, algorithm, progress, dirs, digests=digests, errors=errors,
-                      stats=stats, large=large)
-
-
 class _DirCursor:
     """The directory of the file being opened, opened itself (``O_NOFOLLOW|O_DIRECTORY``) and
     checked against the identity the walk listed it under; kept open while consecutive files
@@ -413,10 +396,18 @@ def _stat_in_dir(node: _Node) -> os.stat_result:
 def _hash_tiny_in(files: list[TinyFile], algorithm: str, progress: ProgressCallback | None,
                   dirs: _DirCursor, *, digests: dict[str, str], errors: dict[str, str],
                   stats: Stats, large: list[str]) -> int:
-    """:func:`_hash_tiny` with the caller's directory cursor; returns the bytes hashed.
+    """The direct path: each file opened, checked and read whole with one read(), no per-file
+    job objects.
 
-    Several threads may run this on different files with the same dictionaries: each file's key
-    is written by one thread only, and single dict/list operations are atomic.
+    A deferred file (identity unknown) is checked by the ``fstat`` of its descriptor: it must
+    be a regular file, of the expected size when one is given (verify), and is passed over into
+    ``large`` when it is not tiny after all (create). Its statistics go to ``stats`` when the
+    caller lacks them: always without an expected size, else only for a file with several names
+    (the hard-link check).
+
+    Runs with the caller's directory cursor and returns the bytes hashed. Several threads may
+    run this on different files with the same dictionaries: each file's key is written by one
+    thread only, and single dict/list operations are atomic.
     """
     sha = algorithm == "sha256"
     prefix = algorithm + ":"
@@ -499,14 +490,13 @@ def _hash_tiny_all(files: list[TinyFile], algorithm: str, jobs: int, *,
                    errors: dict[str, str], stats: Stats, large: list[str]) -> None:
     helpers = min(jobs - 1, len(files) // _HELPER_FILES)
     if algorithm != "sha256" or len(files) < _HELPERS_FROM or helpers < 1:
-        for _ in _hash_shared(files, [], [], algorithm=algorithm, jobs=jobs, progress=progress,
-                              digests=digests, errors=errors, stats=stats, large=large):
-            pass  # pragma: no cover - no batches, no batch results
+        _hash_shared(files, [], [], algorithm=algorithm, jobs=jobs, progress=progress,
+                     digests=digests, errors=errors, stats=stats, large=large)
         return
 
     def here(share: list[TinyFile]) -> None:
-        _hash_tiny(share, algorithm, progress, digests=digests, errors=errors, stats=stats,
-                   large=large)
+        _hash_shared(share, [], [], algorithm=algorithm, jobs=1, progress=progress,
+                     digests=digests, errors=errors, stats=stats, large=large)
 
     def merge(share: list[TinyFile], lines: list[str]) -> None:
         _merge_helper(share, lines, progress=progress, digests=digests, errors=errors,
@@ -671,8 +661,8 @@ class _EarlyHashing:
         for h in self.helpers:
             lines = h.results()
             if lines is None:
-                _hash_tiny(h.share, "sha256", progress, digests=digests, errors=errors,
-                           stats=stats, large=large)
+                _hash_shared(h.share, [], [], algorithm="sha256", jobs=1, progress=progress,
+                             digests=digests, errors=errors, stats=stats, large=large)
             else:
                 _merge_helper(h.share, lines, progress=progress, digests=digests,
                               errors=errors, stats=stats, large=large)
@@ -838,8 +828,10 @@ def _hash_round(nodes: list[tuple[str, _Node]], *, algorithm: str, shard_size: i
     # Batches of tiny files (staging copies) stay with the calling thread, as the direct path
     # does; everything else (shards, larger files) spends its time in hashlib/preadv with the
     # GIL released and is shared by all threads.
-    own = [b for b in batches if all(j.index < 0 and j.file_size < _SMALL_FILE for j in b)]
-    rest = [b for b in batches if not all(j.index < 0 and j.file_size < _SMALL_FILE for j in b)]
+    own: list[list[_Job]] = []
+    rest: list[list[_Job]] = []
+    for b in batches:
+        (own if all(j.index < 0 and j.file_size < _SMALL_FILE for j in b) else rest).append(b)
     if not rest and not own and tiny_helpers:
         # With nothing else to do, idle cores may take shares of the files in helper processes.
         _hash_tiny_all(direct, algorithm, jobs, progress=progress, digests=digests,
