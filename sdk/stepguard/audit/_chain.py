@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from stepguard._private.fileio import write_all
 from stepguard.audit import _signals
 from stepguard.audit._redact import has_secrets, redact
 from stepguard.errors import AuditError, ConfigurationError
@@ -280,10 +281,7 @@ class AuditLog:
                     prev = "sha256:" + hexdigest
                     lines.append(body[:-1] + _SUFFIX_START + hexdigest.encode("ascii") + b'"}\n')
                 data = b"".join(lines)
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                write_all(fd, data)
                 head = ChainHead(seq, prev, size + len(data))
                 os.pwrite(head_fd, _encode_head(head), 0)
                 self._last = head

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType, MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from stepguard._private.fileio import write_all
 from stepguard.credentials._masking import hash_identifier, register_secret
 from stepguard.credentials._secret import SecretMapping
 from stepguard.errors import (
@@ -219,7 +220,7 @@ class CredentialSet:
                 try:
                     if uid is not None or gid is not None:
                         os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-                    os.write(fd, item.values.reveal(key).encode("utf-8"))
+                    write_all(fd, item.values.reveal(key).encode("utf-8"))
                 finally:
                     os.close(fd)
                 self._files.append(path)

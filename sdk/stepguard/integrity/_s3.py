@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from stepguard._private.fileio import write_all
 from stepguard.errors import (
     ConfigurationError,
     IntegrityError,
@@ -245,9 +246,7 @@ def _stream(s3: Any, loc: S3Location, key: str, *, algorithm: str, shard_size: i
                 break
             hasher.update(chunk)
             if fd >= 0:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, chunk)
     finally:
         body.close()
         if fd >= 0:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from stepguard._private.fileio import write_all
 from stepguard.errors import ConfigurationError, IsolationError
 
 SANDBOX_HOME = "/home/stepguard"
@@ -171,9 +172,7 @@ class BwrapPlan:
 def _data_fd(data: bytes) -> int:
     # A memfd holds any size without a writer thread, and never touches a disk.
     fd = os.memfd_create("stepguard", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 

@@ -15,6 +15,8 @@ import os
 import platform
 import struct
 
+from stepguard._private.fileio import write_all
+
 # x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 DENIED_X86_64: dict[str, int] = {
     "ptrace": 101, "pivot_root": 155, "chroot": 161, "acct": 163, "settimeofday": 164,
@@ -74,6 +76,6 @@ def filter_fd() -> int | None:
     if prog is None:
         return None
     fd = os.memfd_create("stepguard-seccomp", os.MFD_CLOEXEC)
-    os.write(fd, prog)
+    write_all(fd, prog)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd

@@ -6,6 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from stepguard._private.fileio import write_all
 from stepguard.errors import RegistryError
 from stepguard.registry._base import Registry
 from stepguard.signing._hashing import sha256_file
@@ -51,7 +52,7 @@ class LocalRegistry(Registry):
     def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None:
         fd = self._open_new(key)
         try:
-            os.write(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

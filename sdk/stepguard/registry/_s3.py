@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stepguard._private.fileio import write_all
 from stepguard.errors import IntegrityError, RegistryError
 from stepguard.registry._base import Registry
 
@@ -209,7 +210,7 @@ class S3Registry(Registry):
             try:
                 for chunk in resp["Body"].iter_chunks(chunk_size=4 * 1024 * 1024):
                     h.update(chunk)
-                    os.write(fd, chunk)
+                    write_all(fd, chunk)
             finally:
                 os.close(fd)
         except OSError:

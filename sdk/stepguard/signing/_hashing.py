@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from stepguard._private.fileio import write_all
 from stepguard.errors import ConfigurationError, IntegrityError
 
 _BUF = 8 * 1024 * 1024
@@ -83,7 +84,7 @@ def sha256_file(path: Path, *, copy_to: int | None = None) -> str:
                 break
             h.update(view[:n])
             if copy_to is not None:
-                os.write(copy_to, view[:n])
+                write_all(copy_to, view[:n])
     finally:
         os.close(fd)
     return h.hexdigest()

@@ -206,3 +206,16 @@ def test_single_file_publish(reg, model, keys, tmp_path):
     reg.publish(f, "onnx", "1", signer=KeySigner(keys.private), manifest=create_manifest(f))
     out = reg.fetch("onnx", "1", policy=_policy(keys), dest=tmp_path / "out")
     assert (out / "model.onnx").read_bytes() == f.read_bytes()
+
+
+def test_short_writes_do_not_lose_bytes(reg, model, keys, tmp_path, monkeypatch):
+    """A regular file rarely takes fewer bytes than asked (a full disk, a signal), so os.write
+    is replaced by one that writes at most 1,000 bytes a call: publish and fetch still copy
+    every byte, the signature bundle included (fetch verifies it and each file's digest)."""
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:1000])))
+    reg.publish(model, "bert", "2.0", signer=KeySigner(keys.private))
+    out = reg.fetch("bert", "2.0", policy=_policy(keys), dest=tmp_path / "short")
+    for f in model.rglob("*"):
+        if f.is_file():
+            assert (out / f.relative_to(model)).read_bytes() == f.read_bytes()
