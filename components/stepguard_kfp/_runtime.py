@@ -415,6 +415,6 @@ def fetch_verified(registry: str | None, name: str, version: str, *, policy: str
                    settings: Any, dest: Path) -> Path:
     """Fetch ``name:version`` into ``dest`` (which must not exist), verified against the
     settings policy called ``policy`` before the path is returned."""
-    from stepguard.registry import fetch_verified as fetch
+    from stepguard.wiring import fetch_verified as fetch
 
     return Path(fetch(settings, name, version, policy=policy, dest=dest, registry=registry))

@@ -178,7 +178,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(json.dumps(settings.to_dict(), indent=2, sort_keys=True))
         return 0
     if not args.no_probe:
-        from stepguard._private.probe import probe_vault
+        from stepguard.wiring import probe_vault
 
         probe_vault(settings)
     print("stepguard: settings OK")

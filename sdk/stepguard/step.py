@@ -61,7 +61,7 @@ from stepguard.settings import Settings
 from stepguard.spec import InputSpec, OutputSpec, RunContext, StepSpec
 
 if TYPE_CHECKING:
-    from stepguard._private.audit_bridge import StepAudit
+    from stepguard.wiring import StepAudit
 
 #: Where an orchestrator hands a step runner its single-use wrapped credentials.
 WRAPPED_ENV = "STEPGUARD_WRAPPED_CREDENTIALS"
@@ -193,7 +193,7 @@ class Step:
                 subject=f"{self.spec.name}.isolation.mode",
                 hint="set isolation.mode: process, or pass the body as a command",
             )
-        from stepguard._private.audit_bridge import StepAudit
+        from stepguard.wiring import StepAudit
 
         return _Run(self, StepAudit(self.settings, self.tracer_provider)).execute(command, body)
 
@@ -274,10 +274,10 @@ class _Run:
     def _lifecycle(self, command: Sequence[str] | None, body: Body | None, run_dir: Path) -> None:
         out_paths = self._prepare_outputs()
         with self._credentials() as session:
-            verified = self._verify_inputs()
+            verified = self._verify_inputs(session)
             self._run_body(command, body, verified, out_paths, session)
             manifests = self._hash_outputs(out_paths, run_dir)
-            self._publish(manifests)
+            self._publish(manifests, session)
 
     def _prepare_outputs(self) -> dict[str, Path]:
         paths: dict[str, Path] = {}
@@ -311,66 +311,59 @@ class _Run:
         if not self.spec.credentials:
             yield None
             return
-        from stepguard._private.vault_config import vault_config
         from stepguard.credentials import open_session
+        from stepguard.wiring import vault_config
 
         ttl = self.spec.deadline_s + self.settings.vault.ttl_margin_s
-        session_cm = open_session(
-            self.spec.credentials,
-            settings=vault_config(self.settings),
-            context=self.ctx,
-            ttl_s=ttl,
-            policies=self.spec.policies,
-        )
-        with self.audit.control("credentials", "acquire"), self._timed("credentials_acquire"):
-            session = session_cm.__enter__()
-        exc_info: tuple[Any, Any, Any] = (None, None, None)
-        try:
+        with contextlib.ExitStack() as stack:
+            with self.audit.control("credentials", "acquire"), self._timed("credentials_acquire"):
+                session = stack.enter_context(open_session(
+                    self.spec.credentials, settings=vault_config(self.settings),
+                    context=self.ctx, ttl_s=ttl, policies=self.spec.policies))
+            # Runs before the session's own exit (which then finds nothing left to revoke), so
+            # the revocation is inside its span and timed on every exit path.
+            stack.callback(self._revoke, session)
             self.leases = tuple(_lease_record(r) for r in session.leases)
             yield session
-        except BaseException as exc:
-            exc_info = (type(exc), exc, exc.__traceback__)
-            raise
-        finally:
-            with self.audit.control("credentials", "revoke"), self._timed("credentials_revoke"):
-                session_cm.__exit__(*exc_info)
-                self.leases = tuple(_lease_record(r) for r in session.leases)
-                for rec in self.leases:
-                    done = bool(rec.revoked) or not rec.revocable
-                    self.audit.verdict("credentials.revoked", done,
-                                       lease=rec.lease or "", kind=rec.kind)
+
+    def _revoke(self, session: Any) -> None:
+        with self.audit.control("credentials", "revoke"), self._timed("credentials_revoke"):
+            session.revoke()
+            self.leases = tuple(_lease_record(r) for r in session.leases)
+            for rec in self.leases:
+                done = bool(rec.revoked) or not rec.revocable
+                self.audit.verdict("credentials.revoked", done,
+                                   lease=rec.lease or "", kind=rec.kind)
 
     @contextlib.contextmanager
     def _unwrapped(self, token: str) -> Iterator[Any]:
         """Credentials minted by the orchestrator (its session owns and revokes the leases),
         handed over as a single-use wrapping token: unwrapped here, once."""
-        from stepguard.credentials import VaultConfig, unwrap_delivery
+        from stepguard.credentials import unwrap_delivery
+        from stepguard.wiring import unauthenticated_config
 
         if not self.settings.vault.addr:
             raise ConfigurationError("wrapped credentials need the Vault address",
                                      subject="vault.addr")
-        cfg = VaultConfig(addr=self.settings.vault.addr, auth=None,
-                          namespace=self.settings.vault.namespace,
-                          ca_cert=self.settings.vault.ca_cert,
-                          timeout_s=self.settings.vault.timeout_s)
+        cfg = unauthenticated_config(self.settings)
         with self.audit.control("credentials", "unwrap"), self._timed("credentials_unwrap"):
             delivered = unwrap_delivery(token, settings=cfg)
         with delivered:
             yield delivered
 
-    def _verify_inputs(self) -> dict[str, Path]:
+    def _verify_inputs(self, session: Any) -> dict[str, Path]:
         verified: dict[str, Path] = {}
         with self._timed("verify_inputs"):
             for inp in self.spec.inputs:
                 with self.audit.control("integrity", "verify", input=inp.name):
-                    record, path = self._verify_one(inp)
+                    record, path = self._verify_one(inp, session)
                     self.audit.verdict("integrity.verified", record.verified,
                                        input=inp.name, digest=record.digest or "")
                 self.inputs.append(record)
                 verified[inp.name] = path
         return verified
 
-    def _verify_one(self, inp: InputSpec) -> tuple[InputRecord, Path]:
+    def _verify_one(self, inp: InputSpec, session: Any) -> tuple[InputRecord, Path]:
         path = Path(inp.path).absolute()
         if inp.unsafe_unverified:
             warnings.warn(f"input {inp.name!r} is used without verification (unsafe_unverified)",
@@ -405,9 +398,10 @@ class _Run:
                                  details=[f"pinned: {inp.digest}", f"manifest: {manifest.digest}"])
         signer = None
         if inp.signature_policy:
-            from stepguard._private.publishing import verify_input_signature
+            from stepguard.wiring import verify_input_signature
 
-            signer = verify_input_signature(inp, manifest, self.settings)
+            signer = verify_input_signature(inp, manifest, self.settings,
+                                            session=_vault_session(session))
         verify_manifest(path, manifest, allow_internal_symlinks=inp.allow_internal_symlinks)
         return InputRecord(
             name=inp.name, path=str(path), digest=manifest.digest, verified=True,
@@ -505,11 +499,11 @@ class _Run:
                 ))
         return manifests
 
-    def _publish(self, manifests: Mapping[str, Any]) -> None:
+    def _publish(self, manifests: Mapping[str, Any], session: Any) -> None:
         todo = [o for o in self.spec.outputs if o.publish is not None]
         if not todo:
             return
-        from stepguard._private.publishing import publish_output
+        from stepguard.wiring import publish_output
 
         with self._timed("publish"):
             for out in todo:
@@ -517,7 +511,8 @@ class _Run:
                     hashed = Path(next(r.path for r in self.outputs if r.name == out.name))
                     record = publish_output(out, hashed, manifests[out.name], spec=self.spec,
                                             settings=self.settings,
-                                            receipt=self._partial_receipt())
+                                            receipt=self._partial_receipt(),
+                                            session=_vault_session(session))
                 self._attach(out, record)
 
     def _attach(self, out: OutputSpec, record: PublishRecord) -> None:
@@ -566,6 +561,14 @@ def _load_manifest(manifest_cls: Any, path: Path) -> Any:
         raise ConfigurationError(f"cannot read manifest ({exc.strerror})",
                                  subject=str(path)) from exc
     return manifest_cls.from_json(text)
+
+
+def _vault_session(session: Any) -> Any:
+    """The credential session when this step holds one (not handed-over wrapped credentials):
+    Transit then signs and verifies with its step token instead of a second login."""
+    from stepguard.credentials import CredentialSession
+
+    return session if isinstance(session, CredentialSession) else None
 
 
 def _lease_record(rec: Any) -> LeaseRecord:

@@ -394,7 +394,7 @@ def _fetch_verified(settings: Settings, *, registry: str, name: str, version: st
                     policy_name: str, dest: Path) -> str:
     """Fetch ``name:version`` into ``dest``, verified under the named settings policy; return
     the verified signer."""
-    from stepguard.registry import fetch_verified_model
+    from stepguard.wiring import fetch_verified_model
 
     fetched = fetch_verified_model(settings, name, version, policy=policy_name,
                                    dest=dest / ".staged", registry=registry)

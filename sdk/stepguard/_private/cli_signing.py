@@ -42,13 +42,15 @@ def _policy_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 
 def _vault_client() -> Any:
-    import hvac
+    from stepguard.credentials import VaultClient, VaultConfig
 
     addr = os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR")
     token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
     if not addr or not token:
         raise ConfigurationError("Transit needs VAULT_ADDR and VAULT_TOKEN", subject="--transit")
-    return hvac.Client(url=addr, token=token, timeout=10)
+    cfg = VaultConfig(addr=addr, auth=None, namespace=os.environ.get("VAULT_NAMESPACE") or None,
+                      ca_cert=os.environ.get("VAULT_CACERT") or None)
+    return VaultClient(cfg, token).hvac()
 
 
 def _signer(args: argparse.Namespace) -> Any:

@@ -153,7 +153,7 @@ def _ingest(env: StepEnv, pg: dict[str, Any]) -> None:
 
 
 def _gate(env: StepEnv, settings: Settings, version: str) -> None:
-    from stepguard.registry import fetch_verified
+    from stepguard.wiring import fetch_verified
 
     staged = fetch_verified(settings, MODEL, version, policy="release",
                             dest=env.outputs["serving"] / "staged")

@@ -13,6 +13,9 @@ AppRoleAuth(role_id='orchestrator', mount='approle')
 >>> SecretMapping({"password": "canary-123"})["password"]
 SecretStr('**********')
 
+Every Vault call (sessions, wrapping, Transit, the CLI's probe) goes through one
+:class:`VaultClient` built from a :class:`VaultConfig`.
+
 A session (needs a Vault; see ``docs/reference/credentials.md``)::
 
     with open_session([CredentialRequest(name="db", kind="database", role="stepguard-step")],
@@ -23,6 +26,7 @@ A session (needs a Vault; see ``docs/reference/credentials.md``)::
 
 from __future__ import annotations
 
+from stepguard.credentials._api import VaultClient
 from stepguard.credentials._config import (
     AppRoleAuth,
     JwtAuth,
@@ -67,6 +71,7 @@ __all__ = [
     "TokenAuth",
     "TokenRecord",
     "VaultAuth",
+    "VaultClient",
     "VaultConfig",
     "WrappedDelivery",
     "auth_from_env",

@@ -29,11 +29,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from stepguard._private.vault_config import vault_config
     from stepguard.credentials._session import open_session
     from stepguard.errors import CredentialError
     from stepguard.settings import Settings
     from stepguard.spec import RunContext, StepSpec
+    from stepguard.wiring import vault_config
 
     spec = StepSpec.from_file(args.spec)
     settings = Settings.load(args.settings) if args.settings else Settings.load()

@@ -1,4 +1,8 @@
-"""How to reach Vault (:class:`VaultConfig`) and how to log in (one small class per method)."""
+"""How to reach Vault (:class:`VaultConfig`) and how to log in (one small class per method).
+
+This module imports nothing else of the credentials package: an auth method's ``login`` is
+handed the :class:`~stepguard.credentials.VaultClient` to call with (see :class:`VaultCaller`).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,9 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from stepguard.errors import ConfigurationError, CredentialDenied, CredentialError
-
-if TYPE_CHECKING:
-    from stepguard.credentials._api import VaultApi
 
 #: Where Kubernetes projects a pod's service-account token.
 K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105
@@ -31,18 +32,30 @@ class Login:
     owned: bool
 
 
+class VaultCaller(Protocol):
+    """What an auth method needs of :class:`~stepguard.credentials.VaultClient`."""
+
+    def with_token(self, token: str | None) -> VaultCaller: ...
+
+    def request(self, method: str, path: str, *, what: str, json: dict[str, Any] | None = None,
+                wrap_ttl_s: int | None = None, retry: bool = True) -> dict[str, Any] | None: ...
+
+    def login(self, mount: str, payload: dict[str, Any], what: str) -> Login: ...
+
+
 @runtime_checkable
 class VaultAuth(Protocol):
     """An auth method: turns configuration into a Vault token."""
 
-    def login(self, api: VaultApi) -> Login: ...
+    def login(self, api: VaultCaller) -> Login: ...
 
 
 def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if env is None else env
 
 
-def _login_result(body: dict[str, Any] | None, what: str) -> Login:
+def login_result(body: dict[str, Any] | None, what: str) -> Login:
+    """The :class:`Login` in a Vault login answer."""
     auth = (body or {}).get("auth") or {}
     token = auth.get("client_token")
     if not token:
@@ -55,22 +68,6 @@ def _login_result(body: dict[str, Any] | None, what: str) -> Login:
         policies=tuple(auth.get("policies") or ()),
         owned=True,
     )
-
-
-def _login(api: VaultApi, mount: str, payload: dict[str, Any], what: str) -> Login:
-    from stepguard.credentials._api import vault_status
-
-    path = f"auth/{mount}/login"
-    try:
-        body = api.with_token(None).request("POST", path, what=what, json=payload)
-    except CredentialError as exc:
-        # Vault answers bad login material with 400 ("invalid role or secret ID", "error
-        # validating token"): for the caller that is a refusal, not a fault to retry.
-        if type(exc) is CredentialError and vault_status(exc) == 400:
-            raise CredentialDenied(f"Vault refused {what}", subject=path, details=exc.details,
-                                   hint="check the role and the login material") from exc
-        raise
-    return _login_result(body, path)
 
 
 def _read_token_file(path: str, what: str) -> str:
@@ -121,7 +118,7 @@ class TokenAuth:
             raise ConfigurationError("no Vault token", subject="VAULT_TOKEN")
         return cls(token)
 
-    def login(self, api: VaultApi) -> Login:
+    def login(self, api: VaultCaller) -> Login:
         body = api.with_token(self.token).request("GET", "auth/token/lookup-self",
                                                   what="token lookup")
         data = (body or {}).get("data") or {}
@@ -160,18 +157,20 @@ class AppRoleAuth:
                                      subject="vault.auth.approle")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> AppRoleAuth:
-        """``VAULT_ROLE_ID`` with ``VAULT_SECRET_ID`` / ``VAULT_SECRET_ID_FILE`` /
-        ``VAULT_WRAPPED_SECRET_ID``; ``VAULT_APPROLE_MOUNT`` (default ``approle``)."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, role_id: str | None = None,
+                 mount: str | None = None) -> AppRoleAuth:
+        """``VAULT_ROLE_ID`` (else ``role_id``) with ``VAULT_SECRET_ID`` /
+        ``VAULT_SECRET_ID_FILE`` / ``VAULT_WRAPPED_SECRET_ID``; ``mount``, else
+        ``VAULT_APPROLE_MOUNT``, else ``approle``."""
         e = _env(env)
         secret = e.get("VAULT_SECRET_ID") or None
         if not secret and e.get("VAULT_SECRET_ID_FILE"):
             secret = _read_token_file(e["VAULT_SECRET_ID_FILE"], "AppRole secret-id file")
-        return cls(role_id=e.get("VAULT_ROLE_ID", ""), secret_id=secret,
+        return cls(role_id=e.get("VAULT_ROLE_ID") or role_id or "", secret_id=secret,
                    wrapped_secret_id=e.get("VAULT_WRAPPED_SECRET_ID") or None,
-                   mount=e.get("VAULT_APPROLE_MOUNT", "approle"))
+                   mount=mount or e.get("VAULT_APPROLE_MOUNT", "approle"))
 
-    def _secret(self, api: VaultApi) -> str:
+    def _secret(self, api: VaultCaller) -> str:
         if self.secret_id:
             return self.secret_id
         assert self.wrapped_secret_id
@@ -194,8 +193,8 @@ class AppRoleAuth:
                 self._unwrapped["secret_id"] = str(data["secret_id"])
             return self._unwrapped["secret_id"]
 
-    def login(self, api: VaultApi) -> Login:
-        return _login(api, self.mount, {"role_id": self.role_id,
+    def login(self, api: VaultCaller) -> Login:
+        return api.login(self.mount, {"role_id": self.role_id,
                                         "secret_id": self._secret(api)}, "AppRole login")
 
 
@@ -222,12 +221,16 @@ class JwtAuth:
                                      subject="vault.auth.jwt")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> JwtAuth:
-        """``VAULT_JWT_ROLE``, ``VAULT_JWT_PATH`` or ``VAULT_JWT_ENV`` (the variable holding the
-        JWT), ``VAULT_JWT_MOUNT`` (default ``jwt``)."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, role: str | None = None,
+                 jwt_path: str | None = None, mount: str | None = None) -> JwtAuth:
+        """``VAULT_JWT_ROLE`` (else ``role``), ``VAULT_JWT_PATH`` (else ``jwt_path``) or
+        ``VAULT_JWT_ENV`` (the variable holding the JWT); ``mount``, else ``VAULT_JWT_MOUNT``,
+        else ``jwt``."""
         e = _env(env)
-        return cls(role=e.get("VAULT_JWT_ROLE", ""), jwt_path=e.get("VAULT_JWT_PATH") or None,
-                   jwt_env=e.get("VAULT_JWT_ENV") or None, mount=e.get("VAULT_JWT_MOUNT", "jwt"))
+        jwt_env = e.get("VAULT_JWT_ENV") or None
+        path = e.get("VAULT_JWT_PATH") or (None if jwt_env else jwt_path)
+        return cls(role=e.get("VAULT_JWT_ROLE") or role or "", jwt_path=path, jwt_env=jwt_env,
+                   mount=mount or e.get("VAULT_JWT_MOUNT", "jwt"))
 
     def _jwt(self) -> str:
         if self.jwt_path:
@@ -238,8 +241,8 @@ class JwtAuth:
             raise ConfigurationError("JWT variable is empty or unset", subject=self.jwt_env)
         return value
 
-    def login(self, api: VaultApi) -> Login:
-        return _login(api, self.mount, {"role": self.role, "jwt": self._jwt()}, "JWT login")
+    def login(self, api: VaultCaller) -> Login:
+        return api.login(self.mount, {"role": self.role, "jwt": self._jwt()}, "JWT login")
 
 
 @dataclass(frozen=True)
@@ -260,16 +263,18 @@ class KubernetesAuth:
                                      subject="vault.auth.kubernetes.role")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> KubernetesAuth:
-        """``VAULT_K8S_ROLE``, ``VAULT_K8S_TOKEN_PATH``, ``VAULT_K8S_MOUNT``."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, role: str | None = None,
+                 mount: str | None = None) -> KubernetesAuth:
+        """``VAULT_K8S_ROLE`` (else ``role``), ``VAULT_K8S_TOKEN_PATH``; ``mount``, else
+        ``VAULT_K8S_MOUNT``, else ``kubernetes``."""
         e = _env(env)
-        return cls(role=e.get("VAULT_K8S_ROLE", ""),
+        return cls(role=e.get("VAULT_K8S_ROLE") or role or "",
                    jwt_path=e.get("VAULT_K8S_TOKEN_PATH", K8S_TOKEN_PATH),
-                   mount=e.get("VAULT_K8S_MOUNT", "kubernetes"))
+                   mount=mount or e.get("VAULT_K8S_MOUNT", "kubernetes"))
 
-    def login(self, api: VaultApi) -> Login:
+    def login(self, api: VaultCaller) -> Login:
         jwt = _read_token_file(self.jwt_path, "service-account token")
-        return _login(api, self.mount, {"role": self.role, "jwt": jwt}, "Kubernetes login")
+        return api.login(self.mount, {"role": self.role, "jwt": jwt}, "Kubernetes login")
 
 
 def auth_from_env(env: Mapping[str, str] | None = None) -> VaultAuth:

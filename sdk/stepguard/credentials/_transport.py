@@ -36,6 +36,8 @@ class Response:
 
     status: int
     body: bytes
+    #: The ``Location`` header of a redirect (a Vault standby names the active node there).
+    location: str | None = None
 
 
 def _tls_context(config: VaultConfig) -> ssl.SSLContext:
@@ -183,6 +185,11 @@ class Pool:
             return f"http://{self.host}:{self.port}{self.prefix}{path}"
         return f"{self.prefix}{path}"
 
+    @property
+    def origin(self) -> str:
+        """``scheme://host:port`` this pool connects to."""
+        return f"{'https' if self.https else 'http'}://{self.host}:{self.port}"
+
     def _checkout(self) -> http.client.HTTPConnection | None:
         with self._lock:
             while self._idle:
@@ -227,7 +234,7 @@ class Pool:
             conn.close()
         else:
             self._checkin(conn)
-        return Response(resp.status, data)
+        return Response(resp.status, data, resp.getheader("Location"))
 
     def close(self) -> None:
         """Close every idle connection; connections in use close when their request ends."""

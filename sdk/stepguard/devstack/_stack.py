@@ -343,11 +343,13 @@ def _start(
             redact_in_logs(vault_pg_password)
 
         # Imported only now: the services were already starting meanwhile.
-        import hvac
         import hvac.exceptions
         import requests
 
-        client = hvac.Client(url=vault_addr, token=root_token, timeout=30)
+        from stepguard.credentials import VaultClient, VaultConfig
+
+        client = VaultClient(VaultConfig(addr=vault_addr, auth=None, timeout_s=30),
+                             root_token).hvac()
         try:
             vault = _vault.configure_vault(
                 client, sdir, vault_addr=vault_addr, postgres=pg_info,

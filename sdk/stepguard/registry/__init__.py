@@ -3,6 +3,8 @@
 ``publish`` signs the model and uploads its files with SHA-256 checksums, then the signature
 bundle last as the commit marker; ``fetch`` downloads into staging and returns a path only after
 the signature, the policy, every digest and the format checks pass. Versions are immutable.
+Registries know nothing of settings: ``stepguard.wiring.fetch_verified`` is the deployment gate
+that opens the settings' registry and policy.
 
 >>> import tempfile, pathlib, warnings
 >>> from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,7 +33,6 @@ stepguard.errors.RegistryError: version already exists (versions are immutable):
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -56,8 +57,6 @@ __all__ = [
     "Registry",
     "RegistryEntry",
     "S3Registry",
-    "fetch_verified",
-    "fetch_verified_model",
     "open_registry",
 ]
 
@@ -81,25 +80,3 @@ def open_registry(url: str, *, s3_client: Any = None) -> Registry:
             raise ConfigurationError("s3 registry URL needs a bucket", subject=url)
         return S3Registry(parsed.netloc, parsed.path.lstrip("/"), client=s3_client)
     raise ConfigurationError("registry URL must be file:// or s3://", subject=url)
-
-
-def fetch_verified(settings: Any, name: str, version: str, *, policy: str, dest: str | Path,
-                   registry: str | None = None) -> Path:
-    """Fetch ``name``/``version`` into ``dest``, verified under the settings policy ``policy``
-    (the deployment gate). ``registry`` defaults to ``settings.registry.url``. Nothing appears at
-    ``dest`` unless every check passed."""
-    return fetch_verified_model(settings, name, version, policy=policy, dest=dest,
-                                registry=registry).path
-
-
-def fetch_verified_model(settings: Any, name: str, version: str, *, policy: str,
-                         dest: str | Path, registry: str | None = None) -> FetchedModel:
-    """:func:`fetch_verified`, returning also who signed the version (as verified)."""
-    from stepguard.signing import policy_from_settings
-
-    url = registry or settings.registry.url
-    if not url:
-        raise ConfigurationError("no registry given and none in settings",
-                                 subject="registry.url")
-    with policy_from_settings(settings, policy) as verified_by:
-        return open_registry(url).fetch_model(name, version, policy=verified_by, dest=dest)

@@ -35,10 +35,10 @@ from stepguard.signing._bundle import (
     INTOTO_PAYLOAD_TYPE,
     MODEL_PREDICATE_TYPE,
     build_model_statement,
+    load_bundle,
     pae,
 )
 from stepguard.signing._formats import check_formats, pickle_reason, scan_pickle
-from stepguard.signing._from_settings import policy_from_settings
 from stepguard.signing._manifests import sign_manifest, verify_manifest_signature
 from stepguard.signing._model import SignedArtifact, VerifiedModel, sign_model, verify_model
 from stepguard.signing._policy import (
@@ -86,8 +86,8 @@ __all__ = [
     "build_model_statement",
     "build_provenance",
     "check_formats",
+    "load_bundle",
     "pae",
-    "policy_from_settings",
     "parse_policy",
     "pickle_reason",
     "scan_pickle",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -263,8 +262,7 @@ _POLICY_FIELDS = {
 }
 
 
-def parse_policy(text: str, *, vault_client: Any = None,
-                 environ: Mapping[str, str] | None = None) -> Policy:
+def parse_policy(text: str, *, vault_client: Any = None) -> Policy:
     """Build a policy from its one-line form (as in ``InputSpec.signature_policy``).
 
     ``KIND:field=value;field=value``, with ``,`` inside list values:
@@ -274,8 +272,9 @@ def parse_policy(text: str, *, vault_client: Any = None,
     * ``sigstore:identity=ci@example.com;issuer=https://token.actions.githubusercontent.com``
       (``trust_config=/path``)
 
-    Any kind takes ``allow_pickle=true``. Transit uses ``vault_client`` (else ``VAULT_ADDR`` and
-    ``VAULT_TOKEN``). There is no form without a signer: that is the point.
+    Any kind takes ``allow_pickle=true``. Transit reads public keys with ``vault_client`` (an
+    authenticated ``hvac.Client``; ``stepguard.wiring`` makes one from settings). There is no
+    form without a signer: that is the point.
 
     >>> parse_policy("sigstore:identity=ci@example.com;issuer=https://issuer.example").describe()
     'sigstore policy ci@example.com from https://issuer.example'
@@ -308,9 +307,8 @@ def parse_policy(text: str, *, vault_client: Any = None,
     if kind == "transit":
         client = vault_client
         if client is None:
-            from stepguard.signing._signers import _token_client
-
-            client = _token_client(None, os.environ if environ is None else environ)
+            raise ConfigurationError("a Transit policy needs a Vault client", subject=text,
+                                     hint="build policies from settings with stepguard.wiring")
         versions = tuple(int(v) for v in fields.get("versions", "").split(",") if v)
         minv = int(fields["min_version"]) if fields.get("min_version") else None
         return TransitPolicy(fields.get("key", ""), client=client, versions=versions,

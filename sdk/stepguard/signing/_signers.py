@@ -28,7 +28,6 @@ from stepguard.signing._bundle import (
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from stepguard.settings import Settings
     from stepguard.spec import SigningSpec
 
 _CURVE_HASH = {"secp256r1": "SHA256", "secp384r1": "SHA384", "secp521r1": "SHA512"}
@@ -303,20 +302,23 @@ class SigstoreSigner(Signer):
 
 
 def signer_from_spec(spec: SigningSpec, *, vault_client: Any = None,
-                     settings: Settings | None = None,
                      environ: Mapping[str, str] | None = None) -> Signer:
     """Build the signer a :class:`~stepguard.spec.SigningSpec` asks for.
 
     ``key``: ``spec.key`` is a PEM private key path. ``transit``: ``spec.key`` is the Transit key
-    name and ``vault_client`` an authenticated ``hvac.Client`` (without one, a token client is
-    built from ``settings.vault.addr``/``VAULT_ADDR`` and ``VAULT_TOKEN``). ``sigstore``: the
-    token is read from ``environ[spec.identity_token_env]`` (ambient detection when unset).
+    name and ``vault_client`` an authenticated ``hvac.Client`` (``stepguard.wiring`` hands one
+    over: the step token's, or a login made from settings). ``sigstore``: the token is read from
+    ``environ[spec.identity_token_env]`` (ambient detection when unset).
 
     >>> from stepguard.spec import SigningSpec
     >>> signer_from_spec(SigningSpec(signer="key"))
     Traceback (most recent call last):
     ...
     stepguard.errors.ConfigurationError: 'key' (a PEM private key path) is required: signing.key
+    >>> signer_from_spec(SigningSpec(signer="transit", key="release"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    stepguard.errors.ConfigurationError: Transit signing needs a Vault client: signing.transit
     """
     env = os.environ if environ is None else environ
     if spec.signer == "key":
@@ -328,8 +330,11 @@ def signer_from_spec(spec: SigningSpec, *, vault_client: Any = None,
         if not spec.key:
             raise ConfigurationError("'key' (the Transit key name) is required",
                                      subject="signing.key")
-        client = vault_client or _token_client(settings, env)
-        return TransitSigner(spec.key, client=client, mount=spec.transit_mount)
+        if vault_client is None:
+            raise ConfigurationError("Transit signing needs a Vault client",
+                                     subject="signing.transit",
+                                     hint="build signers from settings with stepguard.wiring")
+        return TransitSigner(spec.key, client=vault_client, mount=spec.transit_mount)
     if spec.signer == "sigstore":
         token = None
         if spec.identity_token_env:
@@ -340,15 +345,3 @@ def signer_from_spec(spec: SigningSpec, *, vault_client: Any = None,
         return SigstoreSigner(identity_token=token,
                               trust_config=Path(spec.trust_config) if spec.trust_config else None)
     raise ConfigurationError(f"unknown signer {spec.signer!r}", subject="signing.signer")
-
-
-def _token_client(settings: Settings | None, env: Mapping[str, str]) -> Any:
-    import hvac
-
-    addr = (settings.vault.addr if settings is not None else None) or env.get("VAULT_ADDR") \
-        or env.get("BAO_ADDR")
-    token = env.get("VAULT_TOKEN") or env.get("BAO_TOKEN")
-    if not addr or not token:
-        raise ConfigurationError("Transit signing needs a Vault client (or VAULT_ADDR and "
-                                 "VAULT_TOKEN)", subject="signing.transit")
-    return hvac.Client(url=addr, token=token, timeout=10)

@@ -1,0 +1,149 @@
+"""Settings -> signers, verification policies and registries; publishing and the gate.
+
+``signing`` and ``registry`` know nothing of settings: this module reads the named policy,
+signer and registry out of settings, hands Transit the one Vault client (the step token's when a
+credential session is open), and runs the publish and fetch the step lifecycle and the adapters
+need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stepguard.errors import ConfigurationError
+from stepguard.receipt import PublishRecord, Receipt
+from stepguard.settings import PolicySettings, Settings
+from stepguard.spec import InputSpec, OutputSpec, StepSpec
+from stepguard.wiring._vault import vault_client
+
+if TYPE_CHECKING:
+    from stepguard.credentials import CredentialSession
+    from stepguard.registry import FetchedModel
+    from stepguard.signing import Policy
+
+
+def build_policy(policy: PolicySettings, client: Any = None) -> Policy:
+    """The signing package's Policy object for a named policy in settings (``client``: an
+    authenticated ``hvac.Client``, needed by Transit policies)."""
+    from stepguard.signing import KeyPolicy, SigstorePolicy, TransitPolicy
+
+    if policy.kind == "key":
+        return KeyPolicy(public_keys=tuple(Path(p) for p in policy.public_keys),
+                         allow_pickle=policy.allow_pickle)
+    if policy.kind == "transit":
+        assert policy.key is not None
+        return TransitPolicy(key=policy.key, client=client,
+                             versions=policy.versions, min_version=policy.min_version,
+                             mount=policy.mount, allow_pickle=policy.allow_pickle)
+    assert policy.identity is not None and policy.issuer is not None
+    return SigstorePolicy(identity=policy.identity, issuer=policy.issuer,
+                          trust_config=Path(policy.trust_config) if policy.trust_config else None,
+                          allow_pickle=policy.allow_pickle)
+
+
+@contextlib.contextmanager
+def policy_from_settings(settings: Settings, name: str, *,
+                         session: CredentialSession | None = None) -> Iterator[Policy]:
+    """The verification policy called ``name`` in ``settings``, ready to verify with.
+
+    A Transit policy reads the key's public versions from Vault, with the step token of an open
+    ``session`` or else a login made for this block (revoked when the block ends): use the
+    policy inside it.
+
+    >>> import tempfile, pathlib
+    >>> from cryptography.hazmat.primitives.asymmetric import ec
+    >>> from cryptography.hazmat.primitives import serialization as s
+    >>> from stepguard.settings import Settings
+    >>> from stepguard.wiring import policy_from_settings
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> pub = ec.generate_private_key(ec.SECP256R1()).public_key()
+    >>> _ = (d / "release.pub").write_bytes(pub.public_bytes(s.Encoding.PEM,
+    ...                                     s.PublicFormat.SubjectPublicKeyInfo))
+    >>> settings = Settings.from_dict({"policies": {"release": {
+    ...     "kind": "key", "public_keys": [str(d / "release.pub")]}}})
+    >>> with policy_from_settings(settings, "release") as policy:
+    ...     print(type(policy).__name__)
+    KeyPolicy
+    >>> with policy_from_settings(settings, "prod"):
+    ...     pass
+    Traceback (most recent call last):
+    ...
+    stepguard.errors.ConfigurationError: no such verification policy: policies.prod
+    """
+    named = settings.policy(name)
+    if named.kind != "transit":
+        yield build_policy(named)
+        return
+    with vault_client(settings, session=session) as client:
+        yield build_policy(named, client.hvac())
+
+
+def verify_input_signature(inp: InputSpec, manifest: Any, settings: Settings, *,
+                           session: CredentialSession | None = None) -> str:
+    """Require ``inp``'s manifest to be signed under its named policy; return the signer."""
+    from stepguard.signing import load_bundle, verify_manifest_signature
+
+    assert inp.signature is not None and inp.signature_policy is not None
+    with policy_from_settings(settings, inp.signature_policy, session=session) as policy:
+        verify_manifest_signature(Path(inp.signature), policy, manifest=manifest)
+        bundle = load_bundle(Path(inp.signature).read_bytes(), subject=inp.signature)
+        verified = policy.verify_bundle(bundle, subject=inp.signature)
+    return str(verified.signer)
+
+
+def publish_output(out: OutputSpec, path: Path, manifest: Any, *, spec: StepSpec,
+                   settings: Settings, receipt: Receipt,
+                   session: CredentialSession | None = None) -> PublishRecord:
+    """Sign and publish one output from ``path`` (the directory the step hashed: the spec's
+    path with its placeholders expanded); the signature bundle is uploaded last. Transit signs
+    with the step token of an open ``session`` (no second login)."""
+    from stepguard.registry import open_registry
+    from stepguard.signing import signer_from_spec
+
+    pub = out.publish
+    assert pub is not None
+    url = pub.registry or settings.registry.url
+    if not url:
+        raise ConfigurationError("no registry to publish to", subject=f"outputs.{out.name}.publish",
+                                 hint="set publish.registry or registry.url in settings")
+    if spec.signing is None:
+        raise ConfigurationError("publishing signs the output, but the step has no signer",
+                                 subject="step.signing",
+                                 hint="add signing: {signer: key|transit|sigstore, key: ...}")
+    provenance = receipt.to_dict() if pub.provenance else None
+    with contextlib.ExitStack() as stack:
+        client = None
+        if spec.signing.signer == "transit":
+            client = stack.enter_context(vault_client(settings, session=session)).hvac()
+        signer = signer_from_spec(spec.signing, vault_client=client)
+        rec = open_registry(url).publish(path, pub.name, pub.version, signer=signer,
+                                         provenance=provenance, manifest=manifest,
+                                         allow_pickle=pub.allow_pickle)
+    return PublishRecord(registry=url, name=rec.name, version=rec.version, uri=rec.uri,
+                         bundle_uri=rec.bundle_uri, bundle_digest=rec.bundle_digest,
+                         signer=rec.signer, provenance_uri=rec.provenance_uri)
+
+
+def fetch_verified(settings: Settings, name: str, version: str, *, policy: str,
+                   dest: str | Path, registry: str | None = None) -> Path:
+    """Fetch ``name``/``version`` into ``dest``, verified under the settings policy ``policy``
+    (the deployment gate). ``registry`` defaults to ``settings.registry.url``. Nothing appears at
+    ``dest`` unless every check passed."""
+    return fetch_verified_model(settings, name, version, policy=policy, dest=dest,
+                                registry=registry).path
+
+
+def fetch_verified_model(settings: Settings, name: str, version: str, *, policy: str,
+                         dest: str | Path, registry: str | None = None) -> FetchedModel:
+    """:func:`fetch_verified`, returning also who signed the version (as verified)."""
+    from stepguard.registry import open_registry
+
+    url = registry or settings.registry.url
+    if not url:
+        raise ConfigurationError("no registry given and none in settings",
+                                 subject="registry.url")
+    with policy_from_settings(settings, policy) as verified_by:
+        return open_registry(url).fetch_model(name, version, policy=verified_by, dest=dest)
