@@ -85,9 +85,12 @@ def test_other_transit_key_refused(vault_client, transit_key, model, tmp_path):
 
 
 def test_signer_from_spec_and_token_never_printed(dev_stack, model, tmp_path):
-    env = {"VAULT_ADDR": dev_stack.vault_addr, "VAULT_TOKEN": dev_stack.vault_root_token}
+    from stepguard.credentials import VaultClient, VaultConfig
+
+    client = VaultClient(VaultConfig(addr=dev_stack.vault_addr, auth=None),
+                         dev_stack.vault_root_token)
     signer = signer_from_spec(SigningSpec(signer="transit", key="stepguard-signing"),
-                              environ=env)
+                              vault_client=client.hvac())
     signed = sign_model(model, signer)
     token = dev_stack.vault_root_token
     texts = [repr(signer), signer.identity, repr(signed), signed.bundle.decode()]
