@@ -123,9 +123,33 @@ def main() -> int:
             conn.close()
             return elapsed
 
+        def via_hvac(i: int) -> float:
+            """The same 5 calls through hvac, as VaultClient.hvac() builds it for Transit:
+            why the session's critical path keeps its own http.client transport."""
+            from stepguard.credentials import VaultClient
+
+            t0 = time.perf_counter()
+            vc = VaultClient(VaultConfig(addr=info.vault_addr, auth=None))
+            h = vc.hvac()
+            login = h.auth.approle.login(role_id=role_id, secret_id=secret_id)["auth"]
+            h.token = login["client_token"]
+            child = h.auth.token.create(policies=["stepguard-step"], ttl="300s",
+                                        explicit_max_ttl="600s",
+                                        meta={"run_id": f"hvac-{i}"})["auth"]["client_token"]
+            login_token, h.token = h.token, child
+            lease = h.secrets.database.generate_credentials("stepguard-step")["lease_id"]
+            body()
+            h.sys.revoke_lease(lease)
+            h.token = login_token
+            h.auth.token.revoke_self()
+            elapsed = time.perf_counter() - t0
+            vc.close()
+            return elapsed
+
         for i in range(3):  # warm up connections and the database plugin
             secured(-i)
             bare(-i)
+            via_hvac(-i)
         from stepguard.credentials._api import VaultApi
 
         # The floor: one round trip through the same client stack the session uses.
@@ -135,6 +159,7 @@ def main() -> int:
         floor: list[float] = []
         bare_runs: list[float] = []
         sec: list[dict[str, float]] = []
+        hvac_runs: list[float] = []
         for i in range(runs):
             t0 = time.perf_counter()
             body()
@@ -144,6 +169,7 @@ def main() -> int:
             floor.append(time.perf_counter() - t0)
             sec.append(secured(i))
             bare_runs.append(bare(i))
+            hvac_runs.append(via_hvac(i))
         overhead = [s["total"] - b for s, b in zip(sec, base, strict=True)]
         db_issue = [s["db_issue"] for s in sec]
         without_db = [o - d for o, d in zip(overhead, db_issue, strict=True)]
@@ -160,6 +186,10 @@ def main() -> int:
         print(row("overhead excluding DB user creation", without_db))
         print(row("floor: one Vault round trip (health)", floor))
         print(row("floor: the 5 calls, bare http.client", bare_runs))
+        print(row("the 5 calls through hvac (requests)", hvac_runs))
+        print(f"hvac / our transport for the 5 calls, p50: "
+              f"{pct(hvac_runs, 50) / max(pct(overhead, 50), 1e-9):.2f}x, p95: "
+              f"{pct(hvac_runs, 95) / max(pct(overhead, 95), 1e-9):.2f}x")
         ours = [o - b for o, b in zip(overhead, bare_runs, strict=True)]
         print(f"stepguard's own code (overhead - bare calls): p50 {pct(ours, 50) * 1000:.2f} ms, "
               f"mean {statistics.fmean(ours) * 1000:.2f} ms")
