@@ -31,15 +31,12 @@ import contextlib
 import dataclasses
 import os
 import re
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from stepguard.errors import (
@@ -62,9 +59,6 @@ from stepguard.spec import InputSpec, OutputSpec, RunContext, StepSpec
 
 if TYPE_CHECKING:
     from stepguard.wiring import StepAudit
-
-#: Where an orchestrator hands a step runner its single-use wrapped credentials.
-WRAPPED_ENV = "STEPGUARD_WRAPPED_CREDENTIALS"
 
 __all__ = ["Step", "StepEnv", "StepSpec", "run_step"]
 
@@ -298,6 +292,8 @@ class _Run:
 
     @contextlib.contextmanager
     def _credentials(self) -> Iterator[Any]:
+        from stepguard.credentials import WRAPPED_ENV
+
         wrapped = os.environ.pop(WRAPPED_ENV, None)
         if wrapped:
             if self.spec.credentials:
@@ -430,7 +426,9 @@ class _Run:
                 creds = dict(session.values) if session is not None else {}
                 env = StepEnv(inputs=dict(inputs), outputs=dict(outputs), credentials=creds,
                               context=self.ctx)
-                _call_with_deadline(body, env, self._remaining(), self.spec.name)
+                from stepguard.isolation import call_in_process
+
+                call_in_process(body, env, deadline_s=self._remaining(), name=self.spec.name)
                 return
             assert command is not None
             from stepguard.isolation import run_isolated
@@ -450,8 +448,7 @@ class _Run:
                 # gets one single-use wrapped token and unwraps it inside.
                 from stepguard.credentials import wrap_for_delivery
 
-                delivery = wrap_for_delivery(session)
-                wrapped = {WRAPPED_ENV: delivery.token.get_secret_value()}
+                wrapped = wrap_for_delivery(session).env()
             elif session is not None:
                 child_env.update(session.env())
                 secret_files = session.file_payloads() or None
@@ -577,37 +574,3 @@ def _lease_record(rec: Any) -> LeaseRecord:
         name=rec.name, kind=rec.kind, lease=rec.lease_id_hash, revocable=rec.revocable,
         revoked=rec.revoked, static=rec.static, ttl_s=float(rec.ttl_s),
     )
-
-
-def _call_with_deadline(body: Body, env: StepEnv, seconds: float, name: str) -> None:
-    """Run an in-process body; in the main thread the deadline interrupts it (SIGALRM)."""
-    in_main = threading.current_thread() is threading.main_thread()
-    if not in_main or not hasattr(signal, "setitimer"):
-        t0 = time.monotonic()
-        _call(body, env, name)
-        if time.monotonic() - t0 > seconds:
-            raise StepTimeout("step body exceeded its deadline", subject=name)
-        return
-
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise StepTimeout("step body exceeded its deadline and was interrupted", subject=name)
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        _call(body, env, name)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _call(body: Body, env: StepEnv, name: str) -> None:
-    try:
-        body(env)
-    except StepguardError:
-        raise
-    except Exception as exc:
-        # The body's own exception text may hold data; keep the type, chain the original.
-        raise BodyFailed(f"step body raised {type(exc).__name__}", subject=name) from exc
-
-

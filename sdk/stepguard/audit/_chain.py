@@ -250,7 +250,7 @@ class AuditLog:
     def append_many(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> ChainHead:
         """Append several records with one lock, one write and one head update."""
         batch = list(items)
-        with self._lock, _signals.CRITICAL:
+        with self._lock, _signals.critical():
             fd, head_fd = self._open()
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:

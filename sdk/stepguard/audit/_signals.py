@@ -2,50 +2,33 @@
 
 A Python signal handler runs between two bytecodes of the main thread, possibly in the middle of
 an audit-log append. Appending from the handler then would chain a record to a stale head, so a
-handler that finds an append in progress defers itself to the end of that append.
+signal that arrives during an append is handled at the end of that append.
+
+The handler itself belongs to :mod:`stepguard._private.signals`, the one owner of stepguard's
+signal handlers: this module registers its flush (and, when the signal will end the process, the
+"terminated" marking of open spans) as hooks there.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import threading
 import weakref
-from types import FrameType
 from typing import Any
 
-_busy = 0
-_deferred: list[int] = []
-_previous: dict[int, Any] = {}
+from stepguard._private import signals as _owner
+
 _flush_targets: weakref.WeakSet[Any] = weakref.WeakSet()
 #: Spans opened by an Auditor in this process, innermost last (ended as "terminated" on a
 #: fatal signal so the record shows the step was killed, not that it vanished).
 open_spans: list[Any] = []
 _flush_timeout_ms = 5000
-
-class _Critical:
-    """Defer signal handling while an audit record is being appended (a class, not a
-    generator-based context manager: it runs on every span)."""
-
-    def __enter__(self) -> None:
-        global _busy  # noqa: PLW0603 - process-wide state by design
-        _busy += 1
-
-    def __exit__(self, *exc: object) -> None:
-        global _busy  # noqa: PLW0603
-        _busy -= 1
-        if not _busy and _deferred:
-            signum = _deferred.pop(0)
-            _deferred.clear()
-            _handle(signum, None)
+_installed: set[int] = set()
 
 
-CRITICAL = _Critical()
-
-
-def critical() -> _Critical:
+def critical() -> Any:
     """Context manager: defer signal handling while an audit record is being appended."""
-    return CRITICAL
+    return _owner.deferred()
+
 
 def register_flush_target(target: Any) -> None:
     """Remember an object with ``force_flush(timeout_millis)`` to flush on SIGTERM."""
@@ -73,57 +56,38 @@ def end_open_spans(reason: str) -> None:
             span.end()
     open_spans.clear()
 
-def _handler(signum: int, frame: FrameType | None) -> None:
-    if _busy:
-        _deferred.append(signum)
-        return
-    _handle(signum, frame)
-
-def _handle(signum: int, frame: FrameType | None) -> None:
+def _flush_hook(signum: int) -> None:
     flush_all()
-    previous = _previous.get(signum, signal.SIG_DFL)
-    if previous is signal.SIG_IGN:
-        return
-    if callable(previous) and previous is not signal.SIG_DFL:
-        # The previous handler (Airflow's, for one) usually raises: the with-blocks then end
-        # their spans with the real error and flush at step end.
-        previous(signum, frame)
-        return
-    # Default disposition: the process is about to die. Record that, flush, then die the
-    # way it would have without us (same signal, same exit status).
+
+
+def _death_hook(signum: int) -> None:
     end_open_spans(signal.Signals(signum).name)
     flush_all()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+
 
 def install_signal_flush(
     signals: tuple[int, ...] = (signal.SIGTERM,),
     *,
     timeout_ms: int = 5000,
 ) -> bool:
-    """Install a handler that force-flushes audit spans on ``signals``, then chains to the
-    handler that was there before (or to the default action). Idempotent.
+    """Flush audit spans when one of ``signals`` arrives, before it goes on to the handler that
+    was there before (or to the default action, after marking the open spans terminated).
+    Idempotent.
 
     Returns False when it cannot install (not on the main thread); spans are still flushed at
     the end of every step.
     """
     global _flush_timeout_ms  # noqa: PLW0603 - process-wide state by design
     _flush_timeout_ms = timeout_ms
-    if threading.current_thread() is not threading.main_thread():
-        return False
     for signum in signals:
-        current = signal.getsignal(signum)
-        if current is _handler:
-            continue
-        _previous[signum] = current
-        signal.signal(signum, _handler)
+        if not (_owner.on_signal(signum, _flush_hook) and _owner.on_death(signum, _death_hook)):
+            return False
+        _installed.add(signum)
     return True
 
+
 def uninstall_signal_flush() -> None:
-    """Restore the handlers :func:`install_signal_flush` replaced."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum, previous in list(_previous.items()):
-        if signal.getsignal(signum) is _handler:
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        del _previous[signum]
+    """Drop the hooks :func:`install_signal_flush` added (the previous handlers come back)."""
+    for signum in list(_installed):
+        _owner.remove_hooks(signum, _flush_hook, _death_hook)
+        _installed.discard(signum)

@@ -1,6 +1,7 @@
 """Isolation: run a step body in a bubblewrap sandbox, a plain process, or a restricted pod.
 
-The lifecycle calls :func:`run_isolated`; the pod builder (:func:`build_pod`,
+The lifecycle calls :func:`run_isolated` for a command and :func:`call_in_process` for a Python
+callable; the pod builder (:func:`build_pod`,
 :func:`build_network_policy`) and the validator (:func:`check_pod`, :func:`assert_pod_ok`) also
 serve ``stepguard pod render`` / ``stepguard pod check`` and the Airflow/KFP adapters.
 
@@ -11,6 +12,7 @@ is run or a manifest is checked against the schema.
 from __future__ import annotations
 
 from stepguard.isolation._check import Violation, assert_pod_ok, check_pod
+from stepguard.isolation._inprocess import call_in_process
 from stepguard.isolation._pod import build_network_policy, build_pod
 from stepguard.isolation._result import RunResult
 from stepguard.isolation._run import run_isolated
@@ -22,6 +24,7 @@ __all__ = [
     "assert_pod_ok",
     "build_network_policy",
     "build_pod",
+    "call_in_process",
     "check_pod",
     "find_bwrap",
     "run_isolated",
