@@ -371,8 +371,6 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
 
 
 def _credential_from(data: Mapping[str, Any]) -> CredentialRequest:
-    from stepguard._private.schema import from_mapping
     from stepguard.spec import CredentialRequest
 
-    req: CredentialRequest = from_mapping(CredentialRequest, dict(data), "credential")
-    return req
+    return CredentialRequest.from_dict(dict(data))
