@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     from stepguard._private.vault_config import vault_config
-    from stepguard.credentials._session import open_session
+    from stepguard.credentials import open_session
     from stepguard.errors import CredentialError
     from stepguard.settings import Settings
     from stepguard.spec import RunContext, StepSpec
