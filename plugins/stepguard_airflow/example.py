@@ -119,8 +119,11 @@ def _report(root: Path, dag_id: str, run_id: str, *, states: dict[str, str],
     train = receipts.get("train")
     if train:
         model = train["outputs"][0]
+        # No ingest receipt (its XCom lost): nothing to check the input against.
+        verified = ingest is not None and \
+            train["inputs"][0]["digest"] == ingest["outputs"][0]["digest"]
         line(f"  train     {train['isolation'].get('mode')}, input verified against the ingest "
-             f"receipt: {train['inputs'][0]['digest'] == ingest['outputs'][0]['digest']}")
+             f"receipt: {verified}")
         line(f"  model     {model['digest']}  ({model['files']} files)")
     publish = receipts.get("sign_and_publish")
     if publish and publish["outputs"][0].get("published"):
