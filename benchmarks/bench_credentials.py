@@ -10,7 +10,7 @@ to every step that asks for credentials. The database engine's own user creation
     .venv/bin/python benchmarks/bench_credentials.py --quick    # 20 runs
     STEPGUARD_TEST_DEV_DIR=~/.stepguard/dev .venv/bin/python benchmarks/bench_credentials.py
 
-Starts its own dev stack (``stepguard.devstack.up``) in a temporary directory unless
+Starts its own dev stack (``stepguard.testing.devstack.up``) in a temporary directory unless
 ``STEPGUARD_TEST_DEV_DIR`` names a running one.
 """
 
@@ -49,9 +49,9 @@ def main() -> int:
     args = parser.parse_args()
     runs = args.runs or (20 if args.quick else 1000)
 
-    from stepguard import devstack
     from stepguard.credentials import AppRoleAuth, VaultConfig, open_session
     from stepguard.spec import CredentialRequest, RunContext
+    from stepguard.testing import devstack
 
     reuse = os.environ.get("STEPGUARD_TEST_DEV_DIR")
     tmp = None

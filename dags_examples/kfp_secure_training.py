@@ -35,8 +35,8 @@ from typing import Any
 
 from kfp import dsl
 
-from stepguard.examples import TRAIN_SCRIPT
 from stepguard.spec import IsolationSpec, StepSpec
+from stepguard.testing.examples import TRAIN_SCRIPT
 from stepguard_kfp import (
     harden,
     secure_train,
@@ -47,9 +47,9 @@ from stepguard_kfp import (
 
 PIPELINE_NAME = "stepguard-secure-training"
 
-# The training body: the churn example's logistic regression (stepguard.examples), plus proof
-# that the credential minted for this step arrived, without writing it anywhere. It sees only
-# its verified input, its output directory and that credential; no network.
+# The training body: the churn example's logistic regression (stepguard.testing.examples), plus
+# proof that the credential minted for this step arrived, without writing it anywhere. It sees
+# only its verified input, its output directory and that credential; no network.
 TRAIN_CODE = TRAIN_SCRIPT + r"""
 import hashlib
 token = os.environ.get("TRACKING_TOKEN", "")

@@ -39,7 +39,7 @@ import pendulum
 from airflow.sdk import DAG
 from airflow.sdk.bases.operator import BaseOperator
 
-from stepguard.examples import TRAIN_SCRIPT, export_customers
+from stepguard.testing.examples import TRAIN_SCRIPT, export_customers
 from stepguard_airflow.operators import (
     IngestDatasetOperator,
     SecureStepOperator,

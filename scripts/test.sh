@@ -16,5 +16,5 @@ fi
 export STEPGUARD_CHECKOV="$CHECKOV_VENV/bin/checkov"
 
 echo "== ruff"; ruff check .
-echo "== mypy --strict sdk/"; mypy
+echo "== mypy --strict (sdk, plugins, components)"; mypy
 echo "== pytest"; exec pytest "$@"

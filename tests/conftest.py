@@ -1,7 +1,7 @@
 """Shared fixtures: one real dev stack (OpenBao, moto, PostgreSQL) per test session.
 
 The ``dev_stack`` fixture runs exactly the code behind ``stepguard dev up`` / ``dev down``
-(:mod:`stepguard.devstack`) in a temporary state directory, so tests and the quickstart share
+(:mod:`stepguard.testing.devstack`) in a temporary state directory, so tests and the quickstart share
 one path. It skips only when the ``bao`` binary is missing; PostgreSQL is optional
 (``dev_stack.postgres`` is None without it; use the ``dev_postgres`` fixture to skip then).
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from stepguard import devstack
-from stepguard.devstack import DevStackInfo, PostgresInfo
+from stepguard.testing import devstack
+from stepguard.testing.devstack import DevStackInfo, PostgresInfo
 
 
 @pytest.fixture(scope="session")

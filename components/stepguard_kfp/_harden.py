@@ -297,7 +297,4 @@ def _label_value(value: str) -> str:
 
 
 def _plain(iso: IsolationSpec) -> dict[str, Any]:
-    from stepguard._private.schema import to_plain
-
-    out: dict[str, Any] = to_plain(iso)
-    return out
+    return iso.to_dict()

@@ -66,10 +66,10 @@ def spec_data(spec: StepSpec | Mapping[str, Any] | str) -> StepSpec | Mapping[st
 
     if isinstance(spec, (StepSpec, Mapping)):
         return spec
-    from stepguard._private.schema import load_yaml
+    from stepguard.spec import load_spec_data
 
-    data = load_yaml(Path(spec), "step spec")
-    return data if data is not None else {}
+    data: Mapping[str, Any] = load_spec_data(spec)
+    return data
 
 
 def resolve_spec(spec: StepSpec | Mapping[str, Any] | str, isolation: str | None,

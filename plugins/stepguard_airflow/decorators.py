@@ -42,6 +42,8 @@ class _StepguardDecoratedOperator(DecoratedOperator, SecureStepOperator):
     """The operator behind ``@task.stepguard``."""
 
     custom_operator_name: str = "@task.stepguard"
+    # Both bases set it; here it is always the decorated function, never None.
+    python_callable: Callable[..., Any]
     template_fields: Sequence[str] = SecureStepOperator.template_fields
     template_fields_renderers = SecureStepOperator.template_fields_renderers
     _stepguard_body_later = True

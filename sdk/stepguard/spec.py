@@ -45,6 +45,7 @@ __all__ = [
     "RunContext",
     "SigningSpec",
     "StepSpec",
+    "load_spec_data",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -178,6 +179,19 @@ class CredentialRequest:
             raise ConfigurationError("'role' is required for this kind",
                                      subject=f"credentials.{self.name}.role")
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CredentialRequest:
+        """One credential request from plain data, refusing unknown keys and wrong types.
+
+        >>> CredentialRequest.from_dict({"name": "db", "kind": "database", "role": "etl"}).role
+        'etl'
+        >>> CredentialRequest.from_dict({"name": "db", "kind": "database", "rol": "etl"})
+        Traceback (most recent call last):
+        ...
+        stepguard.errors.ConfigurationError: unknown setting: credential.rol
+        """
+        return from_mapping(cls, data, "credential")
+
 
 @dataclass(frozen=True)
 class IsolationSpec:
@@ -213,6 +227,15 @@ class IsolationSpec:
         if self.uid == 0:
             raise ConfigurationError("the body never runs as root", subject="isolation.uid")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, as in a spec file.
+
+        >>> IsolationSpec(mode="pod", gpus=1).to_dict()["gpus"]
+        1
+        """
+        out: dict[str, Any] = to_plain(self)
+        return out
+
 
 @dataclass(frozen=True)
 class SigningSpec:
@@ -228,6 +251,15 @@ class SigningSpec:
     identity_token_env: str | None = None
     trust_config: str | None = None
     transit_mount: str = "transit"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SigningSpec:
+        """A signing spec from plain data, refusing unknown keys and wrong types.
+
+        >>> SigningSpec.from_dict({"signer": "transit", "key": "release"}).key
+        'release'
+        """
+        return from_mapping(cls, data, "signing")
 
 
 @dataclass(frozen=True)
@@ -268,10 +300,25 @@ class StepSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> StepSpec:
         """Load a spec from a YAML or JSON file."""
-        data = load_yaml(Path(path), "step spec")
-        return cls.from_dict(data if data is not None else {})
+        return cls.from_dict(load_spec_data(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (round-trips through :meth:`from_dict`)."""
         out: dict[str, Any] = to_plain(self)
         return out
+
+
+def load_spec_data(path: str | Path) -> Any:
+    """The plain data of a spec file (YAML or JSON), not yet checked; an empty file is ``{}``.
+
+    For callers that amend a spec before building it with :meth:`StepSpec.from_dict`. An
+    unreadable or invalid file is a :class:`~stepguard.errors.ConfigurationError` naming it.
+
+    >>> import pathlib, tempfile
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "step.yaml"
+    >>> _ = f.write_text("name: train")
+    >>> load_spec_data(f)
+    {'name': 'train'}
+    """
+    data = load_yaml(Path(path), "step spec")
+    return data if data is not None else {}

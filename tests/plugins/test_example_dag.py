@@ -20,7 +20,7 @@ EXAMPLE = REPO / "dags_examples" / "secure_training.py"
 
 
 def _seed(pg):
-    from stepguard.examples import seed_customers
+    from stepguard.testing.examples import seed_customers
 
     seed_customers(host=pg.host, port=pg.port, dbname=pg.database, user=pg.admin_user,
                    password=pg.admin_password)

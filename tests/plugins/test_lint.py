@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stepguard._private.cli_lint import lint_paths, lint_source
+from stepguard_airflow.lint import lint_paths, lint_source
 
 REPO = Path(__file__).resolve().parents[2]
 CANARY = "Zq9-canary-Pw-71x"
@@ -96,6 +96,16 @@ def test_kpo_with_security_context_is_not_sg002():
            "KubernetesPodOperator(task_id='t', image='r/i@sha256:" + "0" * 64 + "',\n"
            "    security_context={'runAsNonRoot': True})\n")
     assert [f.rule for f in lint_source(src)] == ["SG001"]
+
+
+def test_module_examples_run():
+    # The doctests of stepguard_airflow.lint (pytest collects doctests under sdk/ only).
+    import doctest
+
+    from stepguard_airflow import lint
+
+    result = doctest.testmod(lint)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_syntax_error_is_a_finding(tmp_path):

@@ -40,23 +40,19 @@ __all__ = [
 
 
 def _credential(value: CredentialRequest | Mapping[str, Any] | None) -> CredentialRequest | None:
-    from stepguard._private.schema import from_mapping
     from stepguard.spec import CredentialRequest
 
     if value is None or isinstance(value, CredentialRequest):
         return value
-    req: CredentialRequest = from_mapping(CredentialRequest, dict(value), "credential")
-    return req
+    return CredentialRequest.from_dict(dict(value))
 
 
 def _signing(value: SigningSpec | Mapping[str, Any] | None) -> SigningSpec | None:
-    from stepguard._private.schema import from_mapping
     from stepguard.spec import SigningSpec
 
     if value is None or isinstance(value, SigningSpec):
         return value
-    spec: SigningSpec = from_mapping(SigningSpec, dict(value), "signing")
-    return spec
+    return SigningSpec.from_dict(dict(value))
 
 
 def _receipt_output(receipt: Any, output: str, subject: str) -> Mapping[str, Any]:

@@ -62,6 +62,10 @@ class SecureStepOperator(BaseOperator):
     }
     ui_color = "#d6f5e3"
     _stepguard_secured = True
+    # Templated, so rendering may hand back any collection / mapping (as Airflow's own
+    # DecoratedOperator declares them, which @task.stepguard also inherits).
+    op_args: Collection[Any]
+    op_kwargs: Mapping[str, Any]
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCallback
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from kubernetes.client import models as k8s
+from kubernetes.client import models as k8s  # type: ignore[import-untyped]
 
 from stepguard_airflow._common import run_context, step_name, task_failure
 
@@ -371,8 +371,6 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
 
 
 def _credential_from(data: Mapping[str, Any]) -> CredentialRequest:
-    from stepguard._private.schema import from_mapping
     from stepguard.spec import CredentialRequest
 
-    req: CredentialRequest = from_mapping(CredentialRequest, dict(data), "credential")
-    return req
+    return CredentialRequest.from_dict(dict(data))

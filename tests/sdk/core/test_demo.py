@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stepguard._private.demo import run_pipeline
 from stepguard.audit import verify_chain
+from stepguard.cli._demo import run_pipeline
 from stepguard.errors import IntegrityError
 
 pytestmark = [pytest.mark.services, pytest.mark.sandbox, pytest.mark.slow]
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.services, pytest.mark.sandbox, pytest.mark.slow]
 
 def test_pipeline_runs_signs_gates_and_revokes(tmp_path, dev_stack, dev_postgres, pg_roles, capsys,
                                                monkeypatch):
-    from stepguard._private import demo
+    from stepguard.cli import _demo as demo
 
     seen = {}
     real_ingest = demo._ingest

@@ -123,5 +123,9 @@ def test_every_cli_command_group_is_present():
 
     from stepguard import cli
 
-    for module in cli._AREA_MODULES:
+    for module in cli._CORE_GROUPS.values():
         assert callable(importlib.import_module(module).register), module
+    added = {ep.name: ep for ep in cli._entry_points(cli._GROUPS_ENTRY_POINT)}
+    assert {"lint", "dev"} <= set(added)
+    for name, ep in added.items():
+        assert callable(ep.load()), name

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from stepguard.credentials import AppRoleAuth, TokenAuth, VaultConfig
-from stepguard.devstack import DevStackInfo
+from stepguard.testing.devstack import DevStackInfo
 
 
 @pytest.fixture

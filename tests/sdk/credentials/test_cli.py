@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stepguard.credentials._cli import register
+from stepguard.cli._credentials import register
 
 pytestmark = pytest.mark.services
 

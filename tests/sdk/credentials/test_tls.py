@@ -19,7 +19,7 @@ pytestmark = pytest.mark.services
 
 @pytest.fixture(scope="module")
 def tls_vault(tmp_path_factory):
-    from stepguard import devstack
+    from stepguard.testing import devstack
 
     bao = devstack.find_bao()
     if bao is None:

@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from stepguard import devstack
-from stepguard.devstack import DevStackInfo
+from stepguard.testing import devstack
+from stepguard.testing.devstack import DevStackInfo
 
 pytestmark = pytest.mark.services
 
@@ -71,7 +71,7 @@ def test_env_clients_work(dev_stack: DevStackInfo) -> None:
 
 
 def test_secrets_absent_from_repr_summary_and_status_output(dev_stack: DevStackInfo) -> None:
-    from stepguard._private import cli_dev
+    from stepguard.testing.devstack import _cli as cli_dev
 
     shown = [repr(dev_stack), str(dev_stack), json.dumps(dev_stack.public_summary())]
     if dev_stack.postgres is not None:
@@ -95,7 +95,7 @@ def test_secrets_absent_from_repr_summary_and_status_output(dev_stack: DevStackI
 
 
 def test_state_file_round_trips(dev_stack: DevStackInfo) -> None:
-    from stepguard.devstack._info import DevStackInfo as Info
+    from stepguard.testing.devstack._info import DevStackInfo as Info
 
     assert Info.from_json(dev_stack.to_json()) == dev_stack
     assert replace(dev_stack, vault_root_token="x") != dev_stack

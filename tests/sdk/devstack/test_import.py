@@ -8,7 +8,7 @@ import sys
 
 def test_import_loads_no_heavy_dependency() -> None:
     code = (
-        "import sys, stepguard.devstack, stepguard._private.cli_dev; "
+        "import sys, stepguard.testing.devstack, stepguard.testing.devstack._cli; "
         "heavy = ('boto3', 'botocore', 'hvac', 'psycopg2', 'moto', 'jwt', 'requests'); "
         "print(','.join(m for m in heavy if m in sys.modules))"
     )

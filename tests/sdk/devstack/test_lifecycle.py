@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from stepguard import devstack
-from stepguard.devstack._procs import free_port
 from stepguard.errors import ConfigurationError, ServiceError
+from stepguard.testing import devstack
+from stepguard.testing.devstack._procs import free_port
 
 pytestmark = pytest.mark.services
 
@@ -134,7 +134,7 @@ def test_api_up_down_with_postgres_leaves_nothing(tmp_path: Path, need_bao: None
     assert devstack.status(state) is None
     devstack.down(state)  # idempotent
     # Every child's exit status was collected: no zombie, no Popen left to warn at exit.
-    from stepguard.devstack import _procs
+    from stepguard.testing.devstack import _procs
 
     assert not set(_procs._CHILDREN) & {*info.pids.values(), watchdog}
 
@@ -145,7 +145,7 @@ def test_stack_stops_when_its_owner_dies(tmp_path: Path, need_bao: None) -> None
     code = textwrap.dedent(
         f"""
         import json, os, signal
-        from stepguard import devstack
+        from stepguard.testing import devstack
         info = devstack.up({str(state)!r}, postgres=False, owner_pid=os.getpid())
         print(json.dumps({{"pids": info.pids, "ports": info.ports}}), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # no teardown, no atexit

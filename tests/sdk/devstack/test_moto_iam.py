@@ -14,7 +14,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from stepguard.devstack import DevStackInfo
+from stepguard.testing.devstack import DevStackInfo
 
 pytestmark = pytest.mark.services
 

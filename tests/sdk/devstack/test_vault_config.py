@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from stepguard.devstack import DevStackInfo, PostgresInfo
+from stepguard.testing.devstack import DevStackInfo, PostgresInfo
 
 pytestmark = pytest.mark.services
 
@@ -227,7 +227,7 @@ def test_identity_token_for_sts_carries_run_and_step(dev_stack: DevStackInfo, mi
 def test_vault_configuration_is_idempotent(
     dev_stack: DevStackInfo, vault_client: hvac.Client
 ) -> None:
-    from stepguard.devstack import _vault
+    from stepguard.testing.devstack import _vault
 
     before = vault_client.secrets.transit.read_key("stepguard-signing")["data"]["latest_version"]
     setup = _vault.configure_vault(

@@ -84,7 +84,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
         manifest = create_manifest(
             args.path, algorithm=args.algorithm, jobs=args.jobs,
             allow_internal_symlinks=args.allow_internal_symlinks,
-            shard_size=args.shard_size, progress=progress,
+            shard_size=int(args.shard_size), progress=progress,
         )
     finally:
         progress.close()
@@ -170,10 +170,21 @@ def _jobs(value: str) -> int:
     return n
 
 
+class _DefaultShardSize:
+    """``integrity.DEFAULT_SHARD_SIZE``, imported when shown or used, not when ``stepguard
+    --help`` merely lists this group (importing ``stepguard.integrity`` dominates that)."""
+
+    def __int__(self) -> int:
+        from stepguard.integrity import DEFAULT_SHARD_SIZE
+
+        return DEFAULT_SHARD_SIZE
+
+    def __str__(self) -> str:
+        return str(int(self))
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``manifest`` command group."""
-    from stepguard.integrity._manifest import DEFAULT_SHARD_SIZE
-
     p = sub.add_parser("manifest", help="create, verify and export content manifests")
     msub = p.add_subparsers(dest="manifest_cmd", metavar="ACTION")
     msub.required = True
@@ -184,7 +195,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("-o", "--output", help="write the manifest here (default: stdout)")
     c.add_argument("--algorithm", choices=("sha256", "blake3"), default="sha256")
     c.add_argument("--jobs", type=_jobs, default=None, help=jobs_help)
-    c.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+    c.add_argument("--shard-size", type=int, default=_DefaultShardSize(),
                    help="SHA-256: hash files above this many bytes as parallel shards; "
                    "0 = plain SHA-256 for every file (default: %(default)s)")
     c.add_argument("--allow-internal-symlinks", action="store_true",

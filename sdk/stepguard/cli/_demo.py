@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from stepguard.errors import IntegrityError, StepguardError
-from stepguard.examples import TRAIN_SCRIPT, export_customers, seed_customers
 from stepguard.settings import Settings
 from stepguard.spec import RunContext, StepSpec
 from stepguard.step import StepEnv, run_step
+from stepguard.testing.examples import TRAIN_SCRIPT, export_customers, seed_customers
 
 PIPELINE = "secure_training"
 MODEL = "churn-model"
@@ -26,10 +26,10 @@ def run_demo(*, workdir: str | None = None, tampered: bool = False,
              keep_services: bool = False, stack: Any = None) -> int:
     """Run the pipeline; returns 0 when every control behaved as it should.
 
-    ``stack``: a running :class:`~stepguard.devstack.DevStackInfo` to use (left running);
+    ``stack``: a running :class:`~stepguard.testing.devstack.DevStackInfo` to use (left running);
     otherwise one is started under ``<workdir>/dev`` and stopped at the end.
     """
-    from stepguard import devstack
+    from stepguard.testing import devstack
 
     root = Path(workdir or Path(".stepguard") / "demo").absolute()
     root.mkdir(parents=True, exist_ok=True)

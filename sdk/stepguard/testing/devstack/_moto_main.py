@@ -1,4 +1,6 @@
-"""moto's server with AWS's web-identity semantics: ``python -m stepguard.devstack._moto_main``.
+"""moto's server with AWS's web-identity semantics.
+
+Run as ``python -m stepguard.testing.devstack._moto_main``.
 
 Stock moto, with IAM enforcement on, differs from AWS in three ways that matter to stepguard:
 

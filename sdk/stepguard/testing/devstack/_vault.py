@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stepguard.devstack._info import PostgresInfo, write_private
-from stepguard.devstack._postgres import READERS_ROLE, VAULT_PG_USER
+from stepguard.testing.devstack._info import PostgresInfo, write_private
+from stepguard.testing.devstack._postgres import READERS_ROLE, VAULT_PG_USER
 
 if TYPE_CHECKING:
     import hvac

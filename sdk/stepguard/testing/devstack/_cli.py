@@ -52,7 +52,7 @@ def _no_command(parser: argparse.ArgumentParser) -> object:
 
 
 def _summary(info: object) -> str:
-    from stepguard.devstack import DevStackInfo
+    from stepguard.testing.devstack import DevStackInfo
 
     assert isinstance(info, DevStackInfo)
     pg = info.postgres
@@ -69,7 +69,7 @@ def _summary(info: object) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from stepguard import devstack
+    from stepguard.testing import devstack
 
     info = devstack.up(args.state_dir, postgres=False if args.no_postgres else None)
     print(json.dumps(info.public_summary(), indent=2) if args.json else _summary(info))
@@ -77,7 +77,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from stepguard import devstack
+    from stepguard.testing import devstack
 
     sdir = devstack.resolve_state_dir(args.state_dir)
     was = (sdir / "processes.json").exists()
@@ -87,7 +87,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from stepguard import devstack
+    from stepguard.testing import devstack
 
     info = devstack.status(args.state_dir)
     if info is None:
@@ -104,7 +104,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _env(args: argparse.Namespace) -> int:
-    from stepguard import devstack
+    from stepguard.testing import devstack
 
     sdir = devstack.resolve_state_dir(args.state_dir)
     path = sdir / "env"

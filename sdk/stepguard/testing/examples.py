@@ -5,7 +5,7 @@ user, and a training body (plain Python logistic regression) that runs in the sa
 network and sees only its verified input and its output directory.
 
 >>> import pathlib, subprocess, sys, tempfile
->>> from stepguard.examples import TRAIN_SCRIPT, write_csv, customer_rows
+>>> from stepguard.testing.examples import TRAIN_SCRIPT, write_csv, customer_rows
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> (d / "data").mkdir(); (d / "model").mkdir()
 >>> _ = write_csv(d / "data", customer_rows(50))
@@ -65,7 +65,9 @@ def customer_rows(n: int = 400) -> list[tuple[int, int, int, int]]:
 
 def seed_customers(*, host: str, port: int, dbname: str, user: str, password: str) -> None:
     """Create and fill the ``customers`` table once (an administrator's job, not a step's)."""
-    import psycopg2
+    from stepguard.testing import dev_import
+
+    psycopg2 = dev_import("psycopg2")
 
     conn = psycopg2.connect(host=host, port=port, dbname=dbname, user=user, password=password,
                             connect_timeout=5)
@@ -88,7 +90,9 @@ def export_customers(dest: Path, *, credentials: Any, host: str, port: int,
     ``credentials`` is the step's ``SecretMapping`` for the database credential; its values are
     revealed only to hand them to the driver.
     """
-    import psycopg2
+    from stepguard.testing import dev_import
+
+    psycopg2 = dev_import("psycopg2")
 
     conn = psycopg2.connect(host=host, port=port, dbname=dbname,
                             user=credentials.reveal("username"),

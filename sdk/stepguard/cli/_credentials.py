@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from stepguard.credentials._session import open_session
+    from stepguard.credentials import open_session
     from stepguard.errors import CredentialError
     from stepguard.settings import Settings
     from stepguard.spec import RunContext, StepSpec

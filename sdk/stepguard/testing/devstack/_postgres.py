@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepguard.devstack._info import PostgresInfo
-from stepguard.devstack._procs import ProcessTable, log_tail, redact_in_logs
 from stepguard.errors import ServiceError
+from stepguard.testing.devstack._info import PostgresInfo
+from stepguard.testing.devstack._procs import ProcessTable, log_tail, redact_in_logs
 
 DATABASE = "stepguard"
 ADMIN_USER = "postgres"
@@ -276,7 +276,7 @@ def wait_and_bootstrap(table: ProcessTable, info: PostgresInfo, timeout: float) 
     except ImportError as exc:
         raise ServiceError(
             "psycopg2 is required for the dev PostgreSQL", subject="postgresql",
-            hint="install stepguard[dev]",
+            hint="pip install 'stepguard[dev]'",
         ) from exc
 
     def probe() -> bool:

@@ -1,4 +1,6 @@
-"""Stop a dev stack when the process that owns it dies: ``python -m stepguard.devstack._watchdog``.
+"""Stop a dev stack when the process that owns it dies.
+
+Run as ``python -m stepguard.testing.devstack._watchdog``.
 
 A test session that is killed (timeout, SIGKILL, a crashed CI runner) never runs its fixture's
 teardown; the services, started in their own sessions, would outlive it. The watchdog, started
@@ -34,7 +36,7 @@ def main(argv: list[str]) -> int:
     procs_file = state_dir / "processes.json"
     while procs_file.exists():
         if process_start_time(owner_pid) != owner_start:
-            from stepguard.devstack import down
+            from stepguard.testing.devstack import down
 
             down(state_dir)
             return 0
