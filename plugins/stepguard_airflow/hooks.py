@@ -141,17 +141,17 @@ class StepguardHook(BaseHook):
 
     def test_connection(self) -> tuple[bool, str]:
         """Check that Vault answers at the configured address (no login)."""
-        import urllib.request
+        from stepguard.errors import StepguardError
+        from stepguard.wiring import probe_vault
 
         settings = self.get_settings()
         if not settings.vault.addr:
             return False, "no Vault address configured"
-        url = settings.vault.addr.rstrip("/") + "/v1/sys/health?standbyok=true"
         try:
-            with urllib.request.urlopen(url, timeout=settings.vault.timeout_s) as resp:  # noqa: S310
-                return True, f"Vault answered with HTTP {resp.status}"
-        except OSError as exc:
-            return False, f"Vault unreachable: {type(exc).__name__}"
+            probe_vault(settings)
+        except StepguardError as exc:
+            return False, f"Vault unreachable: {exc.message}"
+        return True, "Vault answered"
 
 
 #: ``[stepguard]`` airflow.cfg options -> settings (section, key).

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 from pathlib import Path
-from types import FrameType
 
 from stepguard.errors import ConfigurationError
 
@@ -52,12 +51,8 @@ def _load_settings(path: str | None):  # type: ignore[no-untyped-def]
     return Settings.load(path if path else "auto")
 
 
-def _terminate_as_exit(signum: int, frame: FrameType | None) -> None:
-    # SystemExit unwinds through every `finally`: leases are revoked, sandboxes removed.
-    raise SystemExit(128 + signum)
-
-
 def _cmd_exec(args: argparse.Namespace) -> int:
+    from stepguard._private.signals import unwind_on
     from stepguard.spec import RunContext, StepSpec
     from stepguard.step import run_step
 
@@ -76,11 +71,10 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     if args.run_id:
         ctx_kwargs["run_id"] = args.run_id
     context = RunContext(**ctx_kwargs)  # type: ignore[arg-type]
-    previous = signal.signal(signal.SIGTERM, _terminate_as_exit)
-    try:
+    # The step runner owns its process: SIGTERM (pod deletion, a cancelled run) unwinds through
+    # every `finally`, so leases are revoked and sandboxes removed before it exits with 143.
+    with unwind_on(signal.SIGTERM, take_over=True):
         receipt = run_step(spec, command=cmd, context=context, settings=settings)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     text = receipt.to_json(indent=2)
     if args.receipt_out:
         Path(args.receipt_out).write_text(text + "\n")

@@ -211,21 +211,33 @@ class ProcessTable:
     def wait_ready(
         self, name: str, probe: Callable[[], bool], *, timeout: float, what: str = "ready"
     ) -> None:
-        """Poll ``probe`` until true; fail early if the process exits; bounded by ``timeout``."""
-        deadline = time.monotonic() + timeout
-        delay = 0.02
-        while True:
-            self.check_running(name)
-            if probe():
-                return
-            if time.monotonic() > deadline:
-                raise ServiceError(
-                    f"{name} was not {what} within {timeout:g}s",
-                    subject=name,
-                    details=log_tail(self.procs[name].log),
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+        """Poll ``probe`` until true; fail early if the process exits; bounded by ``timeout``.
+
+        The poll backs off exponentially from 20 ms to 250 ms (tenacity); a process that exits
+        ends the wait at once with its log tail.
+        """
+        from tenacity import (
+            RetryError,
+            Retrying,
+            retry_if_result,
+            stop_after_delay,
+            wait_exponential,
+        )
+
+        def ready() -> bool:
+            self.check_running(name)  # a ServiceError here is not retried: it ends the wait
+            return probe()
+
+        try:
+            Retrying(retry=retry_if_result(lambda ok: not ok),
+                     wait=wait_exponential(multiplier=0.02, exp_base=1.5, max=0.25),
+                     stop=stop_after_delay(timeout), reraise=True)(ready)
+        except RetryError:
+            raise ServiceError(
+                f"{name} was not {what} within {timeout:g}s",
+                subject=name,
+                details=log_tail(self.procs[name].log),
+            ) from None
 
     def stop_all(self, *, timeout: float = 10.0) -> list[str]:
         """Stop every recorded process (clean signal, then KILL); return problems found."""
