@@ -377,19 +377,18 @@ def run_local(
             )
             err.result = result  # type: ignore[attr-defined]
             raise err
+        if mode == "sandbox" and plan.pinned and code == PIN_MISMATCH_STATUS:
+            mismatch = IntegrityError(
+                "a bound input is not the directory that was verified; the body did not run",
+                subject=", ".join(pinned.values()))
+            mismatch.result = result  # type: ignore[attr-defined]
+            raise mismatch
         if found:
-            err3 = IntegrityError(
+            unsafe = IntegrityError(
                 "the body left set-id or special files in its output; they were made safe and "
                 "the run is refused", subject=found[0].split(": ", 1)[0], details=found)
-            err3.result = result  # type: ignore[attr-defined]
-            raise err3
-        if mode == "sandbox":
-            if plan.pinned and code == PIN_MISMATCH_STATUS:
-                err2 = IntegrityError(
-                    "a bound input is not the directory that was verified; the body did not run",
-                    subject=", ".join(pinned.values()))
-                err2.result = result  # type: ignore[attr-defined]
-                raise err2
+            unsafe.result = result  # type: ignore[attr-defined]
+            raise unsafe
         return result
 
 

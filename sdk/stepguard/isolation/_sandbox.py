@@ -61,7 +61,7 @@ PIN_MISMATCH_STATUS = 125
 # Runs inside the finished sandbox before the body: hand the private tmpfs directories to the
 # body's uid (root-made sandboxes), then check each pinned bind "PATH DEV:INO", then exec.
 _PRELUDE = (
-    'while [ "$1" = --own ]; do chown -R "$2" "$3" || exit 125; shift 3; done; '
+    'while [ "$1" = --own ]; do chown -R "$2" "$3" || exit 126; shift 3; done; '
     'while [ "$1" != -- ]; do '
     'if [ "$(stat -L -c %d:%i -- "$1")" != "$2" ]; then '
     'echo "stepguard: $1 is not the directory that was verified" >&2; exit 125; fi; '
@@ -253,9 +253,9 @@ def build_bwrap(
             setpriv = find_setpriv()
             plan.host_uid = uid
             # No --disable-userns here (bwrap refuses it with a caller-made map); the seccomp
-            # filter denies unshare(2)/clone(CLONE_NEWUSER) instead. CHOWN is kept for the prelude
-            # (home and secrets become the body's), SETUID/SETGID/SETPCAP for setpriv, which gives them
-            # all up with the switch to the body's uid.
+            # filter denies unshare(2)/clone(CLONE_NEWUSER) instead. CHOWN is kept for the
+            # prelude (home and secrets become the body's), SETUID/SETGID/SETPCAP for setpriv,
+            # which gives them all up with the switch to the body's uid.
             a(["--unshare-all", "--unshare-user", "--unshare-cgroup-try",
                "--uid", "0", "--gid", "0", "--hostname", "stepguard",
                "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",

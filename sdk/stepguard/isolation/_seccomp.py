@@ -3,9 +3,9 @@
 bubblewrap installs it just before running the body. It refuses, with EPERM, the system calls a
 step body has no business making and that widen the kernel attack surface or reach outside the
 sandbox: kernel keyrings, BPF, perf, userfaultfd, io_uring, ptrace and cross-process memory
-access, module and kexec loading, mount API, namespace joining, clock and swap control, and new user namespaces. Other
-architectures, and the x32 ABI, are refused outright (the filter kills the process) so a foreign
-syscall table cannot sidestep the list.
+access, module and kexec loading, mount API, namespace joining, clock and swap control, and new
+user namespaces. Other architectures, and the x32 ABI, are refused outright (the filter kills the
+process) so a foreign syscall table cannot sidestep the list.
 """
 
 from __future__ import annotations
