@@ -168,7 +168,8 @@ def verify_model(model_dir: str | Path, bundle: str | Path | bytes, policy: Poli
         if got != want:
             raise SignatureError("bundle is bound to a different artifact", subject=label,
                                  details=(f"{key}: signed {got!r}, expected {want!r}",))
-    scanned = check_formats(walked.files, allow_pickle=policy.allow_pickle)
+    scanned = check_formats(walked.files, allow_pickle=policy.allow_pickle,
+                            allowed_formats=getattr(policy, "allowed_formats", None))
     return VerifiedModel(path=model_dir, name=signed.name, root_digest=signed.root_digest,
                          files=dict(signed.files), signer=verified.signer,
                          policy=policy.describe(), binding=dict(signed.binding),
