@@ -58,8 +58,8 @@ _NVIDIA_BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced",
 _RESERVED = ("/proc", "/dev", "/usr", "/etc", "/run/stepguard")
 # Exit status of the identity check of pinned binds (before the body starts).
 PIN_MISMATCH_STATUS = 125
-# Runs inside the finished sandbox before the body: hand the private tmpfs directories to the
-# body's uid (root-made sandboxes), then check each pinned bind "PATH DEV:INO", then exec.
+# Runs inside the finished sandbox before the body, only when needed: hand the secrets tmpfs to
+# the body's uid (root-made sandboxes), then check each pinned bind "PATH DEV:INO", then exec.
 _PRELUDE = (
     'while [ "$1" = --own ]; do chown -R "$2" "$3" || exit 126; shift 3; done; '
     'while [ "$1" != -- ]; do '
@@ -254,8 +254,8 @@ def build_bwrap(
             plan.host_uid = uid
             # No --disable-userns here (bwrap refuses it with a caller-made map); the seccomp
             # filter denies unshare(2)/clone(CLONE_NEWUSER) instead. CHOWN is kept for the
-            # prelude (home and secrets become the body's), SETUID/SETGID/SETPCAP for setpriv,
-            # which gives them all up with the switch to the body's uid.
+            # prelude (secrets become the body's), SETUID/SETGID/SETPCAP for setpriv, which
+            # gives them all up with the switch to the body's uid.
             a(["--unshare-all", "--unshare-user", "--unshare-cgroup-try",
                "--uid", "0", "--gid", "0", "--hostname", "stepguard",
                "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
@@ -310,8 +310,12 @@ def build_bwrap(
             host_backed.append(dest)
 
         # --size applies to the next tmpfs only: every tmpfs gets its own.
+        # A root-started sandbox sets up as root: its body cannot own the home directory without
+        # a chown inside (an extra exec on every start), so the home is sticky and
+        # world-writable there -- the body's uid is the only unprivileged one inside.
+        home_perms = "1777" if drop_privileges else "0700"
         for tmpfs, perms in (("/dev/shm", "1777"), ("/tmp", "1777"),  # noqa: S108 -- private
-                             (SANDBOX_HOME, "0700")):
+                             (SANDBOX_HOME, home_perms)):
             parents(tmpfs)
             if tmp_size:
                 a(["--size", str(tmp_size)])
@@ -374,9 +378,8 @@ def build_bwrap(
         a(["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", cwd or SANDBOX_HOME, "--"])
         plan.pinned = bool(pins)
         own: list[str] = []
-        if drop_privileges:
-            for d in (SANDBOX_HOME, *([SECRETS_DIR] if secret_files else [])):
-                own += ["--own", f"{uid}:{uid}", d]
+        if drop_privileges and secret_files:
+            own = ["--own", f"{uid}:{uid}", SECRETS_DIR]
         if own or pins:
             a(["/bin/sh", "-c", _PRELUDE, "sh", *own, *pins, "--"])
         if drop_privileges:
