@@ -416,7 +416,7 @@ def _hand_over(rw_binds: Mapping[str, str], uid: int,
 
 def _restore_owner(path: str, uid: int, gid: int) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             os.fchown(fd, uid, gid)
         finally:

@@ -88,6 +88,10 @@ def sanitize_output(root: str, *, owner: tuple[int, int] | None = None,
     setid: list[str] = []
     special: list[str] = []
     top = os.stat(root, follow_symlinks=False)
+    if stat.S_ISREG(top.st_mode):
+        # A single writable file was bound: the same rules for it alone.
+        name = os.path.basename(root)
+        return OutputReport((name,) if _fix(root, None, top, top_owner) else ())
     if not stat.S_ISDIR(top.st_mode):
         return OutputReport()
     _fix(root, None, top, top_owner)
