@@ -349,6 +349,9 @@ def build_bwrap(
         pins: list[str] = []
         for fd, inside in (ro_bind_fds or {}).items():
             st = os.fstat(fd)
+            host_root = os.stat("/")
+            if (st.st_dev, st.st_ino) == (host_root.st_dev, host_root.st_ino):
+                raise ConfigurationError("refusing to bind the host root", subject=inside)
             dest = check_sandbox_path(inside, subject=inside)
             bind("--ro-bind-fd", str(fd), dest)
             pins += [dest, f"{st.st_dev}:{st.st_ino}"]
