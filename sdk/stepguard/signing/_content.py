@@ -1,9 +1,10 @@
 """What a model file *is*, decided from its bytes -- never from its name, and never by loading it.
 
 :func:`sniff` returns the file's kind and, for anything pickle-based, why. Pickles are recognised
-in every protocol: protocols 2-5 by their ``PROTO`` header; protocols 0 and 1 (which have no
-header) by parsing the first opcodes statically with :mod:`pickletools` -- a complete stream, an
-import followed by a call, or a long run of valid opcodes is a pickle. Wrappers are opened:
+in every protocol, by parsing the first opcodes statically with :mod:`pickletools`: protocols
+2-5 by their ``PROTO`` header followed by a valid opcode; protocols 0 and 1 (which have no
+header) when the opcodes form a complete stream, an import followed by a call, or a long run.
+Wrappers are opened:
 
 * gzip, bzip2, xz/lzma and zlib streams are decompressed (a bounded prefix only, so a
   decompression bomb costs nothing) and their content sniffed in turn;
@@ -72,8 +73,6 @@ class Sniffed:
 
 
 def _pickle_reason(data: bytes, complete: bool) -> str | None:
-    if len(data) >= 2 and data[0] == 0x80 and data[1] <= 5:
-        return f"pickle data (protocol {data[1]} header)"
     names: list[str] = []
     stopped = unknown = False
     try:
@@ -84,6 +83,9 @@ def _pickle_reason(data: bytes, complete: bool) -> str | None:
                 break
     except Exception as exc:  # any parse failure just ends the opcode run
         unknown = "unknown" in str(exc)
+    if names[:1] == ["PROTO"] and len(names) >= 2:
+        # A header alone is not enough: a safetensors header length of 384 starts b"\x80\x01".
+        return f"pickle data (protocol {data[1]} header)"
     if stopped and len(names) >= 2:
         return "pickle stream (protocol 0/1, no header)"
     first_import = next((i for i, n in enumerate(names) if n in _IMPORTS), None)

@@ -167,3 +167,17 @@ def test_uninspectable_streams_are_refused_when_pickles_are_not_allowed(tmp_path
     with pytest.raises(PolicyViolation, match="unsafe model format") as refused:
         sign_model(model, KeySigner(keys.private))
     assert "cannot be opened" in refused.value.details[0]
+
+
+def test_content_detection_does_not_refuse_real_formats(tmp_path: Path, keys) -> None:
+    # A safetensors header of 384 bytes starts b"\x80\x01": a pickle PROTO header, nothing more.
+    model = tmp_path / "m"
+    model.mkdir()
+    header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    header += b" " * (384 - len(header))
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    (model / "model.gguf").write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\0" * 64)
+    (model / "README.md").write_text("# A model\n\nconfig\nvalue\n")
+    sig = tmp_path / "m.sig"
+    sign_model(model, KeySigner(keys.private), bundle_path=sig)
+    verify_model(model, sig, parse_policy(f"key:keys={keys.public};formats=safetensors,gguf,text"))
