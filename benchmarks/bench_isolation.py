@@ -45,7 +45,7 @@ def bare_bwrap() -> None:
     """The same bwrap sandbox without stepguard's bookkeeping (cgroup, handshake, sweeps)."""
     plan = build_bwrap(["/bin/true"], uid=65534, ro_binds={}, rw_binds={}, extra_ro=(),
                        secret_files={}, cwd=None, gpus=0, share_net=False, bind_python=True,
-                       tmp_size=1 << 30)
+                       tmp_size=1 << 30, drop_privileges=False)
     try:
         subprocess.run(plan.argv, pass_fds=plan.pass_fds, check=True)
     finally:

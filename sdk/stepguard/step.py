@@ -228,6 +228,9 @@ class _Run:
         self.started = datetime.now(UTC)
         self.audit_head: str | None = None
         self.deadline = time.monotonic() + self.spec.deadline_s
+        # Input name -> descriptor of the object that was verified; the sandbox binds that.
+        self.pinned: dict[str, int] = {}
+        self.pins = contextlib.ExitStack()
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -267,7 +270,7 @@ class _Run:
 
     def _lifecycle(self, command: Sequence[str] | None, body: Body | None, run_dir: Path) -> None:
         out_paths = self._prepare_outputs()
-        with self._credentials() as session:
+        with self._credentials() as session, self.pins:
             verified = self._verify_inputs(session)
             self._run_body(command, body, verified, out_paths, session)
             manifests = self._hash_outputs(out_paths, run_dir)
@@ -398,7 +401,21 @@ class _Run:
 
             signer = verify_input_signature(inp, manifest, self.settings,
                                             session=_vault_session(session))
-        verify_manifest(path, manifest, allow_internal_symlinks=inp.allow_internal_symlinks)
+        # Resolve the root once and hold the object it leads to: what is verified below is what
+        # the sandbox binds, whatever the configured path (a symlink, say) leads to later.
+        real = os.path.realpath(path)
+        try:
+            fd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            verify_manifest(real, manifest)  # names the missing input the way integrity does
+            raise
+        self.pins.callback(os.close, fd)
+        verify_manifest(real, manifest, allow_internal_symlinks=inp.allow_internal_symlinks)
+        held, now = os.fstat(fd), os.stat(real, follow_symlinks=False)
+        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+            raise IntegrityError("input was replaced while it was being verified",
+                                 subject=str(path))
+        self.pinned[inp.name] = fd
         return InputRecord(
             name=inp.name, path=str(path), digest=manifest.digest, verified=True,
             files=len(manifest.entries), bytes=sum(e.size for e in manifest.entries),
@@ -460,7 +477,8 @@ class _Run:
             result = run_isolated(
                 list(command),
                 iso,
-                ro_binds={str(p): str(p) for p in inputs.values()},
+                ro_binds={str(p): str(p) for n, p in inputs.items() if n not in self.pinned},
+                ro_bind_fds={fd: str(inputs[n]) for n, fd in self.pinned.items()} or None,
                 rw_binds={str(p): str(p) for p in outputs.values()},
                 env=child_env,
                 secret_files=secret_files,

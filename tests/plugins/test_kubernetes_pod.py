@@ -109,6 +109,24 @@ def test_unsafe_pod_is_refused_at_parse_time(airflow_db, kubeconfig, kwargs, rul
     assert "train" in str(info.value)
 
 
+def test_api_usable_projected_token_is_refused(airflow_db, kubeconfig):
+    """Red-team finding 7, contract level (no API server here): a projected service-account
+    token without an audience, mounted at the standard path, is a token for the Kubernetes API."""
+    from kubernetes.client import models as k8s
+
+    from stepguard.errors import PolicyViolation
+
+    token = k8s.V1Volume(name="kube-api-access", projected=k8s.V1ProjectedVolumeSource(sources=[
+        k8s.V1VolumeProjection(service_account_token=k8s.V1ServiceAccountTokenProjection(
+            path="token", expiration_seconds=86400))]))
+    mount = k8s.V1VolumeMount(name="kube-api-access", read_only=True,
+                              mount_path="/var/run/secrets/kubernetes.io/serviceaccount")
+    with pytest.raises(PolicyViolation) as info:
+        _op(kubeconfig, volumes=[token], volume_mounts=[mount]).build_pod_request_obj()
+    assert any(d.startswith("stepguard.projected-token") for d in info.value.details), \
+        info.value.details
+
+
 def test_templated_image_is_checked_when_the_pod_is_built(airflow_db, kubeconfig):
     from stepguard.errors import PolicyViolation
 

@@ -32,6 +32,20 @@ _VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                  "persistentVolumeClaim", "projected", "secret"}
 _TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 _CONTAINER_KEYS = ("initContainers", "containers", "ephemeralContainers")
+#: Longest lifetime accepted for a projected service-account token (seconds). The API server
+#: defaults to 3600 when the field is absent, and may extend tokens of the *API* audience to a
+#: year; we only accept tokens for another audience, so an absent field means one hour.
+MAX_TOKEN_EXPIRATION_S = 3600
+# Audiences the Kubernetes API server accepts by default (``--api-audiences`` falls back to the
+# issuer, which is one of these on every mainstream distribution). A token for any of them is a
+# token for the API. Compared after lower-casing and stripping a trailing slash.
+_API_AUDIENCES = {
+    "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local", "https://kubernetes",
+    "https://kubernetes.default", "https://kubernetes.default.svc",
+    "https://kubernetes.default.svc.cluster.local", "api", "k3s", "rke2",
+    "https://kubernetes.default.svc:443", "https://kubernetes.default.svc.cluster.local:443",
+}
 
 #: Every rule :func:`check_pod` knows, with a one-line description.
 RULES: dict[str, str] = {
@@ -56,6 +70,8 @@ RULES: dict[str, str] = {
     "restricted.capabilities": "drop ALL; add at most NET_BIND_SERVICE",
     "stepguard.image-digest": "every image pinned by @sha256 digest",
     "stepguard.sa-token": "automountServiceAccountToken false",
+    "stepguard.projected-token": "projected service-account tokens name an audience that is not "
+                                 "the API server's, and expire within 3600 s",
     "stepguard.read-only-root": "readOnlyRootFilesystem true on every container",
     "stepguard.limits": "cpu and memory limits on every container",
     "stepguard.deadline": "activeDeadlineSeconds set (Pods and Jobs)",
@@ -306,6 +322,14 @@ def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,
     if pod.get("automountServiceAccountToken") is not False:
         v(Violation("stepguard.sa-token", f"{prefix}.automountServiceAccountToken",
                     "service-account token is mounted (set false; use a projected token)"))
+    for i, vol in enumerate(pod.get("volumes") or []):
+        sources = (vol.get("projected") or {}).get("sources") or []
+        for j, src in enumerate(sources):
+            if not isinstance(src, Mapping) or "serviceAccountToken" not in src:
+                continue
+            out.extend(_token_violations(src.get("serviceAccountToken") or {},
+                                         f"{prefix}.volumes[{i}].projected.sources[{j}]"
+                                         ".serviceAccountToken"))
     if runs_once:
         deadline = pod.get("activeDeadlineSeconds")
         if manifest.get("kind") in ("Job", "CronJob"):
@@ -318,6 +342,30 @@ def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,
             v(Violation("stepguard.restart-policy", f"{prefix}.restartPolicy",
                         f"restartPolicy {pod.get('restartPolicy', 'Always')!r}"))
     return out
+
+
+def _is_api_audience(audience: str) -> bool:
+    a = audience.strip().lower().rstrip("/")
+    return a in _API_AUDIENCES or a.startswith(("https://kubernetes.default.",
+                                                "kubernetes.default."))
+
+
+def _token_violations(tok: Mapping[str, Any], where: str) -> list[Violation]:
+    """A projected token must be for someone else than the API server, and short-lived."""
+    found: list[Violation] = []
+    audience = tok.get("audience")
+    if not isinstance(audience, str) or not audience.strip():
+        found.append(Violation("stepguard.projected-token", f"{where}.audience",
+                               "no audience: the token is valid against the Kubernetes API"))
+    elif _is_api_audience(audience):
+        found.append(Violation("stepguard.projected-token", f"{where}.audience",
+                               f"audience {audience!r} is the Kubernetes API server's"))
+    expiry = tok.get("expirationSeconds", MAX_TOKEN_EXPIRATION_S)
+    if not isinstance(expiry, int) or isinstance(expiry, bool) \
+            or expiry > MAX_TOKEN_EXPIRATION_S:
+        found.append(Violation("stepguard.projected-token", f"{where}.expirationSeconds",
+                               f"token lives {expiry!r} s (at most {MAX_TOKEN_EXPIRATION_S})"))
+    return found
 
 
 def assert_pod_ok(manifest: Mapping[str, Any], *, schema: bool = True,

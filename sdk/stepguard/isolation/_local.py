@@ -1,4 +1,10 @@
-"""Running a body on this machine: plain process or bubblewrap sandbox, with a hard deadline."""
+"""Running a body on this machine: plain process or bubblewrap sandbox, with a hard deadline.
+
+In the sandbox, when we run as root, the body runs under ``spec.uid`` on the host too: the output
+directories are handed to that uid for the run and handed back afterwards, and every output is
+sanitized (:mod:`stepguard.isolation._outputs`) before the run is reported. A sandbox memory
+limit applies by default (:data:`DEFAULT_SANDBOX_MEMORY`, set ``isolation.memory`` to change it).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
-from stepguard.errors import ConfigurationError, IsolationError, StepTimeout
+from stepguard.errors import ConfigurationError, IntegrityError, IsolationError, StepTimeout
 from stepguard.isolation._limits import (
     Cgroup,
     create_cgroup,
@@ -23,13 +29,21 @@ from stepguard.isolation._limits import (
     parse_bytes,
     rlimits,
 )
+from stepguard.isolation._outputs import sanitize_output
 from stepguard.isolation._result import RunResult
-from stepguard.isolation._sandbox import SANDBOX_HOME, SECRETS_DIR, build_bwrap
+from stepguard.isolation._sandbox import (
+    PIN_MISMATCH_STATUS,
+    SANDBOX_HOME,
+    SECRETS_DIR,
+    build_bwrap,
+)
 from stepguard.spec import IsolationSpec
 
 Output = str | os.PathLike[str] | int | IO[Any] | None
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The sandbox's memory limit when the spec names none (the pod's default limit is the same).
+DEFAULT_SANDBOX_MEMORY = "2Gi"
 
 
 def base_path(bind_python: bool) -> str:
@@ -73,21 +87,46 @@ def _kill_tree(proc: subprocess.Popen[bytes], cgroup: Cgroup | None, *, wait: bo
 class _Gate:
     """The two pipes of bwrap's ``--info-fd`` / ``--block-fd`` handshake."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_uid: int | None) -> None:
         self.info_r, self.info_w = os.pipe()
         self.block_r, self.block_w = os.pipe()
         os.set_inheritable(self.info_w, True)
         os.set_inheritable(self.block_r, True)
+        # With a caller-made user namespace map, a third pipe: bwrap waits for the map.
+        self.host_uid = host_uid
+        self.userns_r, self.userns_w = os.pipe() if host_uid is not None else (-1, -1)
+        if host_uid is not None:
+            os.set_inheritable(self.userns_r, True)
+
+    def bwrap_args(self) -> tuple[list[str], list[int]]:
+        """The bwrap options of the handshake and the descriptors bwrap inherits for it."""
+        args = ["--info-fd", str(self.info_w), "--block-fd", str(self.block_r)]
+        fds = [self.info_w, self.block_r]
+        if self.host_uid is not None:
+            args += ["--userns-block-fd", str(self.userns_r)]
+            fds.append(self.userns_r)
+        return args, fds
 
     def close(self) -> None:
         """Close our ends (bwrap's ends are closed with the other passed descriptors)."""
-        for fd in (self.info_r, self.block_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for fd in (self.info_r, self.block_w, self.userns_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _map_user(self, pid: int) -> None:
+        # Root inside is root outside, for bwrap's setup only (setpriv drops the body to
+        # host_uid before it runs); the body's uid is the same number on both sides.
+        uid = self.host_uid
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{name}", "w") as fh:
+                fh.write(f"0 0 1\n{uid} {uid} 1\n")
+        os.write(self.userns_w, b"x")
 
     def confine(self, proc: subprocess.Popen[bytes], cgroup: Cgroup | None,
                 limits: list[tuple[int, int]], timeout_s: float) -> None:
-        """Read the sandbox init's pid, confine it and bwrap, then let the body start."""
+        """Read the sandbox init's pid, map its user namespace when we own the map, confine it
+        and bwrap, then let the body start."""
         import json
         import resource
 
@@ -112,6 +151,8 @@ class _Gate:
             # stays outside and dies through the process group and --die-with-parent.
             for pid in (child,):
                 try:
+                    if self.host_uid is not None:
+                        self._map_user(pid)
                     if cgroup is not None:
                         for procs in cgroup.procs_files:
                             with open(procs, "w") as fh:
@@ -163,6 +204,7 @@ def run_local(
     stderr: Output,
     gpus: int,
     bind_python: bool,
+    ro_bind_fds: Mapping[int, str] | None = None,
 ) -> RunResult:
     """Run ``command`` as a plain process or in bubblewrap; see :func:`run_isolated`."""
     if not command:
@@ -176,7 +218,9 @@ def run_local(
         if name in env:
             raise ConfigurationError("secret file name also set as a plain variable",
                                      subject=name)
-    memory = parse_bytes(spec.memory, subject="isolation.memory") if spec.memory else None
+    memory_text = spec.memory or (DEFAULT_SANDBOX_MEMORY if mode == "sandbox" else None)
+    memory = parse_bytes(memory_text, subject="isolation.memory") if memory_text else None
+    pinned = dict(ro_bind_fds or {})
     share_net = False
     network = "none"
     if spec.network != "none":
@@ -212,6 +256,9 @@ def run_local(
         err_fd, err_path = _open_output(stderr, stack)
         pass_fds: list[int] = []
         gpus_visible = False
+        host_uid: int | None = None
+        owners: dict[str, tuple[int, int]] = {}
+        found: list[str] = []
 
         if mode == "sandbox":
             full_env.setdefault("HOME", SANDBOX_HOME)
@@ -229,8 +276,13 @@ def run_local(
                 command, uid=spec.uid, ro_binds=ro_binds, rw_binds=rw_binds,
                 extra_ro=spec.read_only_paths, secret_files=secret_files, cwd=cwd, gpus=gpus,
                 share_net=share_net, bind_python=bind_python, tmp_size=tmp_size,
+                ro_bind_fds=pinned,
             )
             argv, pass_fds, gpus_visible = plan.argv, plan.pass_fds, plan.gpus_visible
+            host_uid = plan.host_uid
+            if host_uid is not None:
+                applied = (*applied, f"uid:host={host_uid}")
+                owners = _hand_over(rw_binds, host_uid, stack)
             if plan.seccomp:
                 applied = (*applied, "seccomp:deny-list")
             popen_cwd = "/"
@@ -241,6 +293,9 @@ def run_local(
                 # A plain process sees the host as it is: a path can be offered, not moved.
                 raise ConfigurationError("binds to another path need mode 'sandbox'",
                                          subject="isolation.mode", details=moved)
+            for fd, where in pinned.items():
+                # No bind to make: the path must still be the object that was verified.
+                _check_pinned(fd, where)
             if secret_files:
                 shm = "/dev/shm"  # noqa: S108 -- tmpfs; the 0700 directory is ours
                 base = shm if os.path.isdir(shm) else None
@@ -262,9 +317,10 @@ def run_local(
             # body: we put that init in the cgroup and set its rlimits in that window, so the
             # body starts already confined -- without a preexec_fn, which would force a slow
             # fork() of this whole process instead of vfork().
-            gate = _Gate()
-            argv[1:1] = ["--info-fd", str(gate.info_w), "--block-fd", str(gate.block_r)]
-            pass_fds = [*pass_fds, gate.info_w, gate.block_r]
+            gate = _Gate(host_uid)
+            gate_args, gate_fds = gate.bwrap_args()
+            argv[1:1] = gate_args
+            pass_fds = [*pass_fds, *gate_fds]
         elif limits or cgroup is not None:
             # Only os.open/os.write/setrlimit run between fork and exec.
             preexec = make_preexec(limits, cgroup.procs_files if cgroup else [])
@@ -272,8 +328,8 @@ def run_local(
         try:
             proc = subprocess.Popen(
                 argv, env=full_env, cwd=popen_cwd, stdin=subprocess.DEVNULL, stdout=out_fd,
-                stderr=err_fd, start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                preexec_fn=preexec,  # noqa: PLW1509
+                stderr=err_fd, start_new_session=True, close_fds=True,
+                pass_fds=[*pass_fds, *pinned], preexec_fn=preexec,  # noqa: PLW1509
             )
         except FileNotFoundError as exc:
             if gate is not None:
@@ -301,6 +357,9 @@ def run_local(
             code = proc.wait()
             if cgroup is not None:
                 cgroup.kill_all()
+            if mode == "sandbox":
+                # Nothing of the body runs any more: make its outputs safe on every path.
+                found = _sanitize_outputs(rw_binds, host_uid, owners)
         duration = time.monotonic() - start
         sig = -code if code < 0 else None
         result = RunResult(
@@ -318,4 +377,65 @@ def run_local(
             )
             err.result = result  # type: ignore[attr-defined]
             raise err
+        if mode == "sandbox" and plan.pinned and code == PIN_MISMATCH_STATUS:
+            mismatch = IntegrityError(
+                "a bound input is not the directory that was verified; the body did not run",
+                subject=", ".join(pinned.values()))
+            mismatch.result = result  # type: ignore[attr-defined]
+            raise mismatch
+        if found:
+            unsafe = IntegrityError(
+                "the body left set-id or special files in its output; they were made safe and "
+                "the run is refused", subject=found[0].split(": ", 1)[0], details=found)
+            unsafe.result = result  # type: ignore[attr-defined]
+            raise unsafe
         return result
+
+
+def _check_pinned(fd: int, path: str) -> None:
+    st, now = os.fstat(fd), os.stat(path)
+    if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+        raise IntegrityError("the input path no longer leads to the directory that was verified",
+                             subject=path)
+
+
+def _hand_over(rw_binds: Mapping[str, str], uid: int,
+               stack: contextlib.ExitStack) -> dict[str, tuple[int, int]]:
+    """Give each output directory's top to the body's host uid for the run; returns the owners
+    to restore (restored on every path, first thing after the run)."""
+    owners: dict[str, tuple[int, int]] = {}
+    for host in rw_binds:
+        real = os.path.realpath(host)
+        st = os.stat(real)
+        owners[real] = (st.st_uid, st.st_gid)
+        if (st.st_uid, st.st_gid) != (uid, uid):
+            stack.callback(_restore_owner, real, st.st_uid, st.st_gid)
+            os.chown(real, uid, uid)
+    return owners
+
+
+def _restore_owner(path: str, uid: int, gid: int) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, uid, gid)
+        finally:
+            os.close(fd)
+
+
+def _sanitize_outputs(rw_binds: Mapping[str, str], host_uid: int | None,
+                      owners: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Sanitize every writable bind; returns what had to be made safe, one line per file."""
+    found: list[str] = []
+    for host in rw_binds:
+        real = os.path.realpath(host)
+        if real in owners:
+            # The top first: from here on no other process of the body's uid can add to it.
+            _restore_owner(real, *owners[real])
+        if host_uid is not None:
+            report = sanitize_output(real, owner=(os.geteuid(), os.getegid()), body_uid=host_uid)
+        else:
+            report = sanitize_output(real)
+        found += [f"{real}/{p}: set-id bits (cleared)" for p in report.setid]
+        found += [f"{real}/{p}: special file (removed)" for p in report.special]
+    return found

@@ -17,6 +17,7 @@ def run_isolated(
     *,
     ro_binds: Mapping[str, str] | None = None,
     rw_binds: Mapping[str, str] | None = None,
+    ro_bind_fds: Mapping[int, str] | None = None,
     env: Mapping[str, str] | None = None,
     secret_files: Mapping[str, bytes] | None = None,
     deadline_s: float,
@@ -34,6 +35,15 @@ def run_isolated(
 
     * ``ro_binds`` / ``rw_binds``: host path -> sandbox path (sandbox mode only). Verified inputs go
       in ``ro_binds``; the output directory in ``rw_binds``. Host paths are resolved once, here.
+      After the run every ``rw_binds`` directory is sanitized: set-id bits are cleared and FIFOs,
+      sockets and device nodes removed; if there were any the run is refused with
+      :class:`~stepguard.errors.IntegrityError` naming them. When we run as root the body runs as
+      ``spec.uid`` on the host too, and each output directory is lent to that uid for the run.
+    * ``ro_bind_fds``: open descriptor (``O_PATH`` is enough) -> sandbox path. The object behind
+      the descriptor is bound -- not whatever a path leads to later -- and re-checked by device
+      and inode inside the finished sandbox before the body starts (process mode: the path must
+      still lead to it). A mismatch raises :class:`~stepguard.errors.IntegrityError`. The caller
+      keeps and closes the descriptors.
     * ``env``: the body's whole environment (plus a minimal ``PATH`` unless given; in the sandbox
       also ``HOME`` and ``TMPDIR``). Nothing of the caller's environment is inherited.
     * ``secret_files``: environment variable name -> content. Each is written mode 0400 on a
@@ -62,7 +72,7 @@ def run_isolated(
     """
     effective_gpus = spec.gpus if gpus is None else gpus
     if spec.mode == "pod":
-        if ro_binds or rw_binds:
+        if ro_binds or rw_binds or ro_bind_fds:
             raise ConfigurationError(
                 "a pod cannot bind host paths; inputs are fetched and verified inside the pod",
                 subject="isolation.mode",
@@ -83,4 +93,5 @@ def run_isolated(
         command, spec, mode=spec.mode, ro_binds=ro_binds or {}, rw_binds=rw_binds or {},
         env=env or {}, secret_files=secret_files or {}, deadline_s=deadline_s, cwd=cwd,
         stdout=stdout, stderr=stderr, gpus=effective_gpus, bind_python=bind_python,
+        ro_bind_fds=ro_bind_fds,
     )

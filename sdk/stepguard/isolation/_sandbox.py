@@ -5,6 +5,20 @@ the host appears only through the read-only system binds, the Python installatio
 binds, and -- when GPUs are requested and present -- the NVIDIA device nodes and driver libraries.
 Home directories, ``/root``, ``/run/secrets``, Vault token files, cloud credential files and the
 host environment are never bound: they do not exist inside.
+
+Who the body is on the host. bubblewrap maps the sandbox uid onto the uid that started it, so a
+root worker would give its body root's owner rights on every bound file. When we run as root the
+user namespace is mapped by us instead (``--userns-block-fd``): host root stays root for the setup
+only, and the body is switched by ``setpriv`` to ``spec.uid`` *on the host as well* (default 65534,
+``nobody``), with no capabilities and no way back. When we are not root the kernel only lets the
+namespace map our own uid, so the body keeps the caller's rights on what is bound (and nothing
+else is bound); set-id bits and special files are still stripped from outputs afterwards.
+
+Every tmpfs has a size: ``/tmp``, the home directory and ``/dev/shm`` get ``scratch_size`` each,
+the secrets tmpfs a size fitted to its files; ``/dev`` and the root are remounted read-only.
+
+Pinned inputs (``ro_bind_fds``) are bound from the open descriptor the caller verified through,
+then re-checked by identity (device and inode) inside the finished sandbox before the body starts.
 """
 
 from __future__ import annotations
@@ -42,6 +56,17 @@ _NVIDIA_BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced",
                     "nvidia-cuda-mps-control", "nvidia-cuda-mps-server")
 # Mounting over these would hide the sandbox's own plumbing.
 _RESERVED = ("/proc", "/dev", "/usr", "/etc", "/run/stepguard")
+# Exit status of the identity check of pinned binds (before the body starts).
+PIN_MISMATCH_STATUS = 125
+# Runs inside the finished sandbox before the body, only when needed: hand the secrets tmpfs to
+# the body's uid (root-made sandboxes), then check each pinned bind "PATH DEV:INO", then exec.
+_PRELUDE = (
+    'while [ "$1" = --own ]; do chown -R "$2" "$3" || exit 126; shift 3; done; '
+    'while [ "$1" != -- ]; do '
+    'if [ "$(stat -L -c %d:%i -- "$1")" != "$2" ]; then '
+    'echo "stepguard: $1 is not the directory that was verified" >&2; exit 125; fi; '
+    "shift 2; done; shift; exec \"$@\""
+)
 
 
 def find_bwrap(search_path: str | None = None) -> str:
@@ -167,6 +192,24 @@ class BwrapPlan:
     pass_fds: list[int] = field(default_factory=list)
     gpus_visible: bool = False
     seccomp: bool = False
+    # The host uid the body runs as when we map the user namespace ourselves (root only).
+    host_uid: int | None = None
+    pinned: bool = False
+
+
+def find_setpriv() -> str:
+    """Path of util-linux ``setpriv``, which drops the body to its own host uid."""
+    path = shutil.which("setpriv", path=_SEARCH)
+    if path is None:
+        raise IsolationError(
+            "setpriv is not installed; a sandbox started by root cannot drop its body to an "
+            "unprivileged uid", subject="setpriv", hint="apt-get install util-linux")
+    return path
+
+
+def _parents(dest: str) -> list[str]:
+    parts = PurePosixPath(dest).parents
+    return [str(p) for p in reversed(list(parts)) if str(p) != "/"]
 
 
 def _data_fd(data: bytes) -> int:
@@ -190,15 +233,38 @@ def build_bwrap(
     share_net: bool,
     bind_python: bool,
     tmp_size: int | None,
+    ro_bind_fds: Mapping[int, str] | None = None,
+    drop_privileges: bool | None = None,
 ) -> BwrapPlan:
     """Assemble the bwrap invocation. The caller closes ``plan.pass_fds`` after spawning;
-    if assembling fails, the descriptors opened so far are closed here."""
+    if assembling fails, the descriptors opened so far are closed here.
+
+    ``drop_privileges`` (default: we are root) means the caller maps the user namespace itself
+    (``plan.host_uid`` set; see the module docstring) and the body is started through setpriv.
+    ``ro_bind_fds`` (descriptor -> sandbox path) are bound by descriptor and re-checked by identity.
+    The caller keeps ownership of those descriptors (they are passed, not closed here).
+    """
+    if drop_privileges is None:
+        drop_privileges = os.geteuid() == 0
     plan = BwrapPlan([find_bwrap()])
     try:
         a = plan.argv.extend
-        a(["--unshare-all", "--unshare-user", "--unshare-cgroup-try", "--disable-userns",
-           "--uid", str(uid), "--gid", str(uid), "--hostname", "stepguard",
-           "--cap-drop", "ALL", "--new-session", "--die-with-parent"])
+        if drop_privileges:
+            setpriv = find_setpriv()
+            plan.host_uid = uid
+            # No --disable-userns here (bwrap refuses it with a caller-made map); the seccomp
+            # filter denies unshare(2)/clone(CLONE_NEWUSER) instead. CHOWN is kept for the
+            # prelude (secrets become the body's), SETUID/SETGID/SETPCAP for setpriv, which
+            # gives them all up with the switch to the body's uid.
+            a(["--unshare-all", "--unshare-user", "--unshare-cgroup-try",
+               "--uid", "0", "--gid", "0", "--hostname", "stepguard",
+               "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+               "--cap-add", "CAP_CHOWN", "--cap-add", "CAP_SETPCAP",
+               "--new-session", "--die-with-parent"])
+        else:
+            a(["--unshare-all", "--unshare-user", "--unshare-cgroup-try", "--disable-userns",
+               "--uid", str(uid), "--gid", str(uid), "--hostname", "stepguard",
+               "--cap-drop", "ALL", "--new-session", "--die-with-parent"])
         if share_net:
             a(["--share-net"])
         a(["--ro-bind", "/usr", "/usr"])
@@ -225,9 +291,36 @@ def build_bwrap(
         data("/etc/hosts", b"127.0.0.1 localhost stepguard\n::1 localhost\n")
 
         a(["--proc", "/proc", "--dev", "/dev"])
-        if tmp_size:
-            a(["--size", str(tmp_size)])
-        a(["--tmpfs", "/tmp", "--tmpfs", SANDBOX_HOME])  # noqa: S108 -- private tmpfs
+        made: set[str] = set()
+        host_backed: list[str] = []
+
+        def parents(dest: str) -> None:
+            # bwrap copies the host's mode onto the directories it creates above a mount point (a
+            # 0700 /root would lock the body out of its own Python); create them 0755 first.
+            # Never inside a host-backed bind: that would create directories on the host.
+            for parent in _parents(dest):
+                if parent in made or _covered(parent, ["/usr", "/dev", *host_backed]):
+                    continue
+                made.add(parent)
+                a(["--dir", parent])
+
+        def bind(flag: str, src: str, dest: str) -> None:
+            parents(dest)
+            a([flag, src, dest])
+            host_backed.append(dest)
+
+        # --size applies to the next tmpfs only: every tmpfs gets its own.
+        # A root-started sandbox sets up as root: its body cannot own the home directory without
+        # a chown inside (an extra exec on every start), so the home is sticky and
+        # world-writable there -- the body's uid is the only unprivileged one inside.
+        home_perms = "1777" if drop_privileges else "0700"
+        for tmpfs, perms in (("/dev/shm", "1777"), ("/tmp", "1777"),  # noqa: S108 -- private
+                             (SANDBOX_HOME, home_perms)):
+            parents(tmpfs)
+            if tmp_size:
+                a(["--size", str(tmp_size)])
+            a(["--perms", perms, "--tmpfs", tmpfs])
+            made.add(tmpfs)
 
         if gpus > 0:
             nodes = gpu_device_nodes(gpus)
@@ -246,19 +339,29 @@ def build_bwrap(
 
         if bind_python:
             for prefix in python_prefixes():
-                a(["--ro-bind", prefix, prefix])
+                bind("--ro-bind", prefix, prefix)
         for path in extra_ro:
             real = check_host_path(path, subject=f"isolation.read_only_paths:{path}")
-            a(["--ro-bind", real, check_sandbox_path(path, subject=path)])
+            bind("--ro-bind", real, check_sandbox_path(path, subject=path))
         for host, inside in ro_binds.items():
-            a(["--ro-bind", check_host_path(host, subject=host),
-               check_sandbox_path(inside, subject=inside)])
+            bind("--ro-bind", check_host_path(host, subject=host),
+                 check_sandbox_path(inside, subject=inside))
+        pins: list[str] = []
+        for fd, inside in (ro_bind_fds or {}).items():
+            st = os.fstat(fd)
+            host_root = os.stat("/")
+            if (st.st_dev, st.st_ino) == (host_root.st_dev, host_root.st_ino):
+                raise ConfigurationError("refusing to bind the host root", subject=inside)
+            dest = check_sandbox_path(inside, subject=inside)
+            bind("--ro-bind-fd", str(fd), dest)
+            pins += [dest, f"{st.st_dev}:{st.st_ino}"]
         for host, inside in rw_binds.items():
-            a(["--bind", check_host_path(host, subject=host),
-               check_sandbox_path(inside, subject=inside)])
+            bind("--bind", check_host_path(host, subject=host),
+                 check_sandbox_path(inside, subject=inside))
 
         if secret_files:
             size = max(1 << 20, 2 * sum(map(len, secret_files.values())))
+            parents(SECRETS_DIR)
             a(["--perms", "0700", "--size", str(size), "--tmpfs", SECRETS_DIR])
             for name, content in secret_files.items():
                 fd = _data_fd(content)
@@ -273,8 +376,19 @@ def build_bwrap(
             plan.seccomp = True
             a(["--seccomp", str(sfd)])
 
-        # Last: the root tmpfs (and the directories bwrap created in it) becomes read-only.
-        a(["--remount-ro", "/", "--chdir", cwd or SANDBOX_HOME, "--", *command])
+        # Last: the root tmpfs (and the directories bwrap created in it) and /dev (a tmpfs
+        # bwrap cannot size; its device nodes keep working) become read-only.
+        a(["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", cwd or SANDBOX_HOME, "--"])
+        plan.pinned = bool(pins)
+        own: list[str] = []
+        if drop_privileges and secret_files:
+            own = ["--own", f"{uid}:{uid}", SECRETS_DIR]
+        if own or pins:
+            a(["/bin/sh", "-c", _PRELUDE, "sh", *own, *pins, "--"])
+        if drop_privileges:
+            a([setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+               "--inh-caps=-all", "--bounding-set=-all", "--"])
+        a(list(command))
     except BaseException:
         for fd in plan.pass_fds:
             os.close(fd)

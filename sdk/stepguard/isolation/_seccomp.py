@@ -3,9 +3,9 @@
 bubblewrap installs it just before running the body. It refuses, with EPERM, the system calls a
 step body has no business making and that widen the kernel attack surface or reach outside the
 sandbox: kernel keyrings, BPF, perf, userfaultfd, io_uring, ptrace and cross-process memory
-access, module and kexec loading, mount API, namespace joining, clock and swap control. Other
-architectures, and the x32 ABI, are refused outright (the filter kills the process) so a foreign
-syscall table cannot sidestep the list.
+access, module and kexec loading, mount API, namespace joining, clock and swap control, and new
+user namespaces. Other architectures, and the x32 ABI, are refused outright (the filter kills the
+process) so a foreign syscall table cannot sidestep the list.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ _X32_BIT = 0x40000000
 _LD_ABS_W = 0x20          # BPF_LD | BPF_W | BPF_ABS
 _JEQ_K = 0x15             # BPF_JMP | BPF_JEQ | BPF_K
 _JGE_K = 0x35             # BPF_JMP | BPF_JGE | BPF_K
+_JSET_K = 0x45            # BPF_JMP | BPF_JSET | BPF_K
+_NR_CLONE = 56
+_NR_CLONE3 = 435
+_CLONE_NEWUSER = 0x10000000
 _RET_K = 0x06             # BPF_RET | BPF_K
 _RET_KILL_PROCESS = 0x80000000
 _RET_ALLOW = 0x7FFF0000
@@ -47,27 +51,41 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
 
 
 def filter_program() -> bytes | None:
-    """The compiled classic-BPF program, or None where no syscall table is known (not x86-64)."""
+    """The compiled classic-BPF program, or None where no syscall table is known (not x86-64).
+
+    Besides the deny-list: ``clone`` with ``CLONE_NEWUSER`` is refused (EPERM) and ``clone3`` --
+    whose flags a classic filter cannot read -- answers ENOSYS, so libc falls back to ``clone``.
+    A body therefore cannot create a user namespace even where bwrap's ``--disable-userns`` is
+    not available (a sandbox started by root maps its namespace itself).
+    """
     if platform.machine() not in ("x86_64", "AMD64") or struct.calcsize("P") != 8:
         return None
     nrs = sorted(DENIED_X86_64.values())
-    prog = [
-        _insn(_LD_ABS_W, 0, 0, 4),                       # 0: seccomp_data.arch
-        _insn(_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64),          # 1: x86-64? skip the kill
-        _insn(_RET_K, 0, 0, _RET_KILL_PROCESS),           # 2
-        _insn(_LD_ABS_W, 0, 0, 0),                        # 3: seccomp_data.nr
+    # (code, true-label, false-label, k); labels are resolved to relative jumps below.
+    prog: list[tuple[int, str | int, str | int, int]] = [
+        (_LD_ABS_W, 0, 0, 4),                             # seccomp_data.arch
+        (_JEQ_K, 1, 0, _AUDIT_ARCH_X86_64),               # x86-64? skip the kill
+        (_RET_K, 0, 0, _RET_KILL_PROCESS),
+        (_LD_ABS_W, 0, 0, 0),                             # seccomp_data.nr
+        (_JGE_K, "kill", 0, _X32_BIT),                    # x32 ABI -> kill
     ]
-    errno_at = 4 + 1 + len(nrs) + 1
-    prog.append(_insn(_JGE_K, 0, 0, _X32_BIT))            # 4: x32 ABI -> kill (patched below)
-    for i, nr in enumerate(nrs):
-        here = 5 + i
-        prog.append(_insn(_JEQ_K, errno_at - here - 1, 0, nr))
-    prog.append(_insn(_RET_K, 0, 0, _RET_ALLOW))
-    prog.append(_insn(_RET_K, 0, 0, _RET_ERRNO | errno.EPERM))
-    prog.append(_insn(_RET_K, 0, 0, _RET_KILL_PROCESS))   # target of the x32 check
-    kill_at = len(prog) - 1
-    prog[4] = _insn(_JGE_K, kill_at - 4 - 1, 0, _X32_BIT)
-    return b"".join(prog)
+    prog += [(_JEQ_K, "eperm", 0, nr) for nr in nrs]
+    prog += [
+        (_JEQ_K, "enosys", 0, _NR_CLONE3),
+        (_JEQ_K, 0, "allow", _NR_CLONE),
+        (_LD_ABS_W, 0, 0, 16),                            # low half of args[0]: clone flags
+        (_JSET_K, "eperm", "allow", _CLONE_NEWUSER),
+    ]
+    labels = {"allow": len(prog), "eperm": len(prog) + 1, "enosys": len(prog) + 2,
+              "kill": len(prog) + 3}
+    prog += [(_RET_K, 0, 0, _RET_ALLOW), (_RET_K, 0, 0, _RET_ERRNO | errno.EPERM),
+             (_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS), (_RET_K, 0, 0, _RET_KILL_PROCESS)]
+
+    def rel(here: int, target: str | int) -> int:
+        return target if isinstance(target, int) else labels[target] - here - 1
+
+    return b"".join(_insn(code, rel(i, jt), rel(i, jf), k)
+                    for i, (code, jt, jf, k) in enumerate(prog))
 
 
 def filter_fd() -> int | None:

@@ -28,8 +28,9 @@ SIGSTORE_MEDIA_TYPES = (
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 MODEL_PREDICATE_TYPE = "https://model_signing/signature/v1.0"
-#: Files ``model_signing`` leaves out of a signature by default; we accept a signature that
-#: records them as ignored, but verification still refuses such files if they are present.
+#: Top-level git paths ``model_signing`` leaves out of a signature by default
+#: (``ignore_git_paths``) and records in ``ignore_paths``; we do the same when signing, and
+#: ignore them when verifying unless the signature covers them.
 GIT_IGNORE_PATHS = frozenset({".git", ".gitignore", ".github", ".gitattributes"})
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 

@@ -1,75 +1,68 @@
 """Unsafe serialization formats: pickle-based files are refused unless a policy allows them.
 
-Nothing here unpickles. Detection reads names and a few header bytes; allowed pickles are handed
-to two independent static scanners (fickling and picklescan) in subprocesses, and any finding,
-error or non-zero exit of either one is a refusal. Scanners are a tripwire behind the signature,
-not a boundary: denylist scanners have missed real payloads before.
+Nothing here unpickles. Detection is by content (:mod:`stepguard.signing._content`): pickle
+streams of every protocol, inside gzip/bzip2/xz/zlib wrappers and inside every zip member,
+object-dtype numpy arrays; a pickle suffix (``.pkl``, ``.pt``, ...) is refused whatever the bytes
+say. Content that cannot be opened to look (zstd, lz4, encrypted zip members) is refused the same
+way. A policy may also name a format allow-list (``formats``): then every file must be
+recognised as one of those kinds, and anything unrecognised is refused rather than let through.
+
+Allowed pickles are handed to two independent static scanners (fickling and picklescan) in
+subprocesses, and any finding, error or non-zero exit of either one is a refusal. Scanners are a
+tripwire behind the signature, not a boundary: denylist scanners have missed real payloads before.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from stepguard.errors import PolicyViolation
+from stepguard.errors import ConfigurationError, PolicyViolation
+from stepguard.signing._content import KINDS, sniff
 
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".ckpt",
                              ".dill", ".npz", ".mar", ".h5pkl"})
 SCANNER_TIMEOUT_S = 120.0
 
 
-def _npy_has_objects(path: Path) -> bool | None:
-    """True/False from the .npy header (never the data); None when the header is unreadable."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(10)
-            if head[:6] != b"\x93NUMPY":
-                return None
-            major = head[6]
-            if major == 1:
-                hlen = int.from_bytes(head[8:10], "little")
-            else:
-                hlen = int.from_bytes(head[8:10] + fh.read(2), "little")
-            header = fh.read(min(hlen, 65536)).decode("latin-1")
-        meta = ast.literal_eval(header)  # a dict literal; literal_eval evaluates no code
-        descr = meta.get("descr") if isinstance(meta, dict) else None
-    except (OSError, ValueError, SyntaxError, UnicodeDecodeError):
+#: What a format allow-list may name.
+ALLOWABLE_FORMATS = KINDS - {"pickle", "uninspectable", "unknown"}
+
+
+def check_allowed_formats(formats: Collection[str] | None) -> tuple[str, ...] | None:
+    """Validate a policy's format allow-list (None: no allow-list).
+
+    >>> check_allowed_formats(["safetensors", "json"])
+    ('json', 'safetensors')
+    >>> check_allowed_formats(["pickle"])
+    Traceback (most recent call last):
+    ...
+    stepguard.errors.ConfigurationError: not a format an allow-list can name: pickle
+    """
+    if formats is None:
         return None
-    return "O" in repr(descr)
+    out = tuple(sorted({str(f).strip().lower() for f in formats}))
+    bad = [f for f in out if f not in ALLOWABLE_FORMATS]
+    if bad or not out:
+        raise ConfigurationError("not a format an allow-list can name", subject=",".join(bad),
+                                 hint="one or more of " + ", ".join(sorted(ALLOWABLE_FORMATS)))
+    return out
 
 
 def pickle_reason(rel: str, path: Path) -> str | None:
-    """Why ``path`` is pickle-based (or None when it is not)."""
+    """Why ``path`` is (or may hide) pickle data, or None when its content is not pickle-based."""
     # A single-file model is named "." in the statement: judge it by its real name.
     suffix = Path(path.name if rel == "." else rel).suffix.lower()
-    if suffix == ".npy":
-        objects = _npy_has_objects(path)
-        if objects is None:
-            return "unreadable .npy header"
-        return "object array in .npy (pickle)" if objects else None
-    if suffix in PICKLE_SUFFIXES:
+    found = sniff(path)
+    if found.kind in ("pickle", "uninspectable"):
+        return found.reason
+    if suffix in PICKLE_SUFFIXES and not (suffix == ".npz" and found.kind == "numpy"):
         return f"pickle-based format ({suffix})"
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
-        return "unreadable file"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle data (protocol header)"
-    if head[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as zf:
-                if any(n.endswith((".pkl", "data.pkl")) for n in zf.namelist()):
-                    return "zip archive containing pickles (torch format)"
-        except (zipfile.BadZipFile, OSError):
-            return None
     return None
 
 
@@ -107,15 +100,24 @@ def scan_pickle(path: Path) -> list[str]:
     return findings
 
 
-def check_formats(files: Mapping[str, Path], *, allow_pickle: bool) -> list[str]:
-    """Refuse pickle-based files (or, if allowed, those either scanner flags). Raises."""
+def check_formats(files: Mapping[str, Path], *, allow_pickle: bool,
+                  allowed_formats: Collection[str] | None = None) -> list[str]:
+    """Refuse pickle-based files (or, if allowed, those either scanner flags), and with
+    ``allowed_formats`` every file whose content is not one of those kinds. Raises."""
     refused: list[str] = []
     scanned: list[str] = []
+    allowed = check_allowed_formats(allowed_formats)
     for rel in sorted(files):
         reason = pickle_reason(rel, files[rel])
+        label = files[rel].name if rel == "." else rel
+        if allowed is not None and reason is None:
+            kind = sniff(files[rel]).kind
+            if kind not in allowed:
+                refused.append(f"{label}: {kind} content is not in the policy's format "
+                               f"allow-list ({', '.join(allowed)})")
+            continue
         if reason is None:
             continue
-        label = files[rel].name if rel == "." else rel
         if not allow_pickle:
             refused.append(f"{label}: {reason}")
             continue
@@ -124,7 +126,7 @@ def check_formats(files: Mapping[str, Path], *, allow_pickle: bool) -> list[str]
         scanned.append(label)
     if refused:
         raise PolicyViolation(
-            "unsafe model format refused" if not allow_pickle
+            "unsafe model format refused" if not allow_pickle or allowed is not None
             else "pickle scanners refused the model",
             subject=refused[0].split(":", 1)[0], details=refused,
             hint=None if allow_pickle else

@@ -1,4 +1,12 @@
-"""Sign and verify model directories as OpenSSF model-signing bundles."""
+"""Sign and verify model directories as OpenSSF model-signing bundles.
+
+Git metadata at the top of a model directory (``.git/``, ``.gitattributes``, ``.github/``,
+``.gitignore``: every Hugging Face checkout has a ``.gitattributes``) is handled exactly as the
+stock ``model_signing`` tool does by default (``ignore_git_paths``): left out of the signed
+resources and recorded in ``ignore_paths``. Verification ignores those paths when the signature
+does not cover them, so a model signed by either tool verifies with the other. They are not part
+of the model: nothing in them is verified, and a registry fetch never materialises them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from stepguard.errors import ConfigurationError, IntegrityError, SignatureError
-from stepguard.signing._bundle import build_model_statement, load_bundle, parse_model_statement
+from stepguard.signing._bundle import (
+    GIT_IGNORE_PATHS,
+    build_model_statement,
+    load_bundle,
+    parse_model_statement,
+)
 from stepguard.signing._formats import check_formats
 from stepguard.signing._hashing import WalkResult, diff, hash_files, walk
 from stepguard.signing._policy import Policy
@@ -61,7 +74,7 @@ def _model_files(model: Path, skip: set[str]) -> dict[str, Path]:
         return {".": model}
     if not stat.S_ISDIR(st.st_mode):
         raise IntegrityError("model path is not a regular file or directory", subject=str(model))
-    result = walk(model, skip=skip)
+    result = walk(model, skip=set(skip) | GIT_IGNORE_PATHS)
     if result.problems:
         raise IntegrityError("model contains entries that cannot be signed or verified",
                              subject=result.problems[0].split(": ", 1)[-1],
@@ -151,7 +164,10 @@ def verify_model(model_dir: str | Path, bundle: str | Path | bytes, policy: Poli
     if stat.S_ISREG(_lstat(model_dir).st_mode):
         walked = WalkResult({".": model_dir}, ())
     else:
-        walked = walk(model_dir, skip={inside} if inside else set())
+        # Git metadata the signature does not cover is not part of the model (see above).
+        unsigned_git = {g for g in GIT_IGNORE_PATHS
+                        if not any(f == g or f.startswith(g + "/") for f in signed.files)}
+        walked = walk(model_dir, skip=unsigned_git | ({inside} if inside else set()))
     actual = hash_files(walked.files, jobs=jobs)
     problems = diff(dict(signed.files), actual, walked.problems)
     if problems:
@@ -168,7 +184,8 @@ def verify_model(model_dir: str | Path, bundle: str | Path | bytes, policy: Poli
         if got != want:
             raise SignatureError("bundle is bound to a different artifact", subject=label,
                                  details=(f"{key}: signed {got!r}, expected {want!r}",))
-    scanned = check_formats(walked.files, allow_pickle=policy.allow_pickle)
+    scanned = check_formats(walked.files, allow_pickle=policy.allow_pickle,
+                            allowed_formats=getattr(policy, "allowed_formats", None))
     return VerifiedModel(path=model_dir, name=signed.name, root_digest=signed.root_digest,
                          files=dict(signed.files), signer=verified.signer,
                          policy=policy.describe(), binding=dict(signed.binding),

@@ -27,9 +27,13 @@ class Verified:
 
 
 class Policy(abc.ABC):
-    """Who may sign, plus what content is acceptable (``allow_pickle``)."""
+    """Who may sign, plus what content is acceptable: ``allow_pickle``, and ``allowed_formats``
+    -- when set, every file's content must be one of these kinds (``safetensors``, ``onnx``,
+    ``gguf``, ``numpy``, ``json``, ``text``, ``zip``, ``compressed``); anything unrecognised is
+    refused."""
 
     allow_pickle: bool
+    allowed_formats: tuple[str, ...] | None = None
 
     @abc.abstractmethod
     def verify_bundle(self, bundle: Mapping[str, Any], *, subject: str = "bundle") -> Verified:
@@ -103,6 +107,7 @@ class KeyPolicy(Policy):
 
     public_keys: tuple[Path | str | bytes, ...]
     allow_pickle: bool = False
+    allowed_formats: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "public_keys", tuple(self.public_keys))
@@ -138,6 +143,7 @@ class TransitPolicy(Policy):
     min_version: int | None = None
     mount: str = "transit"
     allow_pickle: bool = False
+    allowed_formats: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "versions", tuple(int(v) for v in self.versions))
@@ -190,6 +196,7 @@ class SigstorePolicy(Policy):
     issuer: str
     trust_config: Path | None = None
     allow_pickle: bool = False
+    allowed_formats: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.identity or not self.issuer:
@@ -227,6 +234,7 @@ class UnsafeSkipVerification(Policy):
 
     reason: str
     allow_pickle: bool = False
+    allowed_formats: tuple[str, ...] | None = None
 
     def describe(self) -> str:
         return f"UNSAFE: signature not verified ({self.reason})"
@@ -238,7 +246,8 @@ class UnsafeSkipVerification(Policy):
         return Verified(env.payload_type, env.payload, "unverified")
 
 
-def unsafe_skip_verification(reason: str, *, allow_pickle: bool = False) -> Policy:
+def unsafe_skip_verification(reason: str, *, allow_pickle: bool = False,
+                             allowed_formats: tuple[str, ...] | None = None) -> Policy:
     """A policy that does not check who signed. Warns on creation and on every use.
 
     >>> import warnings
@@ -252,13 +261,14 @@ def unsafe_skip_verification(reason: str, *, allow_pickle: bool = False) -> Poli
         raise ConfigurationError("unsafe_skip_verification needs a reason")
     warnings.warn(f"unsafe_skip_verification: signatures will not be checked ({reason})",
                   UnsafeVerificationWarning, stacklevel=2)
-    return UnsafeSkipVerification(reason=reason, allow_pickle=allow_pickle)
+    return UnsafeSkipVerification(reason=reason, allow_pickle=allow_pickle,
+                                  allowed_formats=allowed_formats)
 
 
 _POLICY_FIELDS = {
-    "key": {"keys", "allow_pickle"},
-    "transit": {"key", "versions", "min_version", "mount", "allow_pickle"},
-    "sigstore": {"identity", "issuer", "trust_config", "allow_pickle"},
+    "key": {"keys", "allow_pickle", "formats"},
+    "transit": {"key", "versions", "min_version", "mount", "allow_pickle", "formats"},
+    "sigstore": {"identity", "issuer", "trust_config", "allow_pickle", "formats"},
 }
 
 
@@ -272,9 +282,10 @@ def parse_policy(text: str, *, vault_client: Any = None) -> Policy:
     * ``sigstore:identity=ci@example.com;issuer=https://token.actions.githubusercontent.com``
       (``trust_config=/path``)
 
-    Any kind takes ``allow_pickle=true``. Transit reads public keys with ``vault_client`` (an
-    authenticated ``hvac.Client``; ``stepguard.wiring`` makes one from settings). There is no
-    form without a signer: that is the point.
+    Any kind takes ``allow_pickle=true`` and ``formats=safetensors,onnx,gguf,json,text`` (a
+    content allow-list: anything else is refused). Transit reads public keys with
+    ``vault_client`` (an authenticated ``hvac.Client``; ``stepguard.wiring`` makes one from
+    settings). There is no form without a signer: that is the point.
 
     >>> parse_policy("sigstore:identity=ci@example.com;issuer=https://issuer.example").describe()
     'sigstore policy ci@example.com from https://issuer.example'
@@ -301,9 +312,14 @@ def parse_policy(text: str, *, vault_client: Any = None) -> Policy:
                 raise ConfigurationError(f"unknown {kind} policy field {name!r}", subject=text)
             fields[name] = value.strip()
     allow = fields.pop("allow_pickle", "false").lower() in ("1", "true", "yes")
+    formats = None
+    if "formats" in fields:
+        from stepguard.signing._formats import check_allowed_formats
+
+        formats = check_allowed_formats([f for f in fields.pop("formats").split(",") if f])
     if kind == "key":
         keys = tuple(Path(k) for k in fields.get("keys", "").split(",") if k)
-        return KeyPolicy(public_keys=keys, allow_pickle=allow)
+        return KeyPolicy(public_keys=keys, allow_pickle=allow, allowed_formats=formats)
     if kind == "transit":
         client = vault_client
         if client is None:
@@ -313,7 +329,8 @@ def parse_policy(text: str, *, vault_client: Any = None) -> Policy:
         minv = int(fields["min_version"]) if fields.get("min_version") else None
         return TransitPolicy(fields.get("key", ""), client=client, versions=versions,
                              min_version=minv, mount=fields.get("mount", "transit"),
-                             allow_pickle=allow)
+                             allow_pickle=allow, allowed_formats=formats)
     tc = fields.get("trust_config")
     return SigstorePolicy(fields.get("identity", ""), fields.get("issuer", ""),
-                          trust_config=Path(tc) if tc else None, allow_pickle=allow)
+                          trust_config=Path(tc) if tc else None, allow_pickle=allow,
+                          allowed_formats=formats)

@@ -208,6 +208,19 @@ def _add_ephemeral(p: dict[str, Any]) -> None:
     p["spec"]["ephemeralContainers"] = [eph]
 
 
+SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _project_token(p: dict[str, Any], token: dict[str, Any]) -> None:
+    """Mount a projected service-account token where client libraries look for one."""
+    p["spec"]["volumes"].append({"name": "kube-api-access", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", **token}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+    ]}})
+    c0(p)["volumeMounts"].append({"name": "kube-api-access", "mountPath": SA_PATH,
+                                  "readOnly": True})
+
+
 C = "spec.containers.0.securityContext"
 CASES: list[tuple[str, str, Any]] = [
     ("schema", "misspelled capabilities", lambda p: sc0(p).update(
@@ -252,6 +265,8 @@ CASES: list[tuple[str, str, Any]] = [
      _set(f"{C}.capabilities", {"drop": ["ALL"], "add": ["CHOWN"]})),
     ("stepguard.image-digest", "tag image", _set("spec.containers.0.image", "busybox:1.36")),
     ("stepguard.sa-token", "token automount", _del("spec.automountServiceAccountToken")),
+    ("stepguard.projected-token", "projected token without audience",
+     lambda p: _project_token(p, {"expirationSeconds": 600})),
     ("stepguard.read-only-root", "writable root", _set(f"{C}.readOnlyRootFilesystem", False)),
     ("stepguard.limits", "no limits", _set("spec.containers.0.resources", {})),
     ("stepguard.deadline", "no deadline", _del("spec.activeDeadlineSeconds")),
@@ -363,3 +378,42 @@ def test_checkov_second_opinion(tmp_path: Path) -> None:
     assert ours - not_applicable == set(), sorted(ours)
     # The same checks do catch a stock pod, so a pass above means something.
     assert len(failed(tmp_path / "stock") - not_applicable) >= 10
+
+
+# -- red-team finding 7: API-usable projected tokens --------------------------------------------
+
+
+@pytest.mark.parametrize(("token", "field"), [
+    ({}, "audience"),  # the attack as found: no audience, default 1 h, standard path
+    ({"expirationSeconds": 86400}, "audience"),
+    ({"audience": "https://kubernetes.default.svc", "expirationSeconds": 600}, "audience"),
+    ({"audience": "https://kubernetes.default.svc.cluster.local/"}, "audience"),
+    ({"audience": "kubernetes.default.svc"}, "audience"),
+    ({"audience": "Kubernetes"}, "audience"),
+    ({"audience": "  "}, "audience"),
+    ({"audience": "vault", "expirationSeconds": 86400}, "expirationSeconds"),
+    ({"audience": "vault", "expirationSeconds": "600"}, "expirationSeconds"),
+])
+def test_projected_tokens_usable_against_the_api_are_refused(token: dict[str, Any],
+                                                             field: str) -> None:
+    """Contract level: no API server runs here, so whether a token *would* be accepted by one
+    is not tried; the rule is checked on the manifest the API server would receive."""
+    pod = good_pod()
+    _project_token(pod, token)
+    found = [v for v in check_pod(pod) if v.rule == "stepguard.projected-token"]
+    assert found and found[0].path.endswith(f".serviceAccountToken.{field}"), found
+    assert found[0].path.startswith("spec.volumes[")
+    with pytest.raises(PolicyViolation):
+        assert_pod_ok(pod)
+
+
+@pytest.mark.parametrize("token", [
+    {"audience": "vault", "expirationSeconds": 600},
+    {"audience": "vault"},  # the API server's default lifetime, 3600 s
+    {"audience": "https://vault.example:8200", "expirationSeconds": 3600},
+])
+def test_projected_tokens_for_another_audience_and_short_lived_pass(token: dict[str, Any]) -> None:
+    """Contract level (no API server here): the manifest shape stepguard itself generates."""
+    pod = good_pod()
+    _project_token(pod, token)
+    assert check_pod(pod) == []

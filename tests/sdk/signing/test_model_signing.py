@@ -107,11 +107,18 @@ def test_added_file_refused(signed, keys):
     assert any("unsigned file" in d for d in exc.value.details)
 
 
-def test_git_paths_are_not_a_hiding_place(signed, keys):
+def test_git_paths_are_outside_the_signature_and_never_model_files(signed, keys, tmp_path):
+    # As the stock tool (ignore_git_paths): top-level git metadata is not part of the model.
+    # What a verification returns, and what a registry fetch materialises, never includes it.
     model, sig = signed
     (model / ".git").mkdir()
     (model / ".git" / "hook").write_text("payload")
-    with pytest.raises(IntegrityError, match=".git/hook"):
+    ok = verify_model(model, sig, _policy(keys))
+    assert not any(f.startswith(".git") for f in ok.files)
+    # ...but the same name anywhere below the top is an unsigned model file.
+    (model / "tokenizer" / ".git").mkdir()
+    (model / "tokenizer" / ".git" / "hook").write_text("payload")
+    with pytest.raises(IntegrityError, match="tokenizer/.git/hook"):
         verify_model(model, sig, _policy(keys))
 
 
