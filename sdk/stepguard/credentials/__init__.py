@@ -23,6 +23,8 @@ A session (needs a Vault; see ``docs/reference/credentials.md``)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from stepguard.credentials._config import (
     AppRoleAuth,
     JwtAuth,
@@ -40,7 +42,6 @@ from stepguard.credentials._delivery import (
     unwrap_delivery,
     wrap_for_delivery,
 )
-from stepguard.credentials._masking import derived_forms, register_secret
 from stepguard.credentials._secret import SecretMapping, SecretStr
 from stepguard.credentials._session import (
     CredentialSession,
@@ -51,6 +52,13 @@ from stepguard.credentials._session import (
     open_session,
     revoke_open_sessions,
 )
+
+if TYPE_CHECKING:
+    from stepguard.audit import derived_forms, register_secret
+
+#: The process's one secret registry lives in :mod:`stepguard.audit`; these names are
+#: re-exported from there, resolved on first use so importing this package stays light.
+_FROM_AUDIT = frozenset({"derived_forms", "register_secret"})
 
 __all__ = [
     "WRAPPED_ENV",
@@ -78,3 +86,11 @@ __all__ = [
     "unwrap_delivery",
     "wrap_for_delivery",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_AUDIT:
+        import stepguard.audit
+
+        return getattr(stepguard.audit, name)
+    raise AttributeError(f"module 'stepguard.credentials' has no attribute {name!r}")

@@ -18,8 +18,7 @@ from types import FrameType, MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from stepguard._private.fileio import write_all
-from stepguard.credentials._masking import hash_identifier, register_secret
-from stepguard.credentials._secret import SecretMapping
+from stepguard.credentials._secret import SecretMapping, guard, hashed_id
 from stepguard.errors import (
     ConfigurationError,
     CredentialDenied,
@@ -240,7 +239,7 @@ class CredentialSet:
     def _add(self, name: str, kind: str, delivery: str, prefix: str,
              values: Mapping[str, str]) -> None:
         for v in values.values():
-            register_secret(v)
+            guard(v)
         self._items.append(_Item(name, kind, delivery, prefix, SecretMapping(values)))
 
     def __repr__(self) -> str:
@@ -342,16 +341,16 @@ class CredentialSession(CredentialSet):
             if not auth.get("client_token"):
                 raise CredentialError("Vault returned no step token", subject=path)
             self._step_token = str(auth["client_token"])
-            register_secret(self._step_token)
+            guard(self._step_token)
             self._token = TokenRecord(
-                accessor_hash=hash_identifier(str(auth.get("accessor", ""))), child=True,
+                accessor_hash=hashed_id(str(auth.get("accessor", ""))), child=True,
                 policies=tuple(auth.get("policies") or self._policies),
                 ttl_s=int(auth.get("lease_duration") or heartbeat), explicit_max_ttl_s=max_ttl,
                 metadata=meta)
         else:
             self._step_token = self._login.token
             self._token = TokenRecord(
-                accessor_hash=hash_identifier(self._login.accessor), child=False,
+                accessor_hash=hashed_id(self._login.accessor), child=False,
                 policies=self._login.policies, ttl_s=self._login.ttl_s,
                 explicit_max_ttl_s=self._login.ttl_s, metadata={})
         self._step_api = self._api.with_token(self._step_token)
@@ -364,7 +363,7 @@ class CredentialSession(CredentialSet):
                 self._issued.append(issued)
                 self._leases.append(LeaseRecord(
                     name=req.name, kind=req.kind,
-                    lease_id_hash=hash_identifier(issued.lease_id) if issued.lease_id else None,
+                    lease_id_hash=hashed_id(issued.lease_id) if issued.lease_id else None,
                     revocable=issued.revocable, static=issued.static,
                     renewable=issued.renewable, ttl_s=issued.lease_duration_s,
                     issue_s=issued.issue_s))
@@ -653,7 +652,7 @@ def open_session(
     try:
         t0 = time.monotonic()
         login = cfg.auth.login(api)
-        register_secret(login.token)
+        guard(login.token)
         session = CredentialSession(cfg, ctx, api, login, ttl_s=ttl_s, policies=pols)
         session.timings["login_s"] = time.monotonic() - t0
         _OPEN.add(session)
