@@ -326,7 +326,7 @@ class _Run:
             session = session_cm.__enter__()
         exc_info: tuple[Any, Any, Any] = (None, None, None)
         try:
-            self.leases = tuple(_lease_record(r) for r in session.leases)
+            self.leases = session.leases
             yield session
         except BaseException as exc:
             exc_info = (type(exc), exc, exc.__traceback__)
@@ -334,7 +334,7 @@ class _Run:
         finally:
             with self.audit.control("credentials", "revoke"), self._timed("credentials_revoke"):
                 session_cm.__exit__(*exc_info)
-                self.leases = tuple(_lease_record(r) for r in session.leases)
+                self.leases = session.leases
                 for rec in self.leases:
                     done = bool(rec.revoked) or not rec.revocable
                     self.audit.verdict("credentials.revoked", done,
@@ -566,14 +566,6 @@ def _load_manifest(manifest_cls: Any, path: Path) -> Any:
         raise ConfigurationError(f"cannot read manifest ({exc.strerror})",
                                  subject=str(path)) from exc
     return manifest_cls.from_json(text)
-
-
-def _lease_record(rec: Any) -> LeaseRecord:
-    """The receipt's view of a credentials-session lease record (hashed id, no values)."""
-    return LeaseRecord(
-        name=rec.name, kind=rec.kind, lease=rec.lease_id_hash, revocable=rec.revocable,
-        revoked=rec.revoked, static=rec.static, ttl_s=float(rec.ttl_s),
-    )
 
 
 def _call_with_deadline(body: Body, env: StepEnv, seconds: float, name: str) -> None:

@@ -46,7 +46,6 @@ from stepguard.credentials._secret import SecretMapping, SecretStr
 from stepguard.credentials._session import (
     CredentialSession,
     CredentialSet,
-    LeaseRecord,
     TokenRecord,
     filesystem_type,
     open_session,
@@ -55,10 +54,12 @@ from stepguard.credentials._session import (
 
 if TYPE_CHECKING:
     from stepguard.audit import derived_forms, register_secret
+    from stepguard.receipt import LeaseRecord
 
-#: The process's one secret registry lives in :mod:`stepguard.audit`; these names are
-#: re-exported from there, resolved on first use so importing this package stays light.
-_FROM_AUDIT = frozenset({"derived_forms", "register_secret"})
+#: Re-exported, resolved on first use so importing this package stays light: the process's one
+#: secret registry lives in :mod:`stepguard.audit`, and a credential's record is the receipt's.
+_REEXPORTS = {"derived_forms": "stepguard.audit", "register_secret": "stepguard.audit",
+              "LeaseRecord": "stepguard.receipt"}
 
 __all__ = [
     "WRAPPED_ENV",
@@ -89,8 +90,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_AUDIT:
-        import stepguard.audit
+    module = _REEXPORTS.get(name)
+    if module is not None:
+        import importlib
 
-        return getattr(stepguard.audit, name)
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'stepguard.credentials' has no attribute {name!r}")

@@ -30,51 +30,12 @@ if TYPE_CHECKING:
     from stepguard.credentials._api import VaultApi
     from stepguard.credentials._config import Login, VaultConfig
     from stepguard.credentials._kinds import Issued
+    from stepguard.receipt import LeaseRecord
     from stepguard.spec import CredentialRequest, RunContext
 
 log = logging.getLogger("stepguard.credentials")
 
 _ENV_UNSAFE = re.compile(r"[^A-Za-z0-9]")
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """What the receipt and the audit span say about one credential. Never a secret value.
-
-    ``revocable`` is False for credentials that can only expire (STS, web identity) or are
-    static (KV); ``revoked_by`` is ``"lease"`` when the lease itself was revoked and ``"token"``
-    when the step token's revocation took it down.
-    """
-
-    name: str
-    kind: str
-    lease_id_hash: str | None
-    revocable: bool
-    static: bool
-    renewable: bool
-    ttl_s: int
-    issue_s: float = 0.0
-    revoked: bool = False
-    revoked_by: str | None = None
-    error: str | None = None
-
-    def to_receipt(self) -> Any:
-        """The receipt's :class:`stepguard.receipt.LeaseRecord` for this credential."""
-        from stepguard.receipt import LeaseRecord as ReceiptLease
-
-        return ReceiptLease(name=self.name, kind=self.kind, lease=self.lease_id_hash,
-                            revocable=self.revocable,
-                            revoked=self.revoked if self.revocable else None,
-                            static=self.static, ttl_s=float(self.ttl_s) if self.ttl_s else None)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for receipts and span attributes."""
-        return {
-            "name": self.name, "kind": self.kind, "lease_id_hash": self.lease_id_hash,
-            "revocable": self.revocable, "static": self.static, "renewable": self.renewable,
-            "ttl_s": self.ttl_s, "revoked": self.revoked, "revoked_by": self.revoked_by,
-            "error": self.error,
-        }
 
 
 @dataclass(frozen=True)
@@ -310,6 +271,7 @@ class CredentialSession(CredentialSet):
 
     def _start(self, requests: Sequence[CredentialRequest]) -> None:
         from stepguard.credentials._kinds import issue
+        from stepguard.receipt import LeaseRecord
 
         t0 = time.monotonic()
         cfg, ctx = self.config, self.context
@@ -363,7 +325,7 @@ class CredentialSession(CredentialSet):
                 self._issued.append(issued)
                 self._leases.append(LeaseRecord(
                     name=req.name, kind=req.kind,
-                    lease_id_hash=hashed_id(issued.lease_id) if issued.lease_id else None,
+                    lease=hashed_id(issued.lease_id) if issued.lease_id else None,
                     revocable=issued.revocable, static=issued.static,
                     renewable=issued.renewable, ttl_s=issued.lease_duration_s,
                     issue_s=issued.issue_s))
