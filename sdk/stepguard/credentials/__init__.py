@@ -45,12 +45,11 @@ from stepguard.credentials._delivery import (
 from stepguard.credentials._secret import SecretMapping, SecretStr
 from stepguard.credentials._session import (
     CredentialSession,
-    CredentialSet,
     TokenRecord,
-    filesystem_type,
     open_session,
     revoke_open_sessions,
 )
+from stepguard.credentials._set import CredentialSet, filesystem_type
 
 if TYPE_CHECKING:
     from stepguard.audit import derived_forms, register_secret

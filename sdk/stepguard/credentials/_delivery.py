@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stepguard.credentials._secret import SecretStr, guard, hashed_id
-from stepguard.credentials._session import CredentialSet
+from stepguard.credentials._set import CredentialSet
 from stepguard.errors import ConfigurationError, CredentialDenied, CredentialError
 
 if TYPE_CHECKING:
@@ -54,11 +54,7 @@ def wrap_for_delivery(session: CredentialSession, *, ttl_s: float | None = None)
         "format": _FORMAT,
         "pipeline": session.context.pipeline, "run_id": session.context.run_id,
         "step": session.context.step,
-        "credentials": [
-            {"name": i.name, "kind": i.kind, "delivery": i.delivery, "prefix": i.prefix,
-             "values": i.values.reveal_all()}
-            for i in session._items
-        ],
+        "credentials": session._credentials._export(),
     }
     body = session.step_api().request("POST", _CREATION_PATH, what="credential wrapping",
                                       json=payload, wrap_ttl_s=ttl, retry=False)
