@@ -8,10 +8,12 @@ Every token, password and key stepguard handles is registered once, with
   the forms a leaked value commonly takes -- upper/lower case, URL-encoded, hex, and base64 at
   every byte alignment (:func:`secret_forms`) -- and a string holding any of them is replaced
   whole by ``[REDACTED]`` before it leaves the process;
-* when Airflow is already loaded in this process, its secrets masker gets the value and its
-  whole-value encodings (:func:`derived_forms`: case, base64 padded/unpadded/URL-safe, URL
-  encoding), since it only matches the strings it is given. Airflow is never imported here:
-  plain Python steps and the KFP runner do not pay its import time.
+* when Airflow is already loaded in this process, its secrets masker -- the registry's one
+  sink -- gets the value and its whole-value encodings (:func:`derived_forms`: case, base64
+  padded/unpadded/URL-safe, URL encoding), since it only matches the strings it is given.
+  Airflow is never imported here: plain Python steps and the KFP runner do not pay its import
+  time. (Airflow's masker recompiles one regular expression per new pattern, which grows with
+  every value; our own scan does not.)
 
 Values shorter than :data:`MIN_SECRET_LENGTH` characters cannot be guarded without redacting
 unrelated text: :func:`register_secret` refuses them rather than pretend they are protected.
@@ -54,14 +56,20 @@ _DOMAIN = b"stepguard.audit.identifier.v1\x00"
 _SCAN_EACH_FORM_UP_TO = 128
 
 
-class _Guard:
-    """The registered forms, append-only. Writers hold ``_lock``; readers take no lock: they see
-    the list and the index entries (immutable tuples, replaced whole) as of some moment."""
+#: A log masker the registry hands each new value's :func:`derived_forms` to; must not raise.
+Sink = Callable[[set[str]], None]
 
-    def __init__(self) -> None:
+
+class _Guard:
+    """A registry: the registered forms, append-only, and the sinks each new value's derived
+    forms also go to. Writers hold ``_lock``; readers take no lock: they see the list and the
+    index entries (immutable tuples, replaced whole) as of some moment."""
+
+    def __init__(self, sinks: tuple[Sink, ...] = ()) -> None:
         self.seen: set[str] = set()
         self.forms: list[str] = []
         self.index: dict[str, tuple[str, ...]] = {}
+        self.sinks = sinks
 
     def add(self, forms: frozenset[str]) -> None:
         for form in forms - self.seen:
@@ -83,8 +91,41 @@ class _Guard:
         return False
 
 
+def _mask_in_airflow(forms: set[str]) -> None:
+    """Sink: Airflow's secrets masker, when Airflow is already loaded (else nothing)."""
+    mask = _airflow_mask()
+    if mask is None:
+        return
+    for form in forms:
+        try:
+            mask(form)
+        except Exception as exc:  # the masker must not stop a step; the value stays unlogged
+            log.warning("Airflow secrets masker refused a value (%s)", type(exc).__name__)
+            return
+
+
+def _airflow_mask() -> Callable[[str], Any] | None:
+    """Airflow's ``mask_secret``, only when Airflow is already loaded: importing it here would
+    put seconds of import time into plain Python steps and the KFP runner."""
+    if "airflow.sdk" not in sys.modules and "airflow" not in sys.modules:
+        return None
+    try:
+        from airflow.sdk.log import mask_secret
+
+        return mask_secret
+    except ImportError:
+        pass
+    try:
+        from airflow.sdk._shared.secrets_masker import mask_secret as shared_mask
+
+        return shared_mask
+    except ImportError:
+        return None
+
+
 _lock = threading.Lock()
-_guard = _Guard()
+#: The process's registry, with Airflow's masker as its sink.
+_guard = _Guard(sinks=(_mask_in_airflow,))
 _hash_key: bytes | None = None
 
 
@@ -191,35 +232,11 @@ def register_secret(value: str | bytes) -> int:
     guarded = secret_forms(text)
     masked = derived_forms(text)
     with _lock:
-        _guard.add(guarded)
-    mask = _airflow_mask()
-    if mask is not None:
-        for form in masked:
-            try:
-                mask(form)
-            except Exception as exc:  # the masker must not stop a step; the value stays unlogged
-                log.warning("Airflow secrets masker refused a value (%s)", type(exc).__name__)
-                break
+        registry = _guard
+        registry.add(guarded)
+    for sink in registry.sinks:
+        sink(masked)
     return len(guarded | masked)
-
-
-def _airflow_mask() -> Callable[[str], Any] | None:
-    """Airflow's ``mask_secret``, only when Airflow is already loaded: importing it here would
-    put seconds of import time into plain Python steps and the KFP runner."""
-    if "airflow.sdk" not in sys.modules and "airflow" not in sys.modules:
-        return None
-    try:
-        from airflow.sdk.log import mask_secret
-
-        return mask_secret
-    except ImportError:
-        pass
-    try:
-        from airflow.sdk._shared.secrets_masker import mask_secret as shared_mask
-
-        return shared_mask
-    except ImportError:
-        return None
 
 
 def contains_secret(text: str) -> bool:
@@ -259,7 +276,7 @@ def _forget_all_secrets() -> None:
     # For tests only: a real process never forgets a secret it has seen.
     global _guard  # noqa: PLW0603 - process-wide state by design
     with _lock:
-        _guard = _Guard()
+        _guard = _Guard(sinks=_guard.sinks)
 
 
 def set_hash_key(key: bytes | None) -> None:
