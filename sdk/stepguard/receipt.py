@@ -89,15 +89,74 @@ class OutputRecord:
 
 @dataclass(frozen=True)
 class LeaseRecord:
-    """A credential the step used. ``lease`` is a one-way hash of the lease id, never the id."""
+    """One credential a step used, as its receipt, its audit span and ``session.leases`` say.
+
+    The one record type for a credential, shared by :mod:`stepguard.credentials` (which makes
+    them) and receipts (which carry them). Never a secret value and never a lease id: ``lease``
+    is a one-way hash of the id (``None`` for a credential without one, e.g. a KV secret);
+    :attr:`lease_id_hash` is the same value under the name the credentials API uses.
+
+    * ``revocable`` -- False for credentials that can only expire (STS, web identity) or are
+      static (KV).
+    * ``revoked`` -- True once the credential was revoked: by revoking its lease
+      (``revoked_by="lease"``) or by revoking the step token it was minted under
+      (``revoked_by="token"``). A credential that cannot be revoked is never revoked: ``False``,
+      always. So "left behind" is ``revocable and not revoked``, never ``not revoked`` alone.
+    * ``error`` -- why revoking the lease itself failed (a secret-free message), else ``None``.
+    * ``ttl_s`` -- the lease's TTL in seconds as last issued or renewed (0: none);
+      ``issue_s`` -- how long minting it took.
+
+    >>> rec = LeaseRecord(name="api", kind="kv", lease=None, revocable=False, static=True)
+    >>> rec.revoked, rec.lease_id_hash, rec.ttl_s
+    (False, None, 0.0)
+
+    Receipts written before ``renewable``, ``issue_s``, ``revoked_by`` and ``error`` were
+    recorded still load (the fields take their defaults); one that says ``"revoked": null`` for
+    a non-revocable credential reads as ``False``.
+    """
 
     name: str
     kind: str
     lease: str | None
     revocable: bool
-    revoked: bool | None = None
+    revoked: bool = False
     static: bool = False
-    ttl_s: float | None = None
+    ttl_s: float = 0.0
+    renewable: bool = False
+    issue_s: float = 0.0
+    revoked_by: Literal["lease", "token"] | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        # One representation whoever builds it (Vault returns whole seconds as ints), so the
+        # receipt's canonical JSON -- and its digest -- does not depend on the builder.
+        object.__setattr__(self, "ttl_s", float(self.ttl_s))
+        object.__setattr__(self, "issue_s", float(self.issue_s))
+
+    @property
+    def lease_id_hash(self) -> str | None:
+        """The hashed lease id (the same value as ``lease``)."""
+        return self.lease
+
+    def to_receipt(self) -> LeaseRecord:
+        """The record as a receipt carries it: itself (a session's records are the receipt's)."""
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The credentials view as plain data (``stepguard credentials check --json``, spans):
+        ``lease_id_hash`` for the hashed id and whole-second ``ttl_s``. Receipts serialize the
+        fields as they are (:meth:`Receipt.to_dict`).
+
+        >>> LeaseRecord(name="db", kind="database", lease="sha256:ab", revocable=True,
+        ...             ttl_s=60).to_dict()["ttl_s"]
+        60
+        """
+        return {
+            "name": self.name, "kind": self.kind, "lease_id_hash": self.lease,
+            "revocable": self.revocable, "static": self.static, "renewable": self.renewable,
+            "ttl_s": int(self.ttl_s), "revoked": self.revoked, "revoked_by": self.revoked_by,
+            "error": self.error,
+        }
 
 
 @dataclass(frozen=True)
@@ -157,7 +216,7 @@ class Receipt:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Receipt:
         """Parse a receipt strictly (unknown keys refused)."""
-        receipt = from_mapping(cls, data, "receipt")
+        receipt = from_mapping(cls, _upgrade(data), "receipt")
         if receipt.schema != SCHEMA:
             raise ConfigurationError(f"unsupported receipt schema {receipt.schema!r}",
                                      subject="receipt.schema")
@@ -181,3 +240,22 @@ class Receipt:
         except OSError as exc:
             raise ConfigurationError(f"cannot read receipt ({exc.strerror})",
                                      subject=str(p)) from exc
+
+
+def _upgrade(data: object) -> object:
+    """Older receipts, read the current way: a credential's ``"revoked": null`` (what a
+    non-revocable credential could say) is False, and ``"ttl_s": null`` is 0."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("credentials"), list):
+        return data
+    creds: list[Any] = []
+    for entry in data["credentials"]:
+        if isinstance(entry, Mapping):
+            fixed = {**entry}
+            if "revoked" in fixed and fixed["revoked"] is None:
+                fixed["revoked"] = False
+            if "ttl_s" in fixed and fixed["ttl_s"] is None:
+                fixed["ttl_s"] = 0.0
+            creds.append(fixed)
+        else:
+            creds.append(entry)
+    return {**data, "credentials": creds}

@@ -322,13 +322,13 @@ class _Run:
             # Runs before the session's own exit (which then finds nothing left to revoke), so
             # the revocation is inside its span and timed on every exit path.
             stack.callback(self._revoke, session)
-            self.leases = tuple(_lease_record(r) for r in session.leases)
+            self.leases = session.leases
             yield session
 
     def _revoke(self, session: Any) -> None:
         with self.audit.control("credentials", "revoke"), self._timed("credentials_revoke"):
             session.revoke()
-            self.leases = tuple(_lease_record(r) for r in session.leases)
+            self.leases = session.leases
             for rec in self.leases:
                 done = bool(rec.revoked) or not rec.revocable
                 self.audit.verdict("credentials.revoked", done,
@@ -586,9 +586,4 @@ def _vault_session(session: Any) -> Any:
     return session if isinstance(session, CredentialSession) else None
 
 
-def _lease_record(rec: Any) -> LeaseRecord:
-    """The receipt's view of a credentials-session lease record (hashed id, no values)."""
-    return LeaseRecord(
-        name=rec.name, kind=rec.kind, lease=rec.lease_id_hash, revocable=rec.revocable,
-        revoked=rec.revoked, static=rec.static, ttl_s=float(rec.ttl_s),
-    )
+

@@ -50,8 +50,10 @@ from stepguard.audit._chain import (
 )
 from stepguard.audit._propagation import attach_env, extract_env, inject_env
 from stepguard.audit._redact import (
+    MIN_SECRET_LENGTH,
     REDACTED,
     contains_secret,
+    derived_forms,
     hash_identifier,
     redact,
     register_secret,
@@ -84,6 +86,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "MIN_SECRET_LENGTH",
     "REDACTED",
     "STEP_SPAN",
     "TASK_SPAN",
@@ -109,6 +112,7 @@ __all__ = [
     "contains_secret",
     "credential_attributes",
     "default_log_path",
+    "derived_forms",
     "extract_env",
     "flush_all",
     "get_auditor",

@@ -1,9 +1,28 @@
-"""Secret redaction guard and one-way identifier hashing.
+"""The process's one secret registry: redaction of spans and audit records, Airflow's masker,
+and one-way identifier hashing.
 
-The credentials code registers every secret value it handles; every attribute, event, status
-message and audit-log record is checked against those values -- and the encoded forms a value
-commonly takes when it leaks (upper/lower case, base64 at any alignment, URL-encoded, hex) --
-before it leaves the process.
+Every token, password and key stepguard handles is registered once, with
+:func:`register_secret`. From then on:
+
+* every attribute, event, status message and audit-log record is checked against the value and
+  the forms a leaked value commonly takes -- upper/lower case, URL-encoded, hex, and base64 at
+  every byte alignment (:func:`secret_forms`) -- and a string holding any of them is replaced
+  whole by ``[REDACTED]`` before it leaves the process;
+* when Airflow is already loaded in this process, its secrets masker -- the registry's one
+  sink -- gets the value and its whole-value encodings (:func:`derived_forms`: case, base64
+  padded/unpadded/URL-safe, URL encoding), since it only matches the strings it is given.
+  Airflow is never imported here: plain Python steps and the KFP runner do not pay its import
+  time. (Airflow's masker recompiles one regular expression per new pattern, which grows with
+  every value; our own scan does not.)
+
+Values shorter than :data:`MIN_SECRET_LENGTH` characters cannot be guarded without redacting
+unrelated text: :func:`register_secret` refuses them rather than pretend they are protected.
+
+>>> from stepguard.audit import register_secret, redact
+>>> register_secret("doc-Secret/+42") > 10
+True
+>>> redact(["ok", "user ZG9jLVNlY3JldC8rNDI= here"])  # its base64 form, inside a string
+['ok', '[REDACTED]']
 """
 
 from __future__ import annotations
@@ -11,17 +30,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
+import sys
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from stepguard.errors import ConfigurationError
 
+log = logging.getLogger("stepguard.audit")
+
 REDACTED = "[REDACTED]"
 
-#: Below this length a value cannot be guarded without redacting unrelated text.
-_MIN_SECRET_LEN = 4
+#: Shortest value the registry guards: below it, guarding would redact unrelated text (Airflow's
+#: masker draws a similar line).
+MIN_SECRET_LENGTH = 4
 #: Identifiers are truncated to 128 bits: plenty for correlation, short enough to read.
 _HASH_HEX_CHARS = 32
 _DOMAIN = b"stepguard.audit.identifier.v1\x00"
@@ -32,19 +56,25 @@ _DOMAIN = b"stepguard.audit.identifier.v1\x00"
 _SCAN_EACH_FORM_UP_TO = 128
 
 
-class _Guard:
-    """The registered forms, append-only. Writers hold ``_lock``; readers take no lock: they see
-    the list and the index entries (immutable tuples, replaced whole) as of some moment."""
+#: A log masker the registry hands each new value's :func:`derived_forms` to; must not raise.
+Sink = Callable[[set[str]], None]
 
-    def __init__(self) -> None:
+
+class _Guard:
+    """A registry: the registered forms, append-only, and the sinks each new value's derived
+    forms also go to. Writers hold ``_lock``; readers take no lock: they see the list and the
+    index entries (immutable tuples, replaced whole) as of some moment."""
+
+    def __init__(self, sinks: tuple[Sink, ...] = ()) -> None:
         self.seen: set[str] = set()
         self.forms: list[str] = []
         self.index: dict[str, tuple[str, ...]] = {}
+        self.sinks = sinks
 
     def add(self, forms: frozenset[str]) -> None:
         for form in forms - self.seen:
             self.seen.add(form)
-            key = form[:_MIN_SECRET_LEN]
+            key = form[:MIN_SECRET_LENGTH]
             self.index[key] = (*self.index.get(key, ()), form)
             self.forms.append(form)
 
@@ -53,7 +83,7 @@ class _Guard:
         if len(forms) <= _SCAN_EACH_FORM_UP_TO:
             return any(f in text for f in forms)
         index = self.index
-        n = _MIN_SECRET_LEN
+        n = MIN_SECRET_LENGTH
         for i in range(len(text) - n + 1):
             candidates = index.get(text[i:i + n])
             if candidates and any(text.startswith(f, i) for f in candidates):
@@ -61,8 +91,41 @@ class _Guard:
         return False
 
 
+def _mask_in_airflow(forms: set[str]) -> None:
+    """Sink: Airflow's secrets masker, when Airflow is already loaded (else nothing)."""
+    mask = _airflow_mask()
+    if mask is None:
+        return
+    for form in forms:
+        try:
+            mask(form)
+        except Exception as exc:  # the masker must not stop a step; the value stays unlogged
+            log.warning("Airflow secrets masker refused a value (%s)", type(exc).__name__)
+            return
+
+
+def _airflow_mask() -> Callable[[str], Any] | None:
+    """Airflow's ``mask_secret``, only when Airflow is already loaded: importing it here would
+    put seconds of import time into plain Python steps and the KFP runner."""
+    if "airflow.sdk" not in sys.modules and "airflow" not in sys.modules:
+        return None
+    try:
+        from airflow.sdk.log import mask_secret
+
+        return mask_secret
+    except ImportError:
+        pass
+    try:
+        from airflow.sdk._shared.secrets_masker import mask_secret as shared_mask
+
+        return shared_mask
+    except ImportError:
+        return None
+
+
 _lock = threading.Lock()
-_guard = _Guard()
+#: The process's registry, with Airflow's masker as its sink.
+_guard = _Guard(sinks=(_mask_in_airflow,))
 _hash_key: bytes | None = None
 
 
@@ -81,13 +144,45 @@ def _base64_fragments(raw: bytes) -> set[str]:
             first = -(-8 * k // 6)  # ceil(8k/6): first char made only of secret bits
             last = (8 * (k + n)) // 6  # exclusive: last char made only of secret bits
             fragment = text[first:last]
-            if len(fragment) >= _MIN_SECRET_LEN:
+            if len(fragment) >= MIN_SECRET_LENGTH:
                 out.add(fragment)
     return out
 
 
+def derived_forms(value: str) -> set[str]:
+    """The value and the whole-value encodings it commonly takes on its way into a log.
+
+    What an exact-match masker (Airflow's) is given. Empty for a value shorter than
+    :data:`MIN_SECRET_LENGTH`; forms shorter than that are left out.
+
+    >>> sorted(derived_forms("a b/c+d"))[:4]
+    ['A B/C+D', 'YSBiL2MrZA', 'YSBiL2MrZA==', 'a b/c+d']
+    >>> "a%20b%2Fc%2Bd" in derived_forms("a b/c+d")
+    True
+    >>> derived_forms("abc")
+    set()
+    """
+    if len(value) < MIN_SECRET_LENGTH:
+        return set()
+    raw = value.encode("utf-8")
+    forms = {
+        value,
+        value.upper(),
+        value.lower(),
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode(),
+        base64.b64encode(raw).decode().rstrip("="),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        urllib.parse.quote(value, safe=""),
+        urllib.parse.quote_plus(value, safe=""),
+        value.encode("unicode_escape").decode("ascii"),
+    }
+    return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
+
+
 def secret_forms(value: str) -> frozenset[str]:
-    """Every form of ``value`` the guard searches for.
+    """Every form of ``value`` the guard searches for inside any string: case, URL encoding,
+    hex, and base64 (standard and URL-safe) at all three byte alignments.
 
     >>> forms = secret_forms("s3cr3t-value")
     >>> "S3CR3T-VALUE" in forms and "czNjcjN0LXZhbHVl" in forms
@@ -104,33 +199,44 @@ def secret_forms(value: str) -> frozenset[str]:
         raw.hex().upper(),
     }
     forms |= _base64_fragments(raw)
-    return frozenset(f for f in forms if len(f) >= _MIN_SECRET_LEN)
+    return frozenset(f for f in forms if len(f) >= MIN_SECRET_LENGTH)
 
 
-def register_secret(value: str | bytes) -> None:
-    """Register a secret value: from now on it is redacted from every span and audit record.
+def register_secret(value: str | bytes) -> int:
+    """Register a secret value, process-wide: from now on it is redacted from every span and
+    audit record, and -- when Airflow is loaded -- masked in Airflow's logs (see module docs).
 
-    Called by the credentials code for every token, password and key it obtains. An empty value
-    is ignored (there is nothing to leak); a value shorter than four characters is refused, since
-    guarding it would redact unrelated text.
+    Returns how many distinct forms of the value are now guarded. An empty value is ignored
+    (returns 0: there is nothing to leak); a value shorter than :data:`MIN_SECRET_LENGTH`
+    characters raises :class:`~stepguard.errors.ConfigurationError`, since guarding it would
+    redact unrelated text -- a caller registering whatever a server returned checks the length
+    first. Otherwise never raises: a masker failure is logged (without the value).
 
     >>> from stepguard.audit import register_secret, redact
-    >>> register_secret("hunter2-canary")
-    >>> redact("password=hunter2-canary")
+    >>> register_secret("hunter2-doctest-canary") > 0
+    True
+    >>> redact("password=hunter2-doctest-canary")
     '[REDACTED]'
+    >>> register_secret("")
+    0
     """
     text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
     if not text:
-        return
-    if len(text) < _MIN_SECRET_LEN:
+        return 0
+    if len(text) < MIN_SECRET_LENGTH:
         raise ConfigurationError(
             "secret value too short to guard in audit records",
             subject="register_secret",
-            hint=f"secrets must be at least {_MIN_SECRET_LEN} characters",
+            hint=f"secrets must be at least {MIN_SECRET_LENGTH} characters",
         )
-    new = secret_forms(text)
+    guarded = secret_forms(text)
+    masked = derived_forms(text)
     with _lock:
-        _guard.add(new)
+        registry = _guard
+        registry.add(guarded)
+    for sink in registry.sinks:
+        sink(masked)
+    return len(guarded | masked)
 
 
 def contains_secret(text: str) -> bool:
@@ -170,7 +276,7 @@ def _forget_all_secrets() -> None:
     # For tests only: a real process never forgets a secret it has seen.
     global _guard  # noqa: PLW0603 - process-wide state by design
     with _lock:
-        _guard = _Guard()
+        _guard = _Guard(sinks=_guard.sinks)
 
 
 def set_hash_key(key: bytes | None) -> None:

@@ -26,6 +26,8 @@ A session (needs a Vault; see ``docs/reference/credentials.md``)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from stepguard.credentials._api import VaultClient
 from stepguard.credentials._config import (
     AppRoleAuth,
@@ -44,17 +46,23 @@ from stepguard.credentials._delivery import (
     unwrap_delivery,
     wrap_for_delivery,
 )
-from stepguard.credentials._masking import derived_forms, register_secret
 from stepguard.credentials._secret import SecretMapping, SecretStr
 from stepguard.credentials._session import (
     CredentialSession,
-    CredentialSet,
-    LeaseRecord,
     TokenRecord,
-    filesystem_type,
     open_session,
     revoke_open_sessions,
 )
+from stepguard.credentials._set import CredentialSet, filesystem_type
+
+if TYPE_CHECKING:
+    from stepguard.audit import derived_forms, register_secret
+    from stepguard.receipt import LeaseRecord
+
+#: Re-exported, resolved on first use so importing this package stays light: the process's one
+#: secret registry lives in :mod:`stepguard.audit`, and a credential's record is the receipt's.
+_REEXPORTS = {"derived_forms": "stepguard.audit", "register_secret": "stepguard.audit",
+              "LeaseRecord": "stepguard.receipt"}
 
 __all__ = [
     "WRAPPED_ENV",
@@ -83,3 +91,12 @@ __all__ = [
     "unwrap_delivery",
     "wrap_for_delivery",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _REEXPORTS.get(name)
+    if module is not None:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'stepguard.credentials' has no attribute {name!r}")

@@ -6,9 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stepguard.credentials._masking import hash_identifier, register_secret
-from stepguard.credentials._secret import SecretStr
-from stepguard.credentials._session import CredentialSet
+from stepguard.credentials._secret import SecretStr, guard, hashed_id
+from stepguard.credentials._set import CredentialSet
 from stepguard.errors import ConfigurationError, CredentialDenied, CredentialError
 
 if TYPE_CHECKING:
@@ -55,20 +54,16 @@ def wrap_for_delivery(session: CredentialSession, *, ttl_s: float | None = None)
         "format": _FORMAT,
         "pipeline": session.context.pipeline, "run_id": session.context.run_id,
         "step": session.context.step,
-        "credentials": [
-            {"name": i.name, "kind": i.kind, "delivery": i.delivery, "prefix": i.prefix,
-             "values": i.values.reveal_all()}
-            for i in session._items
-        ],
+        "credentials": session._credentials._export(),
     }
     body = session.step_api().request("POST", _CREATION_PATH, what="credential wrapping",
                                       json=payload, wrap_ttl_s=ttl, retry=False)
     info = (body or {}).get("wrap_info") or {}
     if not info.get("token"):
         raise CredentialError("Vault returned no wrapping token", subject=_CREATION_PATH)
-    register_secret(str(info["token"]))
+    guard(str(info["token"]))
     return WrappedDelivery(token=SecretStr(str(info["token"])),
-                           accessor_hash=hash_identifier(str(info.get("accessor", ""))),
+                           accessor_hash=hashed_id(str(info.get("accessor", ""))),
                            ttl_s=int(info.get("ttl") or ttl),
                            creation_time=str(info.get("creation_time", "")))
 
@@ -123,8 +118,8 @@ def unwrap_delivery(token: str | SecretStr, *, settings: VaultConfig | None = No
     raw = token.get_secret_value() if isinstance(token, SecretStr) else token
     if not raw:
         raise ConfigurationError("empty wrapping token", subject=WRAPPED_ENV)
-    register_secret(raw)
-    token_hash = hash_identifier(raw)
+    guard(raw)
+    token_hash = hashed_id(raw)
     api = VaultApi(cfg)
     try:
         try:

@@ -178,29 +178,47 @@ def wait_until_usable(values: dict[str, str], *, endpoint: str | None, region: s
     """Poll STS GetCallerIdentity with new IAM keys until IAM has propagated them (bounded).
 
     Returns the seconds waited. IAM is eventually consistent: fresh keys can be refused for
-    5-10 s, so a step would otherwise fail at random on its first call.
+    5-10 s, so a step would otherwise fail at random on its first call. Every refusal is
+    retried, after 0.2 s doubling to at most 2 s (plus up to 0.2 s of jitter, so steps that
+    start together do not poll in step), until the next wait would pass ``timeout_s``; then
+    :class:`~stepguard.errors.TransientCredentialError` names the last refusal.
     """
     from botocore.exceptions import BotoCoreError, ClientError
+    from tenacity import (
+        RetryCallState,
+        Retrying,
+        retry_if_exception_type,
+        stop_before_delay,
+        wait_exponential_jitter,
+    )
+
+    def reason(exc: BaseException | None) -> str:
+        if isinstance(exc, ClientError):
+            return str(exc.response.get("Error", {}).get("Code", "ClientError"))
+        return type(exc).__name__
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.info("new AWS IAM keys not usable yet (%s); polling", reason(exc))
 
     started = time.monotonic()
-    delay = 0.2
-    last = "no attempt"
-    while True:
-        try:
-            _sts_client(endpoint, region, values=values).get_caller_identity()
-            return time.monotonic() - started
-        except ClientError as exc:
-            last = str(exc.response.get("Error", {}).get("Code", "ClientError"))
-        except BotoCoreError as exc:
-            last = type(exc).__name__
-        if time.monotonic() - started + delay > timeout_s:
-            raise TransientCredentialError(
-                "new AWS IAM keys did not become usable in time", subject=subject,
-                details=(f"last failure: {last}", f"waited {timeout_s:.0f} s"),
-                hint="IAM is eventually consistent; raise propagation_timeout_s if this recurs")
-        log.info("new AWS IAM keys not usable yet (%s); polling", last)
-        time.sleep(delay)
-        delay = min(delay * 2, 2.0)
+    retrying = Retrying(
+        retry=retry_if_exception_type((ClientError, BotoCoreError)),
+        stop=stop_before_delay(timeout_s),
+        wait=wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.2),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        retrying(lambda: _sts_client(endpoint, region, values=values).get_caller_identity())
+    except (ClientError, BotoCoreError) as exc:
+        # Not chained: the refusal carries nothing the details below do not say.
+        raise TransientCredentialError(
+            "new AWS IAM keys did not become usable in time", subject=subject,
+            details=(f"last failure: {reason(exc)}", f"waited {timeout_s:.0f} s"),
+            hint="IAM is eventually consistent; raise propagation_timeout_s if this recurs",
+        ) from None
+    return time.monotonic() - started
 
 
 def _aws_web_identity(api: VaultApi, req: CredentialRequest, ctx: RunContext,

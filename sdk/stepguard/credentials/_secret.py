@@ -1,4 +1,7 @@
-"""Secret values that never print: ``SecretStr`` and the read-only ``SecretMapping``."""
+"""Secret values that never print (``SecretStr``, the read-only ``SecretMapping``), and how the
+credentials code hands each value and identifier to the process's one secret registry,
+:mod:`stepguard.audit` (redaction of spans and records, Airflow's masker, identifier hashing).
+"""
 
 from __future__ import annotations
 
@@ -133,3 +136,34 @@ class SecretMapping(Mapping[str, SecretStr]):
 
     def __deepcopy__(self, memo: object) -> SecretMapping:
         return self
+
+
+def guard(value: str) -> None:
+    """Register a value Vault (or STS) handed us with :func:`stepguard.audit.register_secret`.
+
+    Values shorter than :data:`stepguard.audit.MIN_SECRET_LENGTH` (a KV flag, a port) cannot be
+    guarded without redacting unrelated text; they are left out instead of failing the step.
+
+    >>> guard("s3cr3t-guard-doctest"); guard("on"); guard("")
+    >>> from stepguard.audit import redact
+    >>> redact("dsn=u:s3cr3t-guard-doctest@db"), redact("on")
+    ('[REDACTED]', 'on')
+    """
+    from stepguard.audit import MIN_SECRET_LENGTH, register_secret
+
+    if len(value) >= MIN_SECRET_LENGTH:
+        register_secret(value)
+
+
+def hashed_id(value: str) -> str:
+    """The audit hash of a lease id, accessor or token (:func:`stepguard.audit.hash_identifier`),
+    ``""`` when there is none.
+
+    >>> hashed_id("database/creds/r/abc").startswith(("sha256:", "hmac-sha256:")), hashed_id("")
+    (True, '')
+    """
+    if not value:
+        return ""
+    from stepguard.audit import hash_identifier
+
+    return hash_identifier(value)

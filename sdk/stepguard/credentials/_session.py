@@ -1,12 +1,19 @@
-"""The per-step credential session: one child token, every lease under it, revoked on exit."""
+"""The per-step credential session: one child token, every lease under it, revoked on exit.
+
+:func:`open_session` logs in, creates the step's child token, mints each requested credential
+under it (:mod:`._kinds`) into the session's :class:`~stepguard.credentials.CredentialSet`
+(delivery: mapping, env, files -- :mod:`._set`), records one
+:class:`~stepguard.receipt.LeaseRecord` per credential, and has the process's renewal thread
+(:mod:`._renewal`) keep token and leases alive until the step ends. On every exit path --
+success, exception, SIGTERM, :func:`revoke_open_sessions` -- it removes written files, revokes
+each revocable lease, then the token.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-import os
-import re
 import signal
 import threading
 import time
@@ -14,12 +21,12 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType, MappingProxyType
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from stepguard._private.fileio import write_all
-from stepguard.credentials._masking import hash_identifier, register_secret
-from stepguard.credentials._secret import SecretMapping
+from stepguard.credentials._renewal import RENEWALS
+from stepguard.credentials._secret import SecretMapping, guard, hashed_id
+from stepguard.credentials._set import CredentialSet, env_prefix, filesystem_type
 from stepguard.errors import (
     ConfigurationError,
     CredentialDenied,
@@ -31,52 +38,13 @@ if TYPE_CHECKING:
     from stepguard.credentials._api import VaultApi
     from stepguard.credentials._config import Login, VaultConfig
     from stepguard.credentials._kinds import Issued
+    from stepguard.receipt import LeaseRecord
     from stepguard.spec import CredentialRequest, RunContext
 
+__all__ = ["CredentialSession", "TokenRecord", "filesystem_type", "open_session",
+           "revoke_open_sessions"]
+
 log = logging.getLogger("stepguard.credentials")
-
-_ENV_UNSAFE = re.compile(r"[^A-Za-z0-9]")
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """What the receipt and the audit span say about one credential. Never a secret value.
-
-    ``revocable`` is False for credentials that can only expire (STS, web identity) or are
-    static (KV); ``revoked_by`` is ``"lease"`` when the lease itself was revoked and ``"token"``
-    when the step token's revocation took it down.
-    """
-
-    name: str
-    kind: str
-    lease_id_hash: str | None
-    revocable: bool
-    static: bool
-    renewable: bool
-    ttl_s: int
-    issue_s: float = 0.0
-    revoked: bool = False
-    revoked_by: str | None = None
-    error: str | None = None
-
-    def to_receipt(self) -> Any:
-        """The receipt's :class:`stepguard.receipt.LeaseRecord` for this credential."""
-        from stepguard.receipt import LeaseRecord as ReceiptLease
-
-        return ReceiptLease(name=self.name, kind=self.kind, lease=self.lease_id_hash,
-                            revocable=self.revocable,
-                            revoked=self.revoked if self.revocable else None,
-                            static=self.static, ttl_s=float(self.ttl_s) if self.ttl_s else None)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for receipts and span attributes."""
-        return {
-            "name": self.name, "kind": self.kind, "lease_id_hash": self.lease_id_hash,
-            "revocable": self.revocable, "static": self.static, "renewable": self.renewable,
-            "ttl_s": self.ttl_s, "revoked": self.revoked, "revoked_by": self.revoked_by,
-            "error": self.error,
-        }
-
 
 @dataclass(frozen=True)
 class TokenRecord:
@@ -101,163 +69,18 @@ class TokenRecord:
         }
 
 
-def env_prefix(name: str, explicit: str | None) -> str:
-    """Variable prefix of a credential: ``env_prefix`` as given, else ``NAME_``.
-
-    >>> env_prefix("train-db", None), env_prefix("aws", "")
-    ('TRAIN_DB_', '')
-    """
-    if explicit is not None:
-        return explicit
-    return _ENV_UNSAFE.sub("_", name).upper() + "_"
-
-
-def _env_key(prefix: str, key: str) -> str:
-    return prefix + _ENV_UNSAFE.sub("_", key).upper()
-
-
-def filesystem_type(path: str | Path) -> str | None:
-    """The filesystem type of the mount holding ``path`` (Linux), e.g. ``tmpfs``."""
-    target = os.path.realpath(path)
-    best, fstype = "", None
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        parts = left.split()
-        if len(parts) < 5 or not right:
-            continue
-        mount = parts[4].replace("\\040", " ")
-        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and \
-                len(mount) >= len(best):
-            best, fstype = mount, right.split()[0]
-    return fstype
-
-
-@dataclass
-class _Item:
-    name: str
-    kind: str
-    delivery: str
-    prefix: str
-    values: SecretMapping
-
-
-class CredentialSet:
-    """Issued credentials and the ways a body receives them (mapping, environment, files)."""
-
-    def __init__(self) -> None:
-        self._items: list[_Item] = []
-        self._files: list[Path] = []
-        self._dirs: list[Path] = []
-
-    @property
-    def values(self) -> Mapping[str, SecretMapping]:
-        """Credential name -> its values (``SecretMapping``; nothing here prints a value)."""
-        return MappingProxyType({i.name: i.values for i in self._items})
-
-    def env(self, *, all_credentials: bool = False) -> dict[str, str]:
-        """Environment variables for a subprocess or sandbox: ``<PREFIX><KEY>`` per value.
-
-        Only credentials with ``delivery: env`` unless ``all_credentials``. The prefix is the
-        request's ``env_prefix`` (``""`` gives plain ``AWS_ACCESS_KEY_ID`` etc.), else ``NAME_``.
-        The returned dict holds plain values: pass it to the child process, never log it.
-        """
-        out: dict[str, str] = {}
-        for item in self._items:
-            if item.delivery != "env" and not all_credentials:
-                continue
-            for key in item.values:
-                out[_env_key(item.prefix, key)] = item.values.reveal(key)
-        return out
-
-    def file_payloads(self, *, all_credentials: bool = False) -> dict[str, bytes]:
-        """``<PREFIX><KEY>_FILE`` -> value, for a runner that writes the files itself (the
-        sandbox's private tmpfs, 0400). Only ``delivery: file`` credentials unless
-        ``all_credentials``. Plain values: hand them to the runner, never log them."""
-        out: dict[str, bytes] = {}
-        for item in self._items:
-            if item.delivery != "file" and not all_credentials:
-                continue
-            for key in item.values:
-                out[_env_key(item.prefix, key) + "_FILE"] = item.values.reveal(key).encode()
-        return out
-
-    def write_files(self, directory: str | Path, *, all_credentials: bool = False,
-                    uid: int | None = None, gid: int | None = None,
-                    require_tmpfs: bool = False) -> dict[str, str]:
-        """Write each value to ``directory/<name>/<key>`` (mode 0400) and return
-        ``<PREFIX><KEY>_FILE`` variables pointing at them.
-
-        Only credentials with ``delivery: file`` unless ``all_credentials``. Give a tmpfs
-        directory so values never reach a disk (``require_tmpfs`` refuses anything else; without
-        it a non-tmpfs directory is logged as a warning). ``uid``/``gid`` hand the files to the
-        sandbox user. Files are removed when the session ends.
-        """
-        root = Path(directory)
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fstype = filesystem_type(root)
-        if fstype != "tmpfs":
-            if require_tmpfs:
-                raise ConfigurationError("credential files must go to a tmpfs",
-                                         subject=str(root), details=(f"filesystem: {fstype}",))
-            log.warning("credential files written to a %s filesystem, not tmpfs: %s",
-                        fstype or "unknown", root)
-        out: dict[str, str] = {}
-        for item in self._items:
-            if item.delivery != "file" and not all_credentials:
-                continue
-            sub = root / item.name
-            sub.mkdir(mode=0o700, exist_ok=False)
-            self._dirs.append(sub)
-            if uid is not None or gid is not None:
-                os.chown(sub, -1 if uid is None else uid, -1 if gid is None else gid)
-            for key in item.values:
-                path = sub / _ENV_UNSAFE.sub("_", key)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
-                try:
-                    if uid is not None or gid is not None:
-                        os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-                    write_all(fd, item.values.reveal(key).encode("utf-8"))
-                finally:
-                    os.close(fd)
-                self._files.append(path)
-                out[_env_key(item.prefix, key) + "_FILE"] = str(path)
-        return out
-
-    def _remove_files(self) -> None:
-        for path in self._files:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        for d in reversed(self._dirs):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        self._files.clear()
-        self._dirs.clear()
-
-    def _add(self, name: str, kind: str, delivery: str, prefix: str,
-             values: Mapping[str, str]) -> None:
-        for v in values.values():
-            register_secret(v)
-        self._items.append(_Item(name, kind, delivery, prefix, SecretMapping(values)))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(credentials={[i.name for i in self._items]!r})"
-
-
-class CredentialSession(CredentialSet):
+class CredentialSession:
     """The credentials of one step run, under one step token. Made by :func:`open_session`.
 
-    ``values``/``env()``/``write_files()`` deliver them; ``leases`` and ``token`` describe them
-    for the receipt (hashed ids only); :meth:`revoke` (run by the context manager on every exit
-    path) revokes the leases, then the token.
+    ``values``/``env()``/``file_payloads()``/``write_files()`` deliver them (from the
+    :class:`CredentialSet` the session holds); ``leases`` and ``token`` describe them for the
+    receipt (hashed ids only); :meth:`revoke` (run by the context manager on every exit path)
+    removes the files written, then revokes the leases, then the token.
     """
 
     def __init__(self, config: VaultConfig, context: RunContext, api: VaultApi, login: Login,
                  *, ttl_s: float, policies: tuple[str, ...]) -> None:
-        super().__init__()
+        self._credentials = CredentialSet()
         self.config = config
         self.context = context
         self._api = api
@@ -276,6 +99,32 @@ class CredentialSession(CredentialSet):
         self._closed = False
         self._login_revoked = False
         self.timings: dict[str, float] = {}
+
+    # -- delivery: the session's CredentialSet ------------------------------------------------
+
+    @property
+    def values(self) -> Mapping[str, SecretMapping]:
+        """Credential name -> its values (see :attr:`CredentialSet.values`)."""
+        return self._credentials.values
+
+    def env(self, *, all_credentials: bool = False) -> dict[str, str]:
+        """Environment variables for the body (see :meth:`CredentialSet.env`)."""
+        return self._credentials.env(all_credentials=all_credentials)
+
+    def file_payloads(self, *, all_credentials: bool = False) -> dict[str, bytes]:
+        """File contents for a runner that writes them (see :meth:`CredentialSet.file_payloads`)."""
+        return self._credentials.file_payloads(all_credentials=all_credentials)
+
+    def write_files(self, directory: str | Path, *, all_credentials: bool = False,
+                    uid: int | None = None, gid: int | None = None,
+                    require_tmpfs: bool = False) -> dict[str, str]:
+        """Write the values as 0400 files, removed when the session ends (see
+        :meth:`CredentialSet.write_files`)."""
+        return self._credentials.write_files(directory, all_credentials=all_credentials,
+                                             uid=uid, gid=gid, require_tmpfs=require_tmpfs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(credentials={list(self._credentials.values)!r})"
 
     # -- read-only views ------------------------------------------------------------------------
 
@@ -311,6 +160,7 @@ class CredentialSession(CredentialSet):
 
     def _start(self, requests: Sequence[CredentialRequest]) -> None:
         from stepguard.credentials._kinds import issue
+        from stepguard.receipt import LeaseRecord
 
         t0 = time.monotonic()
         cfg, ctx = self.config, self.context
@@ -342,16 +192,16 @@ class CredentialSession(CredentialSet):
             if not auth.get("client_token"):
                 raise CredentialError("Vault returned no step token", subject=path)
             self._step_token = str(auth["client_token"])
-            register_secret(self._step_token)
+            guard(self._step_token)
             self._token = TokenRecord(
-                accessor_hash=hash_identifier(str(auth.get("accessor", ""))), child=True,
+                accessor_hash=hashed_id(str(auth.get("accessor", ""))), child=True,
                 policies=tuple(auth.get("policies") or self._policies),
                 ttl_s=int(auth.get("lease_duration") or heartbeat), explicit_max_ttl_s=max_ttl,
                 metadata=meta)
         else:
             self._step_token = self._login.token
             self._token = TokenRecord(
-                accessor_hash=hash_identifier(self._login.accessor), child=False,
+                accessor_hash=hashed_id(self._login.accessor), child=False,
                 policies=self._login.policies, ttl_s=self._login.ttl_s,
                 explicit_max_ttl_s=self._login.ttl_s, metadata={})
         self._step_api = self._api.with_token(self._step_token)
@@ -364,12 +214,12 @@ class CredentialSession(CredentialSet):
                 self._issued.append(issued)
                 self._leases.append(LeaseRecord(
                     name=req.name, kind=req.kind,
-                    lease_id_hash=hash_identifier(issued.lease_id) if issued.lease_id else None,
+                    lease=hashed_id(issued.lease_id) if issued.lease_id else None,
                     revocable=issued.revocable, static=issued.static,
                     renewable=issued.renewable, ttl_s=issued.lease_duration_s,
                     issue_s=issued.issue_s))
-            self._add(req.name, req.kind, req.delivery, env_prefix(req.name, req.env_prefix),
-                      issued.values)
+            self._credentials._add(req.name, req.kind, req.delivery,
+                                   env_prefix(req.name, req.env_prefix), issued.values)
             self.timings[f"issue_s.{req.name}"] = time.monotonic() - t1
         self._start_renewer()
 
@@ -394,7 +244,7 @@ class CredentialSession(CredentialSet):
     def _schedule_renewal(self) -> None:
         interval = self._renew_interval()
         if interval is not None:
-            _RENEWALS.add(self, time.monotonic() + interval)
+            RENEWALS.add(self, time.monotonic() + interval)
 
     def _renew_due(self) -> None:
         """Run by the process's renewal thread when this session's renewal is due."""
@@ -448,16 +298,16 @@ class CredentialSession(CredentialSet):
             if self._closed:
                 return tuple(self._leases)
             self._closed = True
-        _RENEWALS.remove(self)
+        RENEWALS.remove(self)
         # A renewal in flight finishes first (it stops between requests once _closed is set),
         # but revocation never waits longer than one request's timeout for it.
-        if not _RENEWALS.on_renewal_thread():
+        if not RENEWALS.on_renewal_thread():
             if self._renew_lock.acquire(timeout=self.config.timeout_s + 1):
                 self._renew_lock.release()
             else:
                 log.warning("a renewal for step %s is still running; revoking anyway",
                             self.context.step)
-        self._remove_files()
+        self._credentials._remove_files()
         t0 = time.monotonic()
         api = self._step_api
         for i, issued in enumerate(self._issued):
@@ -513,64 +363,6 @@ class CredentialSession(CredentialSet):
         return tuple(self._leases)
 
 
-class _Renewals:
-    """One daemon thread per process renews every open session's token and leases when due.
-
-    A session adds itself with its next due time and is dropped when it revokes; the thread
-    sleeps until the earliest due time. Sessions are held weakly: a session nobody closes is
-    not kept alive by its renewals (its token's TTL then ends it).
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._due: weakref.WeakKeyDictionary[CredentialSession, float] = (
-            weakref.WeakKeyDictionary())
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-
-    def add(self, session: CredentialSession, at: float) -> None:
-        with self._cond:
-            if self._pid != os.getpid():
-                # After fork: the parent's thread and schedule do not exist here.
-                self._thread, self._pid = None, os.getpid()
-                self._due = weakref.WeakKeyDictionary()
-            self._due[session] = at
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="stepguard-renewals")
-                self._thread.start()
-            self._cond.notify()
-
-    def remove(self, session: CredentialSession) -> None:
-        with self._cond:
-            self._due.pop(session, None)
-
-    def scheduled(self, session: CredentialSession) -> bool:
-        with self._cond:
-            return session in self._due
-
-    def on_renewal_thread(self) -> bool:
-        return threading.current_thread() is self._thread
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                ready = [s for s, at in self._due.items() if at <= now]
-                for s in ready:
-                    del self._due[s]
-                if not ready:
-                    nxt = min(self._due.values(), default=None)
-                    self._cond.wait(None if nxt is None else nxt - now)
-                    continue
-            for session in ready:
-                try:
-                    session._renew_due()
-                except Exception as exc:  # pragma: no cover - _renew_due catches its own
-                    log.warning("renewal failed unexpectedly (%s)", type(exc).__name__)
-
-
-_RENEWALS = _Renewals()
 _OPEN: weakref.WeakSet[CredentialSession] = weakref.WeakSet()
 
 
@@ -653,7 +445,7 @@ def open_session(
     try:
         t0 = time.monotonic()
         login = cfg.auth.login(api)
-        register_secret(login.token)
+        guard(login.token)
         session = CredentialSession(cfg, ctx, api, login, ttl_s=ttl_s, policies=pols)
         session.timings["login_s"] = time.monotonic() - t0
         _OPEN.add(session)

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
@@ -37,6 +37,7 @@ from stepguard.isolation._result import RunResult
 from stepguard.spec import IsolationSpec, RunContext
 
 _SCHEDULE_SLACK_S = 120.0
+_FINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 
 @dataclass
@@ -111,6 +112,32 @@ def _exit_code(pod: Any) -> int | None:
     return None
 
 
+def _poll_until_done(observe: Callable[[], str], *, end: float, poll_s: float) -> str:
+    """Call ``observe()`` every ``poll_s`` seconds until it returns a final phase
+    (``Succeeded``/``Failed``), or ``"Timeout"`` once the monotonic clock passes ``end``.
+
+    A watch on a deadline, not a retry: an exception from ``observe`` (a lost pod, Ctrl-C,
+    SIGTERM) ends the poll at once and propagates; the interval is fixed, it is the caller's
+    seam (tests poll every few milliseconds).
+
+    >>> phases = iter(["Pending", "Running", "Succeeded"])
+    >>> _poll_until_done(lambda: next(phases), end=time.monotonic() + 5, poll_s=0.001)
+    'Succeeded'
+    >>> _poll_until_done(lambda: "Running", end=time.monotonic() + 0.01, poll_s=0.001)
+    'Timeout'
+    """
+    from tenacity import Retrying, retry_if_result, wait_fixed
+
+    poll = Retrying(
+        retry=retry_if_result(lambda phase: phase not in _FINAL_PHASES),
+        stop=lambda state: time.monotonic() >= end,
+        wait=wait_fixed(poll_s),
+        retry_error_callback=lambda state: "Timeout",
+    )
+    phase: str = poll(observe)
+    return phase
+
+
 def default_pod_name(context: RunContext) -> str:
     """``sg-<step>-<random>``: unique, DNS-1123, traceable to the step."""
     step = "".join(ch if ch.isalnum() else "-" for ch in context.step.lower())[:40].strip("-")
@@ -177,9 +204,10 @@ def run_pod(
                 raise IsolationError(f"could not create the pod ({type(exc).__name__})",
                                      subject=f"{namespace}/{name}") from exc
             end = start + deadline_s + _SCHEDULE_SLACK_S
-            phase = "Pending"
             current: Any = None
-            while True:
+
+            def observe() -> str:
+                nonlocal current, logs
                 try:
                     current = api.core.read_namespaced_pod(name, namespace)
                 except Exception as exc:
@@ -190,12 +218,9 @@ def run_pod(
                     logs = threading.Thread(target=_follow_logs, args=(api, name, namespace, sink),
                                             daemon=True)
                     logs.start()
-                if phase in ("Succeeded", "Failed"):
-                    break
-                if time.monotonic() >= end:
-                    phase = "Timeout"
-                    break
-                time.sleep(poll_s)
+                return phase
+
+            phase = _poll_until_done(observe, end=end, poll_s=poll_s)
             if logs is not None:
                 logs.join(timeout=10)
             duration = time.monotonic() - start

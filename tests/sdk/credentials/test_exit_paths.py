@@ -15,7 +15,7 @@ import time
 import pytest
 
 from stepguard.credentials import VaultConfig, open_session
-from stepguard.credentials._session import _RENEWALS
+from stepguard.credentials._renewal import RENEWALS as _RENEWALS
 from stepguard.spec import CredentialRequest, RunContext
 
 pytestmark = [pytest.mark.services]
