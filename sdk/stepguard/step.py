@@ -584,6 +584,3 @@ def _vault_session(session: Any) -> Any:
     from stepguard.credentials import CredentialSession
 
     return session if isinstance(session, CredentialSession) else None
-
-
-

@@ -9,9 +9,9 @@ cares registers with it instead of installing its own:
   ``SystemExit``, status ``128 + signum``) in the main thread, once: every ``finally`` and
   ``__exit__`` then runs (revocation, pod deletion, receipts). Further deliveries are ignored
   until the last such block has unwound. Blocks nest and share the one handler. A handler the
-  host installed (Airflow's task runner calls ``on_kill`` from its own) is left alone unless the
-  block says ``take_over=True`` (the CLI step runner and the pod runner, which own their
-  process).
+  host installed in place of stepguard's (Airflow's task runner calls ``on_kill`` from its own)
+  is left alone unless the block says ``take_over=True`` (the CLI step runner and the pod
+  runner, which own their process).
 * :func:`on_signal` -- a hook run on a delivery that does not unwind (the audit flush), before
   the signal goes to the host's handler or to its default action; and
   :func:`on_death` -- a hook run when the signal is about to end the process by its default
@@ -154,8 +154,9 @@ def unwind_on(signum: int = signal.SIGTERM, *, take_over: bool = False) -> Itera
         return
     with _lock:
         slot = _slot(signum)
-        host = slot.previous if signal.getsignal(signum) is _handler else signal.getsignal(signum)
-        if _is_foreign(host) and not take_over and not slot.depth:
+        # Only a handler installed in place of ours counts as the host's: with ours in place
+        # (audit hooks), the block unwinds, and the hooks' previous handler is not called.
+        if _is_foreign(signal.getsignal(signum)) and not take_over and not slot.depth:
             active = False
         else:
             _install(signum)

@@ -21,9 +21,9 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from stepguard._private.signals import unwind_on
 from stepguard.credentials._renewal import RENEWALS
 from stepguard.credentials._secret import SecretMapping, guard, hashed_id
 from stepguard.credentials._set import CredentialSet, env_prefix, filesystem_type
@@ -379,13 +379,6 @@ def revoke_open_sessions() -> int:
     return len(sessions)
 
 
-def _sigterm_to_exit(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM's default action skips every finally block: turn it into SystemExit once so the
-    # revocation runs; later SIGTERMs are ignored until it has.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 @contextlib.contextmanager
 def open_session(
     requests: Sequence[CredentialRequest],
@@ -404,7 +397,8 @@ def open_session(
     two thirds, so a SIGKILLed step's credentials die within one heartbeat. ``policies`` (the
     step's declared subset; default ``settings.default_policies``) are the child's only policies.
     ``handle_sigterm`` turns SIGTERM into ``SystemExit(143)`` while the session is open, when
-    called from the main thread and no other handler is installed.
+    called from the main thread and no host handler is installed (stepguard's signal owner,
+    :mod:`stepguard._private.signals`, decides).
     """
     from stepguard.credentials._api import VaultApi
     from stepguard.credentials._config import VaultConfig
@@ -430,16 +424,11 @@ def open_session(
     if len(set(names)) != len(names):
         raise ConfigurationError("duplicate credential name", subject=",".join(names))
 
-    previous: Any = None
-    installed = False
-    if handle_sigterm and threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-        # stepguard's own audit handler flushes and then dies by the default action, which
-        # would skip revocation: go in front of it. A foreign handler (a host's) is left alone.
-        ours = getattr(previous, "__module__", "") or ""
-        if previous in (signal.SIG_DFL, None) or ours.startswith("stepguard."):
-            signal.signal(signal.SIGTERM, _sigterm_to_exit)
-            installed = True
+    stack = contextlib.ExitStack()
+    if handle_sigterm:
+        # SIGTERM's default action skips every finally block: it unwinds instead, once, so the
+        # revocation runs; a host's own handler (Airflow's) is left alone.
+        stack.enter_context(unwind_on(signal.SIGTERM))
     api = VaultApi(cfg)
     session: CredentialSession | None = None
     try:
@@ -459,5 +448,4 @@ def open_session(
             else:
                 api.close()
         finally:
-            if installed:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            stack.close()

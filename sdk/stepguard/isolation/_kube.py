@@ -25,11 +25,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import IO, Any
 
+from stepguard._private.signals import Terminated, unwind_on
 from stepguard.errors import ConfigurationError, IsolationError, StepTimeout
 from stepguard.isolation._check import assert_pod_ok
 from stepguard.isolation._pod import build_network_policy, build_pod
@@ -64,26 +64,6 @@ class KubeApi:
                 raise IsolationError("no Kubernetes configuration found",
                                      subject="kubeconfig") from exc
         return cls(client.CoreV1Api(), client.NetworkingV1Api())
-
-
-class _Terminated(BaseException):
-    """SIGTERM arrived while a pod was running; unwinds through ``finally`` like Ctrl-C."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _handler(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, _handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _follow_logs(api: KubeApi, name: str, namespace: str, sink: IO[bytes]) -> None:
@@ -194,7 +174,7 @@ def run_pod(
     start = time.monotonic()
     logs: threading.Thread | None = None
     try:
-        with _sigterm_unwinds():
+        with unwind_on(signal.SIGTERM, take_over=True):
             try:
                 api.networking.create_namespaced_network_policy(namespace, policy)
                 created_policy = True
@@ -243,7 +223,7 @@ def run_pod(
                 err.result = result  # type: ignore[attr-defined]
                 raise err
             return result
-    except _Terminated:
+    except Terminated:
         raise IsolationError("terminated (SIGTERM); the pod and its policy were deleted",
                              subject=f"{namespace}/{name}") from None
     finally:
