@@ -33,10 +33,10 @@ from stepguard.errors import (
 from stepguard.integrity._manifest import DEFAULT_SHARD_SIZE, Manifest, ManifestEntry
 from stepguard.integrity._tree import (
     VerificationReport,
-    _finish,
-    _jobs_arg,
-    _make_read_only,
     create_manifest,
+    finish,
+    jobs_arg,
+    make_read_only,
 )
 
 __all__ = [
@@ -279,7 +279,7 @@ def upload(
     nothing left behind on mismatch); otherwise a manifest is created first. Returns the manifest.
     """
     s3 = _client(client)
-    n_jobs = _jobs_arg(jobs)
+    n_jobs = jobs_arg(jobs)
     if manifest is None:
         manifest = create_manifest(path, shard_size=shard_size, jobs=n_jobs)
     if manifest.algorithm != "sha256":
@@ -306,7 +306,7 @@ def upload(
     # Uploads are network-bound: more workers than cores, but bounded memory (<= 64 MiB each).
     with ThreadPoolExecutor(max_workers=min(max(n_jobs, 4), 8)) as pool:
         problems = [p for p in pool.map(one, manifest.entries) if p]
-    _finish(problems, root)
+    finish(problems, root)
     return manifest
 
 
@@ -360,7 +360,7 @@ def manifest_from_s3(
     the others are streamed and hashed. Keys that are not safe manifest paths raise ManifestError.
     """
     s3 = _client(client)
-    n_jobs = _jobs_arg(jobs)
+    n_jobs = jobs_arg(jobs)
     objs = list(_list(s3, location))
 
     def one(obj: dict[str, Any]) -> tuple[str, int, str, bool]:
@@ -405,7 +405,7 @@ def verify_s3(
     objects should use :func:`download_and_verify`, which hashes the very bytes it stores.
     """
     s3 = _client(client)
-    n_jobs = _jobs_arg(jobs)
+    n_jobs = jobs_arg(jobs)
     start = time.monotonic()
     shard = int(manifest.params.get("shard_size", 0))
     objs = {_rel(location, o["Key"]): o for o in _list(s3, location)}
@@ -431,7 +431,7 @@ def verify_s3(
     present = [e for e in manifest.entries if e.path in objs]
     with ThreadPoolExecutor(max_workers=min(max(n_jobs, 4), 16)) as pool:
         findings += [f for f in pool.map(one, present) if f]
-    _finish(findings, str(location))
+    finish(findings, str(location))
     return VerificationReport(str(location), manifest.digest, len(present),
                               sum(e.size for e in present), time.monotonic() - start)
 
@@ -452,7 +452,7 @@ def download_and_verify(
     on success the staged tree is made read-only.
     """
     s3 = _client(client)
-    n_jobs = _jobs_arg(jobs)
+    n_jobs = jobs_arg(jobs)
     start = time.monotonic()
     dest_root = os.path.abspath(os.fspath(staging))
     if os.path.lexists(dest_root):
@@ -483,8 +483,8 @@ def download_and_verify(
 
         with ThreadPoolExecutor(max_workers=min(max(n_jobs, 4), 16)) as pool:
             findings += [f for f in pool.map(one, present) if f]
-        _finish(findings, str(location))
-        _make_read_only(dest_root)
+        finish(findings, str(location))
+        make_read_only(dest_root)
         ok = True
     finally:
         if not ok:
