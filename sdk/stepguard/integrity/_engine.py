@@ -116,12 +116,13 @@ def _new_hasher(algorithm: str, big: bool) -> Any:
 
 def _hash_tiny_all(files: list[TinyFile], algorithm: str, jobs: int, *,
                    progress: ProgressCallback | None, digests: dict[str, str],
-                   errors: dict[str, str], stats: Stats, large: list[str]) -> None:
+                   errors: dict[str, str], stats: Stats, large: list[str],
+                   promote: _Promote | None = None) -> list[_Results]:
     helpers = min(jobs - 1, len(files) // _HELPER_FILES)
     if algorithm != "sha256" or len(files) < _HELPERS_FROM or helpers < 1:
-        _hash_shared(files, [], [], algorithm=algorithm, jobs=jobs, progress=progress,
-                     digests=digests, errors=errors, stats=stats, large=large)
-        return
+        return _hash_shared(files, [], [], algorithm=algorithm, jobs=jobs, progress=progress,
+                            digests=digests, errors=errors, stats=stats, large=large,
+                            promote=promote)
 
     def here(share: list[TinyFile]) -> None:
         _hash_shared(share, [], [], algorithm=algorithm, jobs=1, progress=progress,
@@ -132,15 +133,18 @@ def _hash_tiny_all(files: list[TinyFile], algorithm: str, jobs: int, *,
                       stats=stats, large=large)
 
     run_helpers(files, helpers, OPEN_FLAGS, TINY, hash_here=here, merge=merge)
+    return []
 
 
 _Results = list[tuple[_Job, "bytes | str"]]
+#: Turns direct-path files found not to be tiny (keys, statistics recorded) into batches.
+_Promote = Callable[[list[str]], list[list[_Job]]]
 
 
 def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[_Job]], *,
                  algorithm: str, jobs: int, progress: ProgressCallback | None,
                  digests: dict[str, str], errors: dict[str, str], stats: Stats,
-                 large: list[str]) -> list[_Results]:
+                 large: list[str], promote: _Promote | None = None) -> list[_Results]:
     """Hash on ``jobs`` threads, the caller's included; return the batches' results.
 
     The caller takes the direct-path files (in chunks of ``_CHUNK``) and the ``own`` batches,
@@ -148,6 +152,12 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
     while the last chunk hashed showed files large enough (``_SPREAD_BYTES`` on average) for
     reading and hashing, which release the GIL, to outweigh the Python around them; after a
     chunk of smaller files they leave the direct path to the caller until larger ones come.
+    While such large files are being hashed the caller takes a batch after each chunk, so the
+    batches run out first and the run ends on fine-grained chunks on every thread.
+
+    With ``promote``, a direct-path file found not to be tiny is not left in ``large`` for a
+    second round: its batches join ``rest`` at once (largest work first), and the threads
+    take them while the remaining chunks are the filler at the end.
     """
     chunks = deque(direct[i:i + _CHUNK] for i in range(0, len(direct), _CHUNK))
     pending = deque(rest)
@@ -161,12 +171,18 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
             chunk = chunks.popleft()
         except IndexError:
             return False
+        found: list[str] = []
         hashed = hash_tiny(chunk, algorithm, progress, dirs, _buffer(_BUF), digests=digests,
-                           errors=errors, stats=stats, large=large)
+                           errors=errors, stats=stats, large=found)
         if hashed >= _SPREAD_BYTES * len(chunk):
             spread.set()
         else:
             spread.clear()
+        if found:
+            if promote is None:
+                large.extend(found)
+            else:
+                pending.extendleft(reversed(promote(found)))
         return True
 
     def take_batch(out: list[_Results]) -> bool:
@@ -198,7 +214,9 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
         with DirCursor() as dirs:
             while take_chunk(dirs):
                 pass
-        results += (_run_batch(b, algorithm, progress) for b in own + rest)
+        results += (_run_batch(b, algorithm, progress) for b in own)
+        while take_batch(results):
+            pass
         return results
     futures: list[Future[list[_Results]]] = []
     with ThreadPoolExecutor(max_workers=jobs - 1, thread_name_prefix="stepguard-hash") as pool:
@@ -214,8 +232,15 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
             hire(len(rest))
             with DirCursor() as dirs:
                 while not stop.is_set() and take_chunk(dirs):
-                    if spread.is_set() and chunks:
-                        hire(jobs - 1)  # files large enough to share: idle threads join in
+                    if pending:
+                        hire(len(pending))  # promoted batches: idle threads take them
+                    if spread.is_set():
+                        if chunks:
+                            hire(jobs - 1)  # files large enough to share: idle threads join in
+                        # The caller takes big work too (a batch per chunk), so the batches
+                        # run out before the chunks and the run ends on fine-grained chunks
+                        # rather than on one thread finishing a shard alone.
+                        take_batch(results)
             for b in own:
                 if stop.is_set():
                     break
@@ -401,7 +426,8 @@ def hash_nodes(nodes: list[tuple[str, Node]], *, algorithm: str, shard_size: int
     """Hash files; return (key -> ``scheme:hex``, key -> problem).
 
     Deferred nodes are settled (size, identity, link count from their descriptor's ``fstat``);
-    one that turns out not to be tiny is hashed in a second round like any stat'ed file.
+    one that turns out not to be tiny is hashed like any stat'ed file: its jobs join the
+    running round at once, or (found by a helper process) in a second round.
     """
     stats: Stats = {}
     large: list[str] = []
@@ -435,6 +461,7 @@ def _hash_round(nodes: list[tuple[str, Node]], *, algorithm: str, shard_size: in
     # Tiny files skip the job/batch bookkeeping entirely: at 4 KiB per file that bookkeeping
     # costs as much as the open/read/hash itself (measured: 100,000 x 4 KiB files).
     direct: list[TinyFile] = []
+    listed = nodes
     if dest_root is None:
         queued: list[tuple[str, Node]] = []
         for key, n in nodes:
@@ -461,14 +488,31 @@ def _hash_round(nodes: list[tuple[str, Node]], *, algorithm: str, shard_size: in
     rest: list[list[_Job]] = []
     for b in batches:
         (own if all(j.index < 0 and j.file_size < SMALL_FILE for j in b) else rest).append(b)
+    by_key: dict[str, Node] = {}
+
+    def promote(keys: list[str]) -> list[list[_Job]]:
+        # A deferred file found not to be tiny: settled from its descriptor's statistics, its
+        # jobs join the others (they reopen it and check that identity).
+        nonlocal by_key
+        if not by_key:
+            by_key = dict(listed)
+        found = []
+        for key in keys:
+            node = by_key[key]
+            node.settle(*stats[key])
+            found.append((key, node))
+        return _batches(_jobs_for(found, algorithm, shard_size, dest_root))
+
     if not rest and not own and tiny_helpers:
         # With nothing else to do, idle cores may take shares of the files in helper processes.
-        _hash_tiny_all(direct, algorithm, jobs, progress=progress, digests=digests,
-                       errors=errors, stats=stats, large=large)
+        for results in _hash_tiny_all(direct, algorithm, jobs, progress=progress,
+                                      digests=digests, errors=errors, stats=stats, large=large,
+                                      promote=promote):
+            collect(results)
     else:
         for results in _hash_shared(direct, own, rest, algorithm=algorithm, jobs=jobs,
                                     progress=progress, digests=digests, errors=errors,
-                                    stats=stats, large=large):
+                                    stats=stats, large=large, promote=promote):
             collect(results)
     for key, parts in shards.items():
         if key in errors:
