@@ -237,50 +237,65 @@ def hash_tiny(files: Sequence[TinyFile], algorithm: str,
 def answer_lines(files: Sequence[TinyFile], *, digests: dict[str, str], errors: dict[str, str],
                  stats: Stats, large: list[str]) -> list[str]:
     """The helper's answer for each file (see the module notes), from :func:`hash_tiny`'s
-    results.
+    results (SHA-256 digests).
 
     >>> answer_lines([("0", "/x", (-1, -1), -1, None), ("1", "/y", (-1, -1), -1, None)],
     ...              digests={"0": "sha256:ab"}, errors={"1": "cannot open (No such file)"},
     ...              stats={"0": (2, 5, 6, 1)}, large=[])
     ['ab 2', '!cannot open (No such file)']
     """
-    passed = set(large)
     out: list[str] = []
+    append = out.append
+    get_digest, get_stats = digests.get, stats.get
+    skip = len("sha256:")
     for key, _path, (dev, _ino), size, _parent in files:
-        problem = errors.get(key)
-        if problem is not None:
-            out.append("!" + problem)
+        digest = get_digest(key)
+        if digest is None:
+            problem = errors.get(key)
+            if problem is not None:
+                append("!" + problem)
+            else:  # passed over: not tiny after all
+                size_, dev_, ino_, nlink_ = stats[key]
+                append(f"L {size_} {dev_} {ino_} {nlink_}")
             continue
-        st = stats.get(key)
-        tail = ""
-        if st is not None and dev < 0:
-            if st[3] != 1 or key in passed:
-                tail = f" {st[0]} {st[1]} {st[2]} {st[3]}"
-            elif size < 0:
-                tail = f" {st[0]}"
-        if key in passed:
-            out.append("L" + tail)
+        st = get_stats(key) if dev < 0 else None
+        if st is None:
+            append(digest[skip:])
+        elif st[3] != 1:
+            append(f"{digest[skip:]} {st[0]} {st[1]} {st[2]} {st[3]}")
+        elif size < 0:
+            append(f"{digest[skip:]} {st[0]}")
         else:
-            out.append(digests[key].partition(":")[2] + tail)
+            append(digest[skip:])
     return out
 
 
 def parse_request(raw: bytes) -> tuple[int, int, list[TinyFile]]:
-    """Open flags, tiny-file limit and files from a helper's input (see the module notes)."""
-    fields = raw.split(b"\0")
+    """Open flags, tiny-file limit and files from a helper's input (see the module notes).
+    Each file's key is its position in the request.
+
+    >>> parse_request(b"\\0".join([b"0", b"256", b"-1", b"-1", b"-1", b"7", b"9", b"/d/f", b""]))
+    (0, 256, [('0', '/d/f', (-1, -1), -1, (7, 9))])
+    """
+    # Decoded as os.fsdecode would, so opening a path encodes it back to the very bytes the
+    # caller sent, whatever this interpreter's filesystem encoding is.
+    fields = raw.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()).split("\0")
     flags, tiny = int(fields[0]), int(fields[1])
     it = iter(fields[2:-1])
     files: list[TinyFile] = []
     append = files.append
-    fsdecode = os.fsdecode
-    last_pdev = last_pino = b""
+    unknown = (-1, -1)
+    last_pdev = last_pino = ""
     parent: tuple[int, int] | None = None
-    for n, (dev, ino, size, pdev, pino, path) in enumerate(zip(it, it, it, it, it, it,
-                                                              strict=True)):
+    keys = map(str, range(len(fields) // 6))
+    for key, dev, ino, size, pdev, pino, path in zip(keys, it, it, it, it, it, it, strict=True):
         if pdev != last_pdev or pino != last_pino:
             last_pdev, last_pino = pdev, pino
-            parent = None if pdev == b"-1" else (int(pdev), int(pino))
-        append((str(n), fsdecode(path), (int(dev), int(ino)), int(size), parent))
+            parent = None if pdev == "-1" else (int(pdev), int(pino))
+        if dev == "-1" and size == "-1":  # not stat'ed yet: the common case, kept cheap
+            append((key, path, unknown, -1, parent))
+        else:
+            append((key, path, (int(dev), int(ino)), int(size), parent))
     return flags, tiny, files
 
 
