@@ -165,10 +165,14 @@ def ours_verify(path: Path, manifest: Path):
 
 
 def read_only(path: Path):
-    """Walk and read (no hashing) every file into one reused 8 MiB buffer."""
+    """Walk and read (no hashing) every file into one reused, page-aligned 8 MiB buffer.
+
+    Page-aligned: a bytearray that large starts 16 bytes past a page boundary, and the copy out
+    of the page cache into such a destination takes about 1.8x the CPU of an aligned one on the
+    machine these figures come from, which would understate what a copying reader can do."""
     return lambda: py_child(
-        "import os\n"
-        "buf = memoryview(bytearray(8 << 20))\n"
+        "import mmap, os\n"
+        "buf = memoryview(mmap.mmap(-1, 8 << 20))\n"
         "t = time.perf_counter(); cpu0 = _cpu()\n"
         f"for d, _, names in os.walk({str(path)!r}):\n"
         "    for n in names:\n"

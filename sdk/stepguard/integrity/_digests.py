@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from stepguard._private.fileio import write_all
 from stepguard.errors import IntegrityError, ManifestError
-from stepguard.integrity._direct import OPEN_FLAGS, Changed
+from stepguard.integrity._direct import OPEN_FLAGS, Changed, aligned_buffer
 from stepguard.integrity._engine import hash_nodes
 from stepguard.integrity._gc import gc_paused
 from stepguard.integrity._manifest import Manifest, ManifestEntry
@@ -129,10 +129,9 @@ def copy_file(src: str | os.PathLike[str], dest_fd: int) -> str:
         if not stat.S_ISREG(st.st_mode):
             raise IntegrityError("not a regular file", subject=name)
         h = hashlib.sha256()
-        buf = bytearray(min(_COPY_BUF, max(st.st_size, 1)))
-        view = memoryview(buf)
+        view = aligned_buffer(min(_COPY_BUF, max(st.st_size, 1)))
         while True:
-            n = os.readv(fd, [buf])
+            n = os.readv(fd, [view])
             if not n:
                 break
             h.update(view[:n])
@@ -203,7 +202,7 @@ def _plain_and_shards(node: Node, shard: int) -> tuple[str, list[bytes]]:
             raise Changed(f"size changed while verifying ({node.size} -> {st.st_size})")
         plain = hashlib.sha256()
         parts: list[bytes] = []
-        buf = memoryview(bytearray(_BUF))
+        buf = aligned_buffer(_BUF)
         left_total = node.size
         while left_total > 0:
             h = hashlib.sha256()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import stat
 import sys
@@ -68,6 +69,22 @@ KINDS = {
     stat.S_IFCHR: "character device",
     stat.S_IFBLK: "block device",
 }
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """A writable buffer of ``size`` bytes (at least 1) that starts on a page boundary.
+
+    Reading a file copies it out of the page cache, and that copy is much slower into a
+    destination 16 bytes past a page boundary -- where a large ``bytearray``'s data starts,
+    after the header of malloc's mapped chunk -- than into an aligned one (measured on this
+    project's benchmark machine: 512 MiB in 1 MiB reads, 0.065 s against 0.037 s of CPU; the
+    hashing itself does not care). Anonymous memory, not a file mapping: nothing another
+    process does to a data file can take these pages away.
+
+    >>> b = aligned_buffer(5); b[:3] = b"abc"; bytes(b) == b"abc" + bytes(2)
+    True
+    """
+    return memoryview(mmap.mmap(-1, max(size, 1)))
 
 
 def kind(mode: int) -> str:
@@ -307,7 +324,7 @@ def main() -> int:
     stats: Stats = {}
     large: list[str] = []
     with DirCursor() as dirs:
-        hash_tiny(files, "sha256", None, dirs, bytearray(tiny + 1), digests=digests,
+        hash_tiny(files, "sha256", None, dirs, aligned_buffer(tiny + 1), digests=digests,
                   errors=errors, stats=stats, large=large, open_flags=flags, tiny=tiny)
     lines = answer_lines(files, digests=digests, errors=errors, stats=stats, large=large)
     sys.stdout.buffer.write("\n".join(lines).encode("utf-8", "surrogateescape"))

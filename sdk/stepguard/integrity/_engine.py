@@ -54,6 +54,7 @@ from stepguard.integrity._direct import (
     DirCursor,
     Stats,
     TinyFile,
+    aligned_buffer,
     hash_tiny,
 )
 from stepguard.integrity._tinyproc import parse_line, run_helpers
@@ -98,9 +99,10 @@ _local = threading.local()
 
 
 def _buffer(size: int) -> memoryview:
+    """This thread's read buffer, page-aligned (see ``_direct.aligned_buffer``)."""
     buf: memoryview | None = getattr(_local, "buf", None)
     if buf is None or len(buf) < size:
-        buf = memoryview(bytearray(size))
+        buf = aligned_buffer(size)
         _local.buf = buf
     return buf
 
