@@ -172,7 +172,7 @@ def _jobs(value: str) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``manifest`` command group."""
-    from stepguard.integrity import DEFAULT_SHARD_SIZE
+    from stepguard.integrity._manifest import DEFAULT_SHARD_SIZE
 
     p = sub.add_parser("manifest", help="create, verify and export content manifests")
     msub = p.add_subparsers(dest="manifest_cmd", metavar="ACTION")

@@ -72,13 +72,15 @@ def file_digests(path: str | os.PathLike[str], names: Iterable[str] | None = Non
     """
     n_jobs = jobs_arg(jobs)
     root = resolve_root(path)
-    scan = walk_tree(root, False, defer_files=True)
+    wanted = None if names is None else sorted(set(names))
+    # Only the directories on the way to a wanted file are walked (not a .git/ left unsigned).
+    descend = None if wanted is None else {name[:i] for name in wanted
+                                           for i, c in enumerate(name) if c == "/"}
+    scan = walk_tree(root, False, defer_files=True, descend=descend)
     findings: list[str] = []
-    if names is None:
+    if wanted is None:
         findings += [f"unreadable: {p} ({why})" for p, why in scan.problems]
         wanted = sorted(scan.nodes)
-    else:
-        wanted = sorted(set(names))
     items: list[tuple[str, Node]] = []
     for key in wanted:
         node = scan.nodes.get(key)

@@ -94,11 +94,12 @@ def resolve_root(path: str | os.PathLike[str]) -> str:
 
 
 def walk_tree(root: str, allow_internal_symlinks: bool, *, defer_files: bool = False,
-              skip: Container[str] = ()) -> Scan:
+              descend: Container[str] | None = None) -> Scan:
     """Walk ``root`` without following links. With ``defer_files``, regular files (by their
     directory entry's type) are not ``lstat``'ed: they are opened with ``O_NOFOLLOW`` later and
     the ``fstat`` of that descriptor is what counts, which saves one system call per file.
-    Entries whose relative path is in ``skip`` are left out (a directory is not entered)."""
+    With ``descend``, only the directories whose relative path it holds are entered (the others
+    are still listed in ``Scan.dirs``): a caller that wants a few files need not walk the rest."""
     st = os.lstat(root)
     if stat.S_ISREG(st.st_mode):
         name = os.path.basename(root)
@@ -138,8 +139,6 @@ def walk_tree(root: str, allow_internal_symlinks: bool, *, defer_files: bool = F
             os.close(fd)
         # Plain concatenation, not os.path.join: this loop runs once per file.
         rel_prefix = rel_dir + "/" if rel_dir else ""
-        if skip:
-            entries = [(name, est) for name, est in entries if rel_prefix + name not in skip]
         abs_prefix = abs_dir if abs_dir.endswith("/") else abs_dir + "/"
         nodes = scan.nodes
         for name, est in entries:
@@ -155,7 +154,8 @@ def walk_tree(root: str, allow_internal_symlinks: bool, *, defer_files: bool = F
                                   est.st_size, est.st_nlink)
             elif stat.S_ISDIR(mode):
                 scan.dirs.add(rel)
-                stack.append((rel, (est.st_dev, est.st_ino)))
+                if descend is None or rel in descend:
+                    stack.append((rel, (est.st_dev, est.st_ino)))
             elif stat.S_ISLNK(mode):
                 scan.nodes[rel] = _link_node(root, rel, abs_path, allow_internal_symlinks)
             else:

@@ -109,3 +109,21 @@ def test_copy_file_returns_the_digest_of_the_bytes_written(tree: Path, tmp_path:
             copy_file(tree / "link", fd)
     finally:
         os.close(fd)
+
+
+def test_file_digests_walk_only_the_way_to_the_wanted_files(tree: Path, monkeypatch) -> None:
+    (tree / ".git" / "objects").mkdir(parents=True)
+    (tree / ".git" / "objects" / "ab12").write_bytes(b"blob")
+    scans = []
+    real = _digests.walk_tree
+
+    def spy(*args, **kwargs):
+        scans.append(real(*args, **kwargs))
+        return scans[-1]
+
+    monkeypatch.setattr(_digests, "walk_tree", spy)
+    assert set(file_digests(tree, ["sub/config.json", "weights.bin"])) == {
+        "sub/config.json", "weights.bin"}
+    assert sorted(scans[-1].nodes) == ["notes.txt", "sub/config.json", "weights.bin"]
+    assert set(file_digests(tree)) == {"weights.bin", "sub/config.json", "notes.txt",
+                                       ".git/objects/ab12"}
