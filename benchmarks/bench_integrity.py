@@ -165,10 +165,14 @@ def ours_verify(path: Path, manifest: Path):
 
 
 def read_only(path: Path):
-    """Walk and read (no hashing) every file into one reused 8 MiB buffer."""
+    """Walk and read (no hashing) every file into one reused, page-aligned 8 MiB buffer.
+
+    Page-aligned: a bytearray that large starts 16 bytes past a page boundary, and the copy out
+    of the page cache into such a destination takes about 1.8x the CPU of an aligned one on the
+    machine these figures come from, which would understate what a copying reader can do."""
     return lambda: py_child(
-        "import os\n"
-        "buf = memoryview(bytearray(8 << 20))\n"
+        "import mmap, os\n"
+        "buf = memoryview(mmap.mmap(-1, 8 << 20))\n"
         "t = time.perf_counter(); cpu0 = _cpu()\n"
         f"for d, _, names in os.walk({str(path)!r}):\n"
         "    for n in names:\n"
@@ -292,13 +296,16 @@ def main() -> int:
         results[label] = res
         ours_c, ours_v = res["ours_create"], res["ours_verify"]
         print("  ratios:")
-        print(f"    create / limit                    {ours_c['GBps'] * 1e9 / limit:6.2f}x  (target >= 0.85)")
-        print(f"    verify / limit                    {ours_v['GBps'] * 1e9 / limit:6.2f}x  (target >= 0.85)")
+        print(f"    create / limit                    {ours_c['GBps'] * 1e9 / limit:6.2f}x")
+        print(f"    verify / limit                    {ours_v['GBps'] * 1e9 / limit:6.2f}x")
         # Hashing at the limit plus that reading spread over all cores: about what a reader
         # that copies the files and does nothing else could reach.
         hash_s = nbytes / limit
         ceiling = hash_s / (hash_s + res["read_only"]["cpu_seconds"] / n)
         print(f"    limit + reading / limit           {ceiling:6.2f}x  (about the best a copying reader can do)")
+        # The SHA-256 tree target (issue 14): create and verify at >= 0.95x of that ceiling.
+        print(f"    create / ceiling                  {ours_c['GBps'] * 1e9 / limit / ceiling:6.2f}x  (tree: target >= 0.95)")
+        print(f"    verify / ceiling                  {ours_v['GBps'] * 1e9 / limit / ceiling:6.2f}x  (tree: target >= 0.95)")
         if ms:
             print(f"    create / model_signing best       {best_ms['seconds'] / ours_c['seconds']:6.2f}x  (target >= 1.0)")
         print(f"    blake3 / our 1-core sha256        {res['ours_blake3']['GBps'] / res['ours_create_1']['GBps']:6.2f}x  (target >= 2.0)")

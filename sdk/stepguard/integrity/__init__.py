@@ -13,11 +13,15 @@ as-is. Verification re-hashes every byte (no mtime/inode cache) and reports ever
 >>> report.files, report.manifest_digest == m.digest
 (1, True)
 
+Other controls hash files through :func:`file_digests` (plain SHA-256 of a tree's files, read
+with the same checks as the manifest operations) and :func:`copy_file` (copy while hashing).
 S3 helpers live in :mod:`stepguard.integrity.s3` (boto3 is imported only when used).
 """
 
 from __future__ import annotations
 
+from stepguard.integrity._digests import copy_file, file_digests, plain_sha256_digests
+from stepguard.integrity._engine import ProgressCallback
 from stepguard.integrity._manifest import (
     DEFAULT_SHARD_SIZE,
     PREDICATE_TYPE,
@@ -26,11 +30,9 @@ from stepguard.integrity._manifest import (
     ManifestEntry,
 )
 from stepguard.integrity._tree import (
-    ProgressCallback,
     VerificationReport,
     create_manifest,
     default_jobs,
-    plain_sha256_digests,
     stage_and_verify,
     verify_manifest,
 )
@@ -43,8 +45,10 @@ __all__ = [
     "ManifestEntry",
     "ProgressCallback",
     "VerificationReport",
+    "copy_file",
     "create_manifest",
     "default_jobs",
+    "file_digests",
     "plain_sha256_digests",
     "stage_and_verify",
     "verify_manifest",

@@ -1,4 +1,5 @@
-"""S3: checksummed uploads, manifests from stored checksums, in-place and download verification.
+"""S3: manifests from stored checksums, in-place and download verification (uploads:
+``_s3upload.py``).
 
 The digest rules are the same as for local files. A plain SHA-256 object checksum equals our
 ``sha256`` digest; an S3 multipart *composite* SHA-256 checksum (SHA-256 over the concatenated
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import os
 import shutil
@@ -33,18 +33,18 @@ from stepguard.errors import (
 from stepguard.integrity._manifest import DEFAULT_SHARD_SIZE, Manifest, ManifestEntry
 from stepguard.integrity._tree import (
     VerificationReport,
-    _finish,
-    _jobs_arg,
-    _make_read_only,
-    create_manifest,
+    finish,
+    jobs_arg,
+    make_read_only,
 )
 
 __all__ = [
     "S3Location",
     "S3ManifestReport",
+    "call",
+    "default_client",
     "download_and_verify",
     "manifest_from_s3",
-    "upload",
     "verify_s3",
 ]
 
@@ -97,7 +97,8 @@ class S3ManifestReport:
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _client(client: Any) -> Any:
+def default_client(client: Any) -> Any:
+    """``client``, or ``boto3.client("s3")`` when it is None."""
     if client is not None:
         return client
     import boto3
@@ -119,7 +120,8 @@ def _wrap(exc: Exception, what: str, subject: str) -> Exception:
     return exc
 
 
-def _call(fn: Any, what: str, subject: str, **kw: Any) -> Any:
+def call(fn: Any, what: str, subject: str, **kw: Any) -> Any:
+    """``fn(**kw)``, with botocore errors turned into TransientError or OperationalError."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -173,7 +175,7 @@ def _list(s3: Any, loc: S3Location) -> Iterator[dict[str, Any]]:
         kw: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": loc.prefix}
         if token:
             kw["ContinuationToken"] = token
-        page = _call(s3.list_objects_v2, "list", str(loc), **kw)
+        page = call(s3.list_objects_v2, "list", str(loc), **kw)
         for obj in page.get("Contents", []):
             key = obj["Key"]
             if key.endswith("/") and obj.get("Size", 0) == 0:
@@ -187,7 +189,7 @@ def _list(s3: Any, loc: S3Location) -> Iterator[dict[str, Any]]:
 def _stored_digest(s3: Any, loc: S3Location, key: str, *, size: int, algorithm: str,
                    shard_size: int) -> tuple[str | None, str | None]:
     """(digest usable under our rules, ETag) from S3's stored checksum, or (None, etag)."""
-    head = _call(s3.head_object, "head", f"s3://{loc.bucket}/{key}", Bucket=loc.bucket, Key=key,
+    head = call(s3.head_object, "head", f"s3://{loc.bucket}/{key}", Bucket=loc.bucket, Key=key,
                  ChecksumMode="ENABLED")
     etag = head.get("ETag")
     stored = head.get("ChecksumSHA256")
@@ -204,7 +206,7 @@ def _stored_digest(s3: Any, loc: S3Location, key: str, *, size: int, algorithm: 
     if not count and not parts and shard_size and size > shard_size:
         # Some S3 implementations omit the "-<parts>" suffix; the part count of part 1 says
         # whether this is a multipart (composite) checksum.
-        first = _call(s3.head_object, "head part", f"s3://{loc.bucket}/{key}",
+        first = call(s3.head_object, "head part", f"s3://{loc.bucket}/{key}",
                       Bucket=loc.bucket, Key=key, PartNumber=1)
         parts = int(first.get("PartsCount") or 0)
     if parts <= 1 and not count:
@@ -218,7 +220,7 @@ def _stored_digest(s3: Any, loc: S3Location, key: str, *, size: int, algorithm: 
     if not shard_size or size <= shard_size or parts != -(-size // shard_size):
         return None, etag
     for number in range(1, parts):
-        part = _call(s3.head_object, "head part", f"s3://{loc.bucket}/{key}", Bucket=loc.bucket,
+        part = call(s3.head_object, "head part", f"s3://{loc.bucket}/{key}", Bucket=loc.bucket,
                      Key=key, PartNumber=number)
         if int(part.get("ContentLength", -1)) != shard_size:
             return None, etag
@@ -230,7 +232,7 @@ def _stream(s3: Any, loc: S3Location, key: str, *, algorithm: str, shard_size: i
     kw: dict[str, Any] = {"Bucket": loc.bucket, "Key": key}
     if etag:
         kw["IfMatch"] = etag
-    resp = _call(s3.get_object, "get", f"s3://{loc.bucket}/{key}", **kw)
+    resp = call(s3.get_object, "get", f"s3://{loc.bucket}/{key}", **kw)
     body = resp["Body"]
     hasher = _StreamHasher(algorithm, shard_size)
     fd = -1
@@ -261,91 +263,6 @@ def _rel(loc: S3Location, key: str) -> str:
 # -- public operations -----------------------------------------------------------------------------
 
 
-def upload(
-    path: str | os.PathLike[str],
-    location: S3Location,
-    *,
-    client: Any = None,
-    manifest: Manifest | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    jobs: int | None = None,
-) -> Manifest:
-    """Upload a file or tree under ``location`` with SHA-256 checksums S3 checks on arrival.
-
-    Every request carries the SHA-256 we computed from the bytes we send, so S3 rejects anything
-    corrupted in transit; files above ``shard_size`` go up as multipart uploads with
-    ``shard_size`` parts, so their composite checksum equals the manifest's ``sha256-sharded``
-    digest. If ``manifest`` is given, the bytes sent are checked against it (IntegrityError and
-    nothing left behind on mismatch); otherwise a manifest is created first. Returns the manifest.
-    """
-    s3 = _client(client)
-    n_jobs = _jobs_arg(jobs)
-    if manifest is None:
-        manifest = create_manifest(path, shard_size=shard_size, jobs=n_jobs)
-    if manifest.algorithm != "sha256":
-        raise ConfigurationError("S3 uploads use SHA-256 manifests", subject=manifest.algorithm)
-    shard = int(manifest.params.get("shard_size", 0))
-    root = os.path.realpath(os.fspath(path))
-    is_file = manifest.params.get("root") == "file"
-
-    def one(entry: ManifestEntry) -> str | None:
-        src = root if is_file else os.path.join(root, entry.path)
-        key = location.key(entry.path)
-        if shard and entry.size > shard:
-            return _upload_multipart(s3, location, key, src=src, entry=entry, shard=shard)
-        with open(src, "rb", buffering=0) as fh:
-            data = fh.read(entry.size + 1)
-        digest = hashlib.sha256(data)
-        if len(data) != entry.size or "sha256:" + digest.hexdigest() != entry.digest:
-            return f"modified: {entry.path} (content differs from the manifest; not uploaded)"
-        _call(s3.put_object, "put", f"s3://{location.bucket}/{key}", Bucket=location.bucket,
-              Key=key, Body=data, ChecksumAlgorithm="SHA256",
-              ChecksumSHA256=base64.b64encode(digest.digest()).decode())
-        return None
-
-    # Uploads are network-bound: more workers than cores, but bounded memory (<= 64 MiB each).
-    with ThreadPoolExecutor(max_workers=min(max(n_jobs, 4), 8)) as pool:
-        problems = [p for p in pool.map(one, manifest.entries) if p]
-    _finish(problems, root)
-    return manifest
-
-
-def _upload_multipart(s3: Any, loc: S3Location, key: str, *, src: str, entry: ManifestEntry,
-                      shard: int) -> str | None:
-    subject = f"s3://{loc.bucket}/{key}"
-    mpu = _call(s3.create_multipart_upload, "create multipart", subject, Bucket=loc.bucket,
-                Key=key, ChecksumAlgorithm="SHA256")
-    upload_id = mpu["UploadId"]
-    done = False
-    try:
-        parts = []
-        digests = []
-        with open(src, "rb", buffering=0) as fh:
-            for number in range(1, -(-entry.size // shard) + 1):
-                data = fh.read(shard)
-                d = hashlib.sha256(data).digest()
-                digests.append(d)
-                r = _call(s3.upload_part, "upload part", subject, Bucket=loc.bucket, Key=key,
-                          UploadId=upload_id, PartNumber=number, Body=data,
-                          ChecksumAlgorithm="SHA256",
-                          ChecksumSHA256=base64.b64encode(d).decode())
-                parts.append({"PartNumber": number, "ETag": r["ETag"],
-                              "ChecksumSHA256": base64.b64encode(d).decode()})
-            extra = fh.read(1)
-        composite = "sha256-sharded:" + hashlib.sha256(b"".join(digests)).hexdigest()
-        if extra or composite != entry.digest:
-            return f"modified: {entry.path} (content differs from the manifest; not uploaded)"
-        _call(s3.complete_multipart_upload, "complete multipart", subject, Bucket=loc.bucket,
-              Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
-        done = True
-        return None
-    finally:
-        if not done:
-            # Best effort: the error that got us here matters more than a failed abort.
-            with contextlib.suppress(Exception):
-                s3.abort_multipart_upload(Bucket=loc.bucket, Key=key, UploadId=upload_id)
-
-
 def manifest_from_s3(
     location: S3Location,
     *,
@@ -359,8 +276,8 @@ def manifest_from_s3(
     Objects with a usable stored SHA-256 checksum (see the module notes) are not downloaded;
     the others are streamed and hashed. Keys that are not safe manifest paths raise ManifestError.
     """
-    s3 = _client(client)
-    n_jobs = _jobs_arg(jobs)
+    s3 = default_client(client)
+    n_jobs = jobs_arg(jobs)
     objs = list(_list(s3, location))
 
     def one(obj: dict[str, Any]) -> tuple[str, int, str, bool]:
@@ -404,8 +321,8 @@ def verify_s3(
     listed in the IntegrityError. This checks the bucket *now*: a step that then reads the
     objects should use :func:`download_and_verify`, which hashes the very bytes it stores.
     """
-    s3 = _client(client)
-    n_jobs = _jobs_arg(jobs)
+    s3 = default_client(client)
+    n_jobs = jobs_arg(jobs)
     start = time.monotonic()
     shard = int(manifest.params.get("shard_size", 0))
     objs = {_rel(location, o["Key"]): o for o in _list(s3, location)}
@@ -431,7 +348,7 @@ def verify_s3(
     present = [e for e in manifest.entries if e.path in objs]
     with ThreadPoolExecutor(max_workers=min(max(n_jobs, 4), 16)) as pool:
         findings += [f for f in pool.map(one, present) if f]
-    _finish(findings, str(location))
+    finish(findings, str(location))
     return VerificationReport(str(location), manifest.digest, len(present),
                               sum(e.size for e in present), time.monotonic() - start)
 
@@ -451,8 +368,8 @@ def download_and_verify(
     any difference the staging directory is removed and IntegrityError lists every finding;
     on success the staged tree is made read-only.
     """
-    s3 = _client(client)
-    n_jobs = _jobs_arg(jobs)
+    s3 = default_client(client)
+    n_jobs = jobs_arg(jobs)
     start = time.monotonic()
     dest_root = os.path.abspath(os.fspath(staging))
     if os.path.lexists(dest_root):
@@ -483,8 +400,8 @@ def download_and_verify(
 
         with ThreadPoolExecutor(max_workers=min(max(n_jobs, 4), 16)) as pool:
             findings += [f for f in pool.map(one, present) if f]
-        _finish(findings, str(location))
-        _make_read_only(dest_root)
+        finish(findings, str(location))
+        make_read_only(dest_root)
         ok = True
     finally:
         if not ok:

@@ -3,9 +3,10 @@
 Per 4 KiB file, the Python around open/fstat/read/close/hash costs as much as the hashing, and
 it holds the GIL, so threads do not help. A freshly started interpreter (``-I -S``: no
 environment, no site) takes a share of the files and runs exactly the checks of the in-process
-path: ``O_NOFOLLOW`` open, ``fstat`` type and (device, inode) identity against the walk, one read
-of size+1 bytes. A fresh interpreter rather than ``fork``: the caller may have threads (ours or
-its own) holding locks that a forked child would inherit. If a helper cannot be started or
+path -- the same function, ``_direct.hash_tiny``, run as the helper's program (``python -I -S
+_direct.py``; the request and answer protocol is described there). A fresh interpreter rather
+than ``fork``: the caller may have threads (ours or its own) holding locks that a forked child
+would inherit. If a helper cannot be started or
 misbehaves, its share is hashed in-process, so the result never depends on the helpers.
 """
 
@@ -18,77 +19,11 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
-# Runs in the helper. Input: NUL-separated open flags and the tiny-file limit, then per file
-# (dev, ino, size, directory dev, directory ino, path). With a directory identity the file is
-# opened relative to its directory after checking that directory. dev -1: not stat'ed yet (the
-# descriptor's fstat decides; size -1: unknown). Output: one line per file, in order: the SHA-256
-# hex digest, for a file not stat'ed before followed by " size" when its size was unknown, or
-# " size dev ino nlink" when it has several names; "L size dev ino nlink" for such a file that is
-# not tiny after all (not hashed); or "!" and the problem.
-_CHILD = r"""
-import errno, hashlib, os, stat, sys
-f = sys.stdin.buffer.read().split(b"\0")
-flags = int(f[0]); tiny = int(f[1]); out = []
-dflags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-it = iter(f[2:-1])
-kinds = {stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFIFO: "FIFO",
-         stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
-cur, cur_dev, cur_ino, dfd, dproblem = None, None, None, -1, None
-for dev, ino, size, pdev, pino, path in zip(it, it, it, it, it, it):
-    dev, ino, size = int(dev), int(ino), int(size)
-    try:
-        if pdev == b"-1":
-            fd = os.open(path, flags)
-        else:
-            d, _, name = path.rpartition(b"/")
-            d = d or b"/"
-            if d != cur or pdev != cur_dev or pino != cur_ino:
-                if dfd >= 0:
-                    os.close(dfd); dfd = -1
-                cur, cur_dev, cur_ino, dproblem = d, pdev, pino, None
-                try:
-                    dfd = os.open(d, dflags)
-                    dst = os.fstat(dfd)
-                    if (dst.st_dev, dst.st_ino) != (int(pdev), int(pino)):
-                        dproblem = "directory replaced while verifying"
-                except OSError as exc:
-                    swapped = exc.errno in (errno.ELOOP, errno.ENOTDIR)
-                    dproblem = ("directory replaced while verifying" if swapped
-                                else f"cannot open its directory ({exc.strerror})")
-            if dproblem is not None:
-                out.append("!" + dproblem); continue
-            fd = os.open(name, flags, dir_fd=dfd)
-    except OSError as exc:
-        out.append(f"!cannot open ({exc.strerror})"); continue
-    tail = ""
-    try:
-        st = os.fstat(fd)
-        if dev < 0:
-            if not stat.S_ISREG(st.st_mode):
-                kind = kinds.get(stat.S_IFMT(st.st_mode), "special file")
-                out.append(f"!replaced by a {kind}"); continue
-            if st.st_nlink != 1 or (size < 0 and st.st_size >= tiny):
-                tail = f" {st.st_size} {st.st_dev} {st.st_ino} {st.st_nlink}"
-            elif size < 0:
-                tail = f" {st.st_size}"
-            if size < 0:
-                size = st.st_size
-                if size >= tiny:
-                    out.append("L" + tail); continue
-            elif st.st_size != size:
-                out.append(f"!size {st.st_size}, manifest {size}"); continue
-        elif not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (dev, ino):
-            out.append("!replaced while verifying"); continue
-        data = os.read(fd, size + 1)
-    except OSError as exc:
-        out.append(f"!read failed ({exc.strerror})"); continue
-    finally:
-        os.close(fd)
-    if len(data) != size:
-        out.append(f"!size changed while verifying ({size} -> {len(data)})"); continue
-    out.append(hashlib.sha256(data).hexdigest() + tail)
-sys.stdout.buffer.write("\n".join(out).encode("utf-8", "surrogateescape"))
-"""
+from stepguard.integrity import _direct
+from stepguard.integrity._direct import TinyFile
+
+#: The helper's program: a module file of its own, run by path (see ``_direct.py``).
+_PROGRAM = _direct.__file__
 
 
 def parse_line(line: str) -> str | tuple[str | None, tuple[int, int, int, int] | None]:
@@ -117,11 +52,6 @@ def parse_line(line: str) -> str | tuple[str | None, tuple[int, int, int, int] |
 
 #: Tiny files hashed in the time a helper takes to start and read its share (about 40 ms).
 _STARTUP_FILES = 4000
-
-# One (key, open path, (dev, ino), size, identity of its directory or None) per file. With a
-# directory identity, the file is opened relative to that directory after checking it.
-TinyFile = tuple[str, str, tuple[int, int], int, "tuple[int, int] | None"]
-
 
 def _anonymous_file() -> BinaryIO:
     """A read/write file with no name: in memory where the kernel offers it."""
@@ -163,13 +93,15 @@ class Helper:
         # Embedded interpreters (uWSGI, frozen apps) report a sys.executable that is not Python.
         if not exe or not os.path.basename(exe).startswith("python"):
             return
+        if not _PROGRAM or not os.path.isfile(_PROGRAM):  # e.g. imported from a zip file
+            return
         try:
             stdin, stdout = _anonymous_file(), _anonymous_file()
             self._files += (stdin, stdout)
             stdin.write(b"\0".join(parts))
             stdin.seek(0)
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _CHILD],
+                [exe, "-I", "-S", _PROGRAM],
                 stdin=stdin, stdout=stdout, stderr=subprocess.DEVNULL, close_fds=True,
             )
         except (OSError, ValueError):

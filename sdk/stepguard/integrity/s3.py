@@ -1,5 +1,7 @@
-"""S3 integrity: checksummed upload, manifests from stored checksums, in-place verification and
-download-while-hashing into a staging directory. boto3 is imported only when a function runs.
+"""S3 integrity: checksummed uploads (a tree with :func:`upload`, one file with
+:func:`put_file`, which the S3 registry uses too), manifests from stored checksums, in-place
+verification and download-while-hashing into a staging directory. boto3 is imported only when a
+function runs.
 
 Pass a boto3 S3 client as ``client=`` (for example one made from the step's just-in-time
 credentials); without one, ``boto3.client("s3")`` is used.
@@ -16,15 +18,17 @@ from stepguard.integrity._s3 import (
     S3ManifestReport,
     download_and_verify,
     manifest_from_s3,
-    upload,
     verify_s3,
 )
+from stepguard.integrity._s3upload import S3Put, put_file, upload
 
 __all__ = [
     "S3Location",
     "S3ManifestReport",
+    "S3Put",
     "download_and_verify",
     "manifest_from_s3",
+    "put_file",
     "upload",
     "verify_s3",
 ]

@@ -174,9 +174,7 @@ class Registry(abc.ABC):
         tree; its root digest is bound into the signed statement. On any failure everything this
         call uploaded is removed. A version that already exists raises RegistryError.
         """
-        from stepguard.signing import sign_provenance
-        from stepguard.signing._formats import check_formats
-        from stepguard.signing._model import _model_files, sign_digests
+        from stepguard.signing import check_formats, model_files, sign_digests, sign_provenance
 
         _check("name", name, _NAME)
         _check("version", version, _VERSION)
@@ -188,7 +186,7 @@ class Registry(abc.ABC):
         if manifest is not None:
             binding["manifest_digest"] = manifest.digest
         root = Path(model_dir)
-        files = _model_files(root, set())
+        files = model_files(root)
         if set(files) == {"."}:
             # A single file is published as a one-file model directory.
             files = {root.name: root}
@@ -283,8 +281,7 @@ class Registry(abc.ABC):
     def fetch_model(self, name: str, version: str, *, policy: Any,
                     dest: str | Path) -> FetchedModel:
         """:meth:`fetch`, returning also who signed the version (as verified)."""
-        from stepguard.signing import Policy, verify_model
-        from stepguard.signing._bundle import load_bundle, parse_model_statement
+        from stepguard.signing import Policy, load_bundle, parse_model_statement, verify_model
 
         if not isinstance(policy, Policy):
             raise ConfigurationError("fetch needs an explicit verification policy",
@@ -339,7 +336,7 @@ class Registry(abc.ABC):
     def list(self, name: str | None = None, *, policy: Any = None) -> list[RegistryEntry]:
         """Committed versions (bundle present). With ``policy``, only those whose bundle
         verifies under it and is bound to its own name and version."""
-        from stepguard.signing._bundle import load_bundle, parse_model_statement
+        from stepguard.signing import load_bundle, parse_model_statement
 
         out: list[RegistryEntry] = []
         for key in sorted(self._list_keys(f"{name}/" if name else "")):

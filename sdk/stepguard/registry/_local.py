@@ -8,8 +8,8 @@ from pathlib import Path
 
 from stepguard._private.fileio import write_all
 from stepguard.errors import RegistryError
+from stepguard.integrity import copy_file
 from stepguard.registry._base import Registry
-from stepguard.signing._hashing import sha256_file
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
@@ -45,7 +45,7 @@ class LocalRegistry(Registry):
     def _put_file(self, key: str, src: Path, size: int) -> str:
         fd = self._open_new(key)
         try:
-            return sha256_file(src, copy_to=fd)
+            return copy_file(src, fd)
         finally:
             os.close(fd)
 
@@ -78,7 +78,7 @@ class LocalRegistry(Registry):
     def _download(self, key: str, dest: Path) -> str:
         fd = os.open(dest, _FLAGS, 0o644)
         try:
-            return sha256_file(self._path(key), copy_to=fd)
+            return copy_file(self._path(key), fd)
         finally:
             os.close(fd)
 

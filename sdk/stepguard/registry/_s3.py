@@ -1,4 +1,9 @@
-"""A registry in an S3 bucket prefix (boto3, imported lazily)."""
+"""A registry in an S3 bucket prefix (boto3, imported lazily).
+
+Files are uploaded by integrity's uploader (:func:`stepguard.integrity.s3.put_file`), which
+returns the SHA-256 of exactly the bytes stored; those digests are what the version's signature
+covers.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stepguard._private.fileio import write_all
-from stepguard.errors import IntegrityError, RegistryError
+from stepguard.errors import IntegrityError, RegistryError, StepguardError
 from stepguard.registry._base import Registry
 
 #: Files up to this size go in one PutObject carrying their SHA-256 (read once, hashed once);
@@ -95,71 +100,25 @@ class S3Registry(Registry):
         return bool(resp.get("KeyCount"))
 
     def _put_file(self, key: str, src: Path, size: int) -> str:
-        # Small files: read once into memory, hash, send with that SHA-256 (real S3 checks it
-        # against what it receives). Large files: multipart, hashed part by part as sent.
-        if size > SINGLE_PUT_MAX:
-            return self._put_multipart(key, src, size)
-        with self._budget.take(size):
-            with open(src, "rb") as fh:
-                data = fh.read(SINGLE_PUT_MAX + 1)
-            if len(data) > SINGLE_PUT_MAX:
-                raise IntegrityError("file grew while it was being published", subject=str(src))
-            digest = hashlib.sha256(data).digest()
-            try:
-                self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data,
-                    ChecksumAlgorithm="SHA256", ChecksumSHA256=base64.b64encode(digest).decode())
-            except Exception as exc:
-                raise self._err(exc, "upload", key) from exc
-            del data
-        return digest.hex()
+        # One uploader for the whole project (stepguard.integrity.s3.put_file): small files in
+        # one PutObject carrying their SHA-256 (read once, hashed once, within the byte budget);
+        # larger ones as multipart uploads with per-part SHA-256 checksums.
+        from stepguard.integrity.s3 import put_file
 
-    def _put_multipart(self, key: str, src: Path, size: int) -> str:
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        part_size = max(PART_SIZE, -(-size // 9000))
-        s3key = self._key(key)
+        single = size <= SINGLE_PUT_MAX
         try:
-            upload_id = self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=s3key, ChecksumAlgorithm="SHA256")["UploadId"]
-        except Exception as exc:
-            raise self._err(exc, "upload", key) from exc
-        whole = hashlib.sha256()
-        parts: list[Future[dict[str, Any]]] = []
-
-        def send(number: int, data: bytes) -> dict[str, Any]:
-            digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
-            resp = self.client.upload_part(
-                Bucket=self.bucket, Key=s3key, UploadId=upload_id, PartNumber=number,
-                Body=data, ChecksumAlgorithm="SHA256", ChecksumSHA256=digest)
-            return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": digest}
-
-        try:
-            with open(src, "rb") as fh, ThreadPoolExecutor(max_workers=MAX_PARTS_IN_FLIGHT) as ex:
-                number = 0
-                while True:
-                    # Bound memory: wait for the oldest part before reading more.
-                    pending = [f for f in parts if not f.done()]
-                    if len(pending) >= MAX_PARTS_IN_FLIGHT:
-                        pending[0].result()
-                    data = fh.read(part_size)
-                    if not data:
-                        break
-                    whole.update(data)
-                    number += 1
-                    parts.append(ex.submit(send, number, data))
-                done = [f.result() for f in parts]
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=s3key, UploadId=upload_id,
-                MultipartUpload={"Parts": done})
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=s3key,
-                                                   UploadId=upload_id)
-            if isinstance(exc, IntegrityError) or not isinstance(exc, Exception):
-                raise
-            raise self._err(exc, "multipart upload", key) from exc
-        return whole.hexdigest()
+            with self._budget.take(size if single else 0):
+                put = put_file(self.client, src, self.bucket, self._key(key),
+                               part_size=max(PART_SIZE, -(-size // 9000)),
+                               multipart_above=SINGLE_PUT_MAX,
+                               parts_in_flight=MAX_PARTS_IN_FLIGHT)
+        except IntegrityError:
+            raise
+        except StepguardError as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            raise self._err(cause, "upload" if single else "multipart upload", key) from exc
+        assert put.sha256 is not None
+        return put.sha256
 
     def _put_bytes(self, key: str, data: bytes, *, exclusive: bool) -> None:
         args: dict[str, Any] = {

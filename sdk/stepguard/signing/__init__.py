@@ -34,13 +34,22 @@ from stepguard.signing._bundle import (
     BUNDLE_MEDIA_TYPE,
     INTOTO_PAYLOAD_TYPE,
     MODEL_PREDICATE_TYPE,
+    SignedModel,
     build_model_statement,
     load_bundle,
     pae,
+    parse_model_statement,
 )
 from stepguard.signing._formats import check_formats, pickle_reason, scan_pickle
 from stepguard.signing._manifests import sign_manifest, verify_manifest_signature
-from stepguard.signing._model import SignedArtifact, VerifiedModel, sign_model, verify_model
+from stepguard.signing._model import (
+    SignedArtifact,
+    VerifiedModel,
+    model_files,
+    sign_digests,
+    sign_model,
+    verify_model,
+)
 from stepguard.signing._policy import (
     KeyPolicy,
     Policy,
@@ -75,6 +84,7 @@ __all__ = [
     "KeySigner",
     "Policy",
     "SignedArtifact",
+    "SignedModel",
     "Signer",
     "SigstorePolicy",
     "SigstoreSigner",
@@ -87,10 +97,13 @@ __all__ = [
     "build_provenance",
     "check_formats",
     "load_bundle",
+    "model_files",
     "pae",
+    "parse_model_statement",
     "parse_policy",
     "pickle_reason",
     "scan_pickle",
+    "sign_digests",
     "sign_manifest",
     "sign_model",
     "sign_provenance",

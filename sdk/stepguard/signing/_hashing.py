@@ -1,24 +1,22 @@
-"""Strict tree walk and parallel SHA-256 of every file, for model signatures.
+"""Which files a model signature covers, and their per-file SHA-256.
 
-Per-file plain SHA-256 is what ``model_signing``'s ``files`` serialization records; we compute it
-ourselves (large reads, one thread per file, hashlib releases the GIL) instead of through its
-serializer, and we refuse symlinks and special files while walking rather than following them.
+Per-file plain SHA-256 is what ``model_signing``'s ``files`` serialization records. :func:`walk`
+decides which files are signed (every regular file, minus ``skip``) and refuses symlinks and
+special files rather than following them; the bytes are hashed by integrity's public entry
+point, :func:`stepguard.integrity.file_digests`, which walks the tree itself (device/inode
+checks), opens each file with ``O_NOFOLLOW`` through its checked directory and hashes exactly
+the bytes read -- not through ``model_signing``'s serializer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
-from collections.abc import Collection, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepguard._private.fileio import write_all
 from stepguard.errors import ConfigurationError, IntegrityError
-
-_BUF = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,48 +66,26 @@ def walk(root: Path, *, skip: Collection[str] = ()) -> WalkResult:
     return WalkResult(files, tuple(sorted(problems)))
 
 
-def sha256_file(path: Path, *, copy_to: int | None = None) -> str:
-    """Hex SHA-256 of a file, read with large buffers and O_NOFOLLOW.
+def hash_files(files: Mapping[str, Path], *, jobs: int | None = None) -> dict[str, str]:
+    """Plain SHA-256 (hex) of each file (relative path -> ``root/relative path``, or ``"."`` ->
+    a single-file model), read through :func:`stepguard.integrity.file_digests`."""
+    from stepguard.integrity import file_digests
 
-    With ``copy_to`` (a file descriptor) the bytes are also written there as they are hashed:
-    one read, so the digest describes exactly what was written."""
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        buf = bytearray(_BUF)
-        view = memoryview(buf)
-        while True:
-            n = os.readv(fd, [buf])
-            if not n:
-                break
-            h.update(view[:n])
-            if copy_to is not None:
-                write_all(copy_to, view[:n])
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
-def hash_files(files: dict[str, Path], *, jobs: int | None = None) -> dict[str, str]:
-    """Hash files in parallel: relative path -> hex SHA-256."""
-    if not files:
-        return {}
-    # hashlib releases the GIL on large updates; a few more threads than cores keeps every core
-    # busy while others wait on I/O (the same default as concurrent.futures).
-    workers = max(1, min(jobs or min(32, (os.cpu_count() or 1) + 4), len(files)))
-    items = sorted(files.items(), key=lambda kv: -_size(kv[1]))  # big files first
-    if workers == 1:
-        return {rel: sha256_file(p) for rel, p in items}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = pool.map(lambda kv: sha256_file(kv[1]), items)
-        return {rel: d for (rel, _), d in zip(items, digests, strict=True)}
-
-
-def _size(p: Path) -> int:
-    try:
-        return os.lstat(p).st_size
-    except OSError:
-        return 0
+    out: dict[str, str] = {}
+    by_root: dict[str, list[str]] = {}
+    for rel, path in files.items():
+        full = os.fspath(path)
+        if rel == ".":
+            (out["."],) = file_digests(full, jobs=jobs).values()
+            continue
+        suffix = "/" + rel
+        if not full.endswith(suffix):
+            raise ConfigurationError("file is not at its relative path", subject=rel,
+                                     details=(full,))
+        by_root.setdefault(full[:-len(suffix)] or "/", []).append(rel)
+    for root, names in by_root.items():
+        out.update(file_digests(root, names, jobs=jobs))
+    return out
 
 
 def diff(expected: dict[str, str], actual: dict[str, str],

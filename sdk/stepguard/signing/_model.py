@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,22 @@ def _model_files(model: Path, skip: set[str]) -> dict[str, Path]:
                              subject=result.problems[0].split(": ", 1)[-1],
                              details=result.problems)
     return result.files
+
+
+def model_files(model: str | Path, *, skip: Collection[str] = ()) -> dict[str, Path]:
+    """The files a model signature covers: relative POSIX name -> path.
+
+    Every regular file under the directory ``model`` except the names in ``skip``; a single
+    file is named ``"."``, as ``model_signing`` does. Symlinks and special files are refused
+    (:class:`~stepguard.errors.IntegrityError` listing each), never followed.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "w.bin").write_bytes(b"1")
+    >>> _ = (d / "model.sig").write_bytes(b"{}")
+    >>> sorted(model_files(d, skip={"model.sig"}))
+    ['w.bin']
+    """
+    return _model_files(Path(model), set(skip))
 
 
 def _lstat(path: Path) -> os.stat_result:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stepguard.errors import IntegrityError
-from stepguard.integrity import _tree, create_manifest, verify_manifest
+from stepguard.integrity import _direct, _engine, _tree, create_manifest, verify_manifest
 
 
 def _tree_of(root: Path, n: int = 60) -> Path:
@@ -24,7 +24,7 @@ def _tree_of(root: Path, n: int = 60) -> Path:
 def helpers_on(monkeypatch):
     """Lower the thresholds so a small tree uses helper interpreters; count that it did."""
     calls = []
-    real = _tree.run_helpers
+    real = _engine.run_helpers
 
     def spy(files, helpers, *args, **kwargs):
         calls.append((len(files), helpers))
@@ -41,9 +41,9 @@ def helpers_on(monkeypatch):
             super().__init__(share, *args, **kwargs)
 
     monkeypatch.setattr(_tinyproc, "Helper", CountingHelper)
-    monkeypatch.setattr(_tree, "_HELPERS_FROM", 10)
-    monkeypatch.setattr(_tree, "_HELPER_FILES", 5)
-    monkeypatch.setattr(_tree, "run_helpers", spy)
+    monkeypatch.setattr(_engine, "_HELPERS_FROM", 10)
+    monkeypatch.setattr(_engine, "_HELPER_FILES", 5)
+    monkeypatch.setattr(_engine, "run_helpers", spy)
     return calls
 
 
@@ -83,7 +83,7 @@ def _answers(share):
     """Run one helper interpreter over ``share``; its answer lines."""
     from stepguard.integrity._tinyproc import Helper
 
-    helper = Helper(share, _tree._OPEN_FLAGS, 50)
+    helper = Helper(share, _direct.OPEN_FLAGS, 50)
     try:
         lines = helper.results()
     finally:
@@ -192,7 +192,7 @@ def test_helper_opens_files_through_their_checked_directory(tmp_path):
 
 def _swap_parent_after_walk(monkeypatch, root: Path, sub: str, outside: Path) -> None:
     """After the walk has listed ``root/sub``, replace it with a symlink to an outside copy."""
-    real_scan = _tree._scan
+    real_scan = _tree.walk_tree
 
     def racing_scan(*args, **kwargs):
         scan = real_scan(*args, **kwargs)
@@ -200,7 +200,7 @@ def _swap_parent_after_walk(monkeypatch, root: Path, sub: str, outside: Path) ->
         os.symlink(outside, root / sub)
         return scan
 
-    monkeypatch.setattr(_tree, "_scan", racing_scan)
+    monkeypatch.setattr(_tree, "walk_tree", racing_scan)
 
 
 @pytest.mark.parametrize("how", ["in-process", "helpers", "manifest text"])

@@ -353,3 +353,29 @@ def test_any_single_byte_flip_is_refused(signed, keys, data):
     finally:
         raw[pos] ^= 1 << bit
         target.write_bytes(bytes(raw))
+
+
+def test_directory_swapped_after_the_walk_is_not_hashed_through(model, keys, tmp_path,
+                                                                 monkeypatch):
+    """Signing lists the files; integrity reads them through directories it has checked, so a
+    subdirectory swapped for a link between the two is refused, not signed from elsewhere."""
+    from stepguard.signing import _model
+
+    (model / "sub").mkdir()
+    (model / "sub" / "tokenizer.json").write_text('{"vocab": 1}\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tokenizer.json").write_text('{"vocab": "attacker"}\n')
+    real_walk = _model.walk
+
+    def racing_walk(*args, **kwargs):
+        result = real_walk(*args, **kwargs)
+        os.rename(model / "sub", tmp_path / "sub.orig")
+        os.symlink(elsewhere, model / "sub")
+        return result
+
+    monkeypatch.setattr(_model, "walk", racing_walk)
+    with pytest.raises(IntegrityError, match="sub/tokenizer.json") as exc:
+        sign_model(model, KeySigner(keys.private), bundle_path=tmp_path / "model.sig")
+    assert exc.value.details == ("missing: sub/tokenizer.json",)
+    assert not (tmp_path / "model.sig").exists()

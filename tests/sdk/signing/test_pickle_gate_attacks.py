@@ -114,10 +114,12 @@ def test_pickle_is_refused_at_publish_and_at_fetch_and_never_runs(
         sign_model(model, signer)
 
     # A publisher holding a trusted key who skips the gate: fetch must still refuse.
+    import stepguard.signing
     import stepguard.signing._formats as formats
 
     with monkeypatch.context() as m:
         m.setattr(formats, "check_formats", lambda *a, **k: [])
+        m.setattr(stepguard.signing, "check_formats", lambda *a, **k: [])
         reg.publish(model, "bert", "1.0", signer=signer)
     dest = tmp_path / "fetched"
     with pytest.raises(PolicyViolation, match="unsafe model format") as refused:
