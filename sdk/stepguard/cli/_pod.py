@@ -62,8 +62,7 @@ def _load(path: str) -> list[Any]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from stepguard.isolation import check_pod
-    from stepguard.isolation._check import _schema
+    from stepguard.isolation import check_pod, check_schema
 
     findings: list[dict[str, str]] = []
     checked = 0
@@ -81,7 +80,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             elif args.no_schema:
                 continue
             else:
-                found = _schema(doc, args.kubernetes_version)
+                found = check_schema(doc, args.kubernetes_version)
             checked += 1
             findings += [{"file": where, "rule": v.rule, "path": v.path, "message": v.message}
                          for v in found]

@@ -120,7 +120,9 @@ def _containers(pod: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Mapp
                 yield f"{prefix}.{key}[{i}]", c
 
 
-def _schema(manifest: Mapping[str, Any], version: str | None) -> list[Violation]:
+def check_schema(manifest: Mapping[str, Any], version: str | None = None) -> list[Violation]:
+    """Every Kubernetes schema error of any manifest (``kubernetes_validate``'s strict schemas
+    for ``version``, default its latest); no findings means it validates."""
     import kubernetes_validate
 
     target = version or kubernetes_validate.latest_version()
@@ -188,7 +190,7 @@ def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,
         raise ConfigurationError("a manifest is a mapping", subject=type(manifest).__name__)
     out: list[Violation] = []
     if schema:
-        out += _schema(manifest, kubernetes_version)
+        out += check_schema(manifest, kubernetes_version)
     pod, meta, prefix, runs_once = _pod_spec(manifest)
     v = out.append
     psc: Mapping[str, Any] = pod.get("securityContext") or {}
