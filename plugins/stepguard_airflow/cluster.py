@@ -37,6 +37,7 @@ put themselves in process groups of their own, so a session sweep, not a group k
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import secrets
@@ -47,7 +48,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -241,10 +242,25 @@ class AirflowCluster:
     def stop(self) -> list[str]:
         """Stop the services and everything they started, drop the metadata DB; return the
         problems found (a service that ignored SIGTERM, a leftover process)."""
+        from stepguard.testing.devstack._procs import pid_alive, reap
+
         problems: list[str] = []
         if self._table is not None:
-            sessions = [p.pid for p in self._table.procs.values()]
-            problems += self._table.stop_all(timeout=15.0)
+            procs = list(self._table.procs.values())
+            sessions = [p.pid for p in procs]
+            # The scheduler's LocalExecutor waits for its workers after the first SIGTERM and
+            # stops waiting at the second: ask twice before the table's SIGKILL.
+            for attempt in range(2):
+                for proc in procs:
+                    if pid_alive(proc.pid, proc.marker):
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(proc.pid, proc.stop_signal)
+                end = time.monotonic() + (10.0 if attempt == 0 else 5.0)
+                while time.monotonic() < end and any(pid_alive(p.pid, p.marker) for p in procs):
+                    for proc in procs:
+                        reap(proc.pid)
+                    time.sleep(0.1)
+            problems += self._table.stop_all(timeout=5.0)
             for sid in sessions:
                 for pid in session_members(sid):
                     problems.append(f"pid {pid} of session {sid} outlived its service; killed")
@@ -264,8 +280,11 @@ class AirflowCluster:
         self._until(lambda: self._api("GET", f"/api/v2/dags/{quoted}", missing_ok=True),
                     f"DAG {dag_id} parsed by the DAG processor")
         self._api("PATCH", f"/api/v2/dags/{quoted}", {"is_paused": False})
+        # A logical date, as a scheduled run (and dag.test()) has: templates such as
+        # {{ ts_nodash }} need one.
+        now = datetime.datetime.now(datetime.UTC).isoformat()
         run = self._api("POST", f"/api/v2/dags/{quoted}/dagRuns",
-                        {"logical_date": None, "conf": dict(conf or {})})
+                        {"logical_date": now, "conf": dict(conf or {})})
         run_id = str(run["dag_run_id"])
         path = f"/api/v2/dags/{quoted}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
 
@@ -315,7 +334,7 @@ class AirflowCluster:
             conn = self._admin()
             try:
                 with conn.cursor() as cur:
-                    cur.execute(f"CREATE ROLE {self._db} LOGIN PASSWORD %s",  # noqa: S608
+                    cur.execute(f"CREATE ROLE {self._db} LOGIN PASSWORD %s",
                                 (self._db_password,))
                     self._db_created = True
                     cur.execute(f"CREATE DATABASE {self._db} OWNER {self._db}")
@@ -414,6 +433,7 @@ parsing_processes = 1
     def _api(self, method: str, path: str, body: Mapping[str, Any] | None = None, *,
              missing_ok: bool = False) -> Any:
         data = json.dumps(body).encode() if body is not None else None
+        route = path.partition("?")[0]
         req = urllib.request.Request(  # noqa: S310 -- loopback http to our own API server
             f"{self.api_url}{path}", data=data, method=method,
             headers={"Content-Type": "application/json", "Accept": "application/json"})
@@ -424,10 +444,10 @@ parsing_processes = 1
             if missing_ok and exc.code == 404:
                 return None
             detail = exc.read()[:500].decode("utf-8", "replace")
-            raise ServiceError(f"Airflow API {method} {path.split('?')[0]}: HTTP {exc.code}",
+            raise ServiceError(f"Airflow API {method} {route}: HTTP {exc.code}",
                                subject="airflow api-server", details=(detail,)) from exc
         except (OSError, ValueError) as exc:
-            raise ServiceError(f"Airflow API {method} {path.split('?')[0]} failed",
+            raise ServiceError(f"Airflow API {method} {route} failed",
                                subject="airflow api-server",
                                details=(type(exc).__name__,)) from exc
 
@@ -475,7 +495,3 @@ def example_env(root: Path, info: Any) -> tuple[dict[str, str], dict[str, str]]:
     }
     return env, worker_env
 
-
-def cluster_processes(sids: Sequence[int]) -> list[int]:
-    """Every live process in the sessions ``sids`` (a service and all it started)."""
-    return [pid for sid in sids for pid in session_members(sid)]
