@@ -177,6 +177,12 @@ class AirflowCluster:
         return f"http://127.0.0.1:{self.api_port}"
 
     @property
+    def service_pids(self) -> dict[str, int]:
+        """Service name -> pid of the running services (empty once stopped). Each service runs
+        in a session of its own whose id is its pid: everything it starts stays in it."""
+        return {} if self._table is None else {p.name: p.pid for p in self._table.procs.values()}
+
+    @property
     def metadata_dsn(self) -> str:
         """libpq DSN of the metadata DB (a secret: for tests that inspect the tables)."""
         return (f"host={self._pg.host} port={self._pg.port} dbname={self._db} user={self._db} "

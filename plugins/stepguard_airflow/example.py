@@ -185,7 +185,7 @@ def _report(root: Path, dag_id: str, run_id: str, *, states: dict[str, str],
         tasks_dir = next(iter(workers.values()), {}).get("cwd", "")
         tasks_dir = str(Path(tasks_dir).parent.parent) if tasks_dir else "?"
         line(f"  workers   {len(ran)} tasks, {len(pids)} processes, {len(dirs)} state dirs "
-             f"(nothing shared on disk): {tasks_dir}/<task>/"
+             f"(none shared): {tasks_dir}/<task>/"
              + ("" if apart else "  TASKS SHARED A PROCESS OR A DIRECTORY"))
         audits = [Path(w["state_dir"]) / "audit" / "audit.jsonl" for w in workers.values()]
         audits = [a for a in audits if a.exists()]
