@@ -7,12 +7,15 @@ the dev stack's PostgreSQL. Every task instance runs in its own process, in its 
 directory with its own stepguard state dir (:mod:`stepguard_airflow.cluster_worker`); nothing is
 shared between tasks but Vault, the object store and the metadata DB.
 
->>> from stepguard.testing import devstack                                  # doctest: +SKIP
->>> info = devstack.status(".stepguard/dev")                                # doctest: +SKIP
->>> with AirflowCluster(Path("/tmp/c"), info, dags=[EXAMPLE], env={}) as cluster:  # doctest: +SKIP
-...     run = cluster.run_dag("secure_training")
-...     run.state, run.states["train"], run.xcom("train")["isolation"]["mode"]
-('success', 'success', 'sandbox')
+Used like this (the example's ``--cluster`` mode, and ``tests/plugins/test_cluster.py``)::
+
+    info = devstack.status(".stepguard/dev")          # a running dev stack with PostgreSQL
+    env, worker_env = example_env(root, info)
+    with AirflowCluster(root / "cluster", info, dags=[EXAMPLE], env=env,
+                        worker_env=worker_env) as cluster:
+        run = cluster.run_dag("secure_training")
+    run.state, run.states["train"], run.xcom("train")["isolation"]["mode"]
+    # -> ('success', 'success', 'sandbox'); run.workers["train"]["cwd"] is train's own dir
 
 What :meth:`AirflowCluster.start` sets up, under ``root``:
 
@@ -57,7 +60,7 @@ from typing import Any
 from stepguard.errors import ServiceError
 from stepguard_airflow.cluster_worker import ENV_WORKERS_DIR, WORKER_FILE, safe_name
 
-__all__ = ["AirflowCluster", "ClusterRun", "session_members"]
+__all__ = ["AirflowCluster", "ClusterRun", "example_env"]
 
 #: Airflow's own variables and service credentials never leak from the caller into the cluster.
 _STRIPPED_PREFIXES = ("AIRFLOW", "_AIRFLOW", "VAULT_", "BAO_", "AWS_", "PG", "STEPGUARD_")
@@ -96,26 +99,6 @@ class ClusterRun:
     def xcom(self, task_id: str, key: str = "return_value") -> Any:
         """The XCom ``key`` of ``task_id``, or None."""
         return self.xcoms.get((task_id, key))
-
-
-def session_members(sid: int) -> list[int]:
-    """Pids of the live processes in session ``sid`` (``/proc``), other than ``sid`` itself.
-
-    >>> session_members(2**22 + 17)
-    []
-    """
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == sid:
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # fields: state ppid pgrp session ...
-        if len(fields) > 3 and fields[3] == str(sid) and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 class AirflowCluster:
@@ -191,7 +174,7 @@ class AirflowCluster:
     def start(self) -> None:
         """Create the metadata DB, write the configuration, migrate, start the three services
         and wait until the scheduler and DAG processor report healthy."""
-        from stepguard.testing.devstack._procs import (
+        from stepguard.testing.devstack import (
             ProcessTable,
             free_port,
             http_responds,
@@ -248,7 +231,7 @@ class AirflowCluster:
     def stop(self) -> list[str]:
         """Stop the services and everything they started, drop the metadata DB; return the
         problems found (a service that ignored SIGTERM, a leftover process)."""
-        from stepguard.testing.devstack._procs import pid_alive, reap
+        from stepguard.testing.devstack import pid_alive, reap, session_members
 
         problems: list[str] = []
         if self._table is not None:
@@ -419,7 +402,7 @@ parsing_processes = 1
             fh.write(cfg)
 
     def _migrate(self) -> None:
-        from stepguard.testing.devstack._procs import log_tail
+        from stepguard.testing.devstack import log_tail
 
         log = self.home / "logs" / "db-migrate.log"
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -161,8 +161,7 @@ def test_tampered_run_stops_at_verification(cluster):
 def test_stop_leaves_no_process_and_no_database(cluster, dev_stack):
     import psycopg2
 
-    from stepguard.testing.devstack._procs import pid_alive
-    from stepguard_airflow.cluster import session_members
+    from stepguard.testing.devstack import pid_alive, session_members
 
     services = cluster.service_pids
     assert sorted(services) == ["api-server", "dag-processor", "scheduler"]
