@@ -4,8 +4,9 @@
 production does: an ``airflow scheduler`` (LocalExecutor), an ``airflow dag-processor`` and an
 ``airflow api-server``, each a supervised child process, on a metadata database of their own in
 the dev stack's PostgreSQL. Every task instance runs in its own process, in its own working
-directory with its own stepguard state dir (:mod:`stepguard_airflow.cluster_worker`); nothing is
-shared between tasks but Vault, the object store and the metadata DB.
+directory with its own stepguard state dir (:mod:`stepguard_airflow.cluster_worker`); no two
+tasks share a process, a working directory or a state dir. The harness itself never imports
+Airflow: it talks to the services through their command line and REST API.
 
 Used like this (the example's ``--cluster`` mode, and ``tests/plugins/test_cluster.py``)::
 
@@ -43,6 +44,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -58,9 +60,14 @@ from types import TracebackType
 from typing import Any
 
 from stepguard.errors import ServiceError
-from stepguard_airflow.cluster_worker import ENV_WORKERS_DIR, WORKER_FILE, safe_name
 
-__all__ = ["AirflowCluster", "ClusterRun", "example_env"]
+__all__ = ["ENV_WORKERS_DIR", "WORKER_FILE", "AirflowCluster", "ClusterRun", "example_env",
+           "safe_name"]
+
+#: The variable that enables the worker listener: where per-task-instance directories go.
+ENV_WORKERS_DIR = "STEPGUARD_CLUSTER_WORKERS_DIR"
+#: The record each task instance leaves in its directory.
+WORKER_FILE = "worker.json"
 
 #: Airflow's own variables and service credentials never leak from the caller into the cluster.
 _STRIPPED_PREFIXES = ("AIRFLOW", "_AIRFLOW", "VAULT_", "BAO_", "AWS_", "PG", "STEPGUARD_")
@@ -78,6 +85,15 @@ class StepguardClusterWorker(AirflowPlugin):
     name = "stepguard_cluster_worker"
     listeners = [cluster_worker]
 '''
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one path component: anything but letters, digits, ``._-`` becomes ``_``.
+
+    >>> safe_name("manual__2026-01-01T00:00:00+00:00")
+    'manual__2026-01-01T00_00_00_00_00'
+    """
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".") or "_"
 
 
 @dataclass(frozen=True)

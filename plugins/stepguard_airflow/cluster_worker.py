@@ -30,8 +30,6 @@ Without the variable it does nothing.
 'train'
 >>> task_dir_name(SimpleNamespace(task_id="t", map_index=2, try_number=3))
 't-2-try3'
->>> safe_name("manual__2026-01-01T00:00:00+00:00")
-'manual__2026-01-01T00_00_00_00_00'
 """
 
 from __future__ import annotations
@@ -39,26 +37,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from airflow.listeners import hookimpl
 
-__all__ = ["ENV_WORKERS_DIR", "WORKER_FILE", "on_task_instance_running", "safe_name",
-           "task_dir_name"]
+from stepguard_airflow.cluster import ENV_WORKERS_DIR, WORKER_FILE, safe_name
+
+__all__ = ["on_task_instance_running", "task_dir_name"]
 
 log = logging.getLogger("stepguard.airflow.cluster")
-
-#: The variable that enables the listener: where per-task-instance directories are created.
-ENV_WORKERS_DIR = "STEPGUARD_CLUSTER_WORKERS_DIR"
-#: The record each task instance leaves in its directory.
-WORKER_FILE = "worker.json"
-
-
-def safe_name(text: str) -> str:
-    """``text`` as one path component: anything but letters, digits, ``._-`` becomes ``_``."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".") or "_"
 
 
 def task_dir_name(ti: Any) -> str:
