@@ -216,3 +216,16 @@ def test_main_job_cluster_tampered_reports_and_leaves_nothing(dev_stack, tmp_pat
     assert "(none shared)" in r.stdout and "chains intact" in r.stdout
     assert "  train     sandbox" not in r.stdout and "  model " not in r.stdout
     assert _processes_of(tmp_path / "cluster" / "airflow") == []
+    # The report and the progress lines show no credential of the stack, and no secret of the
+    # cluster (its airflow.cfg is left behind, 0600, for inspection).
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(tmp_path / "cluster" / "airflow" / "airflow.cfg")
+    assert oct((tmp_path / "cluster" / "airflow" / "airflow.cfg").stat().st_mode & 0o777) == "0o600"
+    conn = cfg["database"]["sql_alchemy_conn"]
+    secrets = [conn.split(":")[2].split("@")[0], cfg["api_auth"]["jwt_secret"],
+               cfg["api"]["secret_key"], cfg["core"]["fernet_key"],
+               Path(dev_stack.approle_secret_id_file).read_text().strip(),
+               dev_stack.postgres.admin_password, dev_stack.vault_root_token]
+    for value in secrets:
+        if value in r.stdout + r.stderr:
+            pytest.fail("a secret in the demo's output")
