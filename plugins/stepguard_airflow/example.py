@@ -1,7 +1,7 @@
 """Run the example DAG ``secure_training`` end to end under Airflow, on the local dev stack.
 
-    python -m stepguard_airflow.example [--workdir DIR] [--tampered] [--keep-services]
-                                        [--dev-dir DIR]
+    python -m stepguard_airflow.example [--workdir DIR] [--tampered] [--cluster]
+                                        [--keep-services] [--dev-dir DIR]
 
 Starts (or reuses) the dev stack (OpenBao, PostgreSQL), seeds the ``customers`` table, points a
 private ``AIRFLOW_HOME`` (SQLite) at ``dags_examples/secure_training.py`` and runs the DAG with
@@ -9,6 +9,12 @@ private ``AIRFLOW_HOME`` (SQLite) at ``dags_examples/secure_training.py`` and ru
 signer and gate verdict, credentials issued and revoked, where the audit trail is. With
 ``--tampered`` it runs ``secure_training_tampered`` and reports that the run stopped at
 verification with training never started. Exit status 0 when every control behaved.
+
+``--cluster`` runs the same DAG the way production does (:mod:`stepguard_airflow.cluster`): a
+real scheduler (LocalExecutor), DAG processor and API server on a metadata DB in the dev stack's
+PostgreSQL, the run triggered and read back through the REST API, every task in its own process,
+working directory and state dir (under ``<workdir>/cluster/workers/``). The report is the same,
+plus where each task ran; the audit log is one per task, each chain verified.
 """
 
 from __future__ import annotations
@@ -85,15 +91,43 @@ def _run(dag_id: str) -> tuple[dict[str, str], dict[str, Any], str]:
         rows = session.scalars(select(XComModel).where(
             XComModel.dag_id == dr.dag_id, XComModel.run_id == dr.run_id)).all()
         xcoms = {(r.task_id, r.key): XComModel.deserialize_value(r) for r in rows}
+    return states, _receipts(xcoms), dr.run_id
+
+
+def _run_cluster(root: Path, info: Any, dag_id: str, *, tampered: bool) -> bool:
+    """The DAG on a real scheduler, DAG processor and API server; report; True when it behaved."""
+    from stepguard_airflow.cluster import AirflowCluster, example_env
+
+    base = root / "cluster"
+    shutil.rmtree(base / "airflow", ignore_errors=True)  # a fresh AIRFLOW_HOME per run
+    base.mkdir(parents=True, exist_ok=True)
+    env, worker_env = example_env(root, info)
+    _say(f"starting airflow scheduler, dag-processor and api-server (AIRFLOW_HOME="
+         f"{base / 'airflow'}, metadata DB in the dev stack's PostgreSQL) ...")
+    with AirflowCluster(base, info, dags=[EXAMPLE], env=env, worker_env=worker_env) as cluster:
+        _say(f"running {dag_id} through the REST API of {cluster.api_url}")
+        run = cluster.run_dag(dag_id)
+        problems = cluster.stop()
+    for problem in problems:
+        _say(f"shutdown: {problem}")
+    return _report(root, dag_id, run.run_id, states=run.states, receipts=_receipts(run.xcoms),
+                   tampered=tampered, workers=run.workers)
+
+
+def _receipts(xcoms: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    """Task id -> receipt, plus ``_gate`` (the gate's verdict) and ``_failed`` (failed steps)."""
     receipts = {task: value for (task, key), value in xcoms.items() if key == "return_value"}
     receipts["_gate"] = xcoms.get(("gate", "gate"))
     receipts["_failed"] = {task: value for (task, key), value in xcoms.items()
                            if key == "stepguard_failed_receipt"}
-    return states, receipts, dr.run_id
+    return receipts
 
 
 def _report(root: Path, dag_id: str, run_id: str, *, states: dict[str, str],
-            receipts: dict[str, Any], tampered: bool) -> bool:
+            receipts: dict[str, Any], tampered: bool,
+            workers: dict[str, dict[str, Any]] | None = None) -> bool:
+    """Print the report; True when every control behaved. ``workers`` (cluster runs): task id
+    -> where its process ran; each task then has its own audit log and receipts."""
     from stepguard.audit import verify_chain
 
     def line(text: str) -> None:
@@ -136,18 +170,37 @@ def _report(root: Path, dag_id: str, run_id: str, *, states: dict[str, str],
     deploy = receipts.get("deploy")
     if deploy:
         line(f"  deployed  {deploy['outputs'][0]['path']}")
-    audit = root / "audit" / "audit.jsonl"
-    if audit.exists():
-        line(f"  audit     {audit} ({verify_chain(audit).records} records, chain intact)")
-        line(f"            stepguard audit show {audit}")
-    line(f"  receipts  {root / 'state' / 'runs'}")
+    apart = True
+    if workers is None:
+        audit = root / "audit" / "audit.jsonl"
+        if audit.exists():
+            line(f"  audit     {audit} ({verify_chain(audit).records} records, chain intact)")
+            line(f"            stepguard audit show {audit}")
+        line(f"  receipts  {root / 'state' / 'runs'}")
+    else:
+        ran = [t for t in states if states[t] in ("success", "failed")]
+        pids = {workers[t]["pid"] for t in ran if t in workers}
+        dirs = {workers[t]["state_dir"] for t in ran if t in workers}
+        apart = len(pids) == len(dirs) == len(ran)
+        tasks_dir = next(iter(workers.values()), {}).get("cwd", "")
+        tasks_dir = str(Path(tasks_dir).parent.parent) if tasks_dir else "?"
+        line(f"  workers   {len(ran)} tasks, {len(pids)} processes, {len(dirs)} state dirs "
+             f"(none shared): {tasks_dir}/<task>/"
+             + ("" if apart else "  TASKS SHARED A PROCESS OR A DIRECTORY"))
+        audits = [Path(w["state_dir"]) / "audit" / "audit.jsonl" for w in workers.values()]
+        audits = [a for a in audits if a.exists()]
+        if audits:
+            records = sum(verify_chain(a).records for a in audits)
+            line(f"  audit     one log per task, {len(audits)} chains intact ({records} records)")
+            line(f"            stepguard audit show {tasks_dir}/<task>/state/audit/audit.jsonl")
+        line(f"  receipts  XCom in the metadata DB, and {tasks_dir}/<task>/state/runs")
     if tampered:
         ok = states.get("verify_dataset") == "failed" and "train" not in receipts and \
             states.get("train") == "upstream_failed"
         line("  verdict   " + ("tampered data was refused; training never started" if ok
                               else "TAMPERED DATA WAS NOT CAUGHT"))
-        return ok
-    return all(states.get(s) == "success" for s in STEPS)
+        return ok and apart
+    return apart and all(states.get(s) == "success" for s in STEPS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-services", action="store_true",
                     help="leave the dev stack running afterwards")
     ap.add_argument("--dev-dir", help="state dir of a running dev stack to use (left running)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="run it on a real scheduler, DAG processor and API server, every task "
+                         "in its own process, working directory and state dir")
     args = ap.parse_args(argv)
 
     from stepguard.testing import devstack
@@ -176,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             _say("the example needs PostgreSQL (apt-get install postgresql)")
             return 2
         _seed(info.postgres)
-        _environment(root, info)
         dag_id = "secure_training_tampered" if args.tampered else "secure_training"
+        if args.cluster:
+            return 0 if _run_cluster(root, info, dag_id, tampered=args.tampered) else 1
+        _environment(root, info)
         _say(f"running {dag_id} with dag.test() (AIRFLOW_HOME={os.environ['AIRFLOW_HOME']})")
         states, receipts, run_id = _run(dag_id)
         ok = _report(root, dag_id, run_id, states=states, receipts=receipts,
@@ -189,12 +247,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(*, workdir: str | None = None, tampered: bool = False,
-             keep_services: bool = False) -> int:
+             keep_services: bool = False, cluster: bool = False) -> int:
     """The example DAG under Airflow.
 
     ``stepguard demo --engine airflow`` (the default engine while this adapter is installed):
-    :func:`main` with ``workdir`` defaulting to ``.stepguard/demo``. A
-    :class:`~stepguard.errors.ConfigurationError` when Airflow is not installed.
+    :func:`main` with ``workdir`` defaulting to ``.stepguard/demo``; ``cluster`` is
+    ``stepguard demo --cluster``. A :class:`~stepguard.errors.ConfigurationError` when Airflow
+    is not installed.
     """
     import importlib.util
 
@@ -208,6 +267,7 @@ def run_demo(*, workdir: str | None = None, tampered: bool = False,
     argv = ["--workdir", workdir or ".stepguard/demo"]
     argv += ["--tampered"] if tampered else []
     argv += ["--keep-services"] if keep_services else []
+    argv += ["--cluster"] if cluster else []
     return main(argv)
 
 

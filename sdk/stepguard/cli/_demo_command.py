@@ -4,7 +4,13 @@ The ``sdk`` engine is the pipeline through the SDK alone (:mod:`stepguard.cli._d
 adds an engine through the ``stepguard.demo_engines`` entry-point group: the name is the engine,
 the value a function ``run(*, workdir, tampered, keep_services) -> int`` whose docstring's first
 line is its help. The first engine an installed adapter adds is the default (the Airflow adapter
-adds ``airflow``: the example DAG under Airflow).
+adds ``airflow``: the example DAG under Airflow). An engine that also takes a ``cluster`` keyword
+supports ``--cluster``: the pipeline on a real orchestrator deployment, every task in its own
+process and directories (the Airflow engine: scheduler, DAG processor and API server); the other
+engines refuse it with a :class:`~stepguard.errors.ConfigurationError`.
+
+``stepguard demo`` owns its process: SIGTERM unwinds through every ``finally``, so the services
+and processes the demo started are stopped before it exits (status 143).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--tampered", action="store_true",
                    help="tamper with the dataset after it was published: the pipeline must stop")
     p.add_argument("--keep-services", action="store_true", help="leave the dev stack running")
+    p.add_argument("--cluster", action="store_true",
+                   help="run on a real orchestrator deployment (Airflow: scheduler, DAG "
+                        "processor, API server), every task in its own process, working "
+                        "directory and state dir")
     p.set_defaults(func=_cmd_demo, engines=engines)
 
 
@@ -61,7 +71,21 @@ def _run_sdk_demo(*, workdir: str | None, tampered: bool, keep_services: bool) -
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import inspect
+    import signal
+
+    from stepguard._private.signals import unwind_on
+    from stepguard.errors import ConfigurationError
+
     _text, run = args.engines[args.engine]
-    status: int = run(workdir=args.workdir, tampered=args.tampered,
-                      keep_services=args.keep_services)
+    extra: dict[str, bool] = {}
+    if args.cluster:
+        if "cluster" not in inspect.signature(run).parameters:
+            raise ConfigurationError("this demo engine has no cluster mode",
+                                     subject=f"demo --engine {args.engine} --cluster",
+                                     hint="stepguard demo --engine airflow --cluster")
+        extra["cluster"] = True
+    with unwind_on(signal.SIGTERM, take_over=True):
+        status: int = run(workdir=args.workdir, tampered=args.tampered,
+                          keep_services=args.keep_services, **extra)
     return status

@@ -58,6 +58,21 @@ def test_demo_engines_come_from_entry_points():
     assert _parser(["demo"]).parse_args(["demo", "--engine", "sdk"]).engine == "sdk"
 
 
+def test_demo_cluster_mode_only_where_the_engine_has_one(capsys):
+    """``--cluster`` reaches the Airflow engine as ``cluster=True``; the SDK engine, which has no
+    orchestrator to deploy, refuses it before starting anything."""
+    import inspect
+
+    from stepguard.cli import _parser, main
+
+    args = _parser(["demo"]).parse_args(["demo", "--cluster"])
+    assert args.cluster is True
+    assert "cluster" in inspect.signature(args.engines["airflow"][1]).parameters
+    assert main(["demo", "--engine", "sdk", "--cluster"]) != 0
+    err = capsys.readouterr().err
+    assert "no cluster mode" in err and "demo --engine sdk --cluster" in err
+
+
 def _imports(path: Path) -> list[str]:
     out: list[str] = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -286,6 +286,26 @@ class ProcessTable:
                 _CHILDREN.pop(pid, None)
 
 
+def session_members(sid: int) -> list[int]:
+    """Pids of the live processes in session ``sid`` (``/proc``), other than ``sid`` itself.
+
+    >>> session_members(2**22 + 17)
+    []
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == sid:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields: state ppid pgrp session ...
+        if len(fields) > 3 and fields[3] == str(sid) and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def http_responds(url: str, *, ok_only: bool = False) -> Callable[[], bool]:
     """A probe: true once ``url`` answers HTTP (any status unless ``ok_only``)."""
 
