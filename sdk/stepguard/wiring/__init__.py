@@ -19,6 +19,7 @@ controls and base modules, and nothing imports it from below.
 ``verify_input_signature(...)``        require an input's manifest signature under its policy
 ``fetch_verified(settings, ...)``      the deployment gate: fetch a model verified by policy
 ``StepAudit(settings, provider)``      the lifecycle's spans and verdicts
+``s3_client(credential)``               an S3 client from one just-in-time AWS credential
 =====================================  =========================================================
 
 >>> from stepguard.settings import Settings
@@ -40,6 +41,7 @@ from stepguard.wiring._signing import (
     publish_output,
     verify_input_signature,
 )
+from stepguard.wiring._storage import s3_client
 from stepguard.wiring._vault import (
     probe_vault,
     unauthenticated_config,
@@ -55,6 +57,7 @@ __all__ = [
     "policy_from_settings",
     "probe_vault",
     "publish_output",
+    "s3_client",
     "unauthenticated_config",
     "vault_client",
     "vault_config",

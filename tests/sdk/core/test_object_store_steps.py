@@ -1,0 +1,184 @@
+"""Steps that share no disk: producer and consumer in different working and state directories,
+passing data, manifests and receipts through the object store only, with just-in-time
+credentials (Vault identity token -> moto STS with IAM enforced). Real OpenBao, real moto."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stepguard.errors import IntegrityError, OperationalError
+from stepguard.settings import Settings
+from stepguard.spec import RunContext, StepSpec
+from stepguard.step import run_step
+
+pytestmark = [pytest.mark.services]
+
+BUCKET = "stepguard-data"
+
+
+@pytest.fixture
+def worker_env(dev_stack, monkeypatch):
+    """A worker's environment: Vault AppRole login and the S3 endpoint; no AWS keys at all."""
+    monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
+    monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dev_stack.moto_endpoint)
+    monkeypatch.setenv("AWS_REGION", dev_stack.aws_region)
+    for name in ("VAULT_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    return dev_stack
+
+
+def _worker(root: Path, dev_stack) -> Settings:
+    """One worker: its own working directory and state dir."""
+    root.mkdir(parents=True)
+    os.chdir(root)
+    return Settings.from_dict({"vault": {"addr": dev_stack.vault_addr, "auth": "approle"},
+                               "audit": {"exporter": "none"}, "state_dir": str(root / "state")})
+
+
+def _lake(dev_stack) -> dict[str, object]:
+    return {"name": "lake", "kind": "aws_web_identity", "role": dev_stack.web_identity_role_arn}
+
+
+def _produce(tmp_path: Path, dev_stack, run_id: str, *, with_credential: bool = True):
+    settings = _worker(tmp_path / "producer", dev_stack)
+    spec = StepSpec.from_dict({
+        "name": "ingest", "isolation": {"mode": "process"},
+        "credentials": [_lake(dev_stack)] if with_credential else [],
+        "storage": {"credential": "lake"} if with_credential else None,
+        "outputs": [{"name": "dataset", "path": f"s3://{BUCKET}/runs/{{run_id}}/dataset"}],
+    })
+
+    def body(env):
+        out = env.outputs["dataset"]
+        (out / "train.csv").write_text("x,y\n1,0\n2,1\n")
+        (out / "parts").mkdir()
+        (out / "parts" / "big.bin").write_bytes(os.urandom(300_000))
+
+    return run_step(spec, body=body, settings=settings,
+                    context=RunContext(pipeline="p", run_id=run_id, step="ingest"))
+
+
+def _consume(tmp_path: Path, dev_stack, receipt_text: str, name: str = "consumer"):
+    settings = _worker(tmp_path / name, dev_stack)
+    seen: dict[str, object] = {}
+    data = json.loads(receipt_text)
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "process"},
+        "credentials": [_lake(dev_stack)], "storage": {"credential": "lake"},
+        "inputs": [{"name": "dataset", "path": data["outputs"][0]["path"],
+                    "receipt": receipt_text}],
+    })
+
+    def body(env):
+        seen["path"] = env.inputs["dataset"]
+        seen["csv"] = (env.inputs["dataset"] / "train.csv").read_text()
+
+    receipt = run_step(spec, body=body, settings=settings,
+                       context=RunContext(pipeline="p", run_id=data["context"]["run_id"],
+                                          step="train"))
+    return receipt, seen
+
+
+@pytest.fixture
+def chdir_back():
+    here = os.getcwd()
+    yield
+    os.chdir(here)
+
+
+def test_producer_and_consumer_share_only_the_object_store(tmp_path, worker_env, chdir_back,
+                                                           aws_admin_session):
+    run_id = f"xw-{uuid.uuid4().hex[:8]}"
+    produced = _produce(tmp_path, worker_env, run_id)
+    out = produced.output("dataset")
+    assert out.path == f"s3://{BUCKET}/runs/{run_id}/dataset/data/"
+    assert out.manifest.startswith(f"s3://{BUCKET}/runs/{run_id}/dataset/manifest/sha256-")
+    assert out.files == 2
+    # Nothing in the receipt points at the producer's disk.
+    text = produced.to_json()
+    assert str(tmp_path / "producer") not in json.dumps(json.loads(text)["outputs"])
+    # The objects carry SHA-256 checksums S3 checked on arrival.
+    s3 = aws_admin_session.client("s3", endpoint_url=worker_env.moto_endpoint)
+    head = s3.head_object(Bucket=BUCKET, Key=f"runs/{run_id}/dataset/data/train.csv",
+                          ChecksumMode="ENABLED")
+    assert head.get("ChecksumSHA256")
+
+    shutil.rmtree(tmp_path / "producer")  # the producer's worker is gone
+    consumed, seen = _consume(tmp_path, worker_env, text)
+    assert seen["csv"] == "x,y\n1,0\n2,1\n"
+    assert not str(seen["path"]).startswith(str(tmp_path / "producer"))
+    rec = consumed.inputs[0]
+    assert rec.verified and rec.digest == out.digest and rec.path == out.path
+    assert rec.source == "receipt:step ingest#dataset"
+    assert not Path(str(seen["path"])).exists()  # scratch is gone after the step
+
+
+def test_changed_object_is_an_integrity_verdict(tmp_path, worker_env, chdir_back,
+                                                aws_admin_session):
+    run_id = f"xw-{uuid.uuid4().hex[:8]}"
+    text = _produce(tmp_path, worker_env, run_id).to_json()
+    s3 = aws_admin_session.client("s3", endpoint_url=worker_env.moto_endpoint)
+    s3.put_object(Bucket=BUCKET, Key=f"runs/{run_id}/dataset/data/train.csv",
+                  Body=b"x,y\n1,1\n2,1\n")
+    with pytest.raises(IntegrityError, match="train.csv") as info:
+        _consume(tmp_path, worker_env, text)
+    assert "train.csv" in "\n".join(info.value.details)
+
+
+def test_missing_input_is_operational_not_a_verdict(tmp_path, worker_env, chdir_back,
+                                                    aws_admin_session):
+    run_id = f"xw-{uuid.uuid4().hex[:8]}"
+    text = _produce(tmp_path, worker_env, run_id).to_json()
+    s3 = aws_admin_session.client("s3", endpoint_url=worker_env.moto_endpoint)
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{run_id}/dataset/data/")
+    for obj in listed["Contents"]:
+        s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    with pytest.raises(OperationalError, match="does not exist") as info:
+        _consume(tmp_path, worker_env, text)
+    assert not isinstance(info.value, IntegrityError)
+
+
+def test_missing_local_input_is_operational(tmp_path, worker_env, chdir_back):
+    settings = _worker(tmp_path / "w", worker_env)
+    (tmp_path / "m.json").write_text("{}")
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "process"},
+        "inputs": [{"name": "d", "path": str(tmp_path / "elsewhere"),
+                    "manifest": str(tmp_path / "nope.json")}]})
+    with pytest.raises(OperationalError, match="does not exist"):
+        run_step(spec, body=lambda env: None, settings=settings)
+
+
+def test_without_the_credential_the_same_step_cannot_reach_the_bucket(tmp_path, worker_env,
+                                                                        chdir_back):
+    with pytest.raises(OperationalError) as info:
+        _produce(tmp_path, worker_env, f"xw-{uuid.uuid4().hex[:8]}", with_credential=False)
+    assert info.value.subject and info.value.subject.startswith(f"s3://{BUCKET}/")
+
+
+def test_credential_reaches_only_the_buckets_its_role_allows(tmp_path, worker_env, chdir_back):
+    settings = _worker(tmp_path / "w", worker_env)
+    spec = StepSpec.from_dict({
+        "name": "ingest", "isolation": {"mode": "process"},
+        "credentials": [_lake(worker_env)], "storage": {"credential": "lake"},
+        "outputs": [{"name": "d", "path": "s3://stepguard-models/x/{run_id}"}]})
+    with pytest.raises(OperationalError, match="AccessDenied"):
+        run_step(spec, body=lambda env: None, settings=settings)
+
+
+def test_storage_credential_must_be_a_declared_aws_credential():
+    from stepguard.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="AWS credentials"):
+        StepSpec.from_dict({"name": "s", "storage": {"credential": "lake"},
+                            "outputs": [{"name": "o", "path": "s3://b/o"}]})
