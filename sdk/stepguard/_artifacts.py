@@ -40,6 +40,7 @@ from typing import Any
 
 from stepguard.errors import ConfigurationError, OperationalError
 from stepguard.receipt import Receipt
+from stepguard.settings import Settings
 from stepguard.spec import InputSpec, StepSpec
 
 __all__ = ["Artifacts", "is_uri", "load_receipt", "manifest_key"]
@@ -138,6 +139,7 @@ class Artifacts:
         self._scratch: Path | None = None
         self._clients: dict[str | None, Any] = {}
         self._values: Callable[[str], Mapping[str, Any]] | None = None
+        self._check: Callable[[Receipt], Receipt] = lambda r: r
 
     def __enter__(self) -> Artifacts:
         return self
@@ -145,9 +147,31 @@ class Artifacts:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def bind(self, values: Callable[[str], Mapping[str, Any]] | None) -> None:
-        """Where credential values come from (the step's session, once it is open)."""
-        self._values = values
+    def open_for(self, session: Any, settings: Settings) -> None:
+        """Take credential values from the step's ``session`` (once it is open) and check
+        every producer's receipt under ``settings.receipts`` before it is used."""
+        from stepguard.credentials import CredentialSession
+        from stepguard.wiring import check_receipt
+
+        if session is not None:
+            values = session.values
+            self._values = lambda name: values[name]
+        own = session if isinstance(session, CredentialSession) else None
+        self._check = lambda r: check_receipt(r, settings, session=own)
+
+    @staticmethod
+    def seal(receipt: Receipt, settings: Settings, *, failed: bool) -> Receipt:
+        """The step's receipt as it leaves the step: signed when ``receipts.signer`` is set.
+        A failed step's receipt that cannot be signed still leaves (for forensics)."""
+        from stepguard.errors import StepguardError
+        from stepguard.wiring import sign_receipt
+
+        try:
+            return sign_receipt(receipt, settings)
+        except StepguardError:
+            if not failed:
+                raise
+            return receipt
 
     # -- clients and scratch -------------------------------------------------------------------
 
@@ -189,8 +213,9 @@ class Artifacts:
     # -- inputs ----------------------------------------------------------------------------------
 
     def receipt(self, value: str, credential: str | None) -> Receipt:
-        """A producer's receipt (file, JSON text, or object URI read with ``credential``)."""
-        return load_receipt(value, lambda: self.client(credential))
+        """A producer's receipt (file, JSON text, or object URI read with ``credential``),
+        checked (signature) before anything in it is used."""
+        return self._check(load_receipt(value, lambda: self.client(credential)))
 
     def manifest(self, ref: str, credential: str | None) -> Any:
         """A manifest from a local file or an object URI (read with ``credential``)."""

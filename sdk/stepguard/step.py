@@ -259,6 +259,7 @@ class _Run:
         self.audit.flush()
         self.audit_head = self.audit.head()
         receipt = self._receipt(error)
+        receipt = self.artifacts.seal(receipt, self.settings, failed=error is not None)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "receipt.json").write_text(receipt.to_json(indent=2) + "\n")
@@ -276,7 +277,7 @@ class _Run:
     def _lifecycle(self, command: Sequence[str] | None, body: Body | None, run_dir: Path) -> None:
         out_paths = self._prepare_outputs()
         with self.artifacts, self._credentials() as session, self.pins:
-            self.artifacts.bind(_credential_values(session))
+            self.artifacts.open_for(session, self.settings)
             for out in self.spec.outputs:
                 if out.name in self.out_uris:
                     out_paths[out.name] = self.artifacts.output_dir(
@@ -581,14 +582,6 @@ class _Run:
             timings_ms=dict(self.timings),
             error=err,
         )
-
-
-def _credential_values(session: Any) -> Any:
-    """Credential name -> its values, for the S3 clients of object-store artifacts."""
-    if session is None:
-        return None
-    values = session.values
-    return lambda name: values[name]
 
 
 def _vault_session(session: Any) -> Any:

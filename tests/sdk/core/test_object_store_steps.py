@@ -37,12 +37,16 @@ def worker_env(dev_stack, monkeypatch):
     return dev_stack
 
 
+EXTRA: dict[str, object] = {}
+
+
 def _worker(root: Path, dev_stack) -> Settings:
     """One worker: its own working directory and state dir."""
     root.mkdir(parents=True)
     os.chdir(root)
     return Settings.from_dict({"vault": {"addr": dev_stack.vault_addr, "auth": "approle"},
-                               "audit": {"exporter": "none"}, "state_dir": str(root / "state")})
+                               "audit": {"exporter": "none"}, "state_dir": str(root / "state"),
+                               **EXTRA})
 
 
 def _lake(dev_stack) -> dict[str, object]:
@@ -149,14 +153,20 @@ def test_missing_input_is_operational_not_a_verdict(tmp_path, worker_env, chdir_
 
 
 def test_missing_local_input_is_operational(tmp_path, worker_env, chdir_back):
+    from stepguard.integrity import create_manifest
+
     settings = _worker(tmp_path / "w", worker_env)
-    (tmp_path / "m.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("a")
+    (tmp_path / "m.json").write_text(create_manifest(tmp_path / "data").to_json())
+    shutil.rmtree(tmp_path / "data")  # the data was on another worker's disk
     spec = StepSpec.from_dict({
         "name": "train", "isolation": {"mode": "process"},
-        "inputs": [{"name": "d", "path": str(tmp_path / "elsewhere"),
-                    "manifest": str(tmp_path / "nope.json")}]})
-    with pytest.raises(OperationalError, match="does not exist"):
+        "inputs": [{"name": "d", "path": str(tmp_path / "data"),
+                    "manifest": str(tmp_path / "m.json")}]})
+    with pytest.raises(OperationalError, match="input does not exist") as info:
         run_step(spec, body=lambda env: None, settings=settings)
+    assert not isinstance(info.value, IntegrityError)
 
 
 def test_without_the_credential_the_same_step_cannot_reach_the_bucket(tmp_path, worker_env,
@@ -182,3 +192,54 @@ def test_storage_credential_must_be_a_declared_aws_credential():
     with pytest.raises(ConfigurationError, match="AWS credentials"):
         StepSpec.from_dict({"name": "s", "storage": {"credential": "lake"},
                             "outputs": [{"name": "o", "path": "s3://b/o"}]})
+
+
+@pytest.fixture
+def signed_receipts(tmp_path, monkeypatch):
+    """Every worker signs the receipts it writes and refuses receipts not signed by steps."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    (keys / "steps.pem").write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                                       ser.NoEncryption()))
+    (keys / "steps.pub").write_bytes(key.public_key().public_bytes(
+        ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
+    monkeypatch.setitem(EXTRA, "receipts", {"signer": "key", "key": str(keys / "steps.pem"),
+                                            "policy": "steps"})
+    monkeypatch.setitem(EXTRA, "policies", {"steps": {"kind": "key",
+                                                      "public_keys": [str(keys / "steps.pub")]}})
+
+
+def test_signed_receipt_is_verified_before_use(tmp_path, worker_env, chdir_back,
+                                               signed_receipts):
+    produced = _produce(tmp_path, worker_env, f"xw-{uuid.uuid4().hex[:8]}")
+    assert produced.signature
+    consumed, seen = _consume(tmp_path, worker_env, produced.to_json())
+    assert seen["csv"].startswith("x,y") and consumed.signature
+
+
+@pytest.mark.parametrize("edit", ["digest", "unsigned", "manifest"])
+def test_edited_or_unsigned_receipt_is_refused(tmp_path, worker_env, chdir_back,
+                                               signed_receipts, aws_admin_session, edit):
+    from stepguard.errors import SignatureError
+
+    run_id = f"xw-{uuid.uuid4().hex[:8]}"
+    data = json.loads(_produce(tmp_path, worker_env, run_id).to_json())
+    out = data["outputs"][0]
+    if edit == "digest":
+        # The XCom editor points the consumer at other data: bytes and a matching manifest.
+        out["digest"] = "sha256:" + "00" * 32
+    elif edit == "manifest":
+        s3 = aws_admin_session.client("s3", endpoint_url=worker_env.moto_endpoint)
+        s3.put_object(Bucket=BUCKET, Key=f"runs/{run_id}/other.json", Body=b"{}")
+        out["manifest"] = f"s3://{BUCKET}/runs/{run_id}/other.json"
+    else:
+        del data["signature"]
+    with pytest.raises(SignatureError) as info:
+        _consume(tmp_path, worker_env, json.dumps(data))
+    assert info.value.subject == "step ingest"
+    assert ("not signed" if edit == "unsigned" else "changed after it was signed") in str(
+        info.value)
