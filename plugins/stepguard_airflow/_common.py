@@ -263,12 +263,15 @@ def anchor_outputs(spec: StepSpec, settings: Settings, ctx: RunContext) -> StepS
     A retry gets a fresh directory, so a half-written output of a failed try is never
     published as the retry's result.
     """
-    if not any(not Path(o.path).is_absolute() for o in spec.outputs):
+    def local(path: str) -> bool:  # object-store locations are not anchored
+        return not Path(path).is_absolute() and not path.startswith("s3://")
+
+    if not any(local(o.path) for o in spec.outputs):
         return spec
     safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", v) for v in (ctx.pipeline, ctx.run_id, ctx.step)]
     root = Path(settings.state_dir).absolute().joinpath("airflow", *safe,
                                                         f"try-{ctx.try_number}")
-    outputs = tuple(o if Path(o.path).is_absolute() else replace(o, path=str(root / o.path))
+    outputs = tuple(replace(o, path=str(root / o.path)) if local(o.path) else o
                     for o in spec.outputs)
     return replace(spec, outputs=outputs)
 

@@ -173,7 +173,8 @@ class CredentialRequest:
     """A just-in-time credential the step needs, minted under the step's child token.
 
     ``kind`` selects the secret engine; ``role`` the engine role (database role, AWS role, OIDC
-    role); ``path`` a KV path or generic dynamic path; ``delivery`` how the body receives it.
+    role); ``path`` a KV path or generic dynamic path; ``delivery`` how the body receives it
+    (``none``: never -- a credential stepguard itself uses, e.g. for object storage).
     """
 
     name: str
@@ -182,7 +183,7 @@ class CredentialRequest:
     path: str | None = None
     mount: str | None = None
     params: Mapping[str, str] = field(default_factory=dict)
-    delivery: Literal["env", "file"] = "env"
+    delivery: Literal["env", "file", "none"] = "env"
     env_prefix: str | None = None
 
     def __post_init__(self) -> None:

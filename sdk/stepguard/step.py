@@ -450,7 +450,9 @@ class _Run:
         mode = self.spec.isolation.mode
         with self.audit.control("isolation", "run", mode=mode), self._timed("body"):
             if body is not None:
-                creds = dict(session.values) if session is not None else {}
+                hidden = {c.name for c in self.spec.credentials if c.delivery == "none"}
+                creds = {k: v for k, v in (session.values if session else {}).items()
+                         if k not in hidden}
                 env = StepEnv(inputs=dict(inputs), outputs=dict(outputs), credentials=creds,
                               context=self.ctx)
                 from stepguard.isolation import call_in_process
