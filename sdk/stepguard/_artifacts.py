@@ -159,6 +159,35 @@ class Artifacts:
         own = session if isinstance(session, CredentialSession) else None
         self._check = lambda r: check_receipt(r, settings, session=own)
 
+    def hand_off(self, build: Callable[[str | None], Receipt], *, settings: Settings,
+                 segment: tuple[str, bytes] | None, failed: bool,
+                 target: tuple[str, str, str | None] | None) -> Receipt:
+        """The step's receipt as it leaves the step. With an object-store output (``target``:
+        name, location, credential), the step's audit log ``segment`` goes next to that
+        output first, the receipt (``build(segment URI)``) is sealed, and a copy of it is
+        stored there as ``receipt.json``. A failed step's receipt still leaves when the
+        object store cannot be reached (the step's own error is what is reported)."""
+        from stepguard.errors import StepguardError
+        from stepguard.integrity.s3 import S3Location
+
+        seg_uri = None
+        try:
+            if target is not None and segment is not None:
+                base = S3Location.parse(target[1])
+                self.put_bytes(self.client(target[2]), base.bucket, base.prefix + segment[0],
+                               segment[1])
+                seg_uri = f"s3://{base.bucket}/{base.prefix}{segment[0]}"
+            receipt = self.seal(build(seg_uri), settings, failed=failed)
+            if target is not None:
+                base = S3Location.parse(target[1])
+                self.put_bytes(self.client(target[2]), base.bucket, base.prefix + "receipt.json",
+                               (receipt.to_json(indent=2) + "\n").encode())
+        except StepguardError:
+            if not failed:
+                raise
+            return self.seal(build(seg_uri), settings, failed=True)
+        return receipt
+
     @staticmethod
     def seal(receipt: Receipt, settings: Settings, *, failed: bool) -> Receipt:
         """The step's receipt as it leaves the step: signed when ``receipts.signer`` is set.

@@ -181,6 +181,9 @@ class Receipt:
     isolation: Mapping[str, str] = field(default_factory=dict)
     trace_id: str | None = None
     audit_head: str | None = None  # "<seq>:<digest>" of the local audit log after this step
+    #: Where this step's segment of the hash-chained log went (object storage), ending at
+    #: ``audit_head``.
+    audit_segment: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
     timings_ms: Mapping[str, float] = field(default_factory=dict)
@@ -204,8 +207,9 @@ class Receipt:
         """Plain-data form, as written to XCom / KFP outputs (no ``signature`` key when the
         receipt is unsigned)."""
         out: dict[str, Any] = to_plain(self)
-        if out.get("signature") is None:
-            out.pop("signature", None)
+        for key in ("signature", "audit_segment"):  # absent rather than null: older readers
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
     def payload(self) -> bytes:

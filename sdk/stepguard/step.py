@@ -248,6 +248,7 @@ class _Run:
     def execute(self, command: Sequence[str] | None, body: Body | None) -> Receipt:
         error: BaseException | None = None
         run_dir = self.step.run_dir
+        before = self.audit.position()
         try:
             with self.audit.step(self.spec, self.ctx):
                 try:
@@ -258,8 +259,11 @@ class _Run:
             error = exc
         self.audit.flush()
         self.audit_head = self.audit.head()
-        receipt = self._receipt(error)
-        receipt = self.artifacts.seal(receipt, self.settings, failed=error is not None)
+        receipt = self.artifacts.hand_off(
+            lambda segment: dataclasses.replace(self._receipt(error), audit_segment=segment),
+            settings=self.settings, segment=self.audit.segment(before), failed=error is not None,
+            target=next(((o.name, self.out_uris[o.name], o.credential) for o in self.spec.outputs
+                         if o.name in self.out_uris), None))
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "receipt.json").write_text(receipt.to_json(indent=2) + "\n")

@@ -243,3 +243,48 @@ def test_edited_or_unsigned_receipt_is_refused(tmp_path, worker_env, chdir_back,
     assert info.value.subject == "step ingest"
     assert ("not signed" if edit == "unsigned" else "changed after it was signed") in str(
         info.value)
+
+
+def _cli(*args, env):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "stepguard.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_audit_segments_leave_the_host_and_verify_across_steps(tmp_path, worker_env, chdir_back,
+                                                               monkeypatch, aws_admin_session):
+    monkeypatch.setitem(EXTRA, "audit", {"exporter": "jsonl"})
+    settings = _worker(tmp_path / "producer", worker_env)
+    run_id = f"xw-{uuid.uuid4().hex[:8]}"
+    receipts = []
+    for name in ("ingest", "clean"):
+        spec = StepSpec.from_dict({
+            "name": name, "isolation": {"mode": "process"},
+            "credentials": [_lake(worker_env)], "storage": {"credential": "lake"},
+            "outputs": [{"name": "d", "path": f"s3://{BUCKET}/runs/{{run_id}}/{name}"}]})
+        receipts.append(run_step(
+            spec, body=lambda env: (env.outputs["d"] / "x.txt").write_text("x"),
+            settings=settings, context=RunContext(pipeline="p", run_id=run_id, step=name)))
+    for r in receipts:
+        assert r.audit_segment and r.audit_segment.startswith(f"s3://{BUCKET}/runs/{run_id}/")
+        assert r.audit_head and r.audit_segment.endswith(
+            f"-{int(r.audit_head.split(':')[0]):020d}.jsonl")
+    shutil.rmtree(tmp_path / "producer")  # the host and its log are gone
+
+    env = {k: v for k, v in os.environ.items()}
+    creds = aws_admin_session.get_credentials()
+    env.update(AWS_ACCESS_KEY_ID=creds.access_key, AWS_SECRET_ACCESS_KEY=creds.secret_key)
+    ok = _cli("audit", "verify", "--json", f"s3://{BUCKET}/runs/{run_id}/", env=env)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert (report["segments"], report["logs"], report["joined"], report["anchored"]) == (
+        2, 1, 1, 2)
+
+    s3 = aws_admin_session.client("s3", endpoint_url=worker_env.moto_endpoint)
+    key = receipts[0].audit_segment[len(f"s3://{BUCKET}/"):]
+    body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    s3.put_object(Bucket=BUCKET, Key=key, Body=body.replace(b'"ingest"', b'"ingest2"', 1))
+    bad = _cli("audit", "verify", f"s3://{BUCKET}/runs/{run_id}/", env=env)
+    assert bad.returncode != 0 and "edited" in bad.stderr
