@@ -292,6 +292,12 @@ class Artifacts:
         dest = self.scratch / "inputs" / name
         dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         download_and_verify(loc, manifest, dest, client=client)
+        # Readable, never writable, by the body's uid (a sandbox may run it as another user);
+        # scratch itself stays 0700, so nobody else on the host reaches the copy.
+        for dirpath, _dirs, files in os.walk(dest):
+            for f in files:
+                os.chmod(os.path.join(dirpath, f), 0o444, follow_symlinks=False)
+            os.chmod(dirpath, 0o555)  # noqa: S103 -- read-only; scratch above is 0700
         return dest
 
     @staticmethod

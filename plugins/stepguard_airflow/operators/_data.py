@@ -412,7 +412,11 @@ class VerifyModelOperator(BaseOperator):
         policy_name = str(self.policy)
         used: dict[str, Any] = {}
 
-        creds, storage = _storage(self.credential)
+        from dataclasses import replace
+
+        # The body is this operator's own fetch, in this process: it needs the values.
+        creds, storage = _storage(replace(self.credential, delivery="env")
+                                  if self.credential else None)
         cred = self.credential.name if self.credential else None
         where = str(self.destination or self.output_name)
 
