@@ -2,13 +2,14 @@
 
 ::
 
-    spec -> acquire credentials (child token + leases) -> verify inputs against manifests
-         -> run body isolated (process | sandbox | pod) -> hash outputs into manifests
-         -> sign + publish outputs -> revoke credentials -> receipt
+    spec -> acquire credentials (child token + leases) -> verify inputs (local, or hashed
+         while downloaded from object storage) -> run body isolated (process | sandbox | pod)
+         -> hash outputs (upload with checksums) -> sign + publish -> revoke -> receipt
 
 Every arrow is an audit span. Every failure is a typed error, raised only after cleanup
 (revocation, sandbox/pod removal, span flush) ran -- on success, exception, deadline and SIGTERM
-alike. The body never runs unless every input verified.
+alike. The body never runs unless every input verified. Object-store inputs and outputs, receipt
+signing and audit segments are :mod:`stepguard._artifacts`.
 
 >>> import tempfile, pathlib
 >>> from stepguard.step import run_step
