@@ -137,7 +137,7 @@ def _train_task(dataset: Any) -> BaseOperator:
             cmds=["stepguard", "exec", "--spec", "/etc/stepguard/train.yaml", "--",
                   "python", "-m", "train"],
         )
-    storage: dict[str, Any] = {"credentials": [LAKE], "storage": {"credential": "lake"}} \
+    storage: dict[str, Any] = {"credentials": [LAKE], "storage": {"credential": LAKE["name"]}} \
         if STORE else {}
     return SecureStepOperator(
         task_id="train",
@@ -197,7 +197,7 @@ def build_dag(dag_id: str, *, tampered: bool = False) -> DAG:
                                    credential=_lake(),
                                    destination=_where("gate", "model", "model"))
         serving = os.environ.get("STEPGUARD_SERVING_DIR")
-        storage: dict[str, Any] = {"credentials": [LAKE], "storage": {"credential": "lake"}} \
+        storage: dict[str, Any] = {"credentials": [LAKE], "storage": {"credential": LAKE["name"]}} \
             if STORE else {}
         SecureStepOperator(
             task_id="deploy",
