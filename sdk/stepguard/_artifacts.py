@@ -301,7 +301,8 @@ class Artifacts:
         return dest
 
     @staticmethod
-    def _require_objects(client: Any, loc: Any, uri: str) -> None:
+    def _any_object(client: Any, loc: Any, uri: str, what: str) -> bool:
+        """Whether ``loc`` holds an object; unreachable is transient, refused operational."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         from stepguard.errors import TransientError
@@ -310,11 +311,16 @@ class Artifacts:
             page = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix, MaxKeys=1)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", "ClientError"))
-            raise OperationalError(f"cannot list the input ({code})", subject=uri) from None
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            cls = TransientError if status >= 500 else OperationalError
+            raise cls(f"cannot list the {what} ({code})", subject=uri) from None
         except BotoCoreError as exc:
-            raise TransientError(f"cannot list the input ({type(exc).__name__})",
+            raise TransientError(f"cannot list the {what} ({type(exc).__name__})",
                                  subject=uri) from None
-        if not page.get("KeyCount"):
+        return bool(page.get("KeyCount"))
+
+    def _require_objects(self, client: Any, loc: Any, uri: str) -> None:
+        if not self._any_object(client, loc, uri, "input"):
             raise OperationalError("input does not exist (no objects at the location)",
                                    subject=uri,
                                    hint="was the producer's output deleted or moved?")
@@ -326,14 +332,7 @@ class Artifacts:
         from stepguard.integrity.s3 import S3Location
 
         loc = S3Location.parse(uri)
-        client = self.client(credential)
-        try:
-            page = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix, MaxKeys=1)
-        except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-            raise OperationalError(f"cannot list the output location ({code})",
-                                   subject=uri) from None
-        if page.get("KeyCount"):
+        if self._any_object(self.client(credential), loc, uri, "output location"):
             raise ConfigurationError(
                 "output location already holds objects: they would be mixed with this run's",
                 subject=uri, hint="use a fresh location per run: e.g. s3://bucket/out/{run_id}")

@@ -288,3 +288,19 @@ def test_audit_segments_leave_the_host_and_verify_across_steps(tmp_path, worker_
     s3.put_object(Bucket=BUCKET, Key=key, Body=body.replace(b'"ingest"', b'"ingest2"', 1))
     bad = _cli("audit", "verify", f"s3://{BUCKET}/runs/{run_id}/", env=env)
     assert bad.returncode != 0 and "edited" in bad.stderr
+
+
+def test_unreachable_object_store_is_transient(tmp_path, worker_env, chdir_back):
+    from stepguard.errors import TransientError
+
+    text = _produce(tmp_path, worker_env, f"xw-{uuid.uuid4().hex[:8]}").to_json()
+    settings = _worker(tmp_path / "consumer", worker_env)
+    data = json.loads(text)
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "process"},
+        "credentials": [_lake(worker_env)],
+        "storage": {"credential": "lake", "endpoint_url": "http://127.0.0.1:9"},  # nothing there
+        "inputs": [{"name": "dataset", "path": data["outputs"][0]["path"], "receipt": text}]})
+    with pytest.raises(TransientError) as info:
+        run_step(spec, body=lambda env: None, settings=settings)
+    assert not isinstance(info.value, IntegrityError)
