@@ -26,6 +26,14 @@ Settings come from stepguard's settings file (``$STEPGUARD_CONFIG``) and ``STEPG
 ``VAULT_*`` variables: Vault address and AppRole login, the registry, the ``release`` policy,
 the audit log. ``STEPGUARD_SERVING_DIR`` is where models are promoted (default: a ``serving``
 directory under the state dir).
+
+**On several workers** (no shared disk): set ``STEPGUARD_EXAMPLE_STORE`` (an object-store
+prefix, e.g. ``s3://stepguard-data/example``) and ``STEPGUARD_WEB_IDENTITY_ROLE_ARN`` (the AWS
+role the tasks assume through Vault identity tokens) when the DAG is parsed. Then the dataset,
+the trained model and the gate's verified model are written under that prefix (uploaded with
+checksums, manifests, receipt copies and audit segments beside them), every task reads its
+input from there with its own just-in-time ``lake`` credential, and XCom carries only receipts.
+Use an ``s3://`` registry in the settings (``registry.url``) reachable with the same role.
 """
 
 from __future__ import annotations
@@ -50,6 +58,21 @@ from stepguard_airflow.operators import (
 
 MODEL = "churn-model"
 VERSION = "{{ ts_nodash }}"
+#: Object-store prefix for data and models (several workers); unset: the worker's disk.
+STORE = os.environ.get("STEPGUARD_EXAMPLE_STORE", "").rstrip("/")
+#: The data-lake credential each task mints for itself (Vault identity token -> STS).
+LAKE = {"name": "lake", "kind": "aws_web_identity",
+        "role": os.environ.get("STEPGUARD_WEB_IDENTITY_ROLE_ARN", ""), "delivery": "none"}
+
+
+def _where(step: str, name: str, local: str) -> str:
+    """Where ``step`` writes output ``name``: a fresh object-store location per run and try,
+    or ``local`` (under the task's state dir) on one machine."""
+    return f"{STORE}/{{run_id}}/{step}/try-{{try_number}}/{name}" if STORE else local
+
+
+def _lake() -> dict[str, Any] | None:
+    return dict(LAKE) if STORE else None
 
 def extract_customers(step_env: Any, dest: Path) -> None:
     """Ingest body: the JIT database user reads the table into ``dest/churn.csv``."""
@@ -71,12 +94,34 @@ def promote(step_env: Any) -> str:
     return str(dst)
 
 
-def poison_dataset(ingest_receipt: dict[str, Any]) -> None:
-    """The attacker of the tampered variant: flips one label in the data lake copy."""
-    path = Path(ingest_receipt["outputs"][0]["path"]) / "churn.csv"
-    lines = path.read_text().splitlines()
+def _flip_label(text: str) -> str:
+    lines = text.splitlines()
     lines[5] = lines[5].rsplit(",", 1)[0] + ",1"
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def poison_dataset(ingest_receipt: dict[str, Any]) -> None:
+    """The attacker of the tampered variant: flips one label in the data lake copy. In the
+    object store it is an insider with legitimate write access to the lake (its own
+    just-in-time credential), which is exactly what manifests are for."""
+    where = str(ingest_receipt["outputs"][0]["path"])
+    if not where.startswith("s3://"):
+        path = Path(where) / "churn.csv"
+        path.write_text(_flip_label(path.read_text()))
+        return
+    from stepguard.credentials import open_session
+    from stepguard.settings import Settings
+    from stepguard.spec import CredentialRequest, RunContext
+    from stepguard.wiring import s3_client, vault_config
+
+    bucket, _, prefix = where[len("s3://"):].partition("/")
+    key = prefix + "churn.csv"
+    req = CredentialRequest.from_dict({k: v for k, v in LAKE.items() if k != "delivery"})
+    with open_session([req], settings=vault_config(Settings.load()), context=RunContext(),
+                      ttl_s=900) as session:
+        s3 = s3_client(session.values["lake"])
+        text = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        s3.put_object(Bucket=bucket, Key=key, Body=_flip_label(text).encode())
 
 
 def _train_task(dataset: Any) -> BaseOperator:
@@ -92,13 +137,16 @@ def _train_task(dataset: Any) -> BaseOperator:
             cmds=["stepguard", "exec", "--spec", "/etc/stepguard/train.yaml", "--",
                   "python", "-m", "train"],
         )
+    storage: dict[str, Any] = {"credentials": [LAKE], "storage": {"credential": LAKE["name"]}} \
+        if STORE else {}
     return SecureStepOperator(
         task_id="train",
         spec={
             "inputs": [{"name": "dataset"}],
-            "outputs": [{"name": "model", "path": "model"}],
+            "outputs": [{"name": "model", "path": _where("train", "model", "model")}],
             "isolation": {"mode": "sandbox", "network": "none"},
             "deadline_s": 600,
+            **storage,
         },
         receipts={"dataset": dataset},
         command=[sys.executable, "-c", TRAIN_SCRIPT],
@@ -121,8 +169,11 @@ def build_dag(dag_id: str, *, tampered: bool = False) -> DAG:
             version=VERSION,
             fetch=extract_customers,
             credential={"name": "db", "kind": "database", "role": "stepguard-step"},
+            destination=_where("ingest", "dataset", "dataset"),
+            storage_credential=_lake(),
         )
-        verify = VerifyDatasetOperator(task_id="verify_dataset", dataset=ingest.output)
+        verify = VerifyDatasetOperator(task_id="verify_dataset", dataset=ingest.output,
+                                       credential=_lake())
         if tampered:
             from airflow.providers.standard.operators.python import PythonOperator
 
@@ -140,9 +191,14 @@ def build_dag(dag_id: str, *, tampered: bool = False) -> DAG:
             name=MODEL,
             version=VERSION,
             signing={"signer": "transit", "key": "stepguard-signing"},
+            credential=_lake(),
         )
-        gate = VerifyModelOperator(task_id="gate", model=publish.output, policy="release")
+        gate = VerifyModelOperator(task_id="gate", model=publish.output, policy="release",
+                                   credential=_lake(),
+                                   destination=_where("gate", "model", "model"))
         serving = os.environ.get("STEPGUARD_SERVING_DIR")
+        storage: dict[str, Any] = {"credentials": [LAKE], "storage": {"credential": LAKE["name"]}} \
+            if STORE else {}
         SecureStepOperator(
             task_id="deploy",
             spec={
@@ -150,6 +206,7 @@ def build_dag(dag_id: str, *, tampered: bool = False) -> DAG:
                 "outputs": [{"name": "serving", "path": (
                     f"{serving}/{MODEL}/{VERSION}" if serving else f"serving/{MODEL}")}],
                 "isolation": {"mode": "process"},
+                **storage,
             },
             receipts={"model": gate.output},
             python_callable=promote,

@@ -114,11 +114,22 @@ def _fill_inputs(spec: Mapping[str, Any], receipts: Mapping[str, Any]) -> dict[s
     return data
 
 
+def _is_file(value: Any) -> bool:
+    """``value`` names a receipt file (JSON text, however long, never does)."""
+    text = str(value)
+    if not isinstance(value, (str, Path)) or text.lstrip().startswith("{"):
+        return False
+    try:
+        return Path(text).is_file()
+    except OSError:  # e.g. a name too long to be a path
+        return False
+
+
 def _as_data(receipt: Any) -> Any:
     if isinstance(receipt, (str, Path)):
         try:
             p = Path(str(receipt))
-            return json.loads(p.read_text(encoding="utf-8") if p.is_file() else str(receipt))
+            return json.loads(p.read_text(encoding="utf-8") if _is_file(p) else str(receipt))
         except (OSError, ValueError):
             return None
     return receipt
@@ -169,7 +180,7 @@ def receipts_as_inputs(spec: StepSpec, receipts: Mapping[str, Any] | None) -> It
     with tempfile.TemporaryDirectory(prefix="stepguard-receipts-") as tmp:
         inputs = list(spec.inputs)
         for name, receipt in receipts.items():
-            if isinstance(receipt, (str, Path)) and Path(str(receipt)).is_file():
+            if _is_file(receipt):
                 path = str(receipt)
             else:
                 text = receipt if isinstance(receipt, str) else json.dumps(receipt)
@@ -252,12 +263,15 @@ def anchor_outputs(spec: StepSpec, settings: Settings, ctx: RunContext) -> StepS
     A retry gets a fresh directory, so a half-written output of a failed try is never
     published as the retry's result.
     """
-    if not any(not Path(o.path).is_absolute() for o in spec.outputs):
+    def local(path: str) -> bool:  # object-store locations are not anchored
+        return not Path(path).is_absolute() and not path.startswith("s3://")
+
+    if not any(local(o.path) for o in spec.outputs):
         return spec
     safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", v) for v in (ctx.pipeline, ctx.run_id, ctx.step)]
     root = Path(settings.state_dir).absolute().joinpath("airflow", *safe,
                                                         f"try-{ctx.try_number}")
-    outputs = tuple(o if Path(o.path).is_absolute() else replace(o, path=str(root / o.path))
+    outputs = tuple(replace(o, path=str(root / o.path)) if local(o.path) else o
                     for o in spec.outputs)
     return replace(spec, outputs=outputs)
 

@@ -181,11 +181,16 @@ class Receipt:
     isolation: Mapping[str, str] = field(default_factory=dict)
     trace_id: str | None = None
     audit_head: str | None = None  # "<seq>:<digest>" of the local audit log after this step
+    #: Where this step's segment of the hash-chained log went (object storage), ending at
+    #: ``audit_head``.
+    audit_segment: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     error: ErrorRecord | None = None
     schema: str = SCHEMA
+    #: A signature bundle (DSSE, JSON text) over :meth:`payload`, when receipts are signed.
+    signature: str | None = None
 
     def output(self, name: str) -> OutputRecord:
         """The output record called ``name`` (ConfigurationError if there is none)."""
@@ -199,9 +204,25 @@ class Receipt:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form, as written to XCom / KFP outputs."""
+        """Plain-data form, as written to XCom / KFP outputs (no ``signature`` key when the
+        receipt is unsigned)."""
         out: dict[str, Any] = to_plain(self)
+        for key in ("signature", "audit_segment"):  # absent rather than null: older readers
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
+
+    def payload(self) -> bytes:
+        """What a receipt signature signs: the canonical JSON without the signature.
+
+        >>> from stepguard.spec import RunContext
+        >>> r = Receipt(step="s", context=RunContext(run_id="r1"), status="succeeded")
+        >>> r.payload() == Receipt(**{**r.__dict__, "signature": "{}"}).payload()
+        True
+        """
+        data = self.to_dict()
+        data.pop("signature", None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def to_json(self, *, indent: int | None = None) -> str:
         """Canonical JSON (sorted keys)."""

@@ -120,6 +120,26 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class ReceiptSettings:
+    """How receipts are protected between steps (an XCom value can be edited by any user with
+    XCom rights). ``signer`` (``key``: ``key`` is a PEM private key file; ``transit``: ``key``
+    is a Vault Transit key) signs every receipt a step writes; ``policy`` names the
+    verification policy (``policies:``) every receipt a step consumes must be signed under --
+    an unsigned or edited receipt is then refused. Without ``policy`` receipts are taken as
+    given, which is safe only where nobody else can write them (one machine).
+    """
+
+    signer: Literal["key", "transit"] | None = None
+    key: str | None = None
+    transit_mount: str = "transit"
+    policy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.signer is not None and not self.key:
+            raise ConfigurationError("a receipt signer needs 'key'", subject="receipts.key")
+
+
+@dataclass(frozen=True)
 class Settings:
     """All stepguard settings. ``state_dir`` holds receipts, manifests and the audit log."""
 
@@ -128,6 +148,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     policies: Mapping[str, PolicySettings] = field(default_factory=dict)
     state_dir: str = ".stepguard"
+    receipts: ReceiptSettings = field(default_factory=ReceiptSettings)
 
     def policy(self, name: str) -> PolicySettings:
         """The verification policy called ``name`` (ConfigurationError naming it if absent)."""
@@ -188,6 +209,7 @@ _SECTIONS = {
     "vault": VaultSettings,
     "registry": RegistrySettings,
     "audit": AuditSettings,
+    "receipts": ReceiptSettings,
 }
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "RunContext",
     "SigningSpec",
     "StepSpec",
+    "StorageSpec",
     "load_spec_data",
 ]
 
@@ -103,6 +104,12 @@ class InputSpec:
     ``signature`` + ``signature_policy`` additionally require the manifest to be signed by the
     identity that the named policy in settings accepts ("data signed by the ingestion identity").
     ``unsafe_unverified`` skips verification and is recorded as such in the receipt and audit.
+
+    ``path`` (and ``manifest``) may be object-store locations (``s3://bucket/prefix``): the
+    objects are hashed while they are downloaded into the step's scratch, and the body reads
+    that verified copy. ``receipt`` may be a file, a receipt's JSON text or an ``s3://`` URI.
+    ``credential`` names the step credential (an ``aws_*`` kind) the S3 client is made from
+    (default: the spec's ``storage.credential``).
     """
 
     name: str
@@ -115,6 +122,7 @@ class InputSpec:
     signature: str | None = None
     signature_policy: str | None = None
     unsafe_unverified: bool = False
+    credential: str | None = None
 
     def __post_init__(self) -> None:
         _check_name("input", self.name)
@@ -143,11 +151,18 @@ class PublishSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """A directory or file the body writes; hashed into a manifest after the body."""
+    """A directory or file the body writes; hashed into a manifest after the body.
+
+    ``path`` may be an object-store location (``s3://bucket/prefix/{run_id}``): the body then
+    writes into the step's scratch, and stepguard uploads the files under ``<path>/data/`` with
+    SHA-256 checksums and the manifest beside them, named by its root digest. ``credential``
+    as for :class:`InputSpec`.
+    """
 
     name: str
     path: str
     publish: PublishSpec | None = None
+    credential: str | None = None
 
     def __post_init__(self) -> None:
         _check_name("output", self.name)
@@ -158,7 +173,8 @@ class CredentialRequest:
     """A just-in-time credential the step needs, minted under the step's child token.
 
     ``kind`` selects the secret engine; ``role`` the engine role (database role, AWS role, OIDC
-    role); ``path`` a KV path or generic dynamic path; ``delivery`` how the body receives it.
+    role); ``path`` a KV path or generic dynamic path; ``delivery`` how the body receives it
+    (``none``: never -- a credential stepguard itself uses, e.g. for object storage).
     """
 
     name: str
@@ -167,7 +183,7 @@ class CredentialRequest:
     path: str | None = None
     mount: str | None = None
     params: Mapping[str, str] = field(default_factory=dict)
-    delivery: Literal["env", "file"] = "env"
+    delivery: Literal["env", "file", "none"] = "env"
     env_prefix: str | None = None
 
     def __post_init__(self) -> None:
@@ -263,6 +279,23 @@ class SigningSpec:
 
 
 @dataclass(frozen=True)
+class StorageSpec:
+    """How the step reaches object storage: ``credential`` names one of the step's credentials
+    (``aws_web_identity``, ``aws_sts``, ``aws_iam``) whose just-in-time keys make the S3 client;
+    ``endpoint_url`` an S3-compatible endpoint (default: ``AWS_ENDPOINT_URL``).
+
+    >>> StorageSpec(credential="lake").credential
+    'lake'
+    """
+
+    credential: str | None = None
+    endpoint_url: str | None = None
+
+
+_AWS_KINDS = ("aws_iam", "aws_sts", "aws_web_identity")
+
+
+@dataclass(frozen=True)
 class StepSpec:
     """A secured step: inputs, outputs, credentials, isolation, signing and a deadline."""
 
@@ -276,9 +309,11 @@ class StepSpec:
     deadline_s: float = 3600.0
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
+    storage: StorageSpec | None = None
 
     def __post_init__(self) -> None:
         _check_name("step", self.name)
+        self._check_storage_credentials()
         if not 0 < self.deadline_s <= 7 * 24 * 3600:
             raise ConfigurationError("must be between 0 and 7 days", subject="step.deadline_s")
         for kind, items in (("input", self.inputs), ("output", self.outputs),
@@ -291,6 +326,29 @@ class StepSpec:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ConfigurationError("invalid environment variable name",
                                          subject=f"step.env.{key}")
+
+    def _check_storage_credentials(self) -> None:
+        kinds = {c.name: c.kind for c in self.credentials}
+        named = [("storage.credential", self.storage.credential if self.storage else None)]
+        named += [(f"inputs.{i.name}.credential", i.credential) for i in self.inputs]
+        named += [(f"outputs.{o.name}.credential", o.credential) for o in self.outputs]
+        for where, cred in named:
+            if cred is not None and kinds.get(cred) not in _AWS_KINDS:
+                raise ConfigurationError(
+                    "object storage needs one of the step's AWS credentials "
+                    f"({', '.join(_AWS_KINDS)})", subject=where,
+                    hint=f"declare credentials: [{{name: {cred}, kind: aws_web_identity, "
+                         "role: ...}]")
+
+    def storage_credential(self, explicit: str | None) -> str | None:
+        """The credential an object-store input or output uses: its own, else the spec's.
+
+        >>> StepSpec(name="s").storage_credential(None) is None
+        True
+        """
+        if explicit is not None:
+            return explicit
+        return self.storage.credential if self.storage is not None else None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepSpec:

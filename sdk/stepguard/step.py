@@ -2,13 +2,14 @@
 
 ::
 
-    spec -> acquire credentials (child token + leases) -> verify inputs against manifests
-         -> run body isolated (process | sandbox | pod) -> hash outputs into manifests
-         -> sign + publish outputs -> revoke credentials -> receipt
+    spec -> acquire credentials (child token + leases) -> verify inputs (local, or hashed
+         while downloaded from object storage) -> run body isolated (process | sandbox | pod)
+         -> hash outputs (upload with checksums) -> sign + publish -> revoke -> receipt
 
 Every arrow is an audit span. Every failure is a typed error, raised only after cleanup
 (revocation, sandbox/pod removal, span flush) ran -- on success, exception, deadline and SIGTERM
-alike. The body never runs unless every input verified.
+alike. The body never runs unless every input verified. Object-store inputs and outputs, receipt
+signing and audit segments are :mod:`stepguard._artifacts`.
 
 >>> import tempfile, pathlib
 >>> from stepguard.step import run_step
@@ -39,10 +40,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stepguard._artifacts import Artifacts, is_uri
 from stepguard.errors import (
     BodyFailed,
     ConfigurationError,
     IntegrityError,
+    OperationalError,
     StepguardError,
     StepTimeout,
 )
@@ -231,6 +234,9 @@ class _Run:
         # Input name -> descriptor of the object that was verified; the sandbox binds that.
         self.pinned: dict[str, int] = {}
         self.pins = contextlib.ExitStack()
+        # Object-store inputs and outputs: scratch, S3 clients from the step's credentials.
+        self.artifacts = Artifacts(self.spec)
+        self.out_uris: dict[str, str] = {}
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -243,6 +249,7 @@ class _Run:
     def execute(self, command: Sequence[str] | None, body: Body | None) -> Receipt:
         error: BaseException | None = None
         run_dir = self.step.run_dir
+        before = self.audit.position()
         try:
             with self.audit.step(self.spec, self.ctx):
                 try:
@@ -253,7 +260,11 @@ class _Run:
             error = exc
         self.audit.flush()
         self.audit_head = self.audit.head()
-        receipt = self._receipt(error)
+        receipt = self.artifacts.hand_off(
+            lambda segment: dataclasses.replace(self._receipt(error), audit_segment=segment),
+            settings=self.settings, segment=self.audit.segment(before), failed=error is not None,
+            target=next(((o.name, self.out_uris[o.name], o.credential) for o in self.spec.outputs
+                         if o.name in self.out_uris), None))
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "receipt.json").write_text(receipt.to_json(indent=2) + "\n")
@@ -270,17 +281,25 @@ class _Run:
 
     def _lifecycle(self, command: Sequence[str] | None, body: Body | None, run_dir: Path) -> None:
         out_paths = self._prepare_outputs()
-        with self._credentials() as session, self.pins:
+        with self.artifacts, self._credentials() as session, self.pins:
+            self.artifacts.open_for(session, self.settings)
+            for out in self.spec.outputs:
+                if out.name in self.out_uris:
+                    out_paths[out.name] = self.artifacts.output_dir(
+                        out.name, self.out_uris[out.name], out.credential)
             verified = self._verify_inputs(session)
             self._run_body(command, body, verified, out_paths, session)
             manifests = self._hash_outputs(out_paths, run_dir)
-            self._publish(manifests, session)
+            self._publish(manifests, out_paths, session)
 
     def _prepare_outputs(self) -> dict[str, Path]:
         paths: dict[str, Path] = {}
         for out in self.spec.outputs:
-            p = Path(output_path(out.path, self.ctx,
-                                 _instance_name(self.spec.name, self.ctx.step))).absolute()
+            where = output_path(out.path, self.ctx, _instance_name(self.spec.name, self.ctx.step))
+            if is_uri(where):
+                self.out_uris[out.name] = where  # in scratch, once credentials are open
+                continue
+            p = Path(where).absolute()
             if p.is_symlink() or (p.exists() and not p.is_dir()):
                 raise ConfigurationError("output path must be a directory", subject=str(p))
             if p.is_dir() and any(p.iterdir()):
@@ -363,34 +382,19 @@ class _Run:
         return verified
 
     def _verify_one(self, inp: InputSpec, session: Any) -> tuple[InputRecord, Path]:
-        path = Path(inp.path).absolute()
+        remote = is_uri(inp.path)
+        path = Path(inp.path) if remote else Path(inp.path).absolute()
         if inp.unsafe_unverified:
+            if remote:
+                raise ConfigurationError("an object-store input is always verified",
+                                         subject=f"inputs.{inp.name}.unsafe_unverified")
             warnings.warn(f"input {inp.name!r} is used without verification (unsafe_unverified)",
                           stacklevel=4)
             return InputRecord(name=inp.name, path=str(path), digest=None, verified=False,
                                source="unverified"), path
-        from stepguard.integrity import Manifest, verify_manifest
+        from stepguard.integrity import verify_manifest
 
-        if inp.receipt:
-            producer = Receipt.load(inp.receipt)
-            if producer.status != "succeeded":
-                raise IntegrityError(
-                    "producer step did not succeed; its outputs are not vouched for",
-                    subject=inp.receipt,
-                    details=[f"step {producer.step}: {producer.status}"
-                             + (f" ({producer.error.type})" if producer.error else "")])
-            out = producer.output(inp.receipt_output or inp.name)
-            manifest = _load_manifest(Manifest, Path(out.manifest))
-            if manifest.digest != out.digest:
-                raise IntegrityError(
-                    "manifest does not match the producer's receipt", subject=out.manifest,
-                    details=[f"receipt: {out.digest}", f"manifest: {manifest.digest}"],
-                )
-            source = f"receipt:{inp.receipt}#{out.name}"
-        else:
-            assert inp.manifest is not None  # guaranteed by InputSpec
-            manifest = _load_manifest(Manifest, Path(inp.manifest))
-            source = f"manifest:{inp.manifest}"
+        manifest, source = self.artifacts.reference(inp)
         if inp.digest and manifest.digest != inp.digest:
             raise IntegrityError("manifest root digest differs from the pinned digest",
                                  subject=inp.name,
@@ -401,23 +405,34 @@ class _Run:
 
             signer = verify_input_signature(inp, manifest, self.settings,
                                             session=_vault_session(session))
+        if remote:
+            # Hashed while downloaded into scratch; the body reads that copy, never re-read.
+            staged = self.artifacts.stage_input(inp.name, inp.path, manifest, inp.credential)
+            real = str(staged)
+        else:
+            real = os.path.realpath(path)
         # Resolve the root once and hold the object it leads to: what is verified below is what
         # the sandbox binds, whatever the configured path (a symlink, say) leads to later.
-        real = os.path.realpath(path)
         try:
             fd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            verify_manifest(real, manifest)  # names the missing input the way integrity does
-            raise
+            # Not there is a deployment problem (another worker's disk?), not a verdict.
+            raise OperationalError("input does not exist", subject=str(path),
+                                   hint="a step on another worker reads its inputs from object "
+                                        "storage (s3://...), not from a path") from None
         self.pins.callback(os.close, fd)
-        verify_manifest(real, manifest, allow_internal_symlinks=inp.allow_internal_symlinks)
+        if not remote:
+            verify_manifest(real, manifest, allow_internal_symlinks=inp.allow_internal_symlinks)
         held, now = os.fstat(fd), os.stat(real, follow_symlinks=False)
         if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
             raise IntegrityError("input was replaced while it was being verified",
                                  subject=str(path))
         self.pinned[inp.name] = fd
+        if remote:
+            path = Path(real)
         return InputRecord(
-            name=inp.name, path=str(path), digest=manifest.digest, verified=True,
+            name=inp.name, path=inp.path if remote else str(path), digest=manifest.digest,
+            verified=True,
             files=len(manifest.entries), bytes=sum(e.size for e in manifest.entries),
             source=source, signer=signer,
         ), path
@@ -440,7 +455,9 @@ class _Run:
         mode = self.spec.isolation.mode
         with self.audit.control("isolation", "run", mode=mode), self._timed("body"):
             if body is not None:
-                creds = dict(session.values) if session is not None else {}
+                hidden = {c.name for c in self.spec.credentials if c.delivery == "none"}
+                creds = {k: v for k, v in (session.values if session else {}).items()
+                         if k not in hidden}
                 env = StepEnv(inputs=dict(inputs), outputs=dict(outputs), credentials=creds,
                               context=self.ctx)
                 from stepguard.isolation import call_in_process
@@ -505,16 +522,22 @@ class _Run:
                     manifest = create_manifest(outputs[out.name])
                     mpath = run_dir / f"{out.name}.manifest.json"
                     mpath.write_text(manifest.to_json())
+                    where, mref = str(outputs[out.name]), str(mpath)
+                    if out.name in self.out_uris:
+                        where, mref = self.artifacts.upload_output(
+                            outputs[out.name], self.out_uris[out.name], manifest,
+                            out.credential)
                     self.audit.artifact(out.name, manifest.digest)
                 manifests[out.name] = manifest
                 self.outputs.append(OutputRecord(
-                    name=out.name, path=str(outputs[out.name]), digest=manifest.digest,
-                    manifest=str(mpath), files=len(manifest.entries),
+                    name=out.name, path=where, digest=manifest.digest,
+                    manifest=mref, files=len(manifest.entries),
                     bytes=sum(e.size for e in manifest.entries),
                 ))
         return manifests
 
-    def _publish(self, manifests: Mapping[str, Any], session: Any) -> None:
+    def _publish(self, manifests: Mapping[str, Any], outputs: Mapping[str, Path],
+                 session: Any) -> None:
         todo = [o for o in self.spec.outputs if o.publish is not None]
         if not todo:
             return
@@ -523,9 +546,8 @@ class _Run:
         with self._timed("publish"):
             for out in todo:
                 with self.audit.control("registry", "publish", output=out.name):
-                    hashed = Path(next(r.path for r in self.outputs if r.name == out.name))
-                    record = publish_output(out, hashed, manifests[out.name], spec=self.spec,
-                                            settings=self.settings,
+                    record = publish_output(out, outputs[out.name], manifests[out.name],
+                                            spec=self.spec, settings=self.settings,
                                             receipt=self._partial_receipt(),
                                             session=_vault_session(session))
                 self._attach(out, record)
@@ -567,15 +589,6 @@ class _Run:
             timings_ms=dict(self.timings),
             error=err,
         )
-
-
-def _load_manifest(manifest_cls: Any, path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read manifest ({exc.strerror})",
-                                 subject=str(path)) from exc
-    return manifest_cls.from_json(text)
 
 
 def _vault_session(session: Any) -> Any:

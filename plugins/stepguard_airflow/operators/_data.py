@@ -90,31 +90,57 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(Path(root) / name, dst / rel / name)
 
 
-def _fetch_s3(url: str, dst: Path, creds: Mapping[str, str] | None) -> int:
-    """Download every object under ``s3://bucket/prefix`` with the step's JIT credentials."""
-    import boto3
+def _credential_request(value: CredentialRequest | Mapping[str, Any] | None,
+                        default_name: str) -> CredentialRequest | None:
+    """A credential request whose ``name`` may be left out (``default_name`` then)."""
+    if value is None or not isinstance(value, Mapping):
+        return _credential(value)
+    return _credential({"name": default_name, **value})
 
-    from stepguard.errors import ConfigurationError, IntegrityError
+
+def _storage(*creds: CredentialRequest | None) -> tuple[tuple[CredentialRequest, ...], Any]:
+    """The spec's credentials and its ``storage`` (the first AWS credential, if any)."""
+    from stepguard.spec import StorageSpec
+
+    present = tuple(c for c in creds if c is not None)
+    aws = next((c.name for c in present if c.kind.startswith("aws_")), None)
+    return present, StorageSpec(credential=aws) if aws else None
+
+
+def _fetch_s3(url: str, dst: Path, creds: Mapping[str, Any] | None) -> int:
+    """Download every object under ``s3://bucket/prefix`` with the step's JIT credentials
+    (their values never print; the S3 client is made from them in :mod:`stepguard.wiring`)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from stepguard.errors import IntegrityError, OperationalError, TransientError
+    from stepguard.wiring import s3_client
 
     bucket, _, prefix = url[len("s3://"):].partition("/")
-    kwargs = {k: creds[k] for k in ("aws_access_key_id", "aws_secret_access_key",
-                                    "aws_session_token") if creds and creds.get(k)}
-    client = boto3.client("s3", **kwargs)
+    client = s3_client(creds)
     count = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", ()):
-            key = obj["Key"]
-            rel = key[len(prefix):].lstrip("/") if prefix else key
-            if not rel or key.endswith("/"):
-                continue
-            target = (dst / rel).resolve()
-            if not target.is_relative_to(dst.resolve()):
-                raise IntegrityError("object key escapes the dataset directory", subject=key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(target))
-            count += 1
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                key = obj["Key"]
+                rel = key[len(prefix):].lstrip("/") if prefix else key
+                if not rel or key.endswith("/"):
+                    continue
+                target = (dst / rel).resolve()
+                if not target.is_relative_to(dst.resolve()):
+                    raise IntegrityError("object key escapes the dataset directory",
+                                         subject=key)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key, str(target))
+                count += 1
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", "ClientError"))
+        raise OperationalError(f"cannot read the source ({code})", subject=url) from None
+    except BotoCoreError as exc:
+        raise TransientError(f"cannot read the source ({type(exc).__name__})",
+                             subject=url) from None
     if count == 0:
-        raise ConfigurationError("no objects under the source prefix", subject=url)
+        raise OperationalError("no objects under the source prefix", subject=url)
     return count
 
 
@@ -133,12 +159,19 @@ class IngestDatasetOperator(BaseOperator):
     :param signing: sign and publish the dataset (a :class:`~stepguard.spec.SigningSpec`);
         without it the dataset is hashed into a manifest but not published.
     :param registry: registry URL for publishing (default: the settings' registry).
+    :param destination: where the dataset is written (templated): a directory under the task's state
+        dir (default ``dataset``) or an object-store location such as
+        ``s3://lake/churn/{run_id}`` -- uploaded with checksums, its manifest beside it, so
+        steps on other workers can verify it.
+    :param storage_credential: the JIT credential (an ``aws_*`` kind; ``name`` defaults to
+        ``storage``) for an object-store ``destination`` or an ``s3://`` registry; default: the
+        ``credential`` when it is an ``aws_*`` kind.
     :param conn_id: the ``stepguard`` connection.
 
     The receipt's output ``dataset`` carries the manifest digest that later steps verify.
     """
 
-    template_fields: Sequence[str] = ("source", "dataset", "version", "registry")
+    template_fields: Sequence[str] = ("source", "dataset", "version", "registry", "destination")
     ui_color = "#d6f5e3"
     _stepguard_secured = True
 
@@ -147,6 +180,8 @@ class IngestDatasetOperator(BaseOperator):
                  credential: CredentialRequest | Mapping[str, Any] | None = None,
                  registry: str | None = None,
                  signing: SigningSpec | Mapping[str, Any] | None = None,
+                 destination: str = "dataset",
+                 storage_credential: CredentialRequest | Mapping[str, Any] | None = None,
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if (source is None) == (fetch is None):
@@ -161,6 +196,8 @@ class IngestDatasetOperator(BaseOperator):
         self.credential = _credential(credential)
         self.registry = registry
         self.signing = _signing(signing)
+        self.destination = destination
+        self.storage_credential = _credential_request(storage_credential, "storage")
         self.conn_id = conn_id
 
     def build_spec(self, settings: Settings) -> StepSpec:
@@ -171,12 +208,16 @@ class IngestDatasetOperator(BaseOperator):
         if self.signing is not None:
             publish = PublishSpec(name=str(self.dataset), version=str(self.version),
                                   registry=self.registry)
+        creds, storage = _storage(self.credential, self.storage_credential)
+        if self.storage_credential is not None:
+            storage = _storage(self.storage_credential)[1]
         return StepSpec(
             name=step_name(self.task_id),
-            outputs=(OutputSpec(name="dataset", path="dataset", publish=publish),),
-            credentials=(self.credential,) if self.credential else (),
+            outputs=(OutputSpec(name="dataset", path=str(self.destination), publish=publish),),
+            credentials=creds,
             isolation=IsolationSpec(mode="process"),
             signing=self.signing,
+            storage=storage,
         )
 
     def on_kill(self) -> None:
@@ -208,6 +249,8 @@ class VerifyDatasetOperator(BaseOperator):
     :param dataset: the upstream receipt (e.g. ``ingest.output``) (templated).
     :param output_name: the output of that receipt to verify (default ``dataset``).
     :param path: where the data is now (default: where the producer wrote it) (templated).
+    :param credential: the JIT credential (an ``aws_*`` kind; ``name`` defaults to
+        ``storage``) that reads a dataset in object storage.
 
     A modified, added, missing or swapped file ends the task (no retry) naming the file; tasks
     downstream never start.
@@ -219,11 +262,13 @@ class VerifyDatasetOperator(BaseOperator):
     _stepguard_secured = True
 
     def __init__(self, *, dataset: Any, output_name: str = "dataset", path: str | None = None,
+                 credential: CredentialRequest | Mapping[str, Any] | None = None,
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dataset = dataset
         self.output_name = output_name
         self.path = path
+        self.credential = _credential_request(credential, "storage")
         self.conn_id = conn_id
 
     def execute(self, context: Context) -> Any:
@@ -231,6 +276,7 @@ class VerifyDatasetOperator(BaseOperator):
 
         rec = _receipt_output(self.dataset, self.output_name, f"{self.task_id}.dataset")
         path = self.path or str(rec["path"])
+        creds, storage = _storage(self.credential)
         with tempfile.TemporaryDirectory(prefix="stepguard-verify-") as tmp:
             rpath = Path(tmp) / "receipt.json"
             rpath.write_text(json.dumps(self.dataset) if not isinstance(self.dataset, str)
@@ -239,6 +285,7 @@ class VerifyDatasetOperator(BaseOperator):
                 name=step_name(self.task_id),
                 inputs=(InputSpec(name=self.output_name, path=path, receipt=str(rpath)),),
                 isolation=IsolationSpec(mode="process"),
+                credentials=creds, storage=storage,
             )
             receipt = execute_step(context=context, spec=spec, body=lambda _env: None,
                                    conn_id=self.conn_id)
@@ -258,6 +305,8 @@ class SignAndPublishModelOperator(BaseOperator):
     :param signing: how to sign (:class:`~stepguard.spec.SigningSpec` or mapping): ``key``,
         ``transit`` (Vault Transit key) or ``sigstore``.
     :param registry: registry URL (default: the settings' registry).
+    :param credential: the JIT credential (an ``aws_*`` kind; ``name`` defaults to
+        ``storage``) that reads a model in object storage and writes an ``s3://`` registry.
     """
 
     template_fields: Sequence[str] = ("model", "name", "version", "registry")
@@ -267,9 +316,11 @@ class SignAndPublishModelOperator(BaseOperator):
 
     def __init__(self, *, model: Any, name: str, version: str,
                  signing: SigningSpec | Mapping[str, Any], output_name: str = "model",
-                 registry: str | None = None, conn_id: str | None = "stepguard_default",
-                 **kwargs: Any) -> None:
+                 registry: str | None = None,
+                 credential: CredentialRequest | Mapping[str, Any] | None = None,
+                 conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.credential = _credential_request(credential, "storage")
         self.model = model
         self.output_name = output_name
         self.name = name
@@ -288,6 +339,7 @@ class SignAndPublishModelOperator(BaseOperator):
         )
 
         rec = _receipt_output(self.model, self.output_name, f"{self.task_id}.model")
+        creds, storage = _storage(self.credential)
         spec = StepSpec(
             name=step_name(self.task_id),
             inputs=(InputSpec(name="trained", path=str(rec["path"]), manifest="unused"),),
@@ -295,6 +347,7 @@ class SignAndPublishModelOperator(BaseOperator):
                 name=str(self.name), version=str(self.version), registry=self.registry)),),
             isolation=IsolationSpec(mode="process"),
             signing=self.signing,
+            credentials=creds, storage=storage,
         )
 
         def body(step_env: Any) -> None:
@@ -317,14 +370,20 @@ class VerifyModelOperator(BaseOperator):
     :param policy: the name of a verification policy in stepguard settings (``policies:``);
         there is no default -- a gate without a policy is refused at parse time.
     :param output_name: the receipt's output holding the model (default ``model``).
+    :param credential: the JIT credential (an ``aws_*`` kind; ``name`` defaults to
+        ``storage``) that reads an ``s3://`` registry and writes an object-store ``destination``.
+    :param destination: where the verified model goes (templated): a directory under the task's
+        state dir (default: ``output_name``) or an object-store location.
     """
 
-    template_fields: Sequence[str] = ("model", "policy")
+    template_fields: Sequence[str] = ("model", "policy", "destination")
     template_fields_renderers: ClassVar[dict[str, str]] = {"model": "json"}
     ui_color = "#d6f5e3"
     _stepguard_secured = True
 
     def __init__(self, *, model: Any, policy: str, output_name: str = "model",
+                 credential: CredentialRequest | Mapping[str, Any] | None = None,
+                 destination: str | None = None,
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not policy:
@@ -335,6 +394,8 @@ class VerifyModelOperator(BaseOperator):
         self.model = model
         self.policy = policy
         self.output_name = output_name
+        self.credential = _credential_request(credential, "storage")
+        self.destination = destination
         self.conn_id = conn_id
 
     def execute(self, context: Context) -> Any:
@@ -351,22 +412,35 @@ class VerifyModelOperator(BaseOperator):
         policy_name = str(self.policy)
         used: dict[str, Any] = {}
 
+        from dataclasses import replace
+
+        # The body is this operator's own fetch, in this process: it needs the values.
+        creds, storage = _storage(replace(self.credential, delivery="env")
+                                  if self.credential else None)
+        cred = self.credential.name if self.credential else None
+        where = str(self.destination or self.output_name)
+
         def spec_for(settings: Settings) -> StepSpec:
             settings.policy(policy_name)  # an unknown policy fails before anything is fetched
             used["settings"] = settings
             return StepSpec(name=step_name(self.task_id),
-                            outputs=(OutputSpec(name=self.output_name, path=self.output_name),),
-                            isolation=IsolationSpec(mode="process"))
+                            outputs=(OutputSpec(name=self.output_name, path=where),),
+                            isolation=IsolationSpec(mode="process"),
+                            credentials=creds, storage=storage)
 
         expected = str(rec.get("digest") or "")
 
         def body(step_env: Any) -> None:
             from stepguard.errors import IntegrityError
             from stepguard.integrity import create_manifest
+            from stepguard.wiring import s3_client
 
             dest = step_env.outputs[self.output_name]
+            client = s3_client(step_env.credentials[cred]) \
+                if cred and registry.startswith("s3://") else None
             used["signer"] = _fetch_verified(used["settings"], registry=registry, name=name,
-                                             version=version, policy_name=policy_name, dest=dest)
+                                             version=version, policy_name=policy_name, dest=dest,
+                                             s3=client)
             # Validly signed is not enough: it must be the model the publishing step hashed.
             got = create_manifest(dest).digest
             if got != expected:
@@ -387,13 +461,13 @@ class VerifyModelOperator(BaseOperator):
 
 
 def _fetch_verified(settings: Settings, *, registry: str, name: str, version: str,
-                    policy_name: str, dest: Path) -> str:
+                    policy_name: str, dest: Path, s3: Any = None) -> str:
     """Fetch ``name:version`` into ``dest``, verified under the named settings policy; return
     the verified signer."""
     from stepguard.wiring import fetch_verified_model
 
     fetched = fetch_verified_model(settings, name, version, policy=policy_name,
-                                   dest=dest / ".staged", registry=registry)
+                                   dest=dest / ".staged", registry=registry, s3_client=s3)
     staged = fetched.path
     # Only verified bytes appear under the output name.
     for item in list(staged.iterdir()):

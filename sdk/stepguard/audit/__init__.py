@@ -59,6 +59,13 @@ from stepguard.audit._redact import (
     register_secret,
     set_hash_key,
 )
+from stepguard.audit._segments import (
+    SegmentReport,
+    SegmentsReport,
+    segment_name,
+    verify_segment,
+    verify_segments,
+)
 from stepguard.audit._show import show, timeline
 from stepguard.audit._signals import flush_all, install_signal_flush, uninstall_signal_flush
 
@@ -104,6 +111,8 @@ __all__ = [
     "FsyncPolicy",
     "JsonlSpanExporter",
     "RedactingSpanExporter",
+    "SegmentReport",
+    "SegmentsReport",
     "TaskSpan",
     "artifact_attributes",
     "attach_env",
@@ -124,8 +133,11 @@ __all__ = [
     "pipeline_attributes",
     "read_head",
     "redact",
+    "segment_name",
     "register_secret",
     "set_hash_key",
+    "verify_segment",
+    "verify_segments",
     "setup_tracing",
     "show",
     "stepguard_attributes",

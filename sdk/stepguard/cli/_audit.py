@@ -33,9 +33,55 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _verify_segments(args: argparse.Namespace) -> int:
+    """Verify the audit segments under an ``s3://`` URI or prefix (the caller's own AWS
+    credentials; ``AWS_ENDPOINT_URL`` for an S3-compatible store), anchored by the receipts
+    stored beside them."""
+    from stepguard.audit import ChainHead, verify_segments
+    from stepguard.errors import OperationalError
+    from stepguard.receipt import Receipt
+    from stepguard.wiring import s3_client
+
+    bucket, _, prefix = str(args.path)[len("s3://"):].partition("/")
+    s3 = s3_client()
+    segments: list[tuple[str, bytes]] = []
+    anchors: dict[str, ChainHead] = {}
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", ()):
+                key = obj["Key"]
+                if "audit/" in key and key.endswith(".jsonl"):
+                    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+                    segments.append((f"s3://{bucket}/{key}", body))
+                elif key.endswith("receipt.json"):
+                    r = Receipt.from_json(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+                    if r.audit_segment and r.audit_head:
+                        seq, digest = r.audit_head.split(":", 1)
+                        anchors[r.audit_segment] = ChainHead(int(seq), digest, 0)
+    except Exception as exc:
+        if not hasattr(exc, "response"):
+            raise
+        code = exc.response.get("Error", {}).get("Code", "ClientError")
+        raise OperationalError(f"cannot read the audit segments ({code})",
+                               subject=str(args.path)) from None
+    report = verify_segments(segments, anchors)
+    if args.json:
+        print(json.dumps({"ok": True, "path": args.path, "segments": len(report.segments),
+                          "records": report.records, "logs": report.logs,
+                          "joined": report.joined, "anchored": len(anchors)},
+                         indent=2, sort_keys=True))
+    else:
+        print(f"stepguard: audit segments OK: {len(report.segments)} segment(s) of "
+              f"{report.logs} log(s), {report.records} records, {report.joined} joined to the "
+              f"one before, {len(anchors)} anchored by their receipt")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from stepguard.audit import ChainHead, verify_chain
 
+    if args.path and str(args.path).startswith("s3://"):
+        return _verify_segments(args)
     path = _existing(_log_path(args))
     anchor = None
     if args.anchor:
@@ -81,7 +127,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     asub.required = True
 
     v = asub.add_parser("verify", help="verify the hash chain (exit 5 and the line if broken)")
-    v.add_argument("path", nargs="?", help="audit log (default: from the settings)")
+    v.add_argument("path", nargs="?", help="audit log (default: from the settings), or an "
+                   "s3:// URI or prefix holding the audit segments steps stored there")
     v.add_argument("--settings", help="settings file")
     v.add_argument("--anchor", help="SEQ:sha256:DIGEST of a record kept elsewhere (a receipt)")
     v.add_argument("--require-head", action="store_true",

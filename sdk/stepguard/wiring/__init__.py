@@ -19,6 +19,8 @@ controls and base modules, and nothing imports it from below.
 ``verify_input_signature(...)``        require an input's manifest signature under its policy
 ``fetch_verified(settings, ...)``      the deployment gate: fetch a model verified by policy
 ``StepAudit(settings, provider)``      the lifecycle's spans and verdicts
+``sign_receipt``/``check_receipt``     receipts signed by the producer, verified by consumers
+``s3_client(credential)``               an S3 client from one just-in-time AWS credential
 =====================================  =========================================================
 
 >>> from stepguard.settings import Settings
@@ -32,6 +34,7 @@ controls and base modules, and nothing imports it from below.
 from __future__ import annotations
 
 from stepguard.wiring._audit import StepAudit
+from stepguard.wiring._receipts import RECEIPT_PAYLOAD_TYPE, check_receipt, sign_receipt
 from stepguard.wiring._signing import (
     build_policy,
     fetch_verified,
@@ -40,6 +43,7 @@ from stepguard.wiring._signing import (
     publish_output,
     verify_input_signature,
 )
+from stepguard.wiring._storage import s3_client
 from stepguard.wiring._vault import (
     probe_vault,
     unauthenticated_config,
@@ -48,13 +52,17 @@ from stepguard.wiring._vault import (
 )
 
 __all__ = [
+    "RECEIPT_PAYLOAD_TYPE",
     "StepAudit",
     "build_policy",
+    "check_receipt",
     "fetch_verified",
     "fetch_verified_model",
     "policy_from_settings",
     "probe_vault",
     "publish_output",
+    "s3_client",
+    "sign_receipt",
     "unauthenticated_config",
     "vault_client",
     "vault_config",

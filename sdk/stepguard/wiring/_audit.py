@@ -101,6 +101,33 @@ class StepAudit:
         head = read_head(self.settings.audit_path.absolute())
         return f"{head.seq}:{head.digest}" if head is not None else None
 
+    def position(self) -> Any:
+        """The local log's :class:`~stepguard.audit.ChainHead` now (None: no local log)."""
+        if not self.enabled or self.settings.audit.exporter not in ("jsonl", "both"):
+            return None
+        from stepguard.audit import read_head
+
+        return read_head(self.settings.audit_path.absolute())
+
+    def segment(self, before: Any) -> tuple[str, bytes] | None:
+        """``(name, bytes)``: the records the local log gained since ``before`` (a
+        :meth:`position`), byte for byte, named as :func:`stepguard.audit.segment_name` says."""
+        after = self.position()
+        if after is None or (before is not None and after.seq <= before.seq):
+            return None
+        import json
+
+        from stepguard.audit import segment_name
+
+        start = before.size if before is not None else 0
+        with open(self.settings.audit_path.absolute(), "rb") as fh:
+            genesis = json.loads(fh.readline() or b"{}")
+            fh.seek(start)
+            data = fh.read(after.size - start)
+        log_id = str(genesis.get("log_id") or "log")
+        first = before.seq + 1 if before is not None else 0
+        return segment_name(log_id, first, after.seq), data
+
     def flush(self) -> None:
         """Push every finished span out before the process may end."""
         if self.enabled and self._provider is not None:

@@ -99,7 +99,8 @@ def publish_output(out: OutputSpec, path: Path, manifest: Any, *, spec: StepSpec
                    session: CredentialSession | None = None) -> PublishRecord:
     """Sign and publish one output from ``path`` (the directory the step hashed: the spec's
     path with its placeholders expanded); the signature bundle is uploaded last. Transit signs
-    with the step token of an open ``session`` (no second login)."""
+    with the step token of an open ``session`` (no second login). An ``s3://`` registry is
+    reached with the step's storage credential (``spec.storage.credential``) when it has one."""
     from stepguard.registry import open_registry
     from stepguard.signing import signer_from_spec
 
@@ -119,25 +120,40 @@ def publish_output(out: OutputSpec, path: Path, manifest: Any, *, spec: StepSpec
         if spec.signing.signer == "transit":
             client = stack.enter_context(vault_client(settings, session=session)).hvac()
         signer = signer_from_spec(spec.signing, vault_client=client)
-        rec = open_registry(url).publish(path, pub.name, pub.version, signer=signer,
-                                         provenance=provenance, manifest=manifest,
-                                         allow_pickle=pub.allow_pickle)
+        registry = open_registry(url, s3_client=_storage_client(url, spec, session))
+        rec = registry.publish(path, pub.name, pub.version, signer=signer,
+                               provenance=provenance, manifest=manifest,
+                               allow_pickle=pub.allow_pickle)
     return PublishRecord(registry=url, name=rec.name, version=rec.version, uri=rec.uri,
                          bundle_uri=rec.bundle_uri, bundle_digest=rec.bundle_digest,
                          signer=rec.signer, provenance_uri=rec.provenance_uri)
 
 
+def _storage_client(url: str, spec: StepSpec, session: Any) -> Any:
+    """The S3 client of the step's storage credential, for an ``s3://`` registry."""
+    name = spec.storage.credential if spec.storage is not None else None
+    if not url.startswith("s3://") or name is None or session is None:
+        return None
+    from stepguard.wiring._storage import s3_client
+
+    assert spec.storage is not None
+    return s3_client(session.values[name], endpoint_url=spec.storage.endpoint_url)
+
+
 def fetch_verified(settings: Settings, name: str, version: str, *, policy: str,
-                   dest: str | Path, registry: str | None = None) -> Path:
+                   dest: str | Path, registry: str | None = None,
+                   s3_client: Any = None) -> Path:
     """Fetch ``name``/``version`` into ``dest``, verified under the settings policy ``policy``
-    (the deployment gate). ``registry`` defaults to ``settings.registry.url``. Nothing appears at
-    ``dest`` unless every check passed."""
+    (the deployment gate). ``registry`` defaults to ``settings.registry.url``; ``s3_client``
+    (see :func:`stepguard.wiring.s3_client`) reaches an ``s3://`` registry with a just-in-time
+    credential. Nothing appears at ``dest`` unless every check passed."""
     return fetch_verified_model(settings, name, version, policy=policy, dest=dest,
-                                registry=registry).path
+                                registry=registry, s3_client=s3_client).path
 
 
 def fetch_verified_model(settings: Settings, name: str, version: str, *, policy: str,
-                         dest: str | Path, registry: str | None = None) -> FetchedModel:
+                         dest: str | Path, registry: str | None = None,
+                         s3_client: Any = None) -> FetchedModel:
     """:func:`fetch_verified`, returning also who signed the version (as verified)."""
     from stepguard.registry import open_registry
 
@@ -146,4 +162,5 @@ def fetch_verified_model(settings: Settings, name: str, version: str, *, policy:
         raise ConfigurationError("no registry given and none in settings",
                                  subject="registry.url")
     with policy_from_settings(settings, policy) as verified_by:
-        return open_registry(url).fetch_model(name, version, policy=verified_by, dest=dest)
+        return open_registry(url, s3_client=s3_client).fetch_model(name, version,
+                                                                   policy=verified_by, dest=dest)
