@@ -482,15 +482,33 @@ def _decoded(value: Any) -> Any:
 
 
 def example_env(root: Path, info: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """(env, worker_env) for the example DAG: settings, and the workers' AppRole login."""
+    """(env, worker_env) for the example DAG in cluster shape: nothing shared but Vault, the
+    object store and the metadata DB. Data, models, receipts and audit segments go to the dev
+    stack's S3 endpoint under a prefix of its own, with a just-in-time web-identity credential
+    per task (no AWS keys anywhere); receipts are signed with Transit and every consumer
+    verifies them; the registry is in the object store; workers log in with AppRole."""
+    import uuid
+
     pg = info.postgres
+    store = f"s3://stepguard-data/cluster-{uuid.uuid4().hex[:8]}"
     cfg = root / "stepguard.yaml"
     cfg.write_text(
         f'vault: {{addr: "{info.vault_addr}", auth: approle}}\n'
-        f'registry: {{url: "file://{root / "registry"}"}}\n'
+        f'registry: {{url: "{store}/registry"}}\n'
+        "receipts: {signer: transit, key: stepguard-signing, policy: steps}\n"
         "audit: {exporter: jsonl}\n"
-        "policies:\n  release: {kind: transit, key: stepguard-signing, min_version: 1}\n")
-    env = {"STEPGUARD_CONFIG": str(cfg), "STEPGUARD_SERVING_DIR": str(root / "serving")}
+        "policies:\n"
+        "  release: {kind: transit, key: stepguard-signing, min_version: 1}\n"
+        "  steps: {kind: transit, key: stepguard-signing, min_version: 1}\n")
+    env = {
+        "STEPGUARD_CONFIG": str(cfg), "STEPGUARD_SERVING_DIR": str(root / "serving"),
+        # Read when the DAG is parsed: every task's data goes through the object store.
+        "STEPGUARD_EXAMPLE_STORE": store,
+        "STEPGUARD_WEB_IDENTITY_ROLE_ARN": info.web_identity_role_arn,
+        "AWS_ENDPOINT_URL": info.moto_endpoint, "AWS_REGION": info.aws_region,
+        # No static keys: nothing to fall back on if a task had no credential of its own.
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+    }
     worker_env = {
         "AIRFLOW_CONN_CHURN_DB": f"postgresql://{pg.host}:{pg.port}/{pg.database}",
         # Workers log in with AppRole, as deployed workers do; no root token anywhere.
@@ -499,4 +517,3 @@ def example_env(root: Path, info: Any) -> tuple[dict[str, str], dict[str, str]]:
         "VAULT_SECRET_ID_FILE": str(info.approle_secret_id_file),
     }
     return env, worker_env
-
