@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from stepguard._private.schema import from_mapping, load_yaml, to_plain
 from stepguard.errors import ConfigurationError
+from stepguard.floor import Floor
 
 __all__ = [
     "AuditSettings",
@@ -121,13 +122,18 @@ class PolicySettings:
 
 @dataclass(frozen=True)
 class Settings:
-    """All stepguard settings. ``state_dir`` holds receipts, manifests and the audit log."""
+    """All stepguard settings. ``state_dir`` holds receipts, manifests and the audit log.
+
+    ``floor`` is the organisation's policy floor (:class:`~stepguard.floor.Floor`): the step
+    runner refuses any step that breaches it, whatever its spec or DAG file says.
+    """
 
     vault: VaultSettings = field(default_factory=VaultSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     policies: Mapping[str, PolicySettings] = field(default_factory=dict)
     state_dir: str = ".stepguard"
+    floor: Floor | None = None
 
     def policy(self, name: str) -> PolicySettings:
         """The verification policy called ``name`` (ConfigurationError naming it if absent)."""

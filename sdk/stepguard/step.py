@@ -269,6 +269,9 @@ class _Run:
     # -- the stages -----------------------------------------------------------------------
 
     def _lifecycle(self, command: Sequence[str] | None, body: Body | None, run_dir: Path) -> None:
+        from stepguard.wiring import enforce_floor  # the platform's floor, before anything runs
+
+        enforce_floor(self.spec, self.settings)
         out_paths = self._prepare_outputs()
         with self._credentials() as session, self.pins:
             verified = self._verify_inputs(session)

@@ -19,6 +19,7 @@ controls and base modules, and nothing imports it from below.
 ``verify_input_signature(...)``        require an input's manifest signature under its policy
 ``fetch_verified(settings, ...)``      the deployment gate: fetch a model verified by policy
 ``StepAudit(settings, provider)``      the lifecycle's spans and verdicts
+``enforce_floor(spec, settings)``      refuse a step that breaches the settings' policy floor
 =====================================  =========================================================
 
 >>> from stepguard.settings import Settings
@@ -32,6 +33,7 @@ controls and base modules, and nothing imports it from below.
 from __future__ import annotations
 
 from stepguard.wiring._audit import StepAudit
+from stepguard.wiring._floor import enforce_floor
 from stepguard.wiring._signing import (
     build_policy,
     fetch_verified,
@@ -50,6 +52,7 @@ from stepguard.wiring._vault import (
 __all__ = [
     "StepAudit",
     "build_policy",
+    "enforce_floor",
     "fetch_verified",
     "fetch_verified_model",
     "policy_from_settings",
