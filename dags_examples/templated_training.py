@@ -1,6 +1,6 @@
 """The secured training pipeline as a template, instantiated for two models.
 
-The platform team defines ``TRAINING`` once: the training step isolated in the bubblewrap
+The platform team defines ``TRAINING`` once (``templates/training.yaml``): the training step isolated in the bubblewrap
 sandbox with no network, a 15-minute deadline, models signed with the Vault Transit key and
 verified by the gate under the ``release`` policy, and the organisation's floor, which no
 instance may weaken. ML engineers add a model by adding an instance: a name, a dataset, its own
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from stepguard.template import PipelineTemplate
 from stepguard.testing.examples import TRAIN_SCRIPT
@@ -41,25 +42,11 @@ metrics["tracking_token_sha256"] = hashlib.sha256(token.encode()).hexdigest() if
 (out / "metrics.json").write_text(json.dumps(metrics))
 """
 
-#: What the platform team publishes (the same as a YAML file: PipelineTemplate.from_file).
-TRAINING = PipelineTemplate.from_dict({
-    "name": "training",
-    "description": __doc__,
-    "train": {
-        "isolation": {"mode": "sandbox", "network": "none"},
-        "deadline_s": 900,
-    },
-    "train_command": [sys.executable, "-c", TRAIN_CODE],
-    "signing": {"signer": "transit", "key": "stepguard-signing"},
-    "signature_policy": "release",
-    "floor": {
-        "isolated_steps": ["train"],
-        "no_egress_steps": ["train"],
-        "signature_policy": "release",
-        "max_credential_ttl_s": 3600,
-        "inputs_verified": True,
-    },
-})
+#: What the platform team publishes: templates/training.yaml next to this file, or the
+#: deployed copy named by ``$STEPGUARD_TRAINING_TEMPLATE``.
+TRAINING = PipelineTemplate.from_file(
+    os.environ.get("STEPGUARD_TRAINING_TEMPLATE")
+    or Path(__file__).with_name("templates") / "training.yaml")
 
 _LAKE = os.environ.get("STEPGUARD_DATA_LAKE", "lake")
 
@@ -67,6 +54,7 @@ _LAKE = os.environ.get("STEPGUARD_DATA_LAKE", "lake")
 MODELS = TRAINING.instantiate_all([
     {"name": f"churn_{region}", "model_name": f"churn-{region}",
      "dataset": f"{_LAKE}/churn-{region}",
+     "train_command": [sys.executable, "-c", TRAIN_CODE],
      "credentials": [{"name": "tracking", "kind": "kv",
                       "path": f"stepguard/tracking/churn-{region}"}],
      "params": {"region": region}}

@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.airflow, pytest.mark.services, pytest.mark.sandbox, py
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "dags_examples" / "templated_training.py"
+TEMPLATE = REPO / "dags_examples" / "templates" / "training.yaml"
 STAGES = ["ingest", "verify_dataset", "train", "sign_and_publish", "gate"]
 FLOOR = {"isolated_steps": ["train"], "no_egress_steps": ["train"],
          "signature_policy": "release", "max_credential_ttl_s": 3600, "inputs_verified": True}
@@ -55,6 +56,8 @@ def template_env(airflow_run, stepguard_env, dev_stack, monkeypatch):
     }))
     monkeypatch.setenv("STEPGUARD_CONFIG", str(cfg))
     monkeypatch.setenv("STEPGUARD_DATA_LAKE", str(root / "lake"))
+    # the DAG files are copied into the dags folder; the template stays where it is deployed
+    monkeypatch.setenv("STEPGUARD_TRAINING_TEMPLATE", str(TEMPLATE))
     monkeypatch.setenv("VAULT_ADDR", dev_stack.vault_addr)
     monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
     monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
