@@ -1,11 +1,12 @@
 """The secured training pipeline as a template, instantiated for two models.
 
-The platform team defines ``TRAINING`` once (``templates/training.yaml``): the training step isolated in the bubblewrap
-sandbox with no network, a 15-minute deadline, models signed with the Vault Transit key and
-verified by the gate under the ``release`` policy, and the organisation's floor, which no
-instance may weaken. ML engineers add a model by adding an instance: a name, a dataset, its own
-experiment-tracker credential. Every instance gets ``ingest -> verify_dataset -> train ->
-sign_and_publish -> gate`` with its own credentials, receipts, outputs and registry entry.
+The platform team defines ``TRAINING`` once, in ``templates/training.yaml``: the training step
+isolated in the bubblewrap sandbox with no network, a 15-minute deadline, models signed with the
+Vault Transit key and verified by the gate under the ``release`` policy, and the organisation's
+floor, which no instance may weaken. ML engineers add a model by adding an instance: a name,
+a dataset, its own experiment-tracker credential. Every instance gets ``ingest ->
+verify_dataset -> train -> sign_and_publish -> gate`` with its own credentials, receipts,
+outputs and registry entry.
 
 Two renderings of the same instances:
 
