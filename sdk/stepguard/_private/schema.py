@@ -7,6 +7,7 @@ dotted path of the offending setting, so a misspelled key never silently does no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +21,13 @@ T = TypeVar("T")
 _NONE = type(None)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a dataclass, once per class (resolving string annotations
+    is the costly part of building many small specs, e.g. template instances at DAG parse)."""
+    return get_type_hints(cls)
+
+
 def from_mapping(cls: type[T], data: object, where: str) -> T:
     """Build dataclass ``cls`` from ``data``; ``where`` names the location for errors."""
     if not isinstance(data, Mapping):
@@ -28,7 +36,7 @@ def from_mapping(cls: type[T], data: object, where: str) -> T:
         )
     fields = {f.name: f for f in dataclasses.fields(cls)  # type: ignore[arg-type]
               if f.init}
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         known = ", ".join(sorted(fields))
