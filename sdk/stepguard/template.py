@@ -274,8 +274,16 @@ class PipelineInstance:
     def check(self, *, ttl_margin_s: float = DEFAULT_TTL_MARGIN_S) -> None:
         """Raise :class:`~stepguard.errors.PolicyViolation` when this instance weakens the
         template's floor (the TTL rule with ``ttl_margin_s``, the settings' default)."""
-        raise_violations(_check(self.template.floor, self.train_spec(), self.signature_policy,
-                                where=f"{self.instance.name}.", ttl_margin_s=ttl_margin_s))
+        where = f"{self.instance.name}."
+        found = _check(self.template.floor, self.train_spec(), self.signature_policy,
+                       where=where, ttl_margin_s=ttl_margin_s)
+        if self.instance.dataset_credential is not None:
+            # The ingest step holds the dataset credential for its default deadline.
+            ingest = StepSpec(name="ingest", credentials=(self.instance.dataset_credential,),
+                              isolation=IsolationSpec(mode="process"))
+            found += self.template.floor.violations(ingest, ttl_margin_s=ttl_margin_s,
+                                                    where=where)
+        raise_violations(found)
 
 
 def _check(floor: Floor, train: StepSpec, policy: str, *, where: str,

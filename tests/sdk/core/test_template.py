@@ -70,6 +70,9 @@ def test_instances_are_typed_and_carry_their_own_settings(template) -> None:
     ({"signature_policy": "dev"}, "signed", "fraud.gate.signature_policy"),
     ({"deadline_s": 7200, "credentials": [{"name": "db", "kind": "database", "role": "r"}]},
      "credential-ttl", "fraud.train.deadline_s"),
+    # the ingest step holds an S3 source's credential for its default deadline (3600 s + margin)
+    ({"dataset_credential": {"name": "lake", "kind": "aws_sts", "role": "reader"}},
+     "credential-ttl", "fraud.ingest.deadline_s"),
 ])
 def test_a_weakening_instance_fails_with_the_rule_named(template, override, rule, field) -> None:
     with pytest.raises(PolicyViolation) as caught:
