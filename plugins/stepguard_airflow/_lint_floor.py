@@ -34,16 +34,7 @@ _STEP_OPERATORS = ("SecureStepOperator",)
 def load_floor(path: str | Path) -> Floor:
     """The floor in a YAML file: a floor mapping, or any file with a ``floor:`` section (a
     pipeline template, stepguard settings)."""
-    from stepguard._private.schema import load_yaml
-    from stepguard.errors import ConfigurationError
-
-    data = load_yaml(Path(path), "floor")
-    if isinstance(data, Mapping) and isinstance(data.get("floor"), Mapping):
-        data = data["floor"]
-    if not isinstance(data, Mapping):
-        raise ConfigurationError("expected a floor mapping or a 'floor:' section",
-                                 subject=str(path))
-    return Floor.from_dict(data)
+    return Floor.from_file(path)
 
 
 def _literal(node: ast.AST | None) -> Any:

@@ -46,9 +46,10 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from stepguard._private.schema import from_mapping, to_plain
+from stepguard._private.schema import from_mapping, load_yaml, to_plain
 from stepguard.errors import ConfigurationError, PolicyViolation
 from stepguard.spec import StepSpec
 
@@ -127,6 +128,25 @@ class Floor:
     def from_dict(cls, data: Mapping[str, Any]) -> Floor:
         """A floor from plain data, refusing unknown keys and wrong types."""
         return from_mapping(cls, data, "floor")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Floor:
+        """The floor in a YAML/JSON file: a floor mapping, or the ``floor:`` section of any file
+        that has one (a pipeline template, stepguard settings).
+
+        >>> import pathlib, tempfile
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "settings.yaml"
+        >>> _ = f.write_text("floor: {isolated_steps: [train]}")
+        >>> Floor.from_file(f).isolated_steps
+        ('train',)
+        """
+        data = load_yaml(Path(path), "floor")
+        if isinstance(data, Mapping) and isinstance(data.get("floor"), Mapping):
+            data = data["floor"]
+        if not isinstance(data, Mapping):
+            raise ConfigurationError("expected a floor mapping or a 'floor:' section",
+                                     subject=str(path))
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (round-trips through :meth:`from_dict`)."""

@@ -7,7 +7,6 @@ dotted path of the offending setting, so a misspelled key never silently does no
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -21,11 +20,16 @@ T = TypeVar("T")
 _NONE = type(None)
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
     """The resolved field types of a dataclass, once per class (resolving string annotations
     is the costly part of building many small specs, e.g. template instances at DAG parse)."""
-    return get_type_hints(cls)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = get_type_hints(cls)
+    return hints
 
 
 def from_mapping(cls: type[T], data: object, where: str) -> T:
