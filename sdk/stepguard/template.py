@@ -48,7 +48,7 @@ from typing import Any
 
 from stepguard._private.schema import convert, from_mapping, load_yaml, to_plain
 from stepguard.errors import ConfigurationError
-from stepguard.floor import DEFAULT_TTL_MARGIN_S, Floor, raise_violations
+from stepguard.floor import DEFAULT_TTL_MARGIN_S, Floor, FloorViolation, raise_violations
 from stepguard.spec import CredentialRequest, IsolationSpec, SigningSpec, StepSpec
 
 __all__ = ["STAGES", "Instance", "PipelineInstance", "PipelineTemplate"]
@@ -287,7 +287,7 @@ class PipelineInstance:
 
 
 def _check(floor: Floor, train: StepSpec, policy: str, *, where: str,
-           ttl_margin_s: float = DEFAULT_TTL_MARGIN_S) -> list[Any]:
+           ttl_margin_s: float = DEFAULT_TTL_MARGIN_S) -> list[FloorViolation]:
     found = floor.violations(train, ttl_margin_s=ttl_margin_s, where=where)
     found += floor.gate_violations(policy, f"{where}gate.signature_policy")
     return found
