@@ -175,3 +175,39 @@ def test_weakened_task_is_refused_by_the_step_runner(airflow_run, template_env, 
     failed = airflow_run.xcom_of(dr, "train", "stepguard_failed_receipt")
     assert failed["error"]["type"] == "PolicyViolation"
     assert failed["credentials"] == []  # refused before any credential was minted
+
+
+MAPPED_WITH_FETCH = '''
+import shutil, sys
+from pathlib import Path
+from stepguard.template import PipelineTemplate
+from stepguard_airflow.template import build_mapped_dag
+
+def fetch(step_env, dest, instance):
+    # the instance arrives as an argument: no get_current_context(), no ti.map_index
+    Path(SEEN, instance.name).write_text(instance.dataset)
+    shutil.copytree(instance.dataset, dest, dirs_exist_ok=True)
+
+TRAIN = "import os, pathlib; (pathlib.Path(os.environ['STEPGUARD_OUTPUT_MODEL']) / 'w').write_text('1')"
+MODELS = PipelineTemplate.from_file(TEMPLATE).instantiate_all(
+    {"name": f"m_{r}", "model_name": f"fetched-{r}", "dataset": f"{LAKE}/churn-{r}",
+     "train_command": [sys.executable, "-c", TRAIN]} for r in ("us", "eu"))
+dag = build_mapped_dag(MODELS, "{dag_id}", fetch=fetch)
+'''
+
+
+def test_a_fetch_function_receives_its_instance(airflow_run, template_env, capfd):
+    seen = template_env / "seen"
+    seen.mkdir()
+    source = (f"SEEN = {str(seen)!r}\nTEMPLATE = {str(TEMPLATE)!r}\n"
+              f"LAKE = {str(template_env / 'lake')!r}\n") + MAPPED_WITH_FETCH
+    dag, _ = airflow_run.write(source)
+    dr = dag.test()
+    assert set(airflow_run.states(dr).values()) == {"success"}, capfd.readouterr().out[-4000:]
+    assert {p.name: p.read_text() for p in seen.iterdir()} == {
+        "m_us": str(template_env / "lake" / "churn-us"),
+        "m_eu": str(template_env / "lake" / "churn-eu")}
+    ingest, publish = _xcoms(dr, "ingest"), _xcoms(dr, "sign_and_publish")
+    assert ingest[0]["outputs"][0]["digest"] != ingest[1]["outputs"][0]["digest"]
+    assert [publish[i]["outputs"][0]["published"]["name"] for i in (0, 1)] == \
+        ["fetched-us", "fetched-eu"]
