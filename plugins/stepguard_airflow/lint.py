@@ -7,6 +7,8 @@ Static (AST) checks, no DAG is imported or run:
 * ``SG003`` a container image not pinned by digest (``@sha256:``);
 * ``SG004`` a literal secret: a password/token/key-named value, a connection URI with a
   password, or a string shaped like a known credential (AWS key id, Vault token, private key...);
+* ``SG020`` (with ``--floor FILE``) a breach of the organisation's policy floor: a template
+  instance or a stepguard task that weakens it (see :mod:`stepguard_airflow._lint_floor`);
 * ``SG000`` a file that does not parse.
 
 Every finding names the file and line. A secret's value is never printed. A deliberate
@@ -33,8 +35,12 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stepguard.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from stepguard.floor import Floor
 
 __all__ = ["Finding", "lint_paths", "lint_source", "register"]
 
@@ -231,8 +237,9 @@ class _Visitor(ast.NodeVisitor):
                     break
 
 
-def lint_source(source: str, path: str = "<string>") -> list[Finding]:
-    """Findings for one file's source text.
+def lint_source(source: str, path: str = "<string>", floor: Floor | None = None
+                ) -> list[Finding]:
+    """Findings for one file's source text (``floor``: also check it against that floor).
 
     >>> finding, = lint_source("password = 'hunter2'\\n", "d.py")
     >>> str(finding).split(" (")[0]
@@ -247,6 +254,8 @@ def lint_source(source: str, path: str = "<string>") -> list[Finding]:
                         "file does not parse as Python")]
     visitor = _Visitor(path)
     visitor.visit(tree)
+    if floor is not None:
+        _floor_rule(visitor, tree, floor)
     ignored = _suppressions(source)
     # One finding per (line, rule): a secret both named and shaped is reported once.
     seen: set[tuple[int, int, str]] = set()
@@ -260,6 +269,14 @@ def lint_source(source: str, path: str = "<string>") -> list[Finding]:
             seen.add(key)
             out.append(f)
     return out
+
+
+def _floor_rule(visitor: _Visitor, tree: ast.AST, floor: Floor) -> None:
+    """SG020: the DAG file against the organisation's policy floor."""
+    from stepguard_airflow._lint_floor import RULE, floor_findings
+
+    for line, col, message in floor_findings(tree, floor):
+        visitor.findings.append(Finding(visitor.path, line, col, RULE, message))
 
 
 _IGNORE = re.compile(r"#\s*stepguard:\s*ignore(?:\[(?P<rules>[A-Z0-9, ]+)\])?")
@@ -288,8 +305,9 @@ def _files(paths: Iterable[Path]) -> Iterator[Path]:
             raise ConfigurationError("no such file or directory", subject=str(p))
 
 
-def lint_paths(paths: Sequence[Path]) -> list[Finding]:
-    """Findings for every ``*.py`` file under ``paths`` (directories are walked)."""
+def lint_paths(paths: Sequence[Path], floor: Floor | None = None) -> list[Finding]:
+    """Findings for every ``*.py`` file under ``paths`` (directories are walked); ``floor``
+    adds the SG020 check against that policy floor."""
     findings: list[Finding] = []
     for f in _files(paths):
         try:
@@ -298,12 +316,17 @@ def lint_paths(paths: Sequence[Path]) -> list[Finding]:
             findings.append(Finding(str(f), 0, 0, "SG000",
                                     f"cannot read file ({type(exc).__name__})"))
             continue
-        findings.extend(lint_source(source, str(f)))
+        findings.extend(lint_source(source, str(f), floor))
     return findings
 
 
 def _handle(args: argparse.Namespace) -> int:
-    findings = lint_paths([Path(p) for p in args.paths])
+    floor = None
+    if args.floor:
+        from stepguard_airflow._lint_floor import load_floor
+
+        floor = load_floor(args.floor)
+    findings = lint_paths([Path(p) for p in args.paths], floor)
     if args.select:
         wanted = {s.strip() for s in args.select.split(",")}
         findings = [f for f in findings if f.rule in wanted]
@@ -325,4 +348,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--select", help="only these rules, comma-separated (e.g. SG003,SG004)")
     p.add_argument("--warn-only", action="store_true", help="report, but exit 0")
+    p.add_argument("--floor", metavar="FILE",
+                   help="also check against this policy floor (SG020): a floor YAML, or a "
+                        "template or settings file with a 'floor:' section")
     p.set_defaults(func=_handle)

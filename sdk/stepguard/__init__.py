@@ -38,21 +38,27 @@ _LAZY = {
     "run_step": "stepguard.step",
     "Receipt": "stepguard.receipt",
     "Settings": "stepguard.settings",
+    "Floor": "stepguard.floor",
+    "PipelineTemplate": "stepguard.template",
 }
 
 if TYPE_CHECKING:
+    from stepguard.floor import Floor
     from stepguard.receipt import Receipt
     from stepguard.settings import Settings
     from stepguard.step import Step, StepSpec, run_step
+    from stepguard.template import PipelineTemplate
 
 __all__ = [
     "ConfigurationError",
     "CredentialDenied",
     "CredentialError",
+    "Floor",
     "IntegrityError",
     "IsolationError",
     "ManifestError",
     "OperationalError",
+    "PipelineTemplate",
     "PolicyViolation",
     "Receipt",
     "Settings",

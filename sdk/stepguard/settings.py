@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from stepguard._private.schema import from_mapping, load_yaml, to_plain
 from stepguard.errors import ConfigurationError
+from stepguard.floor import Floor
 
 __all__ = [
     "AuditSettings",
@@ -141,7 +142,11 @@ class ReceiptSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    """All stepguard settings. ``state_dir`` holds receipts, manifests and the audit log."""
+    """All stepguard settings. ``state_dir`` holds receipts, manifests and the audit log.
+
+    ``floor`` is the organisation's policy floor (:class:`~stepguard.floor.Floor`): the step
+    runner refuses any step that breaches it, whatever its spec or DAG file says.
+    """
 
     vault: VaultSettings = field(default_factory=VaultSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
@@ -149,6 +154,7 @@ class Settings:
     policies: Mapping[str, PolicySettings] = field(default_factory=dict)
     state_dir: str = ".stepguard"
     receipts: ReceiptSettings = field(default_factory=ReceiptSettings)
+    floor: Floor | None = None
 
     def policy(self, name: str) -> PolicySettings:
         """The verification policy called ``name`` (ConfigurationError naming it if absent)."""

@@ -46,6 +46,7 @@ __all__ = [
     "SigningSpec",
     "StepSpec",
     "StorageSpec",
+    "env_name",
     "load_spec_data",
 ]
 
@@ -53,6 +54,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 IsolationMode = Literal["process", "sandbox", "pod"]
 CredentialKind = Literal["database", "aws_iam", "aws_sts", "aws_web_identity", "kv", "dynamic"]
+
+
+def env_name(kind: str, name: str) -> str:
+    """Environment variable carrying an input/output path to a command body.
+
+    >>> env_name("input", "train-data.v1")
+    'STEPGUARD_INPUT_TRAIN_DATA_V1'
+    """
+    return f"STEPGUARD_{kind.upper()}_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
 def _check_name(kind: str, name: str) -> None:

@@ -58,7 +58,7 @@ from stepguard.receipt import (
     Receipt,
 )
 from stepguard.settings import Settings
-from stepguard.spec import InputSpec, OutputSpec, RunContext, StepSpec
+from stepguard.spec import InputSpec, OutputSpec, RunContext, StepSpec, env_name
 
 if TYPE_CHECKING:
     from stepguard.wiring import StepAudit
@@ -79,15 +79,6 @@ class StepEnv:
     outputs: Mapping[str, Path]
     credentials: Mapping[str, Any] = field(repr=False)
     context: RunContext
-
-
-def env_name(kind: str, name: str) -> str:
-    """Environment variable carrying an input/output path to a command body.
-
-    >>> env_name("input", "train-data.v1")
-    'STEPGUARD_INPUT_TRAIN_DATA_V1'
-    """
-    return f"STEPGUARD_{kind.upper()}_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
 def _path_component(value: str) -> str:
@@ -280,6 +271,9 @@ class _Run:
     # -- the stages -----------------------------------------------------------------------
 
     def _lifecycle(self, command: Sequence[str] | None, body: Body | None, run_dir: Path) -> None:
+        from stepguard.wiring import enforce_floor  # the platform's floor, before anything runs
+
+        enforce_floor(self.spec, self.settings)
         out_paths = self._prepare_outputs()
         with self.artifacts, self._credentials() as session, self.pins:
             self.artifacts.open_for(session, self.settings)

@@ -20,6 +20,18 @@ T = TypeVar("T")
 _NONE = type(None)
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a dataclass, once per class (resolving string annotations
+    is the costly part of building many small specs, e.g. template instances at DAG parse)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = get_type_hints(cls)
+    return hints
+
+
 def from_mapping(cls: type[T], data: object, where: str) -> T:
     """Build dataclass ``cls`` from ``data``; ``where`` names the location for errors."""
     if not isinstance(data, Mapping):
@@ -28,7 +40,7 @@ def from_mapping(cls: type[T], data: object, where: str) -> T:
         )
     fields = {f.name: f for f in dataclasses.fields(cls)  # type: ignore[arg-type]
               if f.init}
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         known = ", ".join(sorted(fields))

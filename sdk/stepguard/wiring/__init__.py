@@ -20,7 +20,8 @@ controls and base modules, and nothing imports it from below.
 ``fetch_verified(settings, ...)``      the deployment gate: fetch a model verified by policy
 ``StepAudit(settings, provider)``      the lifecycle's spans and verdicts
 ``sign_receipt``/``check_receipt``     receipts signed by the producer, verified by consumers
-``s3_client(credential)``               an S3 client from one just-in-time AWS credential
+``s3_client(credential)``              an S3 client from one just-in-time AWS credential
+``enforce_floor(spec, settings)``      refuse a step that breaches the settings' policy floor
 =====================================  =========================================================
 
 >>> from stepguard.settings import Settings
@@ -34,6 +35,7 @@ controls and base modules, and nothing imports it from below.
 from __future__ import annotations
 
 from stepguard.wiring._audit import StepAudit
+from stepguard.wiring._floor import enforce_floor
 from stepguard.wiring._receipts import RECEIPT_PAYLOAD_TYPE, check_receipt, sign_receipt
 from stepguard.wiring._signing import (
     build_policy,
@@ -56,6 +58,7 @@ __all__ = [
     "StepAudit",
     "build_policy",
     "check_receipt",
+    "enforce_floor",
     "fetch_verified",
     "fetch_verified_model",
     "policy_from_settings",
