@@ -80,9 +80,13 @@ def test_every_task_runs_in_its_own_process_and_directories(cluster, good_run, d
         assert home.parent.parent == cluster.workers_dir and home.name == task
         assert w["state_dir"] == str(home / "state")
     assert len({w["cwd"] for w in workers.values()}) == len(STEPS)
-    # Each step kept its receipts and manifests in its own state dir, and its audit log.
+    # Data and manifests went through the object store, not a worker's disk; each step kept
+    # its audit log in its own state dir and shipped its segment next to its receipt.
     ingest = good_run.xcom("ingest")
-    assert ingest["outputs"][0]["manifest"].startswith(workers["ingest"]["state_dir"] + "/")
+    out = ingest["outputs"][0]
+    assert out["path"].startswith("s3://stepguard-data/cluster-"), out
+    assert out["manifest"].startswith("s3://stepguard-data/cluster-"), out
+    assert ingest["audit_segment"].startswith("s3://stepguard-data/cluster-")
     for task in STEPS:
         state = Path(workers[task]["state_dir"])
         assert (state / "audit" / "audit.jsonl").is_file(), task
@@ -93,8 +97,12 @@ def test_receipts_come_back_through_xcom_and_chain(good_run):
     receipts = {t: good_run.xcom(t) for t in STEPS}
     assert all(r is not None and r["status"] == "succeeded" for r in receipts.values())
     dataset = receipts["ingest"]["outputs"][0]["digest"]
-    [lease] = receipts["ingest"]["credentials"]
-    assert lease["kind"] == "database" and lease["revoked"] is True
+    by_kind = {c["kind"]: c for c in receipts["ingest"]["credentials"]}
+    assert by_kind["database"]["revoked"] is True
+    # The object-store credential is web identity: it cannot be revoked, it expires.
+    assert by_kind["aws_web_identity"]["revocable"] is False
+    # Every receipt is signed by its producer, and every consumer verified the one it used.
+    assert all(r.get("signature") for r in receipts.values())
     assert receipts["verify_dataset"]["inputs"][0]["digest"] == dataset
     assert receipts["train"]["inputs"][0]["digest"] == dataset
     assert receipts["train"]["isolation"]["mode"] == "sandbox"
