@@ -157,6 +157,13 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
     While such large files are being hashed the caller takes a batch after each chunk, so the
     batches run out first and the run ends on fine-grained chunks on every thread.
 
+    The caller takes chunks from the front, the other threads from the back: a file that
+    turns out to be large (its size is only learnt when it is opened) is found by whichever
+    end reaches it first, so on average in half the time, and its shards then run while
+    chunks are left to fill the end of the run (a tree whose large files sort last, as
+    ``weights.bin`` after ``small/`` does, would otherwise end on one thread hashing a shard
+    alone).
+
     With ``promote``, a direct-path file found not to be tiny is not left in ``large`` for a
     second round: its batches join ``rest`` at once (largest work first), and the threads
     take them while the remaining chunks are the filler at the end.
@@ -168,9 +175,9 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
     lock = threading.Lock()
     active = 0  # other threads asked to work and not finished yet
 
-    def take_chunk(dirs: DirCursor) -> bool:
+    def take_chunk(dirs: DirCursor, back: bool = False) -> bool:
         try:
-            chunk = chunks.popleft()
+            chunk = chunks.pop() if back else chunks.popleft()
         except IndexError:
             return False
         found: list[str] = []
@@ -195,13 +202,13 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
         out.append(_run_batch(batch, algorithm, progress))
         return True
 
-    def worker() -> list[_Results]:
+    def worker(back: bool = True) -> list[_Results]:
         nonlocal active
         out: list[_Results] = []
         try:
             with DirCursor() as dirs:
                 while not stop.is_set() and (take_batch(out)
-                                             or (spread.is_set() and take_chunk(dirs))):
+                                             or (spread.is_set() and take_chunk(dirs, back))):
                     pass
         except BaseException:
             stop.set()
@@ -249,7 +256,7 @@ def _hash_shared(direct: list[TinyFile], own: list[list[_Job]], rest: list[list[
                 results.append(_run_batch(b, algorithm, progress))
             with lock:
                 active += 1  # the caller, as one more worker (it decrements on leaving)
-            results += worker()
+            results += worker(back=False)
             for f in futures:
                 results += f.result()
         except BaseException:

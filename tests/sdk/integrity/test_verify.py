@@ -462,15 +462,16 @@ def test_staging_shares_files_above_64_kib_between_threads(tmp_path: Path) -> No
 
 
 def test_threads_leave_and_rejoin_the_direct_path_as_file_sizes_change(tmp_path: Path) -> None:
-    """Medium files, then tiny ones, then medium again: every digest is right with two threads,
-    and both threads hash medium files of both stretches (the second one rejoins)."""
+    """Medium files, then tiny ones, then medium again: every digest is right with two threads.
+    The other thread starts from the back (the second medium stretch), passes the tiny stretch
+    and rejoins the first medium stretch, which both threads then share."""
     blobs: dict[str, bytes] = {}
-    for group, (count, size) in enumerate([(200, 50_000), (400, 100), (200, 60_000)]):
+    for group, (count, size) in enumerate([(1500, 50_000), (400, 100), (200, 60_000)]):
         d = tmp_path / f"g{group}"
         d.mkdir()
         for i in range(count):
-            blobs[f"g{group}/f{i:03d}"] = data = os.urandom(size)
-            (d / f"f{i:03d}").write_bytes(data)
+            blobs[f"g{group}/f{i:04d}"] = data = os.urandom(size)
+            (d / f"f{i:04d}").write_bytes(data)
     seen: dict[int, set[str]] = {}
 
     def progress(n: int) -> None:
@@ -479,4 +480,24 @@ def test_threads_leave_and_rejoin_the_direct_path_as_file_sizes_change(tmp_path:
     m = create_manifest(tmp_path, jobs=2, progress=progress)
     assert {e.path: e.digest for e in m.entries} == {
         k: "sha256:" + hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
-    assert len(seen[50_000]) == 2 and len(seen[60_000]) == 2, seen
+    assert len(seen[50_000]) == 2 and "stepguard-hash_0" in seen[60_000], seen
+
+
+def test_a_large_file_sorted_last_is_not_left_for_the_end(tmp_path: Path) -> None:
+    """A large file found only when opened (create does not stat files while walking), sorted
+    after many medium ones: its shards are hashed early, and the run ends on medium files
+    rather than on one thread finishing a shard alone."""
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(1500):
+        (small / f"f{i:04d}").write_bytes(os.urandom(50_000))
+    (tmp_path / "weights.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    order: list[int] = []
+
+    def progress(n: int) -> None:
+        order.append(n)
+
+    m = create_manifest(tmp_path, jobs=2, shard_size=1024 * 1024, progress=progress)
+    assert m.entries[-1].digest.startswith("sha256-sharded:")
+    last_shard = max(i for i, n in enumerate(order) if n != 50_000)
+    assert order[last_shard + 1:].count(50_000) >= 64, (last_shard, len(order))
