@@ -4,14 +4,21 @@ step's deadline.
 In the main thread the deadline interrupts the body (``SIGALRM`` raises
 :class:`~stepguard.errors.StepTimeout` inside it); elsewhere (a worker thread) it cannot be
 interrupted, and overrunning it is reported when the body returns. The body's own exception
-becomes :class:`~stepguard.errors.BodyFailed` naming its type (its text may hold data), with the
-original chained; stepguard's own errors pass through unchanged.
+becomes :class:`~stepguard.errors.BodyFailed` naming its type, with the original chained;
+stepguard's own errors pass through unchanged. The exception's text may hold data, so it is kept
+only when the caller passes ``mask`` (a redaction function, e.g. :func:`stepguard.audit.redact`):
+its first line, masked and shortened, then follows the type.
 
 >>> call_in_process(lambda env: None, {}, deadline_s=5, name="noop")
 >>> call_in_process(lambda env: 1 / 0, {}, deadline_s=5, name="div")
 Traceback (most recent call last):
 ...
 stepguard.errors.BodyFailed: step body raised ZeroDivisionError: div
+>>> call_in_process(lambda env: int("x"), {}, deadline_s=5, name="p",
+...                 mask=str.upper)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+stepguard.errors.BodyFailed: step body raised ValueError: INVALID LITERAL FOR INT() ...: p
 """
 
 from __future__ import annotations
@@ -28,12 +35,17 @@ from stepguard.errors import BodyFailed, StepguardError, StepTimeout
 E = TypeVar("E")
 
 
-def call_in_process(body: Callable[[E], Any], env: E, *, deadline_s: float, name: str) -> None:
+#: Longest body message kept in an error (and so in the receipt and the task log).
+MAX_BODY_MESSAGE = 300
+
+
+def call_in_process(body: Callable[[E], Any], env: E, *, deadline_s: float, name: str,
+                    mask: Callable[[str], str] | None = None) -> None:
     """Call ``body(env)`` under a deadline of ``deadline_s`` seconds (see the module docs)."""
     in_main = threading.current_thread() is threading.main_thread()
     if not in_main or not hasattr(signal, "setitimer"):
         t0 = time.monotonic()
-        _call(body, env, name)
+        _call(body, env, name, mask)
         if time.monotonic() - t0 > deadline_s:
             raise StepTimeout("step body exceeded its deadline", subject=name)
         return
@@ -44,17 +56,34 @@ def call_in_process(body: Callable[[E], Any], env: E, *, deadline_s: float, name
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, deadline_s)
     try:
-        _call(body, env, name)
+        _call(body, env, name, mask)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
-def _call(body: Callable[[E], Any], env: E, name: str) -> None:
+def _call(body: Callable[[E], Any], env: E, name: str,
+          mask: Callable[[str], str] | None) -> None:
     try:
         body(env)
     except StepguardError:
         raise
     except Exception as exc:
-        # The body's own exception text may hold data; keep the type, chain the original.
-        raise BodyFailed(f"step body raised {type(exc).__name__}", subject=name) from exc
+        message = f"step body raised {type(exc).__name__}"
+        said = body_message(exc, mask)
+        if said:
+            message = f"{message}: {said}"
+        raise BodyFailed(message, subject=name) from exc
+
+
+def body_message(exc: BaseException, mask: Callable[[str], str] | None) -> str:
+    """The first line of ``exc``'s text, masked and shortened; empty without ``mask``."""
+    if mask is None:
+        return ""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return ""
+    text = str(mask(lines[0].strip()))
+    if len(text) > MAX_BODY_MESSAGE:
+        text = text[:MAX_BODY_MESSAGE - 3] + "..."
+    return text
