@@ -227,7 +227,7 @@ def execute_step(
             spec = spec(settings)
     except StepguardError as err:
         raise task_failure(context["task"].task_id if "task" in context else "step",
-                           err) from err
+                           err) from None
     ctx = run_context(context, spec.name)
     try:
         spec = anchor_outputs(spec, settings, ctx)
@@ -242,7 +242,7 @@ def execute_step(
                 ti.xcom_push(key="stepguard_failed_receipt", value=receipt_xcom(failed))
             except Exception:  # forensics must not mask the real failure
                 log.warning("could not push the failed step's receipt to XCom")
-        raise task_failure(spec.name, err) from err
+        raise task_failure(spec.name, err) from None
     return receipt
 
 
@@ -302,7 +302,8 @@ def task_failure(step: str, err: Exception) -> Exception:
 
     Final errors (:func:`is_final`) raise ``AirflowFailException``, so the task fails without
     using its retries; everything else raises ``AirflowException`` and retries with the task's
-    policy. The error's findings and hint are logged once, as one record, before it.
+    policy. The error's findings and hint are logged once, as one record, before it. Raise it
+    ``from None``: it carries the traceback of where the error happened.
     """
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
@@ -315,10 +316,14 @@ def task_failure(step: str, err: Exception) -> Exception:
             log.error("%s", redact("\n".join(extra)))
         message = (f"stepguard step {step!r} failed: {type(err).__name__} "
                    f"[{control_of(err)}]: {redact(str(err))}")
-        if is_final(err):
-            return AirflowFailException(message)
-        return AirflowException(message)
-    return AirflowException(f"stepguard step {step!r} failed: {type(err).__name__}")
+        failure: Exception = (AirflowFailException(message) if is_final(err)
+                              else AirflowException(message))
+    else:
+        failure = AirflowException(f"stepguard step {step!r} failed: {type(err).__name__}")
+    # One traceback, not three chained ones: raised ``from None``, the failure carries the
+    # frames of where it really happened -- the body's own for a body error.
+    cause = err.__cause__ if type(err).__name__ == "BodyFailed" else None
+    return failure.with_traceback((cause or err).__traceback__)
 
 
 def receipt_xcom(receipt: Receipt) -> dict[str, Any]:

@@ -291,7 +291,7 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
                                      k8s.V1EnvVar(name=WRAPPED_ENV, value=wrapped)]
                 return super().execute(context)
         except StepguardError as err:
-            raise task_failure(step_name(self.task_id), err) from err
+            raise task_failure(step_name(self.task_id), err) from None
         finally:
             self._delete_network_policy()
 
