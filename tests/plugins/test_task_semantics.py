@@ -1,0 +1,132 @@
+"""``@task.stepguard`` behaves like ``@task``; failures end or retry a task as they should.
+
+Every test runs a real DAG through ``dag.test()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.airflow]
+
+
+def test_value_context_and_receipt_chain_like_task(airflow_run, stepguard_env):
+    """The function's value goes downstream; the context is injected by name and to
+    ``**context``; the receipt is under ``stepguard_receipt`` and chaining still verifies."""
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG, task
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1),
+                 params={"model": "churn"}) as dag:
+            @task.stepguard(spec={"outputs": [{"name": "data", "path": "data"}]})
+            def produce(ds=None, params=None, ti=None, step_env=None) -> int:
+                (step_env.outputs["data"] / "part.csv").write_text(f"{ds},{params['model']}\\n")
+                return len(ti.task_id)
+
+            rows = produce()
+
+            @task.stepguard(spec={"inputs": [{"name": "data"}]}, receipts={"data": rows})
+            def consume(n: int, step_env=None, **context) -> str:
+                text = (step_env.inputs["data"] / "part.csv").read_text().strip()
+                return f"{n}|{text}|{context['dag_run'].run_id == context['run_id']}"
+
+            @task
+            def plain(n: int) -> int:
+                return n * 2
+
+            consume(rows)
+            plain(rows)
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"produce": "success", "consume": "success",
+                                      "plain": "success"}
+    assert airflow_run.xcom_of(dr, "produce") == len("produce")
+    assert airflow_run.xcom_of(dr, "plain") == 2 * len("produce")
+    ds = str(dr.logical_date.date())
+    assert airflow_run.xcom_of(dr, "consume") == f"{len('produce')}|{ds},churn|True"
+    produced = airflow_run.xcom_of(dr, "produce", "stepguard_receipt")
+    consumed = airflow_run.xcom_of(dr, "consume", "stepguard_receipt")
+    assert produced["status"] == "succeeded" and consumed["status"] == "succeeded"
+    assert consumed["inputs"][0]["digest"] == produced["outputs"][0]["digest"]
+    assert consumed["inputs"][0]["verified"] is True
+
+
+def test_multiple_outputs_unrolls_the_value(airflow_run, stepguard_env):
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG, task
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            @task.stepguard(multiple_outputs=True)
+            def split():
+                return {"train": 80, "test": 20}
+
+            @task
+            def total(a: int, b: int) -> int:
+                return a + b
+
+            parts = split()
+            total(parts["train"], parts["test"])
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"split": "success", "total": "success"}
+    assert airflow_run.xcom_of(dr, "split", "train") == 80
+    assert airflow_run.xcom_of(dr, "total") == 100
+    assert airflow_run.xcom_of(dr, "split", "stepguard_receipt")["status"] == "succeeded"
+
+
+def test_operator_keeps_stock_python_operator_arguments(airflow_run, stepguard_env):
+    """SecureStepOperator(python_callable=...) injects the context like PythonOperator."""
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG
+        from stepguard_airflow.operators import SecureStepOperator
+
+        def fit(lr, ds=None, params=None):
+            return {"lr": lr, "ds": ds, "p": params["k"]}
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1),
+                 params={"k": "v"}) as dag:
+            SecureStepOperator(task_id="fit", python_callable=fit, op_kwargs={"lr": 0.5})
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"fit": "success"}
+    assert airflow_run.xcom_of(dr, "fit", "result") == {
+        "lr": 0.5, "ds": str(dr.logical_date.date()), "p": "v"}
+    assert airflow_run.xcom_of(dr, "fit")["status"] == "succeeded"  # the operator's value
+
+
+@pytest.mark.parametrize("error, tries", [
+    ("IntegrityError('inputs do not match manifest', subject='data/x.csv')", 1),
+    ("ConfigurationError('bad spec', subject='spec.outputs')", 1),
+    ("CredentialDenied('permission denied', subject='role train')", 1),
+    ("VersionConflict('version already exists with different content', subject='m:1')", 1),
+    ("TransientCredentialError('Vault unreachable', subject='vault')", 2),
+    ("RegistryError('upload failed', subject='m:1')", 2),
+])
+def test_verdicts_and_denials_are_not_retried(airflow_run, stepguard_env, error, tries):
+    """Security verdicts, mistakes, denials and version conflicts end the task on its first
+    try (AirflowFailException); operational errors use the task's retries."""
+    counter = stepguard_env / "tries"
+    dag, _ = airflow_run.write(f"""
+        import datetime
+        import pendulum
+        from pathlib import Path
+        from airflow.sdk import DAG, task
+        from stepguard.errors import *
+
+        with DAG("{{dag_id}}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            @task.stepguard(retries=1, retry_delay=datetime.timedelta(seconds=0))
+            def step():
+                p = Path({str(counter)!r})
+                p.write_text(str(int(p.read_text()) + 1) if p.exists() else "1")
+                raise {error}
+
+            step()
+    """)
+    dr = dag.test()
+    assert airflow_run.states(dr) == {"step": "failed"}
+    assert counter.read_text() == str(tries)
