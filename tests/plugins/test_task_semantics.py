@@ -5,8 +5,6 @@ Every test runs a real DAG through ``dag.test()``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 pytestmark = [pytest.mark.airflow]
@@ -130,3 +128,33 @@ def test_verdicts_and_denials_are_not_retried(airflow_run, stepguard_env, error,
     dr = dag.test()
     assert airflow_run.states(dr) == {"step": "failed"}
     assert counter.read_text() == str(tries)
+
+
+@pytest.mark.services
+def test_connection_test_logs_in_and_tells_denied_from_unreachable(airflow_db, dev_stack,
+                                                                    monkeypatch):
+    """The connection form's "Test" logs in with the configured method (AppRole here): a wrong
+    secret is denied, a wrong address is unreachable, the right secret passes."""
+    import json
+
+    from stepguard_airflow.hooks import StepguardHook
+
+    for var in ("VAULT_ADDR", "VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID",
+                "VAULT_SECRET_ID_FILE", "STEPGUARD_VAULT_AUTH", "STEPGUARD_VAULT_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    good = dev_stack.approle_secret_id_file.read_text().strip()
+
+    def conn(host: str, secret: str) -> StepguardHook:
+        monkeypatch.setenv("AIRFLOW_CONN_SG_CONN_TEST", json.dumps({
+            "conn_type": "stepguard", "host": host, "login": dev_stack.approle_role_id,
+            "password": secret, "extra": {"auth_method": "approle"}}))
+        return StepguardHook("sg_conn_test")
+
+    ok, message = conn(dev_stack.vault_addr, good).test_connection()
+    assert ok, message
+    assert "approle login succeeded" in message
+    ok, message = conn(dev_stack.vault_addr, "0" * 8 + good[8:]).test_connection()
+    assert not ok and message.startswith("Vault login denied (approle)"), message
+    assert good not in message
+    ok, message = conn("http://127.0.0.1:9", good).test_connection()
+    assert not ok and message.startswith("Vault unreachable"), message
