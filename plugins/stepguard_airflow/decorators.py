@@ -80,6 +80,10 @@ class _StepguardDecoratedOperator(DecoratedOperator, SecureStepOperator):
         self.shell = shell
         if shell:
             kwargs.setdefault("isolation", "sandbox")
+        inferred = _inferred_receipts(python_callable, op_args or (), op_kwargs or {},
+                                      kwargs.get("spec"), kwargs.get("receipts"))
+        if inferred:
+            kwargs["receipts"] = {**inferred, **(kwargs.get("receipts") or {})}
         super().__init__(
             kwargs_to_upstream={"python_callable": python_callable, "op_args": op_args,
                                 "op_kwargs": op_kwargs},
@@ -108,6 +112,35 @@ class _StepguardDecoratedOperator(DecoratedOperator, SecureStepOperator):
         if self.shell:
             return receipt
         return box.get("result")
+
+
+def _inferred_receipts(fn: Callable[..., Any], args: Collection[Any], kwargs: Mapping[str, Any],
+                       spec: Any, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Input name -> producer receipt, for each input the spec declares without a receipt
+    whose name is a parameter bound to a secured task's value (``validate(raw)`` with
+    ``raw = extract()``): that input is verified against the producer's receipt."""
+    from airflow.sdk.definitions.xcom_arg import PlainXComArg
+
+    if not isinstance(spec, Mapping):
+        return {}
+    names = [i.get("name") for i in spec.get("inputs") or () if isinstance(i, Mapping)
+             and not (i.get("manifest") or i.get("receipt"))]
+    wanted = [n for n in names if isinstance(n, str) and n not in (given or {})]
+    if not wanted:
+        return {}
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return {}
+    out: dict[str, Any] = {}
+    for name in wanted:
+        value = bound.get(name)
+        if isinstance(value, PlainXComArg):
+            op = value.operator
+            cls = getattr(op, "operator_class", None) or type(op)
+            if getattr(cls, "_stepguard_secured", False):
+                out[name] = value
+    return out
 
 
 def _hide_step_env(fn: Callable[..., Any]) -> Callable[..., Any]:
