@@ -38,7 +38,7 @@ def stock_churn() -> None:
 
     @task
     def validate(raw: str) -> int:
-        rows = list(csv.DictReader(open(Path(raw, "customers.csv"))))
+        rows = list(csv.DictReader(Path(raw, "customers.csv").read_text().splitlines()))
         if not rows or any(r["churned"] not in ("0", "1") for r in rows):
             raise ValueError(f"bad extract: {len(rows)} rows")
         return len(rows)
@@ -47,7 +47,7 @@ def stock_churn() -> None:
     def featurize(raw: str, ds_nodash: str | None = None) -> str:
         out = Path(LAKE, f"{ds_nodash}", "features")
         out.mkdir(parents=True, exist_ok=True)
-        rows = list(csv.DictReader(open(Path(raw, "customers.csv"))))
+        rows = list(csv.DictReader(Path(raw, "customers.csv").read_text().splitlines()))
         feats = [[int(r["tickets"]) / max(int(r["tenure_months"]), 1), int(r["churned"])]
                  for r in rows]
         (out / "features.json").write_text(json.dumps(feats))
