@@ -158,3 +158,53 @@ def test_connection_test_logs_in_and_tells_denied_from_unreachable(airflow_db, d
     assert good not in message
     ok, message = conn("http://127.0.0.1:9", good).test_connection()
     assert not ok and message.startswith("Vault unreachable"), message
+
+
+def test_republishing_the_same_bytes_succeeds_other_bytes_fail_without_retry(
+        airflow_run, stepguard_env):
+    """A cleared and re-run publish of the same model version succeeds with the existing
+    record; other bytes under that version are a VersionConflict, not retried."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = stepguard_env / "signing.pem"
+    key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    registry = stepguard_env / "registry"
+    dag, _ = airflow_run.write(f"""
+        import datetime
+        import pendulum
+        from airflow.sdk import DAG, task
+        from stepguard_airflow.operators import SignAndPublishModelOperator
+
+        with DAG("{{dag_id}}", schedule=None, start_date=pendulum.datetime(2024, 1, 1),
+                 params={{"weights": "w1"}}) as dag:
+            @task.stepguard(spec={{"outputs": [{{"name": "model", "path": "model"}}]}})
+            def train(params=None, step_env=None) -> str:
+                (step_env.outputs["model"] / "weights.txt").write_text(params["weights"])
+                return "trained"
+
+            SignAndPublishModelOperator(
+                task_id="publish", model=train(), name="churn", version="1",
+                signing={{"signer": "key", "key": {str(key)!r}}},
+                registry="file://{registry}", retries=2,
+                retry_delay=datetime.timedelta(seconds=0))
+    """)
+    first = dag.test()
+    assert airflow_run.states(first) == {"train": "success", "publish": "success"}
+    again = dag.test()  # the same bytes again: idempotent
+    assert airflow_run.states(again) == {"train": "success", "publish": "success"}
+    record = [airflow_run.xcom_of(dr, "publish")["outputs"][0]["published"]
+              for dr in (first, again)]
+    assert record[0]["bundle_digest"] == record[1]["bundle_digest"]
+    changed = dag.test(run_conf={"weights": "w2"})
+    assert airflow_run.states(changed) == {"train": "success", "publish": "failed"}
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        ti = next(t for t in changed.get_task_instances(session=session)
+                  if t.task_id == "publish")
+        assert ti.try_number == 1  # retries=2, yet not retried
+    failed = airflow_run.xcom_of(changed, "publish", "stepguard_failed_receipt")
+    assert failed["error"]["type"] == "VersionConflict"
