@@ -182,7 +182,7 @@ class RegistryError(OperationalError):
 
 
 class VersionConflict(RegistryError):
-    """A registry version already exists with different content. Versions are immutable, so a
+    """A registry version already exists with other bytes. Versions are immutable, so a
     retry cannot succeed: publish under a new version. (Same name, version and bytes is not a
     conflict: the publish returns the existing record.)"""
 

@@ -101,7 +101,7 @@ def test_operator_keeps_stock_python_operator_arguments(airflow_run, stepguard_e
     ("IntegrityError('inputs do not match manifest', subject='data/x.csv')", 1),
     ("ConfigurationError('bad spec', subject='spec.outputs')", 1),
     ("CredentialDenied('permission denied', subject='role train')", 1),
-    ("VersionConflict('version already exists with different content', subject='m:1')", 1),
+    ("VersionConflict('version exists with other content (immutable)', subject='m:1')", 1),
     ("TransientCredentialError('Vault unreachable', subject='vault')", 2),
     ("RegistryError('upload failed', subject='m:1')", 2),
 ])

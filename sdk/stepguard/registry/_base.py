@@ -280,7 +280,7 @@ class Registry(abc.ABC):
             changed = sorted(k for k in stored.files.keys() | local.keys()
                              if stored.files.get(k) != local.get(k))
             raise VersionConflict(
-                "version already exists with different content (versions are immutable)",
+                "version exists with other content (immutable)",
                 subject=label, details=[f"differs: {k}" for k in changed[:20]],
                 hint="publish under a new version")
         prov = base + PROVENANCE_NAME
