@@ -83,17 +83,20 @@ def test_operator_keeps_stock_python_operator_arguments(airflow_run, stepguard_e
         from airflow.sdk import DAG
         from stepguard_airflow.operators import SecureStepOperator
 
-        def fit(lr, ds=None, params=None):
-            return {"lr": lr, "ds": ds, "p": params["k"]}
+        def fit(lr, ds=None, params=None, templates_dict=None):
+            return {"lr": lr, "ds": ds, "p": params["k"], "t": templates_dict["day"]}
 
         with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1),
                  params={"k": "v"}) as dag:
-            SecureStepOperator(task_id="fit", python_callable=fit, op_kwargs={"lr": 0.5})
+            SecureStepOperator(task_id="fit", python_callable=fit, op_kwargs={"lr": 0.5},
+                               templates_dict={"day": "{{ ds_nodash }}"},
+                               show_return_value_in_logs=False)
     """)
     dr = dag.test()
     assert airflow_run.states(dr) == {"fit": "success"}
+    day = dr.logical_date.date()
     assert airflow_run.xcom_of(dr, "fit", "result") == {
-        "lr": 0.5, "ds": str(dr.logical_date.date()), "p": "v"}
+        "lr": 0.5, "ds": str(day), "p": "v", "t": day.strftime("%Y%m%d")}
     assert airflow_run.xcom_of(dr, "fit")["status"] == "succeeded"  # the operator's value
 
 

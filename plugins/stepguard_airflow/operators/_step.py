@@ -55,10 +55,13 @@ class SecureStepOperator(BaseOperator):
         verified against the digest its producer recorded (templated).
     :param env: extra, non-secret environment for a command body (templated).
     :param conn_id: the ``stepguard`` connection with Vault address/login (optional).
+    :param templates_dict: as ``PythonOperator``'s: rendered, and handed to the callable as the
+        context key ``templates_dict`` (templated).
+    :param show_return_value_in_logs: as ``PythonOperator``'s: log the callable's return value.
     """
 
     template_fields: Sequence[str] = ("spec", "command", "op_args", "op_kwargs", "receipts",
-                                      "env")
+                                      "env", "templates_dict")
     template_fields_renderers: ClassVar[dict[str, str]] = {
         "spec": "json", "receipts": "json", "env": "json", "command": "bash",
     }
@@ -81,6 +84,8 @@ class SecureStepOperator(BaseOperator):
         receipts: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         conn_id: str | None = "stepguard_default",
+        templates_dict: Mapping[str, Any] | None = None,
+        show_return_value_in_logs: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -108,6 +113,8 @@ class SecureStepOperator(BaseOperator):
         self.receipts = {k: receipt_arg(v) for k, v in receipts.items()} if receipts else None
         self.env = dict(env) if env else None
         self.conn_id = conn_id
+        self.templates_dict = dict(templates_dict) if templates_dict else None
+        self.show_return_value_in_logs = show_return_value_in_logs
 
     def _argv(self) -> list[str] | None:
         if self.command is None:
@@ -121,12 +128,18 @@ class SecureStepOperator(BaseOperator):
         if fn is None:
             return None
         wants_env = _accepts(fn, STEP_ENV_PARAM)
-        args, kwargs = list(self.op_args), dict(_with_context(fn, self.op_args, self.op_kwargs,
-                                                             context))
+        args = list(self.op_args)
+        kwargs = dict(_with_context(fn, self.op_args, self.op_kwargs,
+                                    {**context, "templates_dict": self.templates_dict}))
+        shown = self.show_return_value_in_logs
 
         def body(step_env: Any) -> None:
             extra = {STEP_ENV_PARAM: step_env} if wants_env else {}
             box["result"] = fn(*args, **kwargs, **extra)
+            if shown:
+                self.log.info("Done. Returned value was: %s", box["result"])
+            else:
+                self.log.info("Done. Returned value not shown")
 
         return body
 
