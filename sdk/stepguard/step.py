@@ -211,29 +211,6 @@ def run_step(
     return step.run(command=command, body=body)
 
 
-_ASSIGNED_SECRET = re.compile(
-    r"(?i)\b([\w-]*(?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key|access[_-]?key|"
-    r"private[_-]?key|credentials?|auth)[\w-]*)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|\S+)")
-_URI_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@")
-
-
-def mask_body_text(text: str) -> str:
-    """A step body's error text as it may be kept: registered secrets redacted
-    (:func:`stepguard.audit.redact`), then values assigned to secret-named keys and passwords
-    in URIs masked.
-
-    >>> mask_body_text("login failed: password=hunter2 for postgresql://etl:pw@db/prod")
-    'login failed: password=[REDACTED] for postgresql://etl:[REDACTED]@db/prod'
-    >>> mask_body_text("feature column 3 has NaN")
-    'feature column 3 has NaN'
-    """
-    from stepguard.audit import redact
-
-    masked = str(redact(text))
-    masked = _ASSIGNED_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}[REDACTED]", masked)
-    return _URI_PASSWORD.sub(lambda m: f"{m.group(1)}[REDACTED]@", masked)
-
-
 class _Run:
     """State of one execution; kept out of the public :class:`Step`."""
 
@@ -466,11 +443,12 @@ class _Run:
                 creds = dict(session.values) if session is not None else {}
                 env = StepEnv(inputs=dict(inputs), outputs=dict(outputs), credentials=creds,
                               context=self.ctx)
+                from stepguard.audit import redact
                 from stepguard.isolation import call_in_process
 
                 # The body's own message reaches the error and the receipt, masked.
                 call_in_process(body, env, deadline_s=self._remaining(), name=self.spec.name,
-                                mask=mask_body_text)
+                                mask=redact)
                 return
             assert command is not None
             from stepguard.isolation import run_isolated

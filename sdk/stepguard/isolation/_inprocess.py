@@ -7,7 +7,8 @@ interrupted, and overrunning it is reported when the body returns. The body's ow
 becomes :class:`~stepguard.errors.BodyFailed` naming its type, with the original chained;
 stepguard's own errors pass through unchanged. The exception's text may hold data, so it is kept
 only when the caller passes ``mask`` (a redaction function, e.g. :func:`stepguard.audit.redact`):
-its first line, masked and shortened, then follows the type.
+its first line, masked, with values of secret-named keys (``password=...``) and URI passwords
+masked too, and shortened, then follows the type.
 
 >>> call_in_process(lambda env: None, {}, deadline_s=5, name="noop")
 >>> call_in_process(lambda env: 1 / 0, {}, deadline_s=5, name="div")
@@ -23,6 +24,7 @@ stepguard.errors.BodyFailed: step body raised ValueError: INVALID LITERAL FOR IN
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -76,14 +78,31 @@ def _call(body: Callable[[E], Any], env: E, name: str,
         raise BodyFailed(message, subject=name) from exc
 
 
+_ASSIGNED_SECRET = re.compile(
+    r"(?i)\b([\w-]*(?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key|access[_-]?key|"
+    r"private[_-]?key|credentials?|auth)[\w-]*)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|\S+)")
+_URI_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@")
+
+
 def body_message(exc: BaseException, mask: Callable[[str], str] | None) -> str:
-    """The first line of ``exc``'s text, masked and shortened; empty without ``mask``."""
+    """The first line of ``exc``'s text, masked and shortened; empty without ``mask``.
+
+    After ``mask``, values assigned to secret-named keys and passwords in URIs are masked too:
+
+    >>> body_message(ValueError("login failed: password=hunter2 at postgresql://etl:pw@db/p"),
+    ...              str)
+    'login failed: password=[REDACTED] at postgresql://etl:[REDACTED]@db/p'
+    >>> body_message(ValueError("feature column 3 has NaN"), None)
+    ''
+    """
     if mask is None:
         return ""
     lines = str(exc).strip().splitlines()
     if not lines:
         return ""
     text = str(mask(lines[0].strip()))
+    text = _ASSIGNED_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}[REDACTED]", text)
+    text = _URI_PASSWORD.sub(lambda m: f"{m.group(1)}[REDACTED]@", text)
     if len(text) > MAX_BODY_MESSAGE:
         text = text[:MAX_BODY_MESSAGE - 3] + "..."
     return text
