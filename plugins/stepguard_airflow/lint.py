@@ -139,7 +139,7 @@ _SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
 #: ``scheme:`` reference, or a secret's own name (``db-password``).
 _REFERENCE = re.compile(
     r"^(/|\./|~/|(vault|env|file|s3|gs|kv|secret|ssm|arn|aws|k8s|kubernetes):(?!//[^/\s:@]+:)|"
-    r"[A-Za-z0-9_.{}-]+(/[A-Za-z0-9_.{}-]+)+/?$)")
+    r"[a-z0-9_.{}-]+(/[a-z0-9_.{}-]+)+/?$)")  # Vault paths are lower case; keys are not
 _SECRET_NAME_VALUE = re.compile(r"^[a-z][a-z0-9]*([_.-][a-z0-9]+)+$")
 _PRIVILEGE_KEYS = {
     # key (camelCase or snake_case) -> (bad value, what it grants)

@@ -195,6 +195,14 @@ def test_no_findings_on_secret_names_paths_and_vault_paths():
     assert [f for f in found if f.rule in ("SG004", "SG005")] == []
 
 
+def test_secret_with_slashes_is_not_taken_for_a_path():
+    src = '''
+        aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+        vault_secret = "secret/data/ml/aws"
+    '''
+    assert _rules(src) == [("SG004", 2)]
+
+
 def test_token_bearing_urls_are_secrets():
     slack = "https://hooks.slack.com/services/T0000AAAA/B0000BBBB/" + "x" * 24
     src = f'''
