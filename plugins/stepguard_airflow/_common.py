@@ -238,7 +238,7 @@ def execute_step(
             spec = spec(settings)
     except StepguardError as err:
         raise task_failure(context["task"].task_id if "task" in context else "step",
-                           err) from err
+                           err) from None
     ctx = run_context(context, spec.name)
     try:
         spec = anchor_outputs(spec, settings, ctx)
@@ -253,7 +253,7 @@ def execute_step(
                 ti.xcom_push(key="stepguard_failed_receipt", value=receipt_xcom(failed))
             except Exception:  # forensics must not mask the real failure
                 log.warning("could not push the failed step's receipt to XCom")
-        raise task_failure(spec.name, err) from err
+        raise task_failure(spec.name, err) from None
     return receipt
 
 
@@ -276,27 +276,68 @@ def anchor_outputs(spec: StepSpec, settings: Settings, ctx: RunContext) -> StepS
     return replace(spec, outputs=outputs)
 
 
-def task_failure(step: str, err: Exception) -> Exception:
-    """The Airflow exception that ends the task: one line naming the step and what failed."""
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+#: Error class name -> the control that raised it, for the one-line failure summary.
+_CONTROLS: tuple[tuple[str, str], ...] = (
+    ("IntegrityError", "integrity"), ("ManifestError", "integrity"),
+    ("SignatureError", "signing"), ("PolicyViolation", "policy"),
+    ("VersionConflict", "registry"), ("RegistryError", "registry"),
+    ("CredentialError", "credentials"), ("StepTimeout", "isolation"),
+    ("IsolationError", "isolation"), ("AuditError", "audit"), ("BodyFailed", "body"),
+    ("ConfigurationError", "configuration"),
+)
 
+
+def control_of(err: Exception) -> str:
+    """The control an error belongs to (``integrity``, ``credentials``, ``body``...)."""
+    names = {c.__name__ for c in type(err).__mro__}
+    return next((control for name, control in _CONTROLS if name in names), "step")
+
+
+def is_final(err: Exception) -> bool:
+    """Whether a retry cannot change the outcome: a security verdict, a caller mistake, a
+    denial by Vault, or a registry version that exists with other bytes."""
     from stepguard.errors import (
         ConfigurationError,
-        StepguardError,
+        CredentialDenied,
         TransientError,
         VerificationError,
+        VersionConflict,
     )
 
+    if isinstance(err, TransientError):
+        return False
+    return isinstance(err, (VerificationError, ConfigurationError, CredentialDenied,
+                            VersionConflict))
+
+
+def task_failure(step: str, err: Exception) -> Exception:
+    """The Airflow exception that ends the task: one line naming the step, the control, the
+    error and its subject, the body's own (masked) message included.
+
+    Final errors (:func:`is_final`) raise ``AirflowFailException``, so the task fails without
+    using its retries; everything else raises ``AirflowException`` and retries with the task's
+    policy. The error's findings and hint are logged once, as one record, before it. Raise it
+    ``from None``: it carries the traceback of where the error happened.
+    """
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    from stepguard.audit import redact
+    from stepguard.errors import StepguardError
+
     if isinstance(err, StepguardError):
-        for line in err.diagnostics().splitlines()[1:]:
-            log.error("%s", line)
-        message = f"stepguard step {step!r} failed: {type(err).__name__}: {err}"
-        # A verdict or a mistake will not change on retry; an outage or a body failure may.
-        if isinstance(err, (VerificationError, ConfigurationError)) and \
-                not isinstance(err, TransientError):
-            return AirflowFailException(message)
-        return AirflowException(message)
-    return AirflowException(f"stepguard step {step!r} failed: {type(err).__name__}")
+        extra = err.diagnostics().splitlines()[1:]
+        if extra:
+            log.error("%s", redact("\n".join(extra)))
+        message = (f"stepguard step {step!r} failed: {type(err).__name__} "
+                   f"[{control_of(err)}]: {redact(str(err))}")
+        failure: Exception = (AirflowFailException(message) if is_final(err)
+                              else AirflowException(message))
+    else:
+        failure = AirflowException(f"stepguard step {step!r} failed: {type(err).__name__}")
+    # One traceback, not three chained ones: raised ``from None``, the failure carries the
+    # frames of where it really happened -- the body's own for a body error.
+    cause = err.__cause__ if type(err).__name__ == "BodyFailed" else None
+    return failure.with_traceback((cause or err).__traceback__)
 
 
 def receipt_xcom(receipt: Receipt) -> dict[str, Any]:

@@ -16,8 +16,26 @@ importable directly.
 
 A Python body runs in the worker process (isolation ``process``): it gets just-in-time
 credentials, verified inputs and hashed outputs, but no sandbox. A shell body (``shell=True``:
-the function returns the command) runs in the local sandbox by default. The task's XCom is the
-step receipt; a Python body's return value goes to the XCom key ``result``.
+the function returns the command) runs in the local sandbox by default.
+
+It behaves like ``@task``: the Airflow context is injected by parameter name (``ds``,
+``params``, ``ti``, ...) or to ``**context``; the task's value (``return_value``, what a
+downstream task receives) is what the function returns, unrolled with ``multiple_outputs``. The
+step receipt goes to the XCom key ``stepguard_receipt`` (a shell body's value is its receipt).
+Chaining keeps working: ``receipts={"data": produce()}`` reads the producer's receipt from that
+key, so the input is verified against what the producer recorded::
+
+    @task.stepguard(spec={"outputs": [{"name": "data", "path": "data"}]})
+    def produce(ds=None, step_env=None) -> int:
+        (step_env.outputs["data"] / f"{ds}.csv").write_text("a,b\\n1,2\\n")
+        return 1                     # downstream tasks get 1
+
+    rows = produce()
+
+    @task.stepguard(spec={"inputs": [{"name": "data"}]}, receipts={"data": rows})
+    def consume(n: int, step_env=None) -> None: ...
+
+    consume(rows)
 """
 
 from __future__ import annotations
@@ -42,6 +60,8 @@ class _StepguardDecoratedOperator(DecoratedOperator, SecureStepOperator):
     """The operator behind ``@task.stepguard``."""
 
     custom_operator_name: str = "@task.stepguard"
+    # The task's value is the function's; the receipt is under ``stepguard_receipt``.
+    _stepguard_returns_value = True
     # Both bases set it; here it is always the decorated function, never None.
     python_callable: Callable[..., Any]
     template_fields: Sequence[str] = SecureStepOperator.template_fields
@@ -60,6 +80,10 @@ class _StepguardDecoratedOperator(DecoratedOperator, SecureStepOperator):
         self.shell = shell
         if shell:
             kwargs.setdefault("isolation", "sandbox")
+        inferred = _inferred_receipts(python_callable, op_args or (), op_kwargs or {},
+                                      kwargs.get("spec"), kwargs.get("receipts"))
+        if inferred:
+            kwargs["receipts"] = {**inferred, **(kwargs.get("receipts") or {})}
         super().__init__(
             kwargs_to_upstream={"python_callable": python_callable, "op_args": op_args,
                                 "op_kwargs": op_kwargs},
@@ -83,6 +107,40 @@ class _StepguardDecoratedOperator(DecoratedOperator, SecureStepOperator):
                                          subject=self.task_id)
             self.python_callable = None  # type: ignore[assignment]
         return super().execute(context)
+
+    def _returned(self, receipt: dict[str, Any], box: dict[str, Any], context: Context) -> Any:
+        if self.shell:
+            return receipt
+        return box.get("result")
+
+
+def _inferred_receipts(fn: Callable[..., Any], args: Collection[Any], kwargs: Mapping[str, Any],
+                       spec: Any, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Input name -> producer receipt, for each input the spec declares without a receipt
+    whose name is a parameter bound to a secured task's value (``validate(raw)`` with
+    ``raw = extract()``): that input is verified against the producer's receipt."""
+    from airflow.sdk.definitions.xcom_arg import PlainXComArg
+
+    if not isinstance(spec, Mapping):
+        return {}
+    names = [i.get("name") for i in spec.get("inputs") or () if isinstance(i, Mapping)
+             and not (i.get("manifest") or i.get("receipt"))]
+    wanted = [n for n in names if isinstance(n, str) and n not in (given or {})]
+    if not wanted:
+        return {}
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return {}
+    out: dict[str, Any] = {}
+    for name in wanted:
+        value = bound.get(name)
+        if isinstance(value, PlainXComArg):
+            op = value.operator
+            cls = getattr(op, "operator_class", None) or type(op)
+            if getattr(cls, "_stepguard_secured", False):
+                out[name] = value
+    return out
 
 
 def _hide_step_env(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,17 +170,18 @@ def stepguard_task(
     """Wrap a function into a :class:`~stepguard_airflow.operators.SecureStepOperator` task.
 
     Accepts the operator's arguments (``spec``, ``isolation``, ``receipts``, ``env``,
-    ``conn_id``) plus ``shell=True`` for functions that return a command. The receipt is the
-    single XCom value (``multiple_outputs`` is ignored: a receipt is never unrolled).
+    ``conn_id``) plus ``shell=True`` for functions that return a command, and ``@task``'s own
+    (``multiple_outputs``, ``retries``, ...). The task's value is the function's return value;
+    the receipt is under the XCom key ``stepguard_receipt``.
     """
-    del multiple_outputs
     if python_callable is not None:
         python_callable = _hide_step_env(python_callable)
-        return task_decorator_factory(python_callable=python_callable, multiple_outputs=False,
+        return task_decorator_factory(python_callable=python_callable,
+                                      multiple_outputs=multiple_outputs,
                                       decorated_operator_class=_StepguardDecoratedOperator,
                                       **kwargs)
 
-    factory = task_decorator_factory(multiple_outputs=False,
+    factory = task_decorator_factory(multiple_outputs=multiple_outputs,
                                      decorated_operator_class=_StepguardDecoratedOperator,
                                      **kwargs)
 

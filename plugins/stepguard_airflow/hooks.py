@@ -140,18 +140,35 @@ class StepguardHook(BaseHook):
                     os.environ[key] = old
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check that Vault answers at the configured address (no login)."""
-        from stepguard.errors import StepguardError
-        from stepguard.wiring import probe_vault
+        """The connection form's "Test": reach Vault, then log in with the configured method.
+
+        Reports which of the two failed: Vault unreachable (address, TLS, outage) or the login
+        denied (wrong AppRole secret, expired token, missing role). A token the login created is
+        revoked at once; nothing secret is in the message.
+        """
+        from stepguard.audit import redact
+        from stepguard.errors import ConfigurationError, CredentialDenied, StepguardError
+        from stepguard.wiring import probe_vault, vault_client
 
         settings = self.get_settings()
-        if not settings.vault.addr:
+        addr = settings.vault.addr
+        if not addr:
             return False, "no Vault address configured"
         try:
             probe_vault(settings)
         except StepguardError as exc:
-            return False, f"Vault unreachable: {exc.message}"
-        return True, "Vault answered"
+            return False, redact(f"Vault unreachable at {addr}: {exc.message}")
+        method = settings.vault.auth
+        try:
+            with self.login_env(settings), vault_client(settings):
+                pass
+        except CredentialDenied as exc:
+            return False, redact(f"Vault login denied ({method}): {exc}")
+        except ConfigurationError as exc:
+            return False, redact(f"Vault login not configured ({method}): {exc}")
+        except StepguardError as exc:
+            return False, redact(f"Vault login failed ({method}, {type(exc).__name__}): {exc}")
+        return True, f"Vault answered at {addr}; {method} login succeeded"
 
 
 #: ``[stepguard]`` airflow.cfg options -> settings (section, key).

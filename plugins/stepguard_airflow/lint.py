@@ -2,19 +2,35 @@
 
 Static (AST) checks, no DAG is imported or run:
 
-* ``SG001`` a stock operator or TaskFlow decorator that has a stepguard counterpart;
-* ``SG002`` a stock ``KubernetesPodOperator`` without a security context;
-* ``SG003`` a container image not pinned by digest (``@sha256:``);
+* ``SG001`` a stock operator or TaskFlow decorator that has a stepguard counterpart (including
+  every amazon-provider S3 transfer, copy and create-object operator);
+* ``SG002`` a stock ``KubernetesPodOperator`` without a security context, or any pod or
+  container security context that grants privileges (``privileged``, privilege escalation,
+  root, added capabilities) or host namespaces (``hostNetwork``/``hostPID``/``hostIPC``);
+* ``SG003`` a container image not pinned by digest (``@sha256:``), also when the image is held
+  in a module-level constant;
 * ``SG004`` a literal secret: a password/token/key-named value, a connection URI with a
-  password, or a string shaped like a known credential (AWS key id, Vault token, private key...);
+  password, a string shaped like a known credential (AWS key id, Vault token, private key...),
+  or a URL carrying a token (Slack/Discord/Teams webhooks, ``?token=``, ``sig=``...);
+* ``SG005`` a secret from a connection, a Variable or Vault that flows into XCom or is templated
+  into a pod's environment (see :mod:`stepguard_airflow._lint_flow`);
 * ``SG020`` (with ``--floor FILE``) a breach of the organisation's policy floor: a template
   instance or a stepguard task that weakens it (see :mod:`stepguard_airflow._lint_floor`);
 * ``SG000`` a file that does not parse.
 
-Every finding names the file and line. A secret's value is never printed. A deliberate
-exception is marked on its line with ``# stepguard: ignore[SG001]`` (or a bare
-``# stepguard: ignore`` for every rule), so the exception is visible in review. Exit status: 0 when
-clean, 1 when anything was found (``--warn-only``: always 0), 2 for a usage error.
+Secret *names*, file paths and Vault paths are not secrets: ``password_file="/run/db"``,
+``{"secret": "kv/data/train"}``, ``secret_name="db-password"`` are never findings.
+
+Module-level string constants are propagated (``IMAGE = "python:3.11"`` then ``image=IMAGE``),
+including ``+`` and f-strings of constants. Every finding names the file and line. A secret's
+value is never printed. A deliberate exception is marked on its line with
+``# stepguard: ignore[SG001]`` (or a bare ``# stepguard: ignore`` for every rule), so the
+exception is visible in review. Output: text (default), ``--json``, or ``--sarif`` (SARIF 2.1.0,
+for CI code scanning). Exit status: 0 when clean, 1 when anything was found (``--warn-only``:
+always 0), 2 for a usage error.
+
+Adding a rule: give it an id and description in :data:`RULES` and append a check -- a function
+``(tree, context) -> iterable of Finding`` -- to :data:`CHECKS`.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -32,17 +48,49 @@ import ast
 import json
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stepguard.errors import ConfigurationError
+from stepguard_airflow._lint_flow import is_secret_key, secret_flows
 
 if TYPE_CHECKING:
     from stepguard.floor import Floor
 
-__all__ = ["Finding", "lint_paths", "lint_source", "register"]
+__all__ = ["CHECKS", "RULES", "Finding", "LintContext", "lint_paths", "lint_source", "register",
+           "to_sarif"]
+
+#: Rule id -> what it finds (the ``--sarif`` rule descriptions, and the docs' table).
+RULES: dict[str, str] = {
+    "SG000": "file does not parse or cannot be read",
+    "SG001": "stock operator or decorator that has a stepguard counterpart",
+    "SG002": "pod without a security context, or a context granting privileges or host "
+             "namespaces",
+    "SG003": "container image not pinned by digest",
+    "SG004": "literal secret: secret-named value, credential-shaped string, token-bearing URL",
+    "SG005": "secret from a connection, Variable or Vault flows into XCom or a pod's "
+             "environment",
+    "SG020": "breach of the organisation's policy floor (with --floor)",
+}
+
+_S3_WRITE = ("SecureStepOperator with a declared output (uploaded with SHA-256 checksums and a "
+             "manifest), or SignAndPublishModelOperator for models")
+_S3_READ = "stepguard_airflow.operators.IngestDatasetOperator (verified before use)"
+#: Every amazon-provider operator that moves, copies or creates S3 data.
+_S3_OPERATORS: dict[str, str] = {
+    **dict.fromkeys((
+        "AzureBlobStorageToS3Operator", "DynamoDBToS3Operator", "ExasolToS3Operator",
+        "FTPToS3Operator", "GCSToS3Operator", "GoogleApiToS3Operator", "HttpToS3Operator",
+        "ImapAttachmentToS3Operator", "LocalFilesystemToS3Operator", "MongoToS3Operator",
+        "RedshiftToS3Operator", "SalesforceToS3Operator", "SFTPToS3Operator", "SqlToS3Operator",
+        "S3CopyObjectOperator", "S3CopyPrefixOperator", "S3CreateObjectOperator"), _S3_WRITE),
+    **dict.fromkeys((
+        "S3ToDynamoDBOperator", "S3ToFTPOperator", "S3ToRedshiftOperator", "S3ToSFTPOperator",
+        "S3ToSqlOperator", "S3ReadObjectOperator", "S3ToLocalFilesystemOperator",
+        "S3FileTransformOperator"), _S3_READ),
+}
 
 #: Stock operator class -> the stepguard counterpart to use instead.
 COUNTERPARTS: dict[str, str] = {
@@ -55,8 +103,7 @@ COUNTERPARTS: dict[str, str] = {
     "BashOperator": "stepguard_airflow.operators.SecureStepOperator (command=...)",
     "DockerOperator": "stepguard_airflow.operators.SecureKubernetesPodOperator, or "
                       "SecureStepOperator(isolation='sandbox')",
-    "S3ToLocalFilesystemOperator": "stepguard_airflow.operators.IngestDatasetOperator",
-    "S3FileTransformOperator": "stepguard_airflow.operators.IngestDatasetOperator",
+    **_S3_OPERATORS,
 }
 #: TaskFlow decorators (``@task``, ``@task.<name>``) with a stepguard counterpart.
 DECORATORS: dict[str, str] = {
@@ -84,7 +131,47 @@ _SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("GitHub token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b")),
     ("Slack token", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),
     ("connection URI with a password", re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^@\s/]+@")),
+    ("webhook URL with a token", re.compile(
+        r"https://(hooks\.slack\.com/(services|workflows|triggers)/[A-Za-z0-9/_-]{20,}|"
+        r"(discord|discordapp)\.com/api/webhooks/\d+/[\w-]{20,}|"
+        r"[\w.-]*webhook\.office\.com/webhookb2/\S{20,}|"
+        r"[\w.-]+\.logic\.azure\.com\S*[?&]sig=[^&\s{]{16,})")),
+    ("URL with a token", re.compile(
+        r"\bhttps?://[^\s'\"]*[?&](access_token|token|api_?key|apikey|key|sig|signature|"
+        r"x-amz-signature|client_secret|password|secret|auth)=(?!\{\{)[^&\s#'\"]{8,}",
+        re.IGNORECASE)),
 )
+#: A value that names or locates a secret instead of being one: a path, a Vault path, a
+#: ``scheme:`` reference, or a secret's own name (``db-password``).
+_REFERENCE = re.compile(
+    r"^(/|\./|~/|(vault|env|file|s3|gs|kv|secret|ssm|arn|aws|k8s|kubernetes):(?!//[^/\s:@]+:)|"
+    r"[a-z0-9_.{}-]+(/[a-z0-9_.{}-]+)+/?$)")  # Vault paths are lower case; keys are not
+_SECRET_NAME_VALUE = re.compile(r"^[a-z][a-z0-9]*([_.-][a-z0-9]+)+$")
+_PRIVILEGE_KEYS = {
+    # key (camelCase or snake_case) -> (bad value, what it grants)
+    "privileged": (True, "a privileged container (every device, every capability)"),
+    "allowPrivilegeEscalation": (True, "privilege escalation (set-uid binaries)"),
+    "allow_privilege_escalation": (True, "privilege escalation (set-uid binaries)"),
+    "runAsNonRoot": (False, "a container that may run as root"),
+    "run_as_non_root": (False, "a container that may run as root"),
+    "runAsUser": (0, "a container running as root"),
+    "run_as_user": (0, "a container running as root"),
+    "hostNetwork": (True, "the host's network namespace"),
+    "host_network": (True, "the host's network namespace"),
+    "hostnetwork": (True, "the host's network namespace"),
+    "hostPID": (True, "the host's process namespace"),
+    "host_pid": (True, "the host's process namespace"),
+    "hostIPC": (True, "the host's IPC namespace"),
+    "host_ipc": (True, "the host's IPC namespace"),
+}
+_CAPABILITY_KEYS = ("add",)
+
+
+def _is_reference(value: str) -> bool:
+    v = value.strip()
+    if _REFERENCE.match(v) and " " not in v:
+        return True
+    return bool(_SECRET_NAME_VALUE.match(v)) and is_secret_key(v)
 
 
 @dataclass(frozen=True)
@@ -115,27 +202,85 @@ def _name_of(node: ast.expr) -> str | None:
     return None
 
 
+@dataclass
+class LintContext:
+    """What a check knows about the file: its path, its imports, its module constants."""
+
+    path: str
+    #: local name -> imported name (``from x import A as B``: ``B -> A``).
+    aliases: dict[str, str] = field(default_factory=dict)
+    #: local names imported from airflow or stepguard_airflow.
+    airflow_names: set[str] = field(default_factory=set)
+    #: module-level name -> its assigned expression (constant propagation).
+    constants: dict[str, ast.expr] = field(default_factory=dict)
+    #: the organisation's policy floor, when linting with ``--floor`` (SG020).
+    floor: Floor | None = None
+
+    def finding(self, node: ast.AST, rule: str, message: str) -> Finding:
+        return Finding(self.path, getattr(node, "lineno", 0),
+                       getattr(node, "col_offset", 0) + 1, rule, message)
+
+    def value(self, node: ast.expr, depth: int = 0) -> ast.expr:
+        """``node`` with module-level names replaced by what they were assigned."""
+        if isinstance(node, ast.Name) and node.id in self.constants and depth < 8:
+            return self.value(self.constants[node.id], depth + 1)
+        return node
+
+    def string(self, node: ast.expr, depth: int = 0) -> str | None:
+        """The string value of ``node`` when it is known statically (constants, ``+``,
+        f-strings of constants), else None."""
+        node = self.value(node, depth)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if depth > 8:
+            return None
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            left, right = self.string(node.left, depth + 1), self.string(node.right, depth + 1)
+            return left + right if left is not None and right is not None else None
+        if isinstance(node, ast.JoinedStr):
+            parts = []
+            for v in node.values:
+                part = self.string(v.value if isinstance(v, ast.FormattedValue) else v,
+                                   depth + 1)
+                if part is None:
+                    return None
+                parts.append(part)
+            return "".join(parts)
+        return None
+
+
+def _module_context(tree: ast.Module, path: str) -> LintContext:
+    ctx = LintContext(path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            for alias in node.names:
+                local = alias.asname or alias.name
+                ctx.aliases[local] = alias.name
+                if module.startswith(("airflow", "stepguard_airflow")):
+                    ctx.airflow_names.add(local)
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and \
+                isinstance(stmt.targets[0], ast.Name):
+            ctx.constants[stmt.targets[0].id] = stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
+                stmt.value is not None:
+            ctx.constants[stmt.target.id] = stmt.value
+    return ctx
+
+
 class _Visitor(ast.NodeVisitor):
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, ctx: LintContext) -> None:
+        self.ctx = ctx
+        self.path = ctx.path
         self.findings: list[Finding] = []
-        self.aliases: dict[str, str] = {}  # local name -> imported class name
-        self.airflow_names: set[str] = set()
+        self.aliases = ctx.aliases
+        self.airflow_names = ctx.airflow_names
 
     def add(self, node: ast.AST, rule: str, message: str) -> None:
-        self.findings.append(Finding(self.path, getattr(node, "lineno", 0),
-                                     getattr(node, "col_offset", 0) + 1, rule, message))
+        self.findings.append(self.ctx.finding(node, rule, message))
 
     # -- imports ------------------------------------------------------------------------------
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        module = node.module or ""
-        for alias in node.names:
-            local = alias.asname or alias.name
-            self.aliases[local] = alias.name
-            if module.startswith(("airflow", "stepguard_airflow")):
-                self.airflow_names.add(local)
-        self.generic_visit(node)
 
     # -- operators ----------------------------------------------------------------------------
 
@@ -157,14 +302,56 @@ class _Visitor(ast.NodeVisitor):
             if kw.arg and isinstance(kw.value, ast.Constant) and \
                     isinstance(kw.value.value, str):
                 self._named_value(kw.value, kw.arg)
+            if kw.arg in _PRIVILEGE_KEYS:
+                self._privilege(kw.value, kw.arg, node)
+            elif kw.arg in ("security_context", "container_security_context",
+                            "pod_template_dict", "full_pod_spec", "capabilities") and \
+                    isinstance(kw.value, ast.Name):
+                # A context held in a module constant: check what it was assigned.
+                resolved = self.ctx.value(kw.value)
+                if resolved is not kw.value:
+                    self._context_of(resolved, node)
+        if called in ("V1Capabilities",):
+            self._capabilities(node)
         self.generic_visit(node)
 
+    def _privilege(self, value: ast.expr, key: str, where: ast.AST) -> None:
+        bad, grants = _PRIVILEGE_KEYS[key]
+        resolved = self.ctx.value(value)
+        if isinstance(resolved, ast.Constant) and resolved.value == bad and \
+                type(resolved.value) is type(bad):
+            self.add(where, "SG002", f"security context grants {grants} ({key}="
+                     f"{resolved.value!r}): remove it; stepguard pods never need it")
+
+    def _context_of(self, node: ast.expr, where: ast.AST) -> None:
+        """Privilege settings inside a context held in a module-level constant."""
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.Dict):
+                for key, value in zip(inner.keys, inner.values, strict=True):
+                    if isinstance(key, ast.Constant) and key.value in _PRIVILEGE_KEYS:
+                        self._privilege(value, str(key.value), where)
+            elif isinstance(inner, ast.Call):
+                for kw in inner.keywords:
+                    if kw.arg in _PRIVILEGE_KEYS:
+                        self._privilege(kw.value, kw.arg, where)
+
+    def _capabilities(self, node: ast.Call | ast.Dict) -> None:
+        added: ast.expr | None = None
+        if isinstance(node, ast.Call):
+            added = next((k.value for k in node.keywords if k.arg == "add"), None)
+        else:
+            added = next((v for k, v in zip(node.keys, node.values, strict=True)
+                          if isinstance(k, ast.Constant) and k.value == "add"), None)
+        if isinstance(added, (ast.List, ast.Tuple)) and added.elts:
+            caps = [self.ctx.string(e) or "?" for e in added.elts]
+            self.add(node, "SG002", f"security context adds capabilities ({', '.join(caps)}): "
+                     "drop ALL and add none")
+
     def _image(self, value: ast.expr) -> None:
-        if isinstance(value, ast.Constant) and isinstance(value.value, str):
-            image = value.value
-            if "{{" not in image and not _DIGEST.search(image):
-                self.add(value, "SG003", f"image not pinned by digest: {image} "
-                         "(a tag can be moved to other bytes; use name@sha256:<digest>)")
+        image = self.ctx.string(value)
+        if image is not None and "{{" not in image and not _DIGEST.search(image):
+            self.add(value, "SG003", f"image not pinned by digest: {image} "
+                     "(a tag can be moved to other bytes; use name@sha256:<digest>)")
 
     # -- decorators ---------------------------------------------------------------------------
 
@@ -195,7 +382,8 @@ class _Visitor(ast.NodeVisitor):
 
     def _named_value(self, value: ast.Constant, name: str) -> None:
         text = value.value
-        if not isinstance(text, str) or _is_templated_or_placeholder(text):
+        if not isinstance(text, str) or _is_templated_or_placeholder(text) or \
+                _is_reference(text):
             return
         if _SECRET_NAME.search(name) and not _NOT_SECRET_NAME.search(name):
             self.add(value, "SG004", f"literal secret in '{name}' (value not shown): use a "
@@ -222,6 +410,10 @@ class _Visitor(ast.NodeVisitor):
             if isinstance(key, ast.Constant) and isinstance(key.value, str):
                 if key.value == "image":
                     self._image(value)
+                elif key.value in _PRIVILEGE_KEYS:
+                    self._privilege(value, key.value, value)
+                elif key.value == "capabilities" and isinstance(value, ast.Dict):
+                    self._capabilities(value)
                 elif isinstance(value, ast.Constant):
                     self._named_value(value, key.value)
         self.generic_visit(node)
@@ -252,15 +444,14 @@ def lint_source(source: str, path: str = "<string>", floor: Floor | None = None
     except SyntaxError as exc:
         return [Finding(path, exc.lineno or 0, exc.offset or 0, "SG000",
                         "file does not parse as Python")]
-    visitor = _Visitor(path)
-    visitor.visit(tree)
-    if floor is not None:
-        _floor_rule(visitor, tree, floor)
+    ctx = _module_context(tree, path)
+    ctx.floor = floor
+    found = [f for check in CHECKS for f in check(tree, ctx)]
     ignored = _suppressions(source)
     # One finding per (line, rule): a secret both named and shaped is reported once.
     seen: set[tuple[int, int, str]] = set()
     out: list[Finding] = []
-    for f in sorted(visitor.findings, key=lambda f: (f.line, f.col, f.rule)):
+    for f in sorted(found, key=lambda f: (f.line, f.col, f.rule)):
         key = (f.line, f.col, f.rule)
         rules = ignored.get(f.line)
         if rules is not None and (not rules or f.rule in rules):
@@ -271,12 +462,35 @@ def lint_source(source: str, path: str = "<string>", floor: Floor | None = None
     return out
 
 
-def _floor_rule(visitor: _Visitor, tree: ast.AST, floor: Floor) -> None:
-    """SG020: the DAG file against the organisation's policy floor."""
+def _node_checks(tree: ast.Module, ctx: LintContext) -> list[Finding]:
+    """SG001-SG004: one pass over the tree."""
+    visitor = _Visitor(ctx)
+    visitor.visit(tree)
+    return visitor.findings
+
+
+def _flow_checks(tree: ast.Module, ctx: LintContext) -> list[Finding]:
+    """SG005: secrets flowing into XCom or a pod's environment."""
+    tasks = {local for local, name in ctx.aliases.items()
+             if name == "task" and local in ctx.airflow_names}
+    return [Finding(ctx.path, line, col, rule, message)
+            for line, col, rule, message in secret_flows(tree, tasks)]
+
+
+def _floor_checks(tree: ast.Module, ctx: LintContext) -> list[Finding]:
+    """SG020: the DAG file against the organisation's policy floor (``--floor``)."""
+    if ctx.floor is None:
+        return []
     from stepguard_airflow._lint_floor import RULE, floor_findings
 
-    for line, col, message in floor_findings(tree, floor):
-        visitor.findings.append(Finding(visitor.path, line, col, RULE, message))
+    return [Finding(ctx.path, line, col, RULE, message)
+            for line, col, message in floor_findings(tree, ctx.floor)]
+
+
+#: Every check run on a file: ``(tree, context) -> findings``. A new rule appends its check.
+CHECKS: list[Callable[[ast.Module, LintContext], Iterable[Finding]]] = [
+    _node_checks, _flow_checks, _floor_checks,
+]
 
 
 _IGNORE = re.compile(r"#\s*stepguard:\s*ignore(?:\[(?P<rules>[A-Z0-9, ]+)\])?")
@@ -330,7 +544,9 @@ def _handle(args: argparse.Namespace) -> int:
     if args.select:
         wanted = {s.strip() for s in args.select.split(",")}
         findings = [f for f in findings if f.rule in wanted]
-    if args.json:
+    if args.sarif:
+        print(json.dumps(to_sarif(findings), indent=2))
+    elif args.json:
         print(json.dumps({"findings": [asdict(f) for f in findings],
                           "count": len(findings)}, indent=2))
     else:
@@ -340,12 +556,66 @@ def _handle(args: argparse.Namespace) -> int:
     return 0 if (not findings or args.warn_only) else 1
 
 
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+
+
+def to_sarif(findings: Sequence[Finding], root: Path | None = None) -> dict[str, Any]:
+    """Findings as a SARIF 2.1.0 log (one run, every rule described, paths relative to
+    ``root``, default the current directory, under ``%SRCROOT%``).
+
+    >>> log = to_sarif([Finding("dags/a.py", 3, 5, "SG003", "image not pinned")],
+    ...                root=Path("."))
+    >>> log["version"], log["runs"][0]["results"][0]["locations"][0]["physicalLocation"]
+    ('2.1.0', {'artifactLocation': {'uri': 'dags/a.py', 'uriBaseId': '%SRCROOT%'}, \
+'region': {'startLine': 3, 'startColumn': 5}})
+    """
+    from stepguard import __version__
+
+    base = (root or Path.cwd()).absolute()
+    ids = sorted(RULES)
+    results = []
+    for f in findings:
+        p = Path(f.path).absolute()
+        try:
+            uri = p.relative_to(base).as_posix()
+        except ValueError:
+            uri = p.as_uri()
+        results.append({
+            "ruleId": f.rule,
+            "ruleIndex": ids.index(f.rule) if f.rule in ids else -1,
+            "level": "error",
+            "message": {"text": f.message},
+            "locations": [{"physicalLocation": {
+                "artifactLocation": {"uri": uri, "uriBaseId": "%SRCROOT%"},
+                "region": {"startLine": max(f.line, 1), "startColumn": max(f.col, 1)},
+            }}],
+        })
+    return {
+        "$schema": SARIF_SCHEMA,
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {
+                "name": "stepguard-lint",
+                "version": __version__,
+                "rules": [{"id": rid, "name": rid,
+                           "shortDescription": {"text": RULES[rid]},
+                           "defaultConfiguration": {"level": "error"}} for rid in ids],
+            }},
+            "columnKind": "unicodeCodePoints",
+            "results": results,
+        }],
+    }
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``stepguard lint``."""
     p = sub.add_parser("lint", help="check Airflow DAG files for insecure patterns (CI)",
                        description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("paths", nargs="+", metavar="DAGS_DIR", help="DAG files or directories")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--sarif", action="store_true",
+                     help="SARIF 2.1.0 output, for CI code scanning (e.g. GitHub)")
     p.add_argument("--select", help="only these rules, comma-separated (e.g. SG003,SG004)")
     p.add_argument("--warn-only", action="store_true", help="report, but exit 0")
     p.add_argument("--floor", metavar="FILE",

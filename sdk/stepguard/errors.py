@@ -48,6 +48,7 @@ __all__ = [
     "TransientError",
     "TransientCredentialError",
     "VerificationError",
+    "VersionConflict",
 ]
 
 
@@ -178,6 +179,12 @@ class StepTimeout(IsolationError):
 
 class RegistryError(OperationalError):
     """The artifact registry failed to store or return an artifact."""
+
+
+class VersionConflict(RegistryError):
+    """A registry version already exists with other bytes. Versions are immutable, so a
+    retry cannot succeed: publish under a new version. (Same name, version and bytes is not a
+    conflict: the publish returns the existing record.)"""
 
 
 class AuditError(OperationalError):

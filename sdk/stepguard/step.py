@@ -454,9 +454,12 @@ class _Run:
                          if k not in hidden}
                 env = StepEnv(inputs=dict(inputs), outputs=dict(outputs), credentials=creds,
                               context=self.ctx)
+                from stepguard.audit import redact
                 from stepguard.isolation import call_in_process
 
-                call_in_process(body, env, deadline_s=self._remaining(), name=self.spec.name)
+                # The body's own message reaches the error and the receipt, masked.
+                call_in_process(body, env, deadline_s=self._remaining(), name=self.spec.name,
+                                mask=redact)
                 return
             assert command is not None
             from stepguard.isolation import run_isolated

@@ -107,6 +107,7 @@ def test_unsafe_pod_is_refused_at_parse_time(airflow_db, kubeconfig, kwargs, rul
         _op(kubeconfig, **kwargs)
     assert any(d.startswith(rule) for d in info.value.details), info.value.details
     assert "train" in str(info.value)
+    assert rule in str(info.value)  # the one-line message names the rule
 
 
 def test_api_usable_projected_token_is_refused(airflow_db, kubeconfig):

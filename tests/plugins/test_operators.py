@@ -66,10 +66,11 @@ def test_decorator_python_body_gets_step_env_and_args(airflow_run, stepguard_env
     """)
     dr = dag.test()
     assert airflow_run.states(dr) == {"fit": "success"}
-    receipt = airflow_run.xcom_of(dr, "fit")
+    receipt = airflow_run.xcom_of(dr, "fit", "stepguard_receipt")
     assert receipt["isolation"]["mode"] == "process"
     assert (Path(receipt["outputs"][0]["path"]) / "lr.txt").read_text() == "0.25"
-    assert airflow_run.xcom_of(dr, "fit", "result") == {"lr": 0.25}
+    # Like @task: the task's value is what the function returned.
+    assert airflow_run.xcom_of(dr, "fit") == {"lr": 0.25}
 
 
 def test_mapped_instances_keep_their_own_receipts_and_outputs(airflow_run, stepguard_env):
@@ -120,33 +121,69 @@ def test_decorator_shell_body_runs_in_the_sandbox(airflow_run, stepguard_env):
     dr = dag.test()
     assert airflow_run.states(dr) == {"probe": "success"}
     receipt = airflow_run.xcom_of(dr, "probe")
+    assert airflow_run.xcom_of(dr, "probe", "stepguard_receipt") == receipt
     assert receipt["isolation"]["mode"] == "sandbox"
     out = Path(receipt["outputs"][0]["path"])
     assert (out / "w").read_text().strip() == "hello"
     assert (out / "uid").read_text().strip() != "0"
 
 
-def test_failure_is_one_clear_message_and_leaks_no_body_text(airflow_run, stepguard_env, capfd):
+def test_failure_is_one_clear_message_with_the_masked_body_text(airflow_run, stepguard_env,
+                                                               capfd):
+    """One line naming the control, the subject and the body's own message (a registered
+    secret in it masked), one traceback (the body's frames), and the failed receipt keeps it."""
     dag, _ = airflow_run.write("""
         import pendulum
         from airflow.sdk import DAG
         from airflow.providers.standard.operators.empty import EmptyOperator
+        from stepguard.audit import register_secret
         from stepguard_airflow.operators import SecureStepOperator
 
         def boom():
-            raise ValueError("row 17 has ssn 078-05-1120")
+            secret = "canary-" + "token-5f1e9a77"  # not in the source a traceback quotes
+            register_secret(secret)
+            raise ValueError(f"row 17 has no label; token {secret}\\nsecond line")
 
         with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
             SecureStepOperator(task_id="fit", python_callable=boom) >> EmptyOperator(task_id="after")
     """)
     dr = dag.test()
-    out = capfd.readouterr().out
+    out = capfd.readouterr()
+    text = out.out + out.err
     assert airflow_run.states(dr) == {"fit": "failed", "after": "upstream_failed"}
-    assert "stepguard step 'fit' failed: BodyFailed: step body raised ValueError: fit" in out
+    assert "stepguard step 'fit' failed: BodyFailed [body]: step body raised ValueError: " \
+           "[REDACTED]: fit" in text
+    assert "canary-token-5f1e9a77" not in text
+    # The task's own log: from its start (the DAG bag parse before it may log other files').
+    task_log = text[max(text.rfind("Task started"), 0):]
+    assert task_log.count("Traceback (most recent call last)") == 1
+    assert 'in boom' in text  # the one traceback shows where the body raised
     failed = airflow_run.xcom_of(dr, "fit", "stepguard_failed_receipt")
     assert failed["status"] == "failed" and failed["error"]["type"] == "BodyFailed"
-    assert "078-05-1120" not in json.dumps(failed)
+    assert failed["error"]["message"] == "step body raised ValueError: [REDACTED]"
+    assert "canary-token-5f1e9a77" not in json.dumps(failed)
     assert airflow_run.xcom_of(dr, "fit") is None
+
+
+def test_failed_receipt_keeps_the_body_message(airflow_run, stepguard_env, capfd):
+    dag, _ = airflow_run.write("""
+        import pendulum
+        from airflow.sdk import DAG
+        from stepguard_airflow.operators import SecureStepOperator
+
+        def boom():
+            raise ValueError("row 17 has no label")
+
+        with DAG("{dag_id}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            SecureStepOperator(task_id="fit", python_callable=boom)
+    """)
+    dr = dag.test()
+    text = capfd.readouterr().out
+    line = "stepguard step 'fit' failed: BodyFailed [body]: step body raised ValueError: " \
+           "row 17 has no label: fit"
+    assert line in text
+    failed = airflow_run.xcom_of(dr, "fit", "stepguard_failed_receipt")
+    assert failed["error"]["message"] == "step body raised ValueError: row 17 has no label"
 
 
 def test_receipt_chain_stops_tampered_handoff_before_the_body(airflow_run, stepguard_env, capfd):

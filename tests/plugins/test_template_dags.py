@@ -170,8 +170,8 @@ def test_weakened_task_is_refused_by_the_step_runner(airflow_run, template_env, 
     states = airflow_run.states(dr)
     assert states["train"] == "failed", out[-4000:]
     assert states["sign_and_publish"] == states["gate"] == "upstream_failed"
-    assert ("stepguard step 'train' failed: PolicyViolation: floor rule 'isolated' violated"
-            in out)
+    assert ("stepguard step 'train' failed: PolicyViolation [policy]: "
+            "floor rule 'isolated' violated" in out)
     failed = airflow_run.xcom_of(dr, "train", "stepguard_failed_receipt")
     assert failed["error"]["type"] == "PolicyViolation"
     assert failed["credentials"] == []  # refused before any credential was minted

@@ -24,6 +24,7 @@ from stepguard_airflow._common import (
     step_name,
     task_failure,
 )
+from stepguard_airflow.operators._step import receipt_arg
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -265,7 +266,7 @@ class VerifyDatasetOperator(BaseOperator):
                  credential: CredentialRequest | Mapping[str, Any] | None = None,
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dataset = dataset
+        self.dataset = receipt_arg(dataset)  # a @task.stepguard call: its receipt
         self.output_name = output_name
         self.path = path
         self.credential = _credential_request(credential, "storage")
@@ -321,7 +322,7 @@ class SignAndPublishModelOperator(BaseOperator):
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.credential = _credential_request(credential, "storage")
-        self.model = model
+        self.model = receipt_arg(model)  # a @task.stepguard call: its receipt
         self.output_name = output_name
         self.name = name
         self.version = version
@@ -391,7 +392,7 @@ class VerifyModelOperator(BaseOperator):
 
             raise ConfigurationError("a verification gate needs an explicit policy",
                                      subject=f"{self.task_id}.policy")
-        self.model = model
+        self.model = receipt_arg(model)  # a @task.stepguard call: its receipt
         self.policy = policy
         self.output_name = output_name
         self.credential = _credential_request(credential, "storage")

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 #: Name of the parameter through which a Python body receives its :class:`stepguard.step.StepEnv`.
 STEP_ENV_PARAM = "step_env"
+#: XCom key of every secured task's receipt (``return_value`` too, except for ``@task.stepguard``).
+RECEIPT_KEY = "stepguard_receipt"
 
 
 class SecureStepOperator(BaseOperator):
@@ -53,10 +55,13 @@ class SecureStepOperator(BaseOperator):
         verified against the digest its producer recorded (templated).
     :param env: extra, non-secret environment for a command body (templated).
     :param conn_id: the ``stepguard`` connection with Vault address/login (optional).
+    :param templates_dict: as ``PythonOperator``'s: rendered, and handed to the callable as the
+        context key ``templates_dict`` (templated).
+    :param show_return_value_in_logs: as ``PythonOperator``'s: log the callable's return value.
     """
 
     template_fields: Sequence[str] = ("spec", "command", "op_args", "op_kwargs", "receipts",
-                                      "env")
+                                      "env", "templates_dict")
     template_fields_renderers: ClassVar[dict[str, str]] = {
         "spec": "json", "receipts": "json", "env": "json", "command": "bash",
     }
@@ -79,6 +84,8 @@ class SecureStepOperator(BaseOperator):
         receipts: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         conn_id: str | None = "stepguard_default",
+        templates_dict: Mapping[str, Any] | None = None,
+        show_return_value_in_logs: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -103,9 +110,11 @@ class SecureStepOperator(BaseOperator):
         self.op_args = list(op_args or [])
         self.op_kwargs = dict(op_kwargs or {})
         self.isolation = isolation
-        self.receipts = dict(receipts) if receipts else None
+        self.receipts = {k: receipt_arg(v) for k, v in receipts.items()} if receipts else None
         self.env = dict(env) if env else None
         self.conn_id = conn_id
+        self.templates_dict = dict(templates_dict) if templates_dict else None
+        self.show_return_value_in_logs = show_return_value_in_logs
 
     def _argv(self) -> list[str] | None:
         if self.command is None:
@@ -114,16 +123,23 @@ class SecureStepOperator(BaseOperator):
             return ["/bin/sh", "-c", self.command]
         return [str(a) for a in self.command]
 
-    def _body(self, box: dict[str, Any]) -> Callable[[Any], None] | None:
+    def _body(self, box: dict[str, Any], context: Context) -> Callable[[Any], None] | None:
         fn = self.python_callable
         if fn is None:
             return None
         wants_env = _accepts(fn, STEP_ENV_PARAM)
-        args, kwargs = list(self.op_args), dict(self.op_kwargs)
+        args = list(self.op_args)
+        kwargs = dict(_with_context(fn, self.op_args, self.op_kwargs,
+                                    {**context, "templates_dict": self.templates_dict}))
+        shown = self.show_return_value_in_logs
 
         def body(step_env: Any) -> None:
             extra = {STEP_ENV_PARAM: step_env} if wants_env else {}
             box["result"] = fn(*args, **kwargs, **extra)
+            if shown:
+                self.log.info("Done. Returned value was: %s", box["result"])
+            else:
+                self.log.info("Done. Returned value not shown")
 
         return body
 
@@ -145,12 +161,43 @@ class SecureStepOperator(BaseOperator):
         spec = resolve_spec(spec_in, isolation, self.env, self.receipts)
         box: dict[str, Any] = {}
         receipt = execute_step(context=context, spec=spec, command=self._argv(),
-                               body=self._body(box), conn_id=self.conn_id,
+                               body=self._body(box, context), conn_id=self.conn_id,
                                receipts=self.receipts)
+        data = receipt_xcom(receipt)
+        context["ti"].xcom_push(key=RECEIPT_KEY, value=data)
+        return self._returned(data, box, context)
+
+    def _returned(self, receipt: dict[str, Any], box: dict[str, Any], context: Context) -> Any:
+        """The task's ``return_value``: the receipt; a Python body's value also goes to
+        ``result``. (``@task.stepguard`` returns the function's value instead.)"""
         result = box.get("result")
         if result is not None:
             context["ti"].xcom_push(key="result", value=_jsonable(result))
-        return receipt_xcom(receipt)
+        return receipt
+
+
+def receipt_arg(value: Any) -> Any:
+    """A producer's receipt for ``receipts=``: ``task()`` of a ``@task.stepguard`` function is
+    its *value*, so its receipt is read from the ``stepguard_receipt`` key instead."""
+    from airflow.sdk.definitions.xcom_arg import PlainXComArg, XComArg
+
+    if isinstance(value, PlainXComArg) and value.key == "return_value":
+        op = value.operator
+        cls = getattr(op, "operator_class", None) or type(op)
+        if getattr(cls, "_stepguard_returns_value", False):
+            return XComArg(op, key=RECEIPT_KEY)
+    return value
+
+
+def _with_context(fn: Callable[..., Any], args: Collection[Any], kwargs: Mapping[str, Any],
+                  context: Context) -> Mapping[str, Any]:
+    """The keyword arguments of a Python body, with the Airflow context injected exactly as
+    ``@task``/``PythonOperator`` do: by parameter name (``ds``, ``params``, ``ti``...) or all of
+    it to ``**kwargs``."""
+    from airflow.sdk.bases.decorator import KeywordParameters
+
+    merged = {**context, **kwargs}
+    return KeywordParameters.determine(fn, args, merged).unpacking()
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:

@@ -234,7 +234,7 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
                        parse_time: bool = False) -> None:
         """Raise :class:`~stepguard.errors.PolicyViolation` naming every broken rule."""
         from stepguard.errors import PolicyViolation
-        from stepguard.isolation import check_pod
+        from stepguard.isolation import check_pod, violations_summary
 
         pod = dict(manifest) if manifest is not None else self.preview_pod()
         found = check_pod(pod, schema=not parse_time)
@@ -245,8 +245,8 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
             found = [v for v in found if v.rule != "stepguard.image-digest"]
         if found:
             raise PolicyViolation(
-                f"pod violates {len(found)} rule{'s' if len(found) > 1 else ''}",
-                subject=f"task {self.task_id}", details=[str(v) for v in found],
+                violations_summary(found), subject=f"task {self.task_id}",
+                details=[str(v) for v in found],
                 hint="remove the overriding argument, or see docs/reference/isolation.md",
             )
 
@@ -291,7 +291,7 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
                                      k8s.V1EnvVar(name=WRAPPED_ENV, value=wrapped)]
                 return super().execute(context)
         except StepguardError as err:
-            raise task_failure(step_name(self.task_id), err) from err
+            raise task_failure(step_name(self.task_id), err) from None
         finally:
             self._delete_network_policy()
 

@@ -11,7 +11,13 @@ is run or a manifest is checked against the schema.
 
 from __future__ import annotations
 
-from stepguard.isolation._check import Violation, assert_pod_ok, check_pod, check_schema
+from stepguard.isolation._check import (
+    Violation,
+    assert_pod_ok,
+    check_pod,
+    check_schema,
+    violations_summary,
+)
 from stepguard.isolation._inprocess import call_in_process
 from stepguard.isolation._pod import build_network_policy, build_pod
 from stepguard.isolation._result import RunResult
@@ -29,4 +35,5 @@ __all__ = [
     "check_schema",
     "find_bwrap",
     "run_isolated",
+    "violations_summary",
 ]

@@ -12,7 +12,7 @@ ReplicaSet, Job, CronJob).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +89,23 @@ class Violation:
 
     def __str__(self) -> str:
         return f"{self.rule}: {self.path}: {self.message}"
+
+
+def violations_summary(found: Sequence[Violation], what: str = "pod") -> str:
+    """One line naming the broken rules, for an error's message (details list every one).
+
+    >>> violations_summary([Violation("stepguard.image-digest", "spec.containers[0].image",
+    ...                               "not pinned")])
+    'pod violates 1 rule: stepguard.image-digest at spec.containers[0].image (not pinned)'
+    >>> violations_summary([Violation(r, "p", "m") for r in "abcde"])
+    'pod violates 5 rules: a, b, c, d, +1 more'
+    """
+    if len(found) == 1:
+        v = found[0]
+        return f"{what} violates 1 rule: {v.rule} at {v.path} ({v.message})"
+    rules = list(dict.fromkeys(v.rule for v in found))
+    shown = ", ".join(rules[:4]) + (f", +{len(rules) - 4} more" if len(rules) > 4 else "")
+    return f"{what} violates {len(found)} rules: {shown}"
 
 
 _PodParts = tuple[Mapping[str, Any], Mapping[str, Any], str, bool]
@@ -376,15 +393,16 @@ def assert_pod_ok(manifest: Mapping[str, Any], *, schema: bool = True,
 
     >>> from stepguard.isolation import assert_pod_ok
     >>> assert_pod_ok({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
-    ...                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}, schema=False)
+    ...                "spec": {"containers": [{"name": "c", "image": "busybox"}]}},
+    ...               schema=False)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    stepguard.errors.PolicyViolation: pod violates 10 rules: x
+    stepguard.errors.PolicyViolation: pod violates 10 rules: restricted.privilege-escalation, ...: x
     """
     found = check_pod(manifest, schema=schema, kubernetes_version=kubernetes_version)
     if found:
         name = subject or str((manifest.get("metadata") or {}).get("name") or
                               manifest.get("kind"))
-        raise PolicyViolation(f"pod violates {len(found)} rule{'s' if len(found) > 1 else ''}",
-                              subject=name, details=[str(f) for f in found],
+        raise PolicyViolation(violations_summary(found), subject=name,
+                              details=[str(f) for f in found],
                               hint="see docs/reference/isolation.md for each rule")

@@ -2,7 +2,9 @@
 
 ``publish`` signs the model and uploads its files with SHA-256 checksums, then the signature
 bundle last as the commit marker; ``fetch`` downloads into staging and returns a path only after
-the signature, the policy, every digest and the format checks pass. Versions are immutable.
+the signature, the policy, every digest and the format checks pass. Versions are immutable;
+publishing the same bytes again returns the existing record, other bytes raise
+:class:`~stepguard.errors.VersionConflict`.
 Registries know nothing of settings: ``stepguard.wiring.fetch_verified`` is the deployment gate
 that opens the settings' registry and policy.
 
@@ -25,10 +27,13 @@ that opens the settings' registry and policy.
 >>> path = reg.fetch("demo", "1.0.0", policy=KeyPolicy(public_keys=(pub,)), dest=d / "out")
 >>> (path / "model.onnx").read_bytes()
 b'onnx-bytes'
+>>> reg.publish(d / "model", "demo", "1.0.0", signer=KeySigner(d / "k.pem")) == rec
+True
+>>> _ = (d / "model" / "model.onnx").write_bytes(b"other-bytes")
 >>> reg.publish(d / "model", "demo", "1.0.0", signer=KeySigner(d / "k.pem"))
 Traceback (most recent call last):
 ...
-stepguard.errors.RegistryError: version already exists (versions are immutable): demo:1.0.0
+stepguard.errors.VersionConflict: version exists with other content (immutable): demo:1.0.0
 """
 
 from __future__ import annotations

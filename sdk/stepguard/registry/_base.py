@@ -31,6 +31,7 @@ from stepguard.errors import (
     RegistryError,
     StepguardError,
     VerificationError,
+    VersionConflict,
 )
 
 BUNDLE_NAME = "model.sig"
@@ -172,16 +173,19 @@ class Registry(abc.ABC):
         or ``Receipt``; see :func:`~stepguard.signing.build_provenance`), signed with the same
         signer and stored beside the model. ``manifest``: an integrity ``Manifest`` of the same
         tree; its root digest is bound into the signed statement. On any failure everything this
-        call uploaded is removed. A version that already exists raises RegistryError.
+        call uploaded is removed.
+
+        Publishing is idempotent: when ``name``/``version`` already exists with the same root
+        digest (the same bytes), nothing is uploaded and the existing version's record is
+        returned, so a re-run of a cleared pipeline run succeeds. Different bytes raise
+        :class:`~stepguard.errors.VersionConflict` (versions are immutable; never retried); a
+        version that exists but was never committed raises :class:`RegistryError`.
         """
         from stepguard.signing import check_formats, model_files, sign_digests, sign_provenance
 
         _check("name", name, _NAME)
         _check("version", version, _VERSION)
         base = f"{name}/{version}/"
-        if self._any_under(base):
-            raise RegistryError("version already exists (versions are immutable)",
-                                subject=f"{name}:{version}")
         binding: dict[str, Any] = {"registry_name": name, "version": version}
         if manifest is not None:
             binding["manifest_digest"] = manifest.digest
@@ -193,6 +197,8 @@ class Registry(abc.ABC):
         if not files:
             raise ConfigurationError("model directory is empty", subject=str(root))
         check_formats(files, allow_pickle=allow_pickle)
+        if self._any_under(base):
+            return self._republish(files, name, version, signer)
         up = _Upload()
         total = 0
         prov_uri = man_uri = None
@@ -246,6 +252,49 @@ class Registry(abc.ABC):
             bundle_digest="sha256:" + hashlib.sha256(signed.bundle).hexdigest(),
             root_digest=signed.root_digest, signer=signed.signer, files=len(signed.files),
             size=total, provenance_uri=prov_uri, manifest_uri=man_uri)
+
+    def _republish(self, files: Mapping[str, Path], name: str, version: str,
+                   signer: Any) -> PublishedModel:
+        """``publish`` of a version that exists: the existing record for the same bytes, else
+        :class:`~stepguard.errors.VersionConflict`.
+
+        The stored statement is read, not verified: nothing is trusted from it except the
+        digests compared here, and a consumer verifies the version against its policy on fetch.
+        """
+        from stepguard.signing._bundle import load_bundle, parse_envelope, parse_model_statement
+        from stepguard.signing._hashing import hash_files
+
+        base = f"{name}/{version}/"
+        label = f"{name}:{version}"
+        raw = self._get_bytes(base + BUNDLE_NAME)
+        if raw is None:
+            raise RegistryError("version exists but is not committed (a publish is in progress "
+                                "or failed)", subject=label,
+                                hint="remove the partial version, or publish another version")
+        envelope = parse_envelope(load_bundle(raw, subject=label), subject=label)
+        stored = parse_model_statement(envelope.payload_type, envelope.payload, subject=label)
+        local = hash_files(dict(files))
+        if dict(stored.files) != local:
+            changed = sorted(k for k in stored.files.keys() | local.keys()
+                             if stored.files.get(k) != local.get(k))
+            raise VersionConflict(
+                "version exists with other content (immutable)",
+                subject=label, details=[f"differs: {k}" for k in changed[:20]],
+                hint="publish under a new version")
+        prov = base + PROVENANCE_NAME
+        man = base + MANIFEST_NAME
+        hint = envelope.hint or ""
+        mine = str(getattr(signer, "identity", ""))
+        # The signer who committed the version: ours when the key hint matches, else the hint.
+        signed_by = mine if hint and mine.endswith(hint) else f"sha256:{hint or envelope.keyid}"
+        return PublishedModel(
+            name=name, version=version, registry=self.url, uri=self._uri(base),
+            bundle_uri=self._uri(base + BUNDLE_NAME),
+            bundle_digest="sha256:" + hashlib.sha256(raw).hexdigest(),
+            root_digest=stored.root_digest, signer=signed_by,
+            files=len(stored.files), size=sum(os.lstat(p).st_size for p in files.values()),
+            provenance_uri=self._uri(prov) if self._get_bytes(prov) is not None else None,
+            manifest_uri=self._uri(man) if self._get_bytes(man) is not None else None)
 
     #: Files uploaded concurrently by one publish (each backend bounds its own memory per file).
     upload_workers: int = 4

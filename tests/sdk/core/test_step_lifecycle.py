@@ -162,6 +162,35 @@ def test_body_exception_is_typed_and_keeps_text_out_of_receipt(tmp_path, setting
     assert "hunter2" not in str(info.value)
 
 
+def test_body_message_is_kept_masked_in_error_and_receipt(tmp_path, settings, dataset):
+    """The body's own first line reaches the error and the receipt: registered secrets and
+    values of secret-named keys masked."""
+    from stepguard.audit import register_secret
+
+    data, manifest = dataset
+    canary = "reg1stered-" + "canary-5e7d"
+    register_secret(canary)
+
+    def body(env):
+        raise ValueError(f"column 3 has NaN (token={canary}, api_key=abc123456)\nmore")
+
+    with pytest.raises(BodyFailed) as info:
+        run_step(_spec(tmp_path, data, manifest), body=body, settings=settings)
+    want = "step body raised ValueError: [REDACTED]"
+    assert info.value.message == want
+    assert info.value.receipt.error.message == want
+
+    def body2(env):
+        raise ValueError("column 3 has NaN; api_key=abc123456")
+
+    with pytest.raises(BodyFailed) as info:
+        run_step(_spec(tmp_path / "2", data, manifest), body=body2, settings=settings)
+    want = "step body raised ValueError: column 3 has NaN; api_key=[REDACTED]"
+    assert info.value.message == want
+    assert info.value.receipt.error.message == want
+    assert "abc123456" not in info.value.receipt.to_json()
+
+
 def test_in_process_deadline_interrupts_body(tmp_path, settings, dataset):
     data, manifest = dataset
     spec = _spec(tmp_path, data, manifest, deadline_s=0.5)

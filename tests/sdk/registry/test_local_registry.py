@@ -13,6 +13,7 @@ from stepguard.errors import (
     PolicyViolation,
     RegistryError,
     SignatureError,
+    VersionConflict,
 )
 from stepguard.registry import LocalRegistry, open_registry
 from stepguard.signing import KeyPolicy, KeySigner, verify_provenance
@@ -41,9 +42,18 @@ def test_publish_fetch_list(reg, model, keys, tmp_path):
 
 
 def test_versions_are_immutable(reg, model, keys):
-    reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
-    with pytest.raises(RegistryError, match="immutable"):
+    first = reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
+    # Same bytes again (a cleared run re-publishing): success, the existing record, no upload.
+    before = {p: p.stat().st_mtime_ns for p in (reg.root / "bert" / "1.0").rglob("*")}
+    again = reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
+    assert again == first
+    assert {p: p.stat().st_mtime_ns for p in (reg.root / "bert" / "1.0").rglob("*")} == before
+    # Different bytes under the same version: a typed, non-retryable conflict naming the file.
+    (model / "config.json").write_text('{"hidden": 9}\n')
+    with pytest.raises(VersionConflict, match="immutable") as info:
         reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
+    assert isinstance(info.value, RegistryError)
+    assert info.value.details == ("differs: config.json",)
 
 
 def test_uncommitted_version_is_invisible(reg, model, keys, tmp_path):

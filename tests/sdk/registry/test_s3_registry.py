@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from stepguard.errors import IntegrityError, RegistryError, SignatureError
+from stepguard.errors import IntegrityError, RegistryError, SignatureError, VersionConflict
 from stepguard.registry import open_registry
 from stepguard.signing import KeyPolicy, KeySigner
 
@@ -49,7 +49,9 @@ def test_publish_fetch_list_s3(reg, s3, bucket, model, keys, tmp_path):
     out = reg.fetch("bert", "1.0", policy=_policy(keys), dest=tmp_path / "out")
     assert (out / "config.json").read_text() == '{"hidden": 8}\n'
     assert [(e.name, e.version) for e in reg.list(policy=_policy(keys))] == [("bert", "1.0")]
-    with pytest.raises(RegistryError, match="immutable"):
+    assert reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private)) == rec
+    (model / "config.json").write_text("{}\n")
+    with pytest.raises(VersionConflict, match="immutable"):
         reg.publish(model, "bert", "1.0", signer=KeySigner(keys.private))
 
 
