@@ -556,9 +556,6 @@ def _handle(args: argparse.Namespace) -> int:
     return 0 if (not findings or args.warn_only) else 1
 
 
-SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
-
-
 def to_sarif(findings: Sequence[Finding], root: Path | None = None) -> dict[str, Any]:
     """Findings as a SARIF 2.1.0 log (one run, every rule described, paths relative to
     ``root``, default the current directory, under ``%SRCROOT%``).
@@ -569,42 +566,9 @@ def to_sarif(findings: Sequence[Finding], root: Path | None = None) -> dict[str,
     ('2.1.0', {'artifactLocation': {'uri': 'dags/a.py', 'uriBaseId': '%SRCROOT%'}, \
 'region': {'startLine': 3, 'startColumn': 5}})
     """
-    from stepguard import __version__
+    from stepguard_airflow._lint_sarif import sarif_log
 
-    base = (root or Path.cwd()).absolute()
-    ids = sorted(RULES)
-    results = []
-    for f in findings:
-        p = Path(f.path).absolute()
-        try:
-            uri = p.relative_to(base).as_posix()
-        except ValueError:
-            uri = p.as_uri()
-        results.append({
-            "ruleId": f.rule,
-            "ruleIndex": ids.index(f.rule) if f.rule in ids else -1,
-            "level": "error",
-            "message": {"text": f.message},
-            "locations": [{"physicalLocation": {
-                "artifactLocation": {"uri": uri, "uriBaseId": "%SRCROOT%"},
-                "region": {"startLine": max(f.line, 1), "startColumn": max(f.col, 1)},
-            }}],
-        })
-    return {
-        "$schema": SARIF_SCHEMA,
-        "version": "2.1.0",
-        "runs": [{
-            "tool": {"driver": {
-                "name": "stepguard-lint",
-                "version": __version__,
-                "rules": [{"id": rid, "name": rid,
-                           "shortDescription": {"text": RULES[rid]},
-                           "defaultConfiguration": {"level": "error"}} for rid in ids],
-            }},
-            "columnKind": "unicodeCodePoints",
-            "results": results,
-        }],
-    }
+    return sarif_log(findings, RULES, root)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
