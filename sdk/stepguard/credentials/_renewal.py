@@ -1,10 +1,14 @@
-"""The process's renewal thread: one daemon thread renews every open credential session's step
-token and leases when they are due.
+"""The process's renewal scheduler: one daemon thread keeps every open credential session's
+step token and leases renewed when they are due.
 
-A session adds itself with its next due time and is dropped when it revokes; the thread sleeps
-until the earliest due time and then calls the session's ``_renew_due()``, which renews and
-schedules the next renewal. Sessions are held weakly: a session nobody closes is not kept alive
-by its renewals (its token's TTL then ends it). After a fork the child starts afresh.
+A session adds itself with its next due time and is dropped when it revokes; the scheduler
+sleeps until the earliest due time and then runs the session's ``_renew_due()``, which renews
+and schedules the next renewal, on a short-lived daemon worker thread of its own. One session
+whose Vault hangs (its renewal may take a whole retry budget) therefore never delays another
+session's renewal past its token's TTL; a session has at most one renewal running, since the
+next one is scheduled only when the current one ends. Sessions are held weakly: a session
+nobody closes is not kept alive by its renewals (its token's TTL then ends it). After a fork
+the child starts afresh.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Renewals:
         self._due: weakref.WeakKeyDictionary[Renewable, float] = (
             weakref.WeakKeyDictionary())
         self._thread: threading.Thread | None = None
+        self._workers = threading.local()
         self._pid = 0
 
     def add(self, session: Renewable, at: float) -> None:
@@ -61,8 +66,16 @@ class Renewals:
             return session in self._due
 
     def on_renewal_thread(self) -> bool:
-        """True when called from the renewal thread (a session revoking from its renewal)."""
-        return threading.current_thread() is self._thread
+        """True when called from a renewal (a session revoking from its own renewal)."""
+        return (threading.current_thread() is self._thread
+                or getattr(self._workers, "renewing", False))
+
+    def _renew(self, session: Renewable) -> None:
+        self._workers.renewing = True
+        try:
+            session._renew_due()
+        except Exception as exc:  # pragma: no cover - _renew_due catches its own
+            log.warning("renewal failed unexpectedly (%s)", type(exc).__name__)
 
     def _run(self) -> None:
         while True:
@@ -76,10 +89,8 @@ class Renewals:
                     self._cond.wait(None if nxt is None else nxt - now)
                     continue
             for session in ready:
-                try:
-                    session._renew_due()
-                except Exception as exc:  # pragma: no cover - _renew_due catches its own
-                    log.warning("renewal failed unexpectedly (%s)", type(exc).__name__)
+                threading.Thread(target=self._renew, args=(session,), daemon=True,
+                                 name="stepguard-renewal").start()
 
 
 #: The one renewal scheduler of this process.

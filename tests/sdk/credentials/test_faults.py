@@ -181,3 +181,23 @@ def test_one_sessions_broken_renewal_does_not_stop_the_others(dev_stack, approle
         assert good.token.renewals >= 1
     assert "renewal for step bad failed unexpectedly (KeyError)" in caplog.text
     assert good.revocation_ok and bad.revocation_ok
+
+
+@pytest.mark.slow
+def test_a_hanging_renewal_does_not_starve_other_sessions(fault_proxy, dev_stack, approle_auth):
+    """One session's Vault hangs on renewal (a whole retry budget per attempt); a second
+    session in the same process must still be renewed on time, or its short-TTL token expires
+    under a running step."""
+    fault_proxy.rule = lambda m, p, n: ("delay", 20) if p.endswith("/renew-self") else "pass"
+    stuck_cfg = VaultConfig(addr=fault_proxy.url, auth=approle_auth, token_heartbeat_s=3,
+                            timeout_s=15)
+    good_cfg = VaultConfig(addr=dev_stack.vault_addr, auth=approle_auth, token_heartbeat_s=3)
+    with open_session([], settings=stuck_cfg, context=RunContext(step="stuck"), ttl_s=60,
+                      handle_sigterm=False):
+        time.sleep(2.5)  # the stuck session's renewal is now hanging
+        with open_session([], settings=good_cfg, context=RunContext(step="good"), ttl_s=60,
+                          handle_sigterm=False) as good:
+            time.sleep(4.5)
+            assert good.token.renewals >= 1
+            body = good.step_api().request("GET", "auth/token/lookup-self", what="lookup")
+            assert body is not None and body["data"]["ttl"] > 0
