@@ -206,6 +206,10 @@ class CredentialSession:
                 explicit_max_ttl_s=self._login.ttl_s, metadata={})
         self._step_api = self._api.with_token(self._step_token)
         self.timings["token_s"] = time.monotonic() - t0
+        # Renewals start with the token, not after the credentials: issuing them can take
+        # longer than a short heartbeat (IAM propagation waits, a slow secrets backend), and
+        # the token must not expire under the issuance.
+        self._start_renewer()
 
         for req in requests:
             t1 = time.monotonic()
@@ -221,7 +225,7 @@ class CredentialSession:
             self._credentials._add(req.name, req.kind, req.delivery,
                                    env_prefix(req.name, req.env_prefix), issued.values)
             self.timings[f"issue_s.{req.name}"] = time.monotonic() - t1
-        self._start_renewer()
+        self._schedule_renewal()  # now also for the leases' own TTLs
 
     def _renew_interval(self) -> float | None:
         """Seconds until the next renewal (2/3 of the shortest TTL that ends before the step)."""
