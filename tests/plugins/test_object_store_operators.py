@@ -38,6 +38,11 @@ def worker(stepguard_env, dev_stack, monkeypatch):
                  "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    # boto3's default session caches the credentials it first resolved (an earlier test's
+    # static keys): start from a fresh one, as a fresh worker process would.
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     return root
 
