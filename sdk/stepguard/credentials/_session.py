@@ -96,6 +96,10 @@ class CredentialSession:
         #: Held while a renewal runs; revocation takes it so no renewal overlaps it.
         self._renew_lock = threading.Lock()
         self._started = time.monotonic()
+        #: When each TTL began counting ("token", or a lease's index): the monotonic time its
+        #: request was *sent*, so work done after Vault answered (registering the values with
+        #: a slow log masker, another credential's issuance) never pushes a renewal past expiry.
+        self._ttl_from: dict[str | int, float] = {}
         self._closed = False
         self._login_revoked = False
         self.timings: dict[str, float] = {}
@@ -162,7 +166,7 @@ class CredentialSession:
         from stepguard.credentials._kinds import issue
         from stepguard.receipt import LeaseRecord
 
-        t0 = time.monotonic()
+        t0 = self._started = time.monotonic()
         cfg, ctx = self.config, self.context
         meta = {"stepguard": "step", "pipeline": ctx.pipeline, "run_id": ctx.run_id,
                 "step": ctx.step, "try": str(ctx.try_number), "orchestrator": ctx.orchestrator}
@@ -198,6 +202,7 @@ class CredentialSession:
                 policies=tuple(auth.get("policies") or self._policies),
                 ttl_s=int(auth.get("lease_duration") or heartbeat), explicit_max_ttl_s=max_ttl,
                 metadata=meta)
+            self._ttl_from["token"] = t0
         else:
             self._step_token = self._login.token
             self._token = TokenRecord(
@@ -209,12 +214,13 @@ class CredentialSession:
         # Renewals start with the token, not after the credentials: issuing them can take
         # longer than a short heartbeat (IAM propagation waits, a slow secrets backend), and
         # the token must not expire under the issuance.
-        self._start_renewer()
+        self._schedule_renewal()
 
         for req in requests:
             t1 = time.monotonic()
             issued = issue(self._step_api, req, ctx, ttl_s=self._ttl_s)
             with self._lock:
+                self._ttl_from[len(self._leases)] = t1
                 self._issued.append(issued)
                 self._leases.append(LeaseRecord(
                     name=req.name, kind=req.kind,
@@ -227,28 +233,27 @@ class CredentialSession:
             self.timings[f"issue_s.{req.name}"] = time.monotonic() - t1
         self._schedule_renewal()  # now also for the leases' own TTLs
 
-    def _renew_interval(self) -> float | None:
-        """Seconds until the next renewal (2/3 of the shortest TTL that ends before the step)."""
+    def _next_due(self) -> float | None:
+        """Monotonic time of the next renewal: 2/3 into the shortest TTL that ends before the
+        step does, counted from when that TTL began (see ``_ttl_from``); None when none does."""
         horizon = self._ttl_s
-        ttls: list[float] = []
+        due: list[float] = []
         tok = self._token
         if tok is not None and tok.child and tok.ttl_s < horizon:
-            ttls.append(tok.ttl_s)
-        for rec in self._leases:
+            due.append(self._ttl_from.get("token", self._started) + tok.ttl_s * 2 / 3)
+        for i, rec in enumerate(self._leases):
             if rec.renewable and rec.revocable and 0 < rec.ttl_s < horizon:
-                ttls.append(rec.ttl_s)
-        if not ttls:
+                due.append(self._ttl_from.get(i, self._started) + rec.ttl_s * 2 / 3)
+        if not due:
             return None
-        return max(1.0, min(ttls) * 2 / 3)
-
-    def _start_renewer(self) -> None:
-        self._started = time.monotonic()
-        self._schedule_renewal()
+        # At least half a second apart, so a Vault that keeps answering with a tiny TTL is not
+        # asked in a tight loop.
+        return max(min(due), time.monotonic() + 0.5)
 
     def _schedule_renewal(self) -> None:
-        interval = self._renew_interval()
-        if interval is not None:
-            RENEWALS.add(self, time.monotonic() + interval)
+        at = self._next_due()
+        if at is not None:
+            RENEWALS.add(self, at)
 
     def _renew_due(self) -> None:
         """Run by the process's renewal thread when this session's renewal is due."""
@@ -273,23 +278,27 @@ class CredentialSession:
         tok = self._token
         if tok is not None and tok.child and not self._closed:
             inc = int(max(2, min(self.config.token_heartbeat_s, remaining + 30)))
+            sent = time.monotonic()
             body = api.request("POST", "auth/token/renew-self", what="step token renewal",
                                json={"increment": f"{inc}s"})
             ttl = int(((body or {}).get("auth") or {}).get("lease_duration") or tok.ttl_s)
             with self._lock:
                 self._token = replace(tok, ttl_s=ttl, renewals=tok.renewals + 1)
+                self._ttl_from["token"] = sent
         for i, issued in enumerate(list(self._issued)):
             rec = self._leases[i]
             if self._closed:  # revocation has begun: renewing now would only race it
                 return
             if not (issued.lease_id and rec.renewable and rec.revocable):
                 continue
+            sent = time.monotonic()
             body = api.request("PUT", "sys/leases/renew", what=f"lease renewal {rec.name!r}",
                                json={"lease_id": issued.lease_id,
                                      "increment": int(remaining + 30)})
             ttl = int((body or {}).get("lease_duration") or rec.ttl_s)
             with self._lock:
                 self._leases[i] = replace(rec, ttl_s=ttl)
+                self._ttl_from[i] = sent
 
     def revoke(self) -> tuple[LeaseRecord, ...]:
         """Revoke every revocable lease, then the step token (and our own login token).

@@ -120,3 +120,31 @@ def test_canary_absent_from_everything_a_full_step_produced(dev_stack, vault_cli
                 assert f not in t
     if audit_log.exists():
         assert any(json.loads(line) for line in audit_log.read_text().splitlines() if line)
+
+
+def test_a_slow_log_masker_does_not_let_short_ttls_expire(dev_stack, short_role, probes,
+                                                          monkeypatch):
+    """Each value is registered with the log masker after Vault answered, and Airflow's masker
+    recompiles one regex over every secret it has seen, so in a long-lived process it slows down.
+    TTLs count from the request, so renewals are scheduled from then: with 1.5 s per
+    registration, a 3 s step token and a 5 s database lease still live through the step."""
+    from stepguard.audit import _redact
+
+    def slow_sink(forms):
+        time.sleep(1.5)
+
+    monkeypatch.setattr(_redact._guard, "sinks", (*_redact._guard.sinks, slow_sink))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auth = TokenAuth(dev_stack.vault_root_token)
+    cfg = VaultConfig(addr=dev_stack.vault_addr, auth=auth, token_heartbeat_s=3)
+    req = CredentialRequest(name="db", kind="database", role=short_role)
+    with open_session([req], settings=cfg, context=RunContext(step="slow-mask"), ttl_s=60,
+                      policies=[short_role]) as s:
+        lease = s._issued[0].lease_id
+        time.sleep(6)  # past both first TTLs, counted from the requests
+        body = s.step_api().request("GET", "auth/token/lookup-self", what="test lookup")
+        assert body["data"]["ttl"] > 0
+        assert probes.lease_exists(lease)
+    assert s.token.revoked
+    assert not probes.lease_exists(lease)
