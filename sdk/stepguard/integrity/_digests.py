@@ -106,6 +106,26 @@ def file_digests(path: str | os.PathLike[str], names: Iterable[str] | None = Non
     return {k: d[len("sha256:"):] for k, d in digests.items()}
 
 
+def open_regular(name: str) -> tuple[int, os.stat_result]:
+    """Open ``name`` for reading without following a symlink; return the descriptor and its
+    ``fstat``. Anything but a regular file is refused (the descriptor is then closed), so a
+    FIFO, device or socket can never stall or feed a reader. Raises
+    :class:`~stepguard.errors.IntegrityError` naming the path.
+    """
+    try:
+        fd = os.open(name, OPEN_FLAGS)
+    except OSError as exc:
+        raise IntegrityError(f"cannot open ({exc.strerror})", subject=name) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError("not a regular file (refused)", subject=name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def copy_file(src: str | os.PathLike[str], dest_fd: int) -> str:
     """Copy the regular file ``src`` into the descriptor ``dest_fd``; return the SHA-256 (hex)
     of exactly the bytes written.
@@ -122,14 +142,8 @@ def copy_file(src: str | os.PathLike[str], dest_fd: int) -> str:
     b'abc'
     """
     name = os.fspath(src)
+    fd, st = open_regular(name)
     try:
-        fd = os.open(name, OPEN_FLAGS)
-    except OSError as exc:
-        raise IntegrityError(f"cannot open ({exc.strerror})", subject=name) from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError("not a regular file", subject=name)
         h = hashlib.sha256()
         view = aligned_buffer(min(_COPY_BUF, max(st.st_size, 1)))
         while True:

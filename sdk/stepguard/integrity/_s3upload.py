@@ -27,14 +27,13 @@ import base64
 import contextlib
 import hashlib
 import os
-import stat
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from stepguard.errors import ConfigurationError, IntegrityError
-from stepguard.integrity._direct import OPEN_FLAGS
+from stepguard.integrity._digests import open_regular
 from stepguard.integrity._manifest import DEFAULT_SHARD_SIZE, Manifest, ManifestEntry
 from stepguard.integrity._s3 import S3Location, call, default_client
 from stepguard.integrity._tree import create_manifest, finish, jobs_arg
@@ -82,14 +81,8 @@ def put_file(client: Any, path: str | os.PathLike[str], bucket: str, key: str, *
                                  subject=f"{part_size}, {parts_in_flight}")
     limit = part_size if multipart_above is None else multipart_above
     name = os.fspath(path)
+    fd, st = open_regular(name)
     try:
-        fd = os.open(name, OPEN_FLAGS)
-    except OSError as exc:
-        raise IntegrityError(f"cannot open ({exc.strerror})", subject=name) from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError("not a regular file (refused)", subject=name)
         if st.st_size > limit:
             return _put_parts(client, fd, st.st_size, bucket, key, part_size=part_size,
                               in_flight=parts_in_flight, expected=expected,
