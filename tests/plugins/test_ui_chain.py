@@ -36,12 +36,12 @@ def _records():
                  bundle_digest="sha256:" + "ee" * 32, signer="transit:stepguard-signing:v1"))],
              creds=[LeaseRecord("sts", "aws_web_identity", None, False)],
              t0="2026-01-01T00:00:04", t1="2026-01-01T00:00:05")
-    gate = _r("gate", inputs=[InputRecord("model", "/m", D2, True)],
-              outputs=[OutputRecord("model", "/g", D2, "/g.json")],
+    gate = _r("gate", outputs=[OutputRecord("model", "/g", D2, "/g.json")],
               t0="2026-01-01T00:00:06", t1="2026-01-01T00:00:07")
     deploy = _r("deploy", inputs=[InputRecord("model", "/g", D2, True)],
                 t0="2026-01-01T00:00:08", t1="2026-01-01T00:00:09")
-    verdict = {"policy": "release", "signer": "transit:stepguard-signing:v1", "digest": D2}
+    verdict = {"policy": "release", "signer": "transit:stepguard-signing:v1", "digest": D2,
+               "name": "churn", "version": "1"}
     return [TaskRecord("ingest", -1, "success", ingest), TaskRecord("train", -1, "success", train),
             TaskRecord("publish", -1, "success", pub),
             TaskRecord("gate", -1, "success", gate, gate=verdict),
@@ -56,6 +56,12 @@ def test_edges_follow_verified_digests_to_the_latest_producer():
     assert [chain.node(k).layer for k in ("ingest", "train", "publish", "gate", "deploy")] == \
         [0, 1, 2, 3, 4]
     assert not chain.node("notify").secured
+
+
+def test_a_gate_consumes_the_digest_its_verdict_names():
+    chain = build_chain(_records())
+    [edge] = [e for e in chain.edges if e.consumer == "gate"]
+    assert (edge.producer, edge.input, edge.verified) == ("publish", "churn:1", True)
 
 
 def test_checks_name_signer_gate_credentials_and_isolation():

@@ -9,7 +9,8 @@ error.
 An edge goes from a producer's output to a consumer's input when the input's verified digest
 is the output's root digest. Where several tasks output the same digest (a gate re-emits the
 model it verified), the edge comes from the latest of them that finished before the consumer
-started: the one it consumed.
+started: the one it consumed. A gate's receipt names no input (it fetches the model from the
+registry); the digest its verdict names (the ``gate`` XCom) is its input.
 
 >>> ingest = TaskRecord("ingest", -1, "success", {"step": "ingest", "status": "succeeded",
 ...     "outputs": [{"name": "dataset", "digest": "sha256:aa", "files": 1}],
@@ -228,6 +229,17 @@ def _when(record: TaskRecord, key: str) -> str:
     return _str(record.receipt, key) or record.start_date or ""
 
 
+def _inputs(record: TaskRecord) -> list[Mapping[str, Any]]:
+    """The receipt's inputs, and for a gate the registry model it verified (a gate fetches
+    from the registry: its receipt names no input, its verdict names the digest)."""
+    inputs = _list(record.receipt, "inputs")
+    gate = record.gate
+    if gate is not None and (digest := _str(gate, "digest")):
+        name = f"{_str(gate, 'name') or 'model'}:{_str(gate, 'version') or '?'}"
+        inputs.append({"name": name, "digest": digest, "verified": bool(_str(gate, "signer"))})
+    return inputs
+
+
 def _edges(records: Sequence[TaskRecord]) -> list[Edge]:
     produced: dict[str, list[tuple[TaskRecord, str]]] = {}
     for rec in records:
@@ -236,7 +248,7 @@ def _edges(records: Sequence[TaskRecord]) -> list[Edge]:
                 produced.setdefault(digest, []).append((rec, _str(o, "name") or "?"))
     edges: list[Edge] = []
     for rec in records:
-        for inp in _list(rec.receipt, "inputs"):
+        for inp in _inputs(rec):
             digest = _str(inp, "digest")
             if digest is None:
                 continue
