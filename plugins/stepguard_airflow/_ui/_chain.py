@@ -171,7 +171,8 @@ def checks_of(record: TaskRecord) -> tuple[Check, ...]:
     if inputs or outputs:
         unverified = [_str(i, "name") or "?" for i in inputs if i.get("verified") is not True]
         verdict: Verdict = "warn" if unverified else "pass"
-        parts = [f"{len(inputs) - len(unverified)}/{len(inputs)} input(s) verified"]
+        parts = [f"{len(inputs) - len(unverified)}/{len(inputs)} input(s) verified"
+                 if inputs else "no input"]
         if unverified:
             parts.append("unverified: " + ", ".join(unverified))
         parts.append(f"{len(outputs)} output(s) hashed")
@@ -213,9 +214,12 @@ def checks_of(record: TaskRecord) -> tuple[Check, ...]:
     if isinstance(iso, Mapping) and iso:
         mode = str(iso.get("mode", "?"))
         extra = ", ".join(f"{k}={v}" for k, v in sorted(iso.items())
-                          if k != "mode" and isinstance(v, (str, int, float, bool)))
-        verdict = "warn" if mode in ("none", "in-process", "inprocess") else "pass"
-        out.append(Check("isolation", verdict, mode + (f" ({extra})" if extra else "")))
+                          if k != "mode" and "trace" not in k
+                          and isinstance(v, (str, int, float, bool)))
+        if mode == "process":  # isolation not asked for: said plainly, neither pass nor fail
+            out.append(Check("isolation", "info", "none: ran in the task process"))
+        else:
+            out.append(Check("isolation", "pass", mode + (f" ({extra})" if extra else "")))
     if _str(r, "signature"):
         out.append(Check("receipt", "info", "receipt signed (DSSE bundle; verified by the "
                          "consuming step, not by this view)"))

@@ -37,8 +37,8 @@ CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
        "frame-ancestors 'self'; base-uri 'none'; form-action 'none'")
 
 _ICON = {"pass": "✓", "fail": "✗", "warn": "!", "info": "·"}
-_W, _GAP_X, _GAP_Y, _LINE, _HEAD = 300, 90, 24, 17, 44
-_LABEL_CHARS = 44
+_W, _GAP_X, _GAP_Y, _LINE, _HEAD = 262, 64, 22, 17, 44
+_LABEL_CHARS = 40
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2430;
@@ -52,12 +52,12 @@ padding:4px 8px;border-bottom:1px solid #eef0f3;vertical-align:top}th{color:#5a6
 font-weight:600}code,.digest{font-family:ui-monospace,"DejaVu Sans Mono",monospace;
 font-size:12px;word-break:break-all}
 .v-pass{color:#1a7f37}.v-fail{color:#c62828;font-weight:600}.v-warn{color:#a05a00}
-.v-info{color:#5a6473}.badge{display:inline-block;border-radius:10px;padding:0 8px;
-font-size:12px;border:1px solid currentColor}
+.v-info{color:#5a6473}.badge{display:inline-block;white-space:nowrap;border-radius:10px;
+padding:0 8px;font-size:12px;border:1px solid currentColor}
 pre.json{background:#0f1720;color:#dbe7f3;padding:12px;border-radius:6px;overflow:auto;
 font-size:12px;max-height:480px}
 svg text{font-family:system-ui,sans-serif}svg .name{font-weight:600;font-size:14px}
-svg .check{font-size:12px}svg .edge-label{font-size:11px;fill:#5a6473}
+svg .check{font-size:11.5px}svg .edge-label{font-size:11px;fill:#5a6473}
 svg a:hover rect{stroke-width:2.5}
 .muted{color:#5a6473}
 """
@@ -135,8 +135,8 @@ def _svg(chain: Chain, base: str, dag_id: str, run_id: str) -> str:
             f'{_e(edge.input)} {_e(edge.digest)}</title>'
             f'<path d="M{x1},{y1} C{mid},{y1} {mid},{y2} {x2 - 2},{y2}" fill="none" '
             f'stroke="{color}" stroke-width="1.6" marker-end="url(#arrow)"/>'
-            f'<text class="edge-label" x="{mid}" y="{(y1 + y2) // 2 - 4}" '
-            f'text-anchor="middle">{_e(short(edge.digest, 8))}</text></g>')
+            f'<text class="edge-label" x="{x2 - 6}" y="{y2 - 6}" '
+            f'text-anchor="end">{_e(short(edge.digest, 6))}</text></g>')
     for node in chain.nodes:
         x, y, h = pos[node.record.key]
         rec = node.record
@@ -229,10 +229,23 @@ def _records_table(title: str, records: Sequence[Mapping[str, Any]],
     return f"<section><h2>{_e(title)}</h2><table><tr>{head}</tr>{''.join(rows)}</table></section>"
 
 
-def _flat(rec: Mapping[str, Any], column: str) -> object:
-    if column.startswith("published."):
+def _cards(title: str, kind: str, records: Sequence[Mapping[str, Any]]) -> str:
+    """One key-value table per record; a ``published`` record is spelled out beside it."""
+    if not records:
+        return ""
+    cards = []
+    for rec in records:
+        rows: list[tuple[str, object]] = [(k, v) for k, v in rec.items() if k != "published"]
         pub = rec.get("published")
-        return pub.get(column.split(".", 1)[1]) if isinstance(pub, Mapping) else None
+        if isinstance(pub, Mapping):
+            rows += [(f"published.{k}", v) for k, v in pub.items()]
+        cards.append(f'<div class="{kind}" data-name="{_e(rec.get("name", ""))}">{_kv(rows)}'
+                     f'</div>')
+    return (f'<section id="{kind}s"><h2>{_e(title)}</h2>'
+            f'{"<hr>".join(cards)}</section>')
+
+
+def _flat(rec: Mapping[str, Any], column: str) -> object:
     value = rec.get(column)
     return "" if value is None else value
 
@@ -272,11 +285,8 @@ def receipt_page(record: TaskRecord, *, dag_id: str, run_id: str, base: str) -> 
     if record.gate is not None:
         body.append(f'<section id="gate"><h2>Gate verdict</h2>{_kv(record.gate.items())}'
                     f'</section>')
-    body.append(_records_table("Inputs", _dicts(r.get("inputs")), (
-        "name", "path", "digest", "verified", "files", "bytes", "source", "signer")))
-    body.append(_records_table("Outputs", _dicts(r.get("outputs")), (
-        "name", "path", "digest", "manifest", "files", "bytes", "published.signer",
-        "published.uri", "published.bundle_digest", "published.provenance_uri")))
+    body.append(_cards("Inputs", "input", _dicts(r.get("inputs"))))
+    body.append(_cards("Outputs", "output", _dicts(r.get("outputs"))))
     body.append(_records_table("Credentials", _dicts(r.get("credentials")), (
         "name", "kind", "lease", "revocable", "revoked", "revoked_by", "ttl_s", "error")))
     iso = r.get("isolation")
