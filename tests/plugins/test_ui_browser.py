@@ -267,7 +267,7 @@ def test_chain_view_in_chromium(servers, example_run, browser):
     assert 'data-verdict="fail"' not in dom
     # no editing surface
     assert not re.search(r"<(form|input|textarea|button|script)\b", dom)
-    shot = browser.screenshot(url, "airflow-ui-chain.png", size="1500,1300")
+    shot = browser.screenshot(url, "airflow-ui-chain.png", size="1720,1250")
     assert shot.stat().st_size > 20_000
 
 

@@ -105,3 +105,17 @@ def test_pages_escape_everything_and_carry_no_form_or_script():
         assert not re.search(r"<(script|form|input|textarea|img)\b", html, re.I)
     assert "d&lt;" in page and "r%26" in page
 
+
+
+def test_loading_the_plugin_loads_no_web_framework_and_no_operator():
+    """Every Airflow process imports the plugin (DAG parsing included): the UI stays lazy."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stepguard_airflow.plugin as p; "
+            "print(sorted(m for m in ('fastapi', 'starlette', 'stepguard_airflow.operators', "
+            "'stepguard_airflow._ui._app', 'stepguard_airflow._ui._render') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"  # after any Airflow log line
