@@ -119,3 +119,19 @@ def test_loading_the_plugin_loads_no_web_framework_and_no_operator():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"  # after any Airflow log line
+
+
+def test_a_failed_step_shows_its_verdict_and_its_failed_receipt():
+    failed = _r("verify_dataset", inputs=[InputRecord("dataset", "/x", D1, False)],
+                t0="2026-01-01T00:00:02", t1="2026-01-01T00:00:03", status="failed")
+    failed["error"] = {"type": "IntegrityError", "message": "churn.csv changed",
+                       "subject": "churn.csv"}
+    rec = TaskRecord("verify_dataset", -1, "failed", failed, failed_receipt=True)
+    node = build_chain([_records()[0], rec]).node("verify_dataset")
+    verdicts = {c.kind: c for c in node.checks}
+    assert verdicts["status"].verdict == "fail"
+    assert verdicts["status"].summary == "IntegrityError: churn.csv changed"
+    assert verdicts["integrity"].verdict == "warn" and "unverified: dataset" in \
+        verdicts["integrity"].summary
+    page = receipt_page(rec, dag_id="d", run_id="r", base="/stepguard")
+    assert "stepguard_failed_receipt" in page and 'class="badge v-fail"' in page

@@ -156,7 +156,7 @@ def _svg(chain: Chain, base: str, dag_id: str, run_id: str) -> str:
                          f'{_e(_clip(text))}</text>')
         href = task_url(base, dag_id, run_id, rec.task_id, rec.map_index)
         parts.append(
-            f'<a href="{_e(href)}" target="_top"><g class="node" data-task="{_e(rec.key)}" '
+            f'<a href="{_e(href)}"><g class="node" data-task="{_e(rec.key)}" '
             f'data-status="{_e(node.status)}" data-secured="{str(node.secured).lower()}">'
             f'<rect x="{x}" y="{y}" width="{_W}" height="{h}" rx="8" fill="{fill}" '
             f'stroke="{stroke}" stroke-width="1.5"/>{"".join(lines)}</g></a>')
@@ -191,12 +191,12 @@ def chain_page(chain: Chain, *, dag_id: str, run_id: str, base: str,
         rec = node.record
         href = task_url(base, dag_id, run_id, rec.task_id, rec.map_index)
         body.append(f'<section class="step" data-task="{_e(rec.key)}"><h2>'
-                    f'<a href="{_e(href)}" target="_top">{_e(rec.key)}</a> '
+                    f'<a href="{_e(href)}">{_e(rec.key)}</a> '
                     f'<span class="muted">{_e(node.status)}</span></h2>'
                     f'{_checks_table(node.checks)}</section>')
     subtitle = (f'DAG <code>{_e(dag_id)}</code> · run <code>{_e(run_id)}</code>'
                 + (f" · {_e(run_state)}" if run_state else "")
-                + f' · <a href="{_e(base)}/" target="_top">all runs</a>')
+                + f' · <a href="{_e(base)}/">all runs</a>')
     return _page(f"stepguard · {dag_id}", subtitle, "".join(body))
 
 
@@ -258,7 +258,7 @@ def receipt_page(record: TaskRecord, *, dag_id: str, run_id: str, base: str) -> 
     """One task instance's receipt, read-only: its checks, inputs, outputs, credentials,
     isolation and audit fields with full digests, then the whole document as JSON."""
     r = record.receipt
-    back = (f'<a href="{_e(run_url(base, dag_id, run_id))}" target="_top">chain of custody'
+    back = (f'<a href="{_e(run_url(base, dag_id, run_id))}">chain of custody'
             f'</a>')
     subtitle = (f'DAG <code>{_e(dag_id)}</code> · run <code>{_e(run_id)}</code> · '
                 f'task <code>{_e(record.key)}</code> · {back}')
@@ -307,7 +307,7 @@ def index_page(runs: Sequence[tuple[str, str, str | None, int]], *, base: str) -
     """Recent runs with receipts: (dag id, run id, state, number of receipts)."""
     if runs:
         rows = "".join(f'<tr><td><code>{_e(d)}</code></td><td><a href="'
-                       f'{_e(run_url(base, d, r))}" target="_top">{_e(r)}</a></td>'
+                       f'{_e(run_url(base, d, r))}">{_e(r)}</a></td>'
                        f'<td>{_e(s or "")}</td><td>{n}</td></tr>' for d, r, s, n in runs)
         table = (f"<table><tr><th>DAG</th><th>run</th><th>state</th><th>receipts</th></tr>"
                  f"{rows}</table>")
