@@ -273,11 +273,14 @@ def test_chain_view_in_chromium(servers, example_run, browser):
 
 def test_receipt_view_and_extra_link_in_chromium(servers, example_run, browser):
     run, receipts = example_run, example_run["receipts"]
-    status, body = _get(f"{servers['open']}/api/v2/dags/{_q(run['dag_id'])}/dagRuns/"
-                        f"{_q(run['run_id'])}/taskInstances/sign_and_publish/links")
-    assert status == 200, body
-    link = json.loads(body)["extra_links"]["stepguard receipt"]
-    assert link == f"{_run_path(run)}/tasks/sign_and_publish"
+    links = {}
+    for task in TASKS:  # every secured operator of the example has the link
+        status, body = _get(f"{servers['open']}/api/v2/dags/{_q(run['dag_id'])}/dagRuns/"
+                            f"{_q(run['run_id'])}/taskInstances/{task}/links")
+        assert status == 200, body
+        links[task] = json.loads(body)["extra_links"].get("stepguard receipt")
+    assert links == {t: f"{_run_path(run)}/tasks/{t}" for t in TASKS}
+    link = links["sign_and_publish"]
     dom = browser.dom(servers["open"] + link)
     pub = receipts["sign_and_publish"]
     out = pub["outputs"][0]

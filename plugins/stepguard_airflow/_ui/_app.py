@@ -124,6 +124,7 @@ def create_app() -> "FastAPI":
         DagDetails,
     )
     from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
+    from airflow.models.dag import DagModel
     from airflow.utils.session import create_session
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import HTMLResponse
@@ -141,7 +142,8 @@ def create_app() -> "FastAPI":
             if dag_id not in seen:
                 seen[dag_id] = manager.is_authorized_dag(
                     method="GET", access_entity=DagAccessEntity.XCOM,
-                    details=DagDetails(id=dag_id), user=user)
+                    details=DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id)),
+                    user=user)
             return seen[dag_id]
 
         with create_session() as session:
