@@ -15,6 +15,10 @@ need_pkgs=()
 command -v bwrap >/dev/null 2>&1 || need_pkgs+=(bubblewrap)
 command -v b3sum >/dev/null 2>&1 || need_pkgs+=(b3sum)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+# headless chromium drives the Airflow UI tests (tests/plugins/test_ui_browser.py); a font so
+# its screenshots show text
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+[ -d /usr/share/fonts/truetype/dejavu ] || need_pkgs+=(fonts-dejavu-core)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need_pkgs+=(postgresql)
 fi
