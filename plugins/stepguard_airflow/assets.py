@@ -43,6 +43,7 @@ __all__ = [
     "is_asset",
     "receipt_from_event",
     "resolve_receipt",
+    "task_receipt",
 ]
 
 #: The key of an asset event's ``extra`` that holds stepguard's record.
@@ -179,6 +180,22 @@ def receipt_from_event(context: Mapping[str, Any], asset: Any) -> tuple[dict[str
     return data, str(record["output"])
 
 
+def task_receipt(context: Mapping[str, Any], value: Any) -> tuple[Any, str | None]:
+    """For an operator: ``(value, None)`` when ``value`` is a receipt; for an Asset, the
+    triggering event's receipt and announced output (:func:`receipt_from_event`), a refusal
+    ending the task like any failed step."""
+    if not is_asset(value):
+        return value, None
+    from stepguard.errors import StepguardError
+    from stepguard_airflow._common import step_name, task_failure
+
+    try:
+        return receipt_from_event(context, value)
+    except StepguardError as err:
+        task = context.get("task")
+        raise task_failure(step_name(getattr(task, "task_id", "step")), err) from None
+
+
 def resolve_receipt(context: Mapping[str, Any], value: Any) -> Any:
     """``value`` when it is a receipt; the triggering event's receipt when it is an Asset."""
-    return receipt_from_event(context, value)[0] if is_asset(value) else value
+    return task_receipt(context, value)[0]

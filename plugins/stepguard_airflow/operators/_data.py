@@ -24,12 +24,7 @@ from stepguard_airflow._common import (
     step_name,
     task_failure,
 )
-from stepguard_airflow.assets import (
-    asset_outlets,
-    is_asset,
-    receipt_from_event,
-    resolve_receipt,
-)
+from stepguard_airflow.assets import asset_outlets, resolve_receipt, task_receipt
 from stepguard_airflow.lineage import LineageMixin
 from stepguard_airflow.operators._step import receipt_arg
 
@@ -289,10 +284,8 @@ class VerifyDatasetOperator(LineageMixin, BaseOperator):
     def execute(self, context: Context) -> Any:
         from stepguard.spec import InputSpec, IsolationSpec, StepSpec
 
-        dataset, output_name = self.dataset, self.output_name or "dataset"
-        if is_asset(dataset):
-            dataset, announced = receipt_from_event(context, dataset)
-            output_name = self.output_name or announced
+        dataset, announced = task_receipt(context, self.dataset)
+        output_name = self.output_name or announced or "dataset"
         rec = _receipt_output(dataset, output_name, f"{self.task_id}.dataset")
         path = self.path or str(rec["path"])
         creds, storage = _storage(self.credential)
