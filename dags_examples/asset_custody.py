@@ -36,7 +36,7 @@ FEATURES = Asset(name="churn_features",
                  uri=f"{STORE}/churn/features" if STORE else "file:///stepguard/churn/features")
 LAKE = {"name": "lake", "kind": "aws_web_identity",
         "role": os.environ.get("STEPGUARD_WEB_IDENTITY_ROLE_ARN", ""), "delivery": "none"}
-STORAGE: dict[str, Any] = ({"credentials": [LAKE], "storage": {"credential": "lake"}}
+STORAGE: dict[str, Any] = ({"credentials": [LAKE], "storage": {"credential": LAKE["name"]}}
                            if STORE else {})
 
 
