@@ -201,3 +201,22 @@ def test_fail_event_names_the_integrity_verdict_and_the_file(airflow_run, lineag
 
     assert verdicts["receiptDigest"] == Receipt.from_dict(failed).digest
     _schema_check("stepguard_verdicts", verdicts)
+
+
+def test_parsing_the_asset_example_loads_no_openlineage(airflow_db):
+    """Lineage and Assets cost nothing at parse time: neither the OpenLineage client nor the
+    provider's extractors/listener are imported (Airflow itself reads every installed
+    provider's ``get_provider_info``)."""
+    example = Path(__file__).resolve().parents[2] / "dags_examples" / "asset_custody.py"
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ex', {str(example)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert m.producer.tasks[0].stepguard_assets\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'openlineage'\n"
+        "             or n.startswith(('airflow.providers.openlineage.extractors',\n"
+        "                              'airflow.providers.openlineage.plugins'))))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
