@@ -138,3 +138,45 @@ def test_a_run_without_an_asset_event_is_refused(airflow_run, stepguard_env, cap
     out = capfd.readouterr().out
     assert airflow_run.states(dr)["verify_features"] == "failed"
     assert "this run was not triggered by an event of the asset" in out
+
+
+def test_with_signed_receipts_an_edited_event_is_refused(airflow_run, stepguard_env,
+                                                         triggered_by, monkeypatch, capfd):
+    """``receipts.signer`` on the producer, ``receipts.policy`` on the consumer: an event whose
+    receipt was edited -- even consistently with its summary -- fails the signature check."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from stepguard.receipt import Receipt
+
+    root = stepguard_env
+    key = ec.generate_private_key(ec.SECP256R1())
+    (root / "r.pem").write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                                   ser.NoEncryption()))
+    (root / "r.pub").write_bytes(key.public_key().public_bytes(
+        ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
+    (root / "stepguard.yaml").write_text(
+        f"policies:\n  steps: {{kind: key, public_keys: [{root / 'r.pub'}]}}\n"
+        f"receipts: {{signer: key, key: {root / 'r.pem'}, policy: steps}}\n")
+    monkeypatch.setenv("STEPGUARD_CONFIG", str(root / "stepguard.yaml"))
+
+    module, receipt, (event_id, _, extra) = _produce(airflow_run)
+    assert receipt.get("signature")
+    # The forger: another digest in the receipt and, consistently, in the event's summary.
+    forged = dict(extra["stepguard"])
+    data = dict(forged["receipt"])
+    data["outputs"] = [{**data["outputs"][0], "digest": "sha256:" + "0" * 64}]
+    forged.update(receipt=data, digest=data["outputs"][0]["digest"],
+                  receipt_digest=Receipt.from_dict(data).digest)
+    with create_session() as session:
+        session.get(AssetEvent, event_id).extra = {"stepguard": forged}
+
+    triggered_by["churn_features_consumer"] = [event_id]
+    capfd.readouterr()
+    dr = module.consumer.test()
+    out = capfd.readouterr().out
+    assert airflow_run.states(dr) == {"verify_features": "failed",
+                                      "summarize": "upstream_failed"}
+    assert "failed: SignatureError [signing]: receipt was changed after it was signed" in out
