@@ -144,11 +144,11 @@ def test_with_signed_receipts_an_edited_event_is_refused(airflow_run, stepguard_
                                                          triggered_by, monkeypatch, capfd):
     """``receipts.signer`` on the producer, ``receipts.policy`` on the consumer: an event whose
     receipt was edited -- even consistently with its summary -- fails the signature check."""
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
     from cryptography.hazmat.primitives import serialization as ser
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from airflow.models.asset import AssetEvent
-    from airflow.utils.session import create_session
     from stepguard.receipt import Receipt
 
     root = stepguard_env
