@@ -269,7 +269,10 @@ def execute_step(
         raise task_failure(spec.name, err) from None
     where = receipt_location(receipt, Step(spec, settings=settings, context=ctx).run_dir)
     remember(task, receipt, where, gate)
-    announce(context, receipt, where)
+    try:
+        announce(context, receipt, where)
+    except StepguardError as err:  # an asset= naming an output the step does not have
+        raise task_failure(spec.name, err) from None
     return receipt
 
 
