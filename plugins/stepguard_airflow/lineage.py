@@ -56,7 +56,7 @@ RECORD_ATTR = "_stepguard_record"
 _REFUSALS = frozenset({"SignatureError", "PolicyViolation", "IntegrityError", "ManifestError"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepRecord:
     """What a task run leaves on its operator for lineage: the receipt (also of a failed
     step), where the receipt is stored, and the gate's facts for the deployment gate."""
