@@ -220,3 +220,60 @@ def test_parsing_the_asset_example_loads_no_openlineage(airflow_db):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+ACROSS = """
+import importlib.util, json, sys
+from airflow.models import dagrun as dagrun_module
+from airflow.models.asset import AssetEvent
+from airflow.utils.session import create_session
+from sqlalchemy import select
+
+spec = importlib.util.spec_from_file_location("asset_custody", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+produced = module.producer.test()
+with create_session() as session:
+    ids = list(session.scalars(select(AssetEvent.id).where(
+        AssetEvent.source_dag_id == produced.dag_id,
+        AssetEvent.source_run_id == produced.run_id)))
+original = dagrun_module.get_or_create_dagrun
+
+def get_or_create_dagrun(*, dag, session, **kwargs):  # what the scheduler's asset run does
+    dr = original(dag=dag, session=session, **kwargs)
+    dr.consumed_asset_events.extend(
+        session.scalars(select(AssetEvent).where(AssetEvent.id.in_(ids))).all())
+    session.commit()
+    return dr
+
+dagrun_module.get_or_create_dagrun = get_or_create_dagrun
+consumed = module.consumer.test()
+print("STATES=" + json.dumps([str(produced.state), str(consumed.state)]))
+"""
+
+
+def test_lineage_links_the_consumer_dag_to_the_producer_dag_by_digest(airflow_run,
+                                                                      stepguard_env):
+    """The asset example with OpenLineage on: the consumer DAG's input is the producer DAG's
+    output -- same dataset, same manifest digest -- in the events a backend receives."""
+    example = Path(__file__).resolve().parents[2] / "dags_examples" / "asset_custody.py"
+    path = airflow_run.home / "dags" / "asset_custody.py"
+    path.write_text(example.read_text())
+    events_file = stepguard_env / "openlineage.jsonl"
+    env = {**os.environ, "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+        {"type": "file", "log_file_path": str(events_file), "append": True})}
+    r = subprocess.run([sys.executable, "-c", ACROSS, str(path)], capture_output=True,
+                       text=True, timeout=600, env=env, cwd=stepguard_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.rsplit("STATES=", 1)[1].splitlines()[0]) == [
+        "success", "success"]
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    (out,) = _task_event(events, "churn_features_producer", "build_features",
+                         "COMPLETE")["outputs"]
+    for task in ("verify_features", "summarize"):
+        (inp,) = _task_event(events, "churn_features_consumer", task, "COMPLETE")["inputs"]
+        assert (inp["namespace"], inp["name"]) == (out["namespace"], out["name"])
+        assert inp["facets"]["stepguard_manifest"]["digest"] == \
+            out["facets"]["stepguard_manifest"]["digest"]
+        assert inp["facets"]["stepguard_manifest"]["verified"] is True
+        assert inp["facets"]["stepguard_manifest"]["source"].startswith("receipt:")
