@@ -217,6 +217,7 @@ def execute_step(
     conn_id: str | None,
     settings_file: str | None = None,
     receipts: Mapping[str, Any] | None = None,
+    gate: dict[str, Any] | None = None,
 ) -> Receipt:
     """Run ``spec`` through :func:`stepguard.step.run_step` for an Airflow task instance.
 
@@ -226,10 +227,19 @@ def execute_step(
     task with one message naming the step, what failed and the subject; security verdicts and
     caller mistakes are not retried. A failed step's receipt (no secrets) is pushed to XCom
     under ``stepguard_failed_receipt`` for forensics.
+
+    The receipt (a failed step's too) stays on the operator for its OpenLineage facets
+    (:mod:`stepguard_airflow.lineage`; ``gate`` holds a deployment gate's facts); a succeeded
+    step's outputs are announced on the task's Asset outlets (:mod:`stepguard_airflow.assets`).
     """
     from stepguard.errors import StepguardError
-    from stepguard.step import run_step
+    from stepguard.step import Step, run_step
+    from stepguard_airflow.assets import announce
     from stepguard_airflow.hooks import StepguardHook
+    from stepguard_airflow.lineage import forget, remember
+
+    task = context.get("task")
+    forget(task)
 
     try:
         hook = StepguardHook(conn_id)
@@ -247,6 +257,9 @@ def execute_step(
                                settings=settings)
     except StepguardError as err:
         failed = getattr(err, "receipt", None)
+        if failed is not None:
+            remember(task, failed, receipt_location(failed, Step(spec, settings=settings,
+                                                                 context=ctx).run_dir), gate)
         ti = context.get("ti")
         if failed is not None and ti is not None:
             try:
@@ -254,7 +267,25 @@ def execute_step(
             except Exception:  # forensics must not mask the real failure
                 log.warning("could not push the failed step's receipt to XCom")
         raise task_failure(spec.name, err) from None
+    where = receipt_location(receipt, Step(spec, settings=settings, context=ctx).run_dir)
+    remember(task, receipt, where, gate)
+    try:
+        announce(context, receipt, where)
+    except StepguardError as err:  # an asset= naming an output the step does not have
+        raise task_failure(spec.name, err) from None
     return receipt
+
+
+def receipt_location(receipt: Receipt, run_dir: Path) -> str:
+    """Where a step's receipt is stored: next to its first object-store output (as the step
+    hands it off), else ``receipt.json`` in the run directory on this machine."""
+    for out in receipt.outputs:
+        if out.path.startswith("s3://"):
+            from stepguard.integrity.s3 import S3Location
+
+            base = S3Location.parse(out.path)
+            return f"s3://{base.bucket}/{base.prefix}receipt.json"
+    return str(run_dir / "receipt.json")
 
 
 def anchor_outputs(spec: StepSpec, settings: Settings, ctx: RunContext) -> StepSpec:
@@ -283,14 +314,32 @@ _CONTROLS: tuple[tuple[str, str], ...] = (
     ("VersionConflict", "registry"), ("RegistryError", "registry"),
     ("CredentialError", "credentials"), ("StepTimeout", "isolation"),
     ("IsolationError", "isolation"), ("AuditError", "audit"), ("BodyFailed", "body"),
-    ("ConfigurationError", "configuration"),
+    ("ConfigurationError", "configuration"), ("VerificationError", "integrity"),
 )
 
 
 def control_of(err: Exception) -> str:
     """The control an error belongs to (``integrity``, ``credentials``, ``body``...)."""
-    names = {c.__name__ for c in type(err).__mro__}
+    return _control_of_type(type(err))
+
+
+def _control_of_type(cls: type) -> str:
+    names = {c.__name__ for c in cls.__mro__}
     return next((control for name, control in _CONTROLS if name in names), "step")
+
+
+def control_of_name(type_name: str) -> str:
+    """:func:`control_of` for an error known by its class name only (a receipt's error).
+
+    >>> control_of_name("IntegrityError"), control_of_name("TransientCredentialError")
+    ('integrity', 'credentials')
+    """
+    from stepguard import errors
+
+    cls = getattr(errors, type_name, None)
+    if isinstance(cls, type):
+        return _control_of_type(cls)
+    return next((control for name, control in _CONTROLS if name == type_name), "step")
 
 
 def is_final(err: Exception) -> bool:

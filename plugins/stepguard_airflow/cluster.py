@@ -290,7 +290,46 @@ class AirflowCluster:
         now = datetime.datetime.now(datetime.UTC).isoformat()
         run = self._api("POST", f"/api/v2/dags/{quoted}/dagRuns",
                         {"logical_date": now, "conf": dict(conf or {})})
-        run_id = str(run["dag_run_id"])
+        return self._collect(dag_id, str(run["dag_run_id"]))
+
+    def set_paused(self, dag_id: str, paused: bool) -> None:
+        """Pause or unpause ``dag_id`` once the DAG processor has parsed it. (A DAG scheduled
+        on an asset is triggered only by events registered while it is unpaused.)"""
+        quoted = urllib.parse.quote(dag_id, safe="")
+        self._until(lambda: self._api("GET", f"/api/v2/dags/{quoted}", missing_ok=True),
+                    f"DAG {dag_id} parsed by the DAG processor")
+        self._api("PATCH", f"/api/v2/dags/{quoted}", {"is_paused": paused})
+
+    def run_ids(self, dag_id: str) -> set[str]:
+        """The ids of every run of ``dag_id`` so far."""
+        quoted = urllib.parse.quote(dag_id, safe="")
+        runs = self._api("GET", f"/api/v2/dags/{quoted}/dagRuns?limit=100", missing_ok=True)
+        return {str(r["dag_run_id"]) for r in (runs or {}).get("dag_runs", ())}
+
+    def wait_for_run(self, dag_id: str, *, known: Iterable[str] = ()) -> ClusterRun:
+        """Wait for a run of ``dag_id`` that the scheduler starts itself (an asset-triggered
+        run), not one of ``known``; wait for it to finish and collect what it left."""
+        seen = set(known)
+
+        def started() -> str | None:
+            new = sorted(self.run_ids(dag_id) - seen)
+            return new[0] if new else None
+
+        run_id = str(self._until(started, f"the scheduler to start a run of {dag_id}"))
+        return self._collect(dag_id, run_id)
+
+    def rerun(self, run: ClusterRun) -> ClusterRun:
+        """Clear every task instance of a finished run (as "Clear" in the UI does), so the
+        scheduler runs them again in the same run -- with the same triggering asset events --
+        and collect the run once it finished again."""
+        quoted = urllib.parse.quote(run.dag_id, safe="")
+        self._api("POST", f"/api/v2/dags/{quoted}/clearTaskInstances",
+                  {"dry_run": False, "dag_run_id": run.run_id, "only_failed": False,
+                   "reset_dag_runs": True})
+        return self._collect(run.dag_id, run.run_id)
+
+    def _collect(self, dag_id: str, run_id: str) -> ClusterRun:
+        quoted = urllib.parse.quote(dag_id, safe="")
         path = f"/api/v2/dags/{quoted}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
 
         def finished() -> Any:

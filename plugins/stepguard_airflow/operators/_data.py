@@ -24,6 +24,8 @@ from stepguard_airflow._common import (
     step_name,
     task_failure,
 )
+from stepguard_airflow.assets import asset_outlets, resolve_receipt, task_receipt
+from stepguard_airflow.lineage import LineageMixin
 from stepguard_airflow.operators._step import receipt_arg
 
 if TYPE_CHECKING:
@@ -145,7 +147,7 @@ def _fetch_s3(url: str, dst: Path, creds: Mapping[str, Any] | None) -> int:
     return count
 
 
-class IngestDatasetOperator(BaseOperator):
+class IngestDatasetOperator(LineageMixin, BaseOperator):
     """Fetch a dataset with just-in-time credentials, hash it, and publish it with a manifest.
 
     :param source: a local directory/file, ``file:///...`` or ``s3://bucket/prefix``
@@ -167,6 +169,8 @@ class IngestDatasetOperator(BaseOperator):
     :param storage_credential: the JIT credential (an ``aws_*`` kind; ``name`` defaults to
         ``storage``) for an object-store ``destination`` or an ``s3://`` registry; default: the
         ``credential`` when it is an ``aws_*`` kind.
+    :param asset: an Airflow ``Asset`` the output is announced as: its event carries the
+        manifest digest, the signer and the receipt (:mod:`stepguard_airflow.assets`).
     :param conn_id: the ``stepguard`` connection.
 
     The receipt's output ``dataset`` carries the manifest digest that later steps verify.
@@ -183,8 +187,10 @@ class IngestDatasetOperator(BaseOperator):
                  signing: SigningSpec | Mapping[str, Any] | None = None,
                  destination: str = "dataset",
                  storage_credential: CredentialRequest | Mapping[str, Any] | None = None,
-                 conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 conn_id: str | None = "stepguard_default", asset: Any = None,
+                 **kwargs: Any) -> None:
+        self.stepguard_assets, outlets = asset_outlets(asset, kwargs.pop("outlets", None))
+        super().__init__(outlets=outlets, **kwargs)
         if (source is None) == (fetch is None):
             from stepguard.errors import ConfigurationError
 
@@ -244,11 +250,13 @@ class IngestDatasetOperator(BaseOperator):
         return receipt_xcom(receipt)
 
 
-class VerifyDatasetOperator(BaseOperator):
+class VerifyDatasetOperator(LineageMixin, BaseOperator):
     """Verify a dataset against the manifest its producer recorded; fail on any difference.
 
-    :param dataset: the upstream receipt (e.g. ``ingest.output``) (templated).
-    :param output_name: the output of that receipt to verify (default ``dataset``).
+    :param dataset: the upstream receipt (e.g. ``ingest.output``) (templated), or an Airflow
+        ``Asset``: the receipt of the asset event that triggered this run.
+    :param output_name: the output of that receipt to verify (default ``dataset``; for an
+        Asset, the output its event announced).
     :param path: where the data is now (default: where the producer wrote it) (templated).
     :param credential: the JIT credential (an ``aws_*`` kind; ``name`` defaults to
         ``storage``) that reads a dataset in object storage.
@@ -262,7 +270,8 @@ class VerifyDatasetOperator(BaseOperator):
     ui_color = "#d6f5e3"
     _stepguard_secured = True
 
-    def __init__(self, *, dataset: Any, output_name: str = "dataset", path: str | None = None,
+    def __init__(self, *, dataset: Any, output_name: str | None = None,
+                 path: str | None = None,
                  credential: CredentialRequest | Mapping[str, Any] | None = None,
                  conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -275,16 +284,18 @@ class VerifyDatasetOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         from stepguard.spec import InputSpec, IsolationSpec, StepSpec
 
-        rec = _receipt_output(self.dataset, self.output_name, f"{self.task_id}.dataset")
+        dataset, announced = task_receipt(context, self.dataset)
+        output_name = self.output_name or announced or "dataset"
+        rec = _receipt_output(dataset, output_name, f"{self.task_id}.dataset")
         path = self.path or str(rec["path"])
         creds, storage = _storage(self.credential)
         with tempfile.TemporaryDirectory(prefix="stepguard-verify-") as tmp:
             rpath = Path(tmp) / "receipt.json"
-            rpath.write_text(json.dumps(self.dataset) if not isinstance(self.dataset, str)
-                             else self.dataset, encoding="utf-8")
+            rpath.write_text(json.dumps(dataset) if not isinstance(dataset, str)
+                             else dataset, encoding="utf-8")
             spec = StepSpec(
                 name=step_name(self.task_id),
-                inputs=(InputSpec(name=self.output_name, path=path, receipt=str(rpath)),),
+                inputs=(InputSpec(name=output_name, path=path, receipt=str(rpath)),),
                 isolation=IsolationSpec(mode="process"),
                 credentials=creds, storage=storage,
             )
@@ -293,13 +304,14 @@ class VerifyDatasetOperator(BaseOperator):
         return receipt_xcom(receipt)
 
 
-class SignAndPublishModelOperator(BaseOperator):
+class SignAndPublishModelOperator(LineageMixin, BaseOperator):
     """Sign a trained model (OpenSSF model-signing bundle) and publish it to the registry.
 
     The model is first verified against the training step's receipt (so what is signed is
     exactly what training produced), then copied, hashed, signed and published in one step.
 
-    :param model: the training task's receipt (templated).
+    :param model: the training task's receipt (templated), or an Airflow ``Asset`` (the
+        receipt of the asset event that triggered this run).
     :param output_name: that receipt's output holding the model (default ``model``).
     :param name: model name in the registry (templated).
     :param version: model version (templated).
@@ -308,6 +320,8 @@ class SignAndPublishModelOperator(BaseOperator):
     :param registry: registry URL (default: the settings' registry).
     :param credential: the JIT credential (an ``aws_*`` kind; ``name`` defaults to
         ``storage``) that reads a model in object storage and writes an ``s3://`` registry.
+    :param asset: an Airflow ``Asset`` the published model is announced as: its event carries the
+        manifest digest, the signer and the receipt (:mod:`stepguard_airflow.assets`).
     """
 
     template_fields: Sequence[str] = ("model", "name", "version", "registry")
@@ -319,8 +333,10 @@ class SignAndPublishModelOperator(BaseOperator):
                  signing: SigningSpec | Mapping[str, Any], output_name: str = "model",
                  registry: str | None = None,
                  credential: CredentialRequest | Mapping[str, Any] | None = None,
-                 conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 conn_id: str | None = "stepguard_default", asset: Any = None,
+                 **kwargs: Any) -> None:
+        self.stepguard_assets, outlets = asset_outlets(asset, kwargs.pop("outlets", None))
+        super().__init__(outlets=outlets, **kwargs)
         self.credential = _credential_request(credential, "storage")
         self.model = receipt_arg(model)  # a @task.stepguard call: its receipt
         self.output_name = output_name
@@ -339,7 +355,8 @@ class SignAndPublishModelOperator(BaseOperator):
             StepSpec,
         )
 
-        rec = _receipt_output(self.model, self.output_name, f"{self.task_id}.model")
+        model = resolve_receipt(context, self.model)
+        rec = _receipt_output(model, self.output_name, f"{self.task_id}.model")
         creds, storage = _storage(self.credential)
         spec = StepSpec(
             name=step_name(self.task_id),
@@ -355,11 +372,11 @@ class SignAndPublishModelOperator(BaseOperator):
             _copy_tree(step_env.inputs["trained"], step_env.outputs["model"])
 
         receipt = execute_step(context=context, spec=spec, body=body, conn_id=self.conn_id,
-                               receipts={"trained": self.model})
+                               receipts={"trained": model})
         return receipt_xcom(receipt)
 
 
-class VerifyModelOperator(BaseOperator):
+class VerifyModelOperator(LineageMixin, BaseOperator):
     """The deployment gate: fetch a published model, verifying its signature under a policy.
 
     The registry returns the model only after the signature bundle, the identity policy, every
@@ -367,7 +384,8 @@ class VerifyModelOperator(BaseOperator):
     receipt records their digest and the signer. Deployment takes this receipt as its input.
 
     :param model: the publishing task's receipt (templated); its ``published`` record names the
-        registry, model and version.
+        registry, model and version. An Airflow ``Asset``: the receipt of the asset event that
+        triggered this run.
     :param policy: the name of a verification policy in stepguard settings (``policies:``);
         there is no default -- a gate without a policy is refused at parse time.
     :param output_name: the receipt's output holding the model (default ``model``).
@@ -375,6 +393,8 @@ class VerifyModelOperator(BaseOperator):
         ``storage``) that reads an ``s3://`` registry and writes an object-store ``destination``.
     :param destination: where the verified model goes (templated): a directory under the task's
         state dir (default: ``output_name``) or an object-store location.
+    :param asset: an Airflow ``Asset`` the verified model is announced as: its event carries the
+        manifest digest, the signer and the receipt (:mod:`stepguard_airflow.assets`).
     """
 
     template_fields: Sequence[str] = ("model", "policy", "destination")
@@ -385,8 +405,10 @@ class VerifyModelOperator(BaseOperator):
     def __init__(self, *, model: Any, policy: str, output_name: str = "model",
                  credential: CredentialRequest | Mapping[str, Any] | None = None,
                  destination: str | None = None,
-                 conn_id: str | None = "stepguard_default", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 conn_id: str | None = "stepguard_default", asset: Any = None,
+                 **kwargs: Any) -> None:
+        self.stepguard_assets, outlets = asset_outlets(asset, kwargs.pop("outlets", None))
+        super().__init__(outlets=outlets, **kwargs)
         if not policy:
             from stepguard.errors import ConfigurationError
 
@@ -403,7 +425,8 @@ class VerifyModelOperator(BaseOperator):
         from stepguard.errors import ConfigurationError
         from stepguard.spec import IsolationSpec, OutputSpec, StepSpec
 
-        rec = _receipt_output(self.model, self.output_name, f"{self.task_id}.model")
+        rec = _receipt_output(resolve_receipt(context, self.model), self.output_name,
+                              f"{self.task_id}.model")
         published = rec.get("published")
         if not isinstance(published, Mapping):
             raise task_failure(step_name(self.task_id), ConfigurationError(
@@ -412,6 +435,11 @@ class VerifyModelOperator(BaseOperator):
                                    str(published["version"]))
         policy_name = str(self.policy)
         used: dict[str, Any] = {}
+        # The gate's facts for its lineage facets; the body adds the signer it verified.
+        gate: dict[str, Any] = {
+            "policy": policy_name, "registry": registry, "name": name, "version": version,
+            "uri": published.get("uri"), "bundle_uri": published.get("bundle_uri"),
+            "bundle_digest": published.get("bundle_digest"), "signer": None}
 
         from dataclasses import replace
 
@@ -439,9 +467,9 @@ class VerifyModelOperator(BaseOperator):
             dest = step_env.outputs[self.output_name]
             client = s3_client(step_env.credentials[cred]) \
                 if cred and registry.startswith("s3://") else None
-            used["signer"] = _fetch_verified(used["settings"], registry=registry, name=name,
-                                             version=version, policy_name=policy_name, dest=dest,
-                                             s3=client)
+            used["signer"] = gate["signer"] = _fetch_verified(
+                used["settings"], registry=registry, name=name, version=version,
+                policy_name=policy_name, dest=dest, s3=client)
             # Validly signed is not enough: it must be the model the publishing step hashed.
             got = create_manifest(dest).digest
             if got != expected:
@@ -451,7 +479,8 @@ class VerifyModelOperator(BaseOperator):
                     details=[f"publishing receipt: {expected or 'no digest'}",
                              f"fetched: {got}"])
 
-        receipt = execute_step(context=context, spec=spec_for, body=body, conn_id=self.conn_id)
+        receipt = execute_step(context=context, spec=spec_for, body=body, conn_id=self.conn_id,
+                               gate=gate)
         # The verdict, for dashboards and deployment tooling; the receipt stays a pure receipt.
         # The signer is the one the policy accepted in the fetched bundle, not the publishing
         # receipt's claim.

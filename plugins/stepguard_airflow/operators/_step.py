@@ -21,6 +21,8 @@ from stepguard_airflow._common import (
     step_name,
     task_failure,
 )
+from stepguard_airflow.assets import asset_outlets, resolve_receipt
+from stepguard_airflow.lineage import LineageMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -33,7 +35,7 @@ STEP_ENV_PARAM = "step_env"
 RECEIPT_KEY = "stepguard_receipt"
 
 
-class SecureStepOperator(BaseOperator):
+class SecureStepOperator(LineageMixin, BaseOperator):
     """Run a command or a Python callable as a secured step; push the receipt to XCom.
 
     The lifecycle is :func:`stepguard.step.run_step`: just-in-time credentials, inputs verified
@@ -52,7 +54,13 @@ class SecureStepOperator(BaseOperator):
     :param isolation: override of the spec's isolation mode: ``process``, ``sandbox`` or
         ``pod``.
     :param receipts: input name -> upstream receipt (e.g. ``other_task.output``): the input is
-        verified against the digest its producer recorded (templated).
+        verified against the digest its producer recorded (templated). An Airflow ``Asset``
+        instead of a receipt: the receipt of the asset event that triggered this run
+        (:mod:`stepguard_airflow.assets`).
+    :param asset: an ``Asset`` the step's output is announced as (the step must have one
+        output), or ``{"output name": Asset}``; the asset event carries the output's manifest
+        digest and the receipt. Plain ``outlets=[Asset(...)]`` do the same for a one-output
+        step.
     :param env: extra, non-secret environment for a command body (templated).
     :param conn_id: the ``stepguard`` connection with Vault address/login (optional).
     :param templates_dict: as ``PythonOperator``'s: rendered, and handed to the callable as the
@@ -86,9 +94,11 @@ class SecureStepOperator(BaseOperator):
         conn_id: str | None = "stepguard_default",
         templates_dict: Mapping[str, Any] | None = None,
         show_return_value_in_logs: bool = True,
+        asset: Any = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        self.stepguard_assets, outlets = asset_outlets(asset, kwargs.pop("outlets", None))
+        super().__init__(outlets=outlets, **kwargs)
         if (command is None) == (python_callable is None) and not getattr(
                 self, "_stepguard_body_later", False):
             from stepguard.errors import ConfigurationError
@@ -158,11 +168,13 @@ class SecureStepOperator(BaseOperator):
                     "in the task process", subject=f"{self.task_id}.isolation.mode",
                     hint="pass command=... to run it isolated, or set isolation='process'"))
             isolation = "process"
-        spec = resolve_spec(spec_in, isolation, self.env, self.receipts)
+        receipts = ({k: resolve_receipt(context, v) for k, v in self.receipts.items()}
+                    if self.receipts else None)
+        spec = resolve_spec(spec_in, isolation, self.env, receipts)
         box: dict[str, Any] = {}
         receipt = execute_step(context=context, spec=spec, command=self._argv(),
                                body=self._body(box, context), conn_id=self.conn_id,
-                               receipts=self.receipts)
+                               receipts=receipts)
         data = receipt_xcom(receipt)
         context["ti"].xcom_push(key=RECEIPT_KEY, value=data)
         return self._returned(data, box, context)
