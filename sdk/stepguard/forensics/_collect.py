@@ -19,7 +19,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from stepguard.errors import EvidenceNotFound
+from stepguard.errors import EvidenceNotFound, StepguardError
 from stepguard.forensics._evidence import (
     BUNDLE_NAME,
     PROVENANCE_NAME,
@@ -52,6 +52,7 @@ from stepguard.receipt import LeaseRecord, Receipt
 
 _STEP_SPAN = "stepguard.step"
 _VERDICT = "stepguard.verdict"
+_NR = "not recorded"
 
 
 def parse_model(value: str) -> tuple[str, str] | None:
@@ -164,12 +165,12 @@ class _Pool:
         for where in _named(inp):
             try:
                 data = self.store.read(where, "receipt")
-            except Exception:  # noqa: BLE001 -- a stale reference is not evidence either way
+            except StepguardError:  # a stale reference is not evidence either way
                 data = None
             if data is not None:
                 try:
                     found = Found(Receipt.from_json(data), where)
-                except Exception:  # noqa: BLE001,S112 -- not a receipt: keep looking
+                except StepguardError:  # not a receipt: keep looking
                     continue
                 if any(o.digest == inp.digest for o in found.receipt.outputs):
                     self.add(found)
@@ -517,10 +518,11 @@ def _chain(trace: Trace) -> tuple[Stage, ...]:
     else:
         verdict: Verdict = "fail" if sig.bundle_matches is False else \
             "pass" if sig.signer or sig.registry_bundle_digest else "not recorded"
-        out.append(Stage("signature", "signature", verdict, sig.signer or "signer not recorded"))
+        out.append(Stage("signature", sig.signer or "signer not recorded", verdict,
+                         f"bundle {sig.registry_bundle_digest or sig.bundle_digest or _NR}"))
     gate = trace.gate
-    out.append(Stage("gate", gate.step or "gate", gate.verdict,
-                     f"policy {gate.policy or 'not recorded'}") if gate
+    out.append(Stage("gate", f"{gate.step}: policy {gate.policy or _NR}", gate.verdict,
+                     f"accepted signer {gate.signer or _NR}") if gate
                else Stage("gate", "gate", "not recorded"))
     out.append(Stage("deploy", ", ".join(s.step for s in of("deploy")) or "deploy",
                      _verdict(of("deploy")),

@@ -13,7 +13,7 @@ that names the broken record.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,9 +190,11 @@ def _broken(location: str, err: AuditError, anchored: tuple[str, ...] = ()) -> S
     where = err.subject
     if where and where.startswith(location):
         where = where[len(location):].strip() or None
-    return Segment(location=location, intact=False, anchored_by=anchored,
-                   error=err.message,
-                   where=_with_record(where), details=tuple(err.details))
+    finding, details = err.message, tuple(err.details)
+    if finding.startswith("audit chain broken") and details:  # verify_chain: finding in details
+        finding, details = details[0], details[1:]
+    return Segment(location=location, intact=False, anchored_by=anchored, error=finding,
+                   where=_with_record(where), details=details)
 
 
 def _with_record(where: str | None) -> str | None:
@@ -202,7 +204,8 @@ def _with_record(where: str | None) -> str | None:
     return where
 
 
-def verify_log(path: str, heads: dict[str, tuple[int, str]]) -> tuple[Segment, list[dict[str, Any]]]:
+def verify_log(path: str, heads: Mapping[str, tuple[int, str]]
+               ) -> tuple[Segment, list[dict[str, Any]]]:
     """Verify a whole local log; returns its :class:`Segment` and its span records. ``heads``:
     step -> (seq, digest) from receipts; the steps whose head the log holds anchor it."""
     from stepguard.audit import verify_chain
