@@ -18,6 +18,7 @@ from stepguard.spec import RunContext, StepSpec
 from stepguard.step import run_step
 
 RUN = "run-trace-1"
+DATA_RUN = "run-data-0"
 
 
 @pytest.fixture
@@ -43,7 +44,8 @@ def pipeline(tmp_path, keys, monkeypatch):
         "name": "ingest", "isolation": {"mode": "process"},
         "outputs": [{"name": "dataset", "path": str(tmp_path / "dataset")}]}),
         body=lambda env: (env.outputs["dataset"] / "churn.csv").write_text("a,b\n1,0\n"),
-        settings=settings, context=ctx("ingest"))
+        settings=settings,  # the data came from an earlier run: found by walking back
+        context=RunContext(pipeline="ingest", run_id=DATA_RUN, step="ingest"))
     (tmp_path / "ingest.receipt.json").write_text(ingest.to_json())
     train = run_step(StepSpec.from_dict({
         "name": "train", "isolation": {"mode": "process"},
@@ -78,6 +80,7 @@ def test_trace_walks_from_the_model_back_to_its_data(pipeline, capsys):
     assert doc["schema"] == "https://stepguard.dev/trace/v1"
     assert doc["intact"] is True and doc["problems"] == []
     assert doc["model"]["digest"] == train.output("model").digest
+    assert doc["run_ids"] == [DATA_RUN, RUN]
     assert [d["digest"] for d in doc["data"]] == [ingest.output("dataset").digest]
     assert {s["step"]: s["stage"] for s in doc["steps"]} == {
         "ingest": "data", "train": "train", "gate": "gate"}
