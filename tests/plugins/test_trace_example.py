@@ -200,6 +200,17 @@ def test_trace_through_the_object_store(airflow_run, pipeline_env, store_env, de
     assert code == code2 == 0
     _no_canary(password, out, page, text)
 
+    # From the training receipt alone, the walk finds the data's receipt beside the data.
+    empty = pipeline_env / "nothing-here"
+    empty.mkdir()
+    train_receipt = r["train"]["outputs"][0]["path"].removesuffix("data/") + "receipt.json"
+    code, out, err = _trace(capfd, train_receipt, "--receipts", str(empty), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    ingest = next(s for s in doc["steps"] if s["step"] == "ingest")
+    assert ingest["receipt"].startswith(store_env) and ingest["stage"] == "data"
+    assert doc["data"][0]["digest"] == r["ingest"]["outputs"][0]["digest"]
+
     # One segment in the store edited, then one record dropped from it.
     s3 = aws_admin_session.client("s3", endpoint_url=dev_stack.moto_endpoint)
     uri = r["train"]["audit_segment"]

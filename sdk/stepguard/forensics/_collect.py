@@ -120,7 +120,9 @@ def collect(*, model: tuple[str, str] | None = None, registry: str | None = None
     audit, records, problems = _audit(store, chosen, audit_logs, heads)
     spans = _Spans(records)
     steps = [_step(f, spans, now or datetime.now(UTC)) for f in chosen]
-    steps = _stages(steps, model_rec.digest if model_rec else None)
+    focus = model_rec.digest if model_rec else next(  # no model: what the receipt wrote
+        (o.digest for o in anchor.receipt.outputs), None) if anchor else None
+    steps = _stages(steps, focus)
     signature = _signature(signature, chosen, model_rec)
     if signature is not None and signature.bundle_matches is False:
         problems.append("the registry's signature bundle is not the one the publishing "
