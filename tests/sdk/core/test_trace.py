@@ -183,3 +183,25 @@ def test_what_is_missing_is_named(pipeline, capsys, tmp_path):
     code, _, err = _trace(capsys, "churn-model@1.0", "--registry",
                           f"file://{tmp_path / 'empty'}")
     assert code == 2 and "not in the registry" in err
+
+
+def _loaded_after(argv, watch):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom stepguard.cli import main\ntry:\n"
+            f"    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            f"print('loaded:' + ','.join(m for m in {watch!r} if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    return [m for m in proc.stdout.strip().splitlines()[-1].removeprefix("loaded:").split(",")
+            if m]
+
+
+def test_start_up_stays_lazy(tmp_path):
+    heavy = ("boto3", "hvac", "airflow", "model_signing", "stepguard.integrity")
+    assert _loaded_after(["trace", "--help"], (*heavy, "stepguard.forensics")) == []
+    # A trace on this machine's disk loads no object-store or Vault client.
+    assert _loaded_after(["trace", "m@1", "--registry", f"file://{tmp_path}",
+                          "--receipts", str(tmp_path)], heavy) == []
+    assert "trace" in _loaded_after(["trace", "--help"], ("stepguard.cli._trace",))[0]
