@@ -227,3 +227,27 @@ def test_trace_through_the_object_store(airflow_run, pipeline_env, store_env, de
     s3.put_object(Bucket=bucket, Key=key, Body=b"".join(lines[:1] + lines[2:]))
     code, text, err = _trace(capfd, model, *store)
     assert code == 5 and "TAMPERED" in text and uri in err
+
+
+def test_the_main_jobs_report_names_a_trace_that_works(tmp_path, dev_stack, dev_postgres):
+    """``bash scripts/main.sh`` ends with the next command: it traces the model it published."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed")
+    run = subprocess.run([sys.executable, "-m", "stepguard_airflow.example", "--workdir",
+                          str(tmp_path), "--dev-dir", str(dev_stack.state_dir)],
+                         capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [nxt] = [ln.split("next", 1)[1].strip() for ln in run.stdout.splitlines()
+             if ln.strip().startswith("next ")]
+    assert nxt.startswith("stepguard trace churn-model@")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPGUARD_")}
+    traced = subprocess.run([sys.executable, "-m", "stepguard.cli", *shlex.split(nxt)[1:]],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert traced.returncode == 0, traced.stderr
+    assert "record intact" in traced.stdout and "[PASS] gate" in traced.stdout
+    assert ": revoked" in traced.stdout
