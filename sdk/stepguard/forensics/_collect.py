@@ -352,6 +352,16 @@ class _Spans:
     def has(self, step: str, run_id: str, try_number: int) -> bool:
         return (run_id, step, try_number) in self.steps
 
+    def signing(self, step: str, run_id: str, try_number: int) -> dict[str, str]:
+        """Signer, policy and identity attributes any span of the step recorded (the step span
+        included), first value per key."""
+        out: dict[str, str] = {}
+        for span in self.steps.get((run_id, step, try_number), []):
+            for key, value in (span.get("attributes") or {}).items():
+                if _signing_key(key):
+                    out.setdefault(key.removeprefix("stepguard."), _short(value))
+        return out
+
 
 def _signing_key(key: str) -> bool:
     return any(w in key for w in ("signer", "policy", "identity"))
@@ -386,9 +396,12 @@ def _step(found: Found, spans: _Spans, now: datetime) -> Step:
                              state=_state(c, r.finished_at, now), revocable=c.revocable,
                              ttl_s=c.ttl_s, revoked_by=c.revoked_by, error=c.error)
                   for c in r.credentials)
-    checks = spans.checks(r.step, ctx.run_id, ctx.try_number)
-    if not spans.has(r.step, ctx.run_id, ctx.try_number):
-        checks = _receipt_checks(r)
+    # The step span names the step as the receipt does, or as its context does (a mapped
+    # instance: "train.0").
+    name = next((n for n in (r.step, ctx.step) if spans.has(n, ctx.run_id, ctx.try_number)),
+                None)
+    checks = spans.checks(name, ctx.run_id, ctx.try_number) if name else _receipt_checks(r)
+    signing = spans.signing(name, ctx.run_id, ctx.try_number) if name else {}
     iso = dict(r.isolation)
     return Step(
         step=r.step, run_id=ctx.run_id, pipeline=ctx.pipeline, try_number=ctx.try_number,
@@ -398,7 +411,7 @@ def _step(found: Found, spans: _Spans, now: datetime) -> Step:
                               i.source) for i in r.inputs),
         outputs=tuple(Artifact(o.name, o.digest, o.path, o.manifest, o.files, o.bytes)
                       for o in r.outputs),
-        credentials=creds, checks=tuple(checks), isolation=iso.get("mode"),
+        credentials=creds, checks=tuple(checks), signing=signing, isolation=iso.get("mode"),
         image=iso.get("image_digest") or iso.get("image") or None,
         trace_id=r.trace_id, audit_segment=r.audit_segment, audit_head=r.audit_head,
         started_at=r.started_at, finished_at=r.finished_at,
@@ -469,8 +482,8 @@ def _gate(steps: list[Step], model: Model | None) -> Gate | None:
     if step is None:
         return None
     policy = signer = None
-    for check in step.checks:
-        for key, value in check.details.items():
+    for details in (step.signing, *(c.details for c in step.checks)):
+        for key, value in details.items():
             if "policy" in key and policy is None:
                 policy = value
             if ("signer" in key or "identity" in key) and signer is None:

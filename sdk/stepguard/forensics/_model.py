@@ -88,6 +88,9 @@ class Step:
     outputs: tuple[Artifact, ...] = ()
     credentials: tuple[Credential, ...] = ()
     checks: tuple[Check, ...] = ()
+    #: Signer, policy and identity attributes the step's spans recorded (newer audit trails:
+    #: the signing span, the gate's verdict), keys without the ``stepguard.`` prefix.
+    signing: Mapping[str, str] = field(default_factory=dict)
     isolation: str | None = None
     image: str | None = None
     trace_id: str | None = None

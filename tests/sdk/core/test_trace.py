@@ -142,7 +142,8 @@ def test_a_run_or_a_receipt_as_the_starting_point(pipeline, capsys):
     assert doc["model"]["name"] == "churn-model" and doc["signature"]["signer"]
 
 
-def test_newer_audit_records_are_shown_older_ones_say_not_recorded(pipeline, capsys):
+@pytest.mark.parametrize("recorded", ["with-a-verdict", "as-span-attributes"])
+def test_newer_audit_records_are_shown_older_ones_say_not_recorded(pipeline, capsys, recorded):
     """The gate's policy and accepted signer: 'not recorded' in today's log; shown once a span
     of the gate step carries them."""
     from stepguard.audit import AuditLog
@@ -164,7 +165,8 @@ def test_newer_audit_records_are_shown_older_ones_say_not_recorded(pipeline, cap
         "start_ns": step_span["start_ns"], "end_ns": step_span["end_ns"], "status": "OK",
         "attributes": {"stepguard.signing.policy": "release", "stepguard.signing.signer": signer},
         "events": [{"name": "stepguard.verdict", "attributes": {
-            "stepguard.verdict.name": "signing.verified", "stepguard.verdict.passed": True}}]})
+            "stepguard.verdict.name": "signing.verified", "stepguard.verdict.passed": True}}]
+        if recorded == "with-a-verdict" else []})
     log.close()
     code, out, _ = _trace(capsys, "churn-model@1.0", "--json")
     assert code == 0
