@@ -98,8 +98,7 @@ def test_trace_the_published_model_in_three_formats(airflow_run, pipeline_env, c
         "sign_and_publish": "signature", "gate": "gate", "deploy": "deploy"}
     assert [(c["kind"], c["verdict"]) for c in doc["chain"]] == [
         (k, "pass") for k in ("data", "train", "model", "signature", "gate", "deploy")]
-    [cred] = doc["credentials"] if "credentials" in doc else [
-        c for s in doc["steps"] for c in s["credentials"]]
+    [cred] = [c for s in doc["steps"] for c in s["credentials"]]
     lease = r["ingest"]["credentials"][0]
     assert (cred["kind"], cred["lease_hash"], cred["state"]) == ("database", lease["lease"],
                                                                   "revoked")
