@@ -194,6 +194,10 @@ def test_trace_through_the_object_store(airflow_run, pipeline_env, store_env, de
     segments = {s["location"]: s for s in doc["audit"]}
     wanted = {r[s]["audit_segment"] for s in ("ingest", "train", "gate")}
     assert wanted <= set(segments) and all(segments[w]["intact"] for w in wanted)
+    # The worker's own log holds the same spans as the segments: each check counts once.
+    assert str(pipeline_env / "audit.jsonl") in segments
+    ingest = next(s for s in doc["steps"] if s["step"] == "ingest")
+    assert [c["name"] for c in ingest["checks"]].count("integrity.hashed") == 1
     code, page, _ = _trace(capfd, model, *store, "--html")
     code2, text, _ = _trace(capfd, model, *store)
     assert code == code2 == 0

@@ -304,7 +304,7 @@ class _Spans:
         spans = [r for r in records if r.get("kind") == "span" or "span_id" in r]
         by_id = {(s.get("trace_id"), s.get("span_id")): s for s in spans}
         self.steps: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-        for span in spans:
+        for span in by_id.values():  # a span in the local log and in a segment counts once
             owner = self._owner(span, by_id)
             if owner is None:
                 continue
@@ -312,9 +312,7 @@ class _Spans:
             key = (str(attrs.get("cicd.pipeline.run.id")), str(
                 attrs.get("stepguard.step.name") or attrs.get("stepguard.step")),
                 int(attrs.get("stepguard.try_number") or 1))
-            bucket = self.steps.setdefault(key, [])
-            if not any(s is span for s in bucket):
-                bucket.append(span)
+            self.steps.setdefault(key, []).append(span)
 
     @staticmethod
     def _owner(span: dict[str, Any], by_id: Mapping[tuple[Any, Any], dict[str, Any]]
