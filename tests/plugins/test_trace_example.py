@@ -254,3 +254,24 @@ def test_the_main_jobs_report_names_a_trace_that_works(tmp_path, dev_stack, dev_
     assert traced.returncode == 0, traced.stderr
     assert "record intact" in traced.stdout and "[PASS] gate" in traced.stdout
     assert ": revoked" in traced.stdout
+
+
+def test_trace_of_a_run_stopped_by_tampered_data(airflow_run, pipeline_env, capfd):
+    """The tampered variant: the trace shows where the run stopped, the failed check naming the
+    file, and the attacker's task that ran without stepguard. The record itself is intact."""
+    dag = airflow_run.load(EXAMPLE, "secure_training_trace_tampered").secure_training_tampered
+    dr = dag.test()
+    capfd.readouterr()
+    assert airflow_run.states(dr)["verify_dataset"] == "failed"
+    code, out, err = _trace(capfd, "--run", dr.run_id, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    chain = {c["kind"]: c["verdict"] for c in doc["chain"]}
+    assert chain["data"] == "fail" and chain["train"] == chain["model"] == "not recorded"
+    verify = next(s for s in doc["steps"] if s["step"] == "verify_dataset")
+    assert verify["status"] == "failed" and verify["error"].startswith("IntegrityError")
+    [failed] = [c for c in verify["checks"] if not c["passed"]]
+    assert failed["name"] == "integrity.verify" and "churn.csv" in failed["details"]["message"]
+    assert doc["unsecured"] == ["attacker_poisons_data_lake"]
+    code, text, _ = _trace(capfd, "--run", dr.run_id)
+    assert "[FAIL] data" in text and "attacker_poisons_data_lake  ran WITHOUT stepguard" in text

@@ -129,9 +129,10 @@ def collect(*, model: tuple[str, str] | None = None, registry: str | None = None
                         "receipt names")
     gate = _gate(steps, model_rec)
     source = _source(source, chosen, steps)
-    trace = Trace(subject=subject, run_ids=tuple(dict.fromkeys(
-        s.run_id for s in steps)), steps=tuple(steps), model=model_rec, signature=signature,
-        gate=gate, source=source, audit=tuple(audit), problems=tuple(problems))
+    run_ids = tuple(dict.fromkeys(s.run_id for s in steps))
+    trace = Trace(subject=subject, run_ids=run_ids, steps=tuple(steps), model=model_rec,
+                  signature=signature, gate=gate, source=source, audit=tuple(audit),
+                  problems=tuple(problems), unsecured=tuple(spans.unsecured(run_ids)))
     return replace(trace, chain=_chain(trace))
 
 
@@ -304,6 +305,7 @@ class _Spans:
         spans = [r for r in records if r.get("kind") == "span" or "span_id" in r]
         by_id = {(s.get("trace_id"), s.get("span_id")): s for s in spans}
         self.steps: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+        self.tasks = [s for s in by_id.values() if s.get("name") == "stepguard.task"]
         for span in by_id.values():  # a span in the local log and in a segment counts once
             owner = self._owner(span, by_id)
             if owner is None:
@@ -333,7 +335,17 @@ class _Spans:
             control = str(span.get("name", "")).removeprefix("stepguard.")
             attrs = {k: str(v) for k, v in (span.get("attributes") or {}).items()
                      if _signing_key(k)}
-            for event in span.get("events") or ():
+            events = span.get("events") or ()
+            failed = span.get("status") == "ERROR" and span.get("name") != _STEP_SPAN
+            if failed and not any(e.get("name") == _VERDICT for e in events):
+                exc = next((e.get("attributes") or {} for e in events
+                            if e.get("name") == "exception"), {})
+                out.append(Check(step=step, name=control, passed=False, source="audit",
+                                 control=control, details={k: _short(v) for k, v in {
+                                     "error.type": (span.get("attributes") or {}).get(
+                                         "error.type"),
+                                     "message": exc.get("exception.message")}.items() if v}))
+            for event in events:
                 if event.get("name") != _VERDICT:
                     continue
                 ea = event.get("attributes") or {}
@@ -346,6 +358,14 @@ class _Spans:
                                  passed=bool(ea.get("stepguard.verdict.passed")),
                                  source="audit", control=control, details=details))
         return out
+
+    def unsecured(self, run_ids: Iterable[str]) -> list[str]:
+        """Tasks of these runs whose task span says they ran without stepguard."""
+        wanted = set(run_ids)
+        return sorted({str(a.get("cicd.pipeline.task.name")) for a in (
+            s.get("attributes") or {} for s in self.tasks)
+            if a.get("stepguard.secured") is False and
+            str(a.get("cicd.pipeline.run.id")) in wanted})
 
     def has(self, step: str, run_id: str, try_number: int) -> bool:
         return (run_id, step, try_number) in self.steps
@@ -439,11 +459,21 @@ def _stages(steps: list[Step], model: str | None) -> list[Step]:
     stage: dict[int, str] = {}
     train = next((s for s in steps if any(o.digest == model for o in s.outputs) and
                   not any(i.digest == model for i in s.inputs)), None) if model else None
-    if train is None:
-        return steps
+    data_digests: set[str | None] = set()
+    if train is None:  # no model (a run stopped early): the sources and their checks
+        for s in steps:
+            if not s.inputs and s.outputs:
+                stage[id(s)] = "data"
+                data_digests.update(o.digest for o in s.outputs)
+            elif s.inputs and all(i.digest in data_digests for i in s.inputs) and \
+                    not s.outputs:
+                stage[id(s)] = "data"
+            elif s.status != "succeeded":  # where the run stopped
+                stage[id(s)] = "data" if (s.error or "").startswith("IntegrityError") \
+                    else "train"
+        return [replace(s, stage=stage.get(id(s))) for s in steps]
     stage[id(train)] = "train"
     todo = [train]
-    data_digests: set[str | None] = set()
     while todo:
         cur = todo.pop()
         for inp in cur.inputs:

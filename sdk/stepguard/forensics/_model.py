@@ -194,6 +194,9 @@ class Trace:
     audit: tuple[Segment, ...] = ()
     chain: tuple[Stage, ...] = ()
     problems: tuple[str, ...] = ()
+    #: Tasks of the traced runs that the audit trail shows ran without stepguard (an Airflow
+    #: task span with ``stepguard.secured`` false): no receipt, no checks, no credentials record.
+    unsecured: tuple[str, ...] = ()
 
     @property
     def intact(self) -> bool:

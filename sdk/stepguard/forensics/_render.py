@@ -70,6 +70,8 @@ def render_text(trace: Trace) -> str:
     lines += ["", "steps and checks"]
     for step in trace.steps:
         lines += _step_lines(step)
+    for task in trace.unsecured:
+        lines.append(f"  {task}  ran WITHOUT stepguard (audit trail): no receipt, no checks")
     lines += ["", "audit trail"]
     lines += [_segment_line(s) for s in trace.audit] or [f"  {_NR} (no audit log or segment "
                                                          "found)"]
@@ -203,6 +205,8 @@ def render_html(trace: Trace) -> str:
         _table(["step", "status", "stage", "isolation", "receipt", "signed"],
                [[s.step, s.status, s.stage, s.isolation, s.receipt, s.receipt_signed]
                 for s in trace.steps]),
+        "".join(f'<p class="fail">task <code>{e(t)}</code> ran without stepguard (audit '
+                'trail): no receipt, no checks</p>' for t in trace.unsecured),
         "<h2>Audit trail</h2>",
         _table(["location", "intact", "records", "broken at", "finding", "anchored by"],
                [[s.location, "yes" if s.intact else "TAMPERED", s.records, s.where,
