@@ -187,7 +187,8 @@ def test_trace_through_the_object_store(airflow_run, pipeline_env, store_env, de
     assert doc["data"][0]["digest"] == r["ingest"]["outputs"][0]["digest"]
     stored = [s for s in doc["steps"] if s["receipt"].startswith(store_env)]
     assert {s["step"] for s in stored} == {"ingest", "train", "gate"}
-    assert all(s["receipt_signed"] for s in doc["steps"])
+    # Every receipt's signature verified under the settings' receipts policy (Transit).
+    assert all(s["receipt_signed"] and s["receipt_verified"] for s in doc["steps"])
     lake = [c for s in doc["steps"] for c in s["credentials"] if c["name"] == "lake"]
     assert lake and {c["state"] for c in lake} <= {"expiring", "expired"}
     assert all(not c["revocable"] for c in lake)
@@ -214,8 +215,22 @@ def test_trace_through_the_object_store(airflow_run, pipeline_env, store_env, de
     assert ingest["receipt"].startswith(store_env) and ingest["stage"] == "data"
     assert doc["data"][0]["digest"] == r["ingest"]["outputs"][0]["digest"]
 
-    # One segment in the store edited, then one record dropped from it.
+    # A stored receipt edited after it was signed: refused, named, and the record not intact.
     s3 = aws_admin_session.client("s3", endpoint_url=dev_stack.moto_endpoint)
+    gate_key = r["gate"]["outputs"][0]["path"].removesuffix("data/")[len("s3://"):] \
+        + "receipt.json"
+    bucket, _, gate_key = gate_key.partition("/")
+    signed = s3.get_object(Bucket=bucket, Key=gate_key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=gate_key,
+                  Body=signed.replace(b'"status": "succeeded"', b'"status": "failed"', 1))
+    code, out, err = _trace(capfd, model, *store, "--json")
+    assert code == 5
+    assert any("receipt of step gate" in p and "changed after it was signed" in p
+               for p in json.loads(out)["problems"]), out[-2000:]
+    assert "receipt of step gate" in err
+    s3.put_object(Bucket=bucket, Key=gate_key, Body=signed)
+
+    # One segment in the store edited, then one record dropped from it.
     uri = r["train"]["audit_segment"]
     bucket, _, key = uri[len("s3://"):].partition("/")
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()

@@ -45,16 +45,14 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     if target is None and args.run is None:
         raise ConfigurationError("give a model (NAME@VERSION), a receipt or --run RUN_ID",
                                  subject="stepguard trace")
-    settings = None
-    if not args.receipts or not args.audit_log or (model and not args.registry):
-        settings = _settings(args)
+    settings = _settings(args)
     receipts = list(args.receipts or ([settings.state_dir] if settings else []))
     logs = list(args.audit_log or [])
     if not logs and settings is not None and settings.audit_path.is_file():
         logs.append(str(settings.audit_path))
     registry = args.registry or (settings.registry.url if settings else None)
     result = trace(model=model, registry=registry, run_id=args.run, receipt=receipt,
-                   receipts=receipts, audit_logs=logs)
+                   receipts=receipts, audit_logs=logs, settings=settings)
     if args.json:
         import json
 

@@ -40,6 +40,7 @@ stepguard.errors.EvidenceNotFound: no receipts of this run were found: nope
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from stepguard.forensics._collect import collect, parse_model
 from stepguard.forensics._evidence import Store
@@ -60,6 +61,10 @@ from stepguard.forensics._model import (
     Trace,
 )
 from stepguard.forensics._render import render_html, render_svg, render_text
+
+if TYPE_CHECKING:
+    from stepguard.receipt import Receipt
+    from stepguard.settings import Settings
 
 __all__ = [
     "STAGES",
@@ -87,12 +92,15 @@ __all__ = [
 
 def trace(*, model: str | None = None, registry: str | None = None, run_id: str | None = None,
           receipt: str | None = None, receipts: Sequence[str] = (),
-          audit_logs: Sequence[str] = (), store: Store | None = None) -> Trace:
+          audit_logs: Sequence[str] = (), store: Store | None = None,
+          settings: Settings | None = None) -> Trace:
     """The :class:`Trace` of a ``model`` (``name@version`` in ``registry``), a ``run_id`` or a
     ``receipt`` (path or ``s3://`` URI). ``receipts``: directories (a state dir) and ``s3://``
     prefixes holding receipts; ``audit_logs``: local audit logs (segments named by receipts are
     read from where they are). Raises :class:`~stepguard.errors.EvidenceNotFound` when what was
     named is not there; a damaged record is not an error but a finding (:attr:`Trace.intact`).
+    With ``settings`` naming a receipts policy (``receipts.policy``), every receipt's signature
+    is verified under it (:attr:`Step.receipt_verified`); a refused one is a problem.
     """
     from stepguard.errors import ConfigurationError
 
@@ -101,5 +109,12 @@ def trace(*, model: str | None = None, registry: str | None = None, run_id: str 
         coords = parse_model(model)
         if coords is None:
             raise ConfigurationError("a model is NAME@VERSION", subject=model)
+    check = None
+    if settings is not None and settings.receipts.policy:
+        from stepguard.wiring import check_receipt
+
+        def check(r: Receipt) -> object:
+            return check_receipt(r, settings)
+
     return collect(model=coords, registry=registry, run_id=run_id, receipt=receipt,
-                   receipts=receipts, audit_logs=audit_logs, store=store)
+                   receipts=receipts, audit_logs=audit_logs, store=store, check_receipt=check)

@@ -14,7 +14,7 @@ events under its step span) when the trail holds them, else from its receipt.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -70,12 +70,14 @@ def parse_model(value: str) -> tuple[str, str] | None:
 def collect(*, model: tuple[str, str] | None = None, registry: str | None = None,
             run_id: str | None = None, receipt: str | None = None,
             receipts: Sequence[str] = (), audit_logs: Sequence[str] = (),
-            store: Store | None = None, now: datetime | None = None) -> Trace:
+            store: Store | None = None, now: datetime | None = None,
+            check_receipt: Callable[[Receipt], object] | None = None) -> Trace:
     """The trace of a model (``model`` in ``registry``), a run (``run_id``) or a ``receipt``
     (path or ``s3://`` URI), from the receipts under ``receipts`` (directories or ``s3://``
     prefixes) and the local audit logs ``audit_logs``; audit segments the receipts name are read
-    from where they name. :class:`~stepguard.errors.EvidenceNotFound` when what was named is not
-    there."""
+    from where they name. ``check_receipt`` verifies a receipt's signature (raising
+    :class:`~stepguard.errors.SignatureError`). :class:`~stepguard.errors.EvidenceNotFound`
+    when what was named is not there."""
     store = store or Store()
     pool = _Pool(store)
     anchor: Found | None = None
@@ -120,6 +122,9 @@ def collect(*, model: tuple[str, str] | None = None, registry: str | None = None
     audit, records, problems = _audit(store, chosen, audit_logs, heads)
     spans = _Spans(records)
     steps = [_step(f, spans, now or datetime.now(UTC)) for f in chosen]
+    if check_receipt is not None:
+        steps = [_checked(s, f, check_receipt, problems) for s, f in zip(steps, chosen,
+                                                                          strict=True)]
     focus = model_rec.digest if model_rec else next(  # no model: what the receipt wrote
         (o.digest for o in anchor.receipt.outputs), None) if anchor else None
     steps = _stages(steps, focus)
@@ -434,6 +439,23 @@ def _step(found: Found, spans: _Spans, now: datetime) -> Step:
         trace_id=r.trace_id, audit_segment=r.audit_segment, audit_head=r.audit_head,
         started_at=r.started_at, finished_at=r.finished_at,
         error=f"{r.error.type}: {r.error.message}" if r.error else None)
+
+
+def _checked(step: Step, found: Found, check: Callable[[Receipt], object],
+             problems: list[str]) -> Step:
+    """``step`` with its receipt's signature verified: True, False (a problem is added), or
+    None when it could not be checked (the policy's key out of reach)."""
+    from stepguard.errors import SignatureError
+
+    try:
+        check(found.receipt)
+    except SignatureError as err:
+        problems.append(f"receipt of step {step.step} ({found.where}): {err.message}"
+                        + "".join(f"; {d}" for d in err.details))
+        return replace(step, receipt_verified=False)
+    except StepguardError:
+        return step
+    return replace(step, receipt_verified=True)
 
 
 def _receipt_checks(r: Receipt) -> list[Check]:

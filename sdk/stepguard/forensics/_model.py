@@ -83,6 +83,9 @@ class Step:
     receipt: str  # where the receipt was read from
     receipt_digest: str
     receipt_signed: bool
+    #: The receipt's signature verified under the settings' receipts policy: True, False (not
+    #: signed as the policy requires, or edited after signing), None: not checked.
+    receipt_verified: bool | None = None
     stage: str | None = None  # one of STAGES, when the step is part of the drawn chain
     inputs: tuple[Artifact, ...] = ()
     outputs: tuple[Artifact, ...] = ()

@@ -83,7 +83,9 @@ def render_text(trace: Trace) -> str:
 
 def _step_lines(step: Step) -> list[str]:
     head = f"  {step.step}  {step.status}  stage {step.stage or '-'}  isolation " \
-           f"{_or(step.isolation)}  receipt {'signed' if step.receipt_signed else 'unsigned'}"
+           f"{_or(step.isolation)}  receipt {'signed' if step.receipt_signed else 'unsigned'}" \
+           + {True: ", signature verified", False: ", SIGNATURE REFUSED", None: ""}[
+               step.receipt_verified]
     out = [head, f"      receipt {step.receipt}"]
     if step.error:
         out.append(f"      error {step.error}")
@@ -202,8 +204,9 @@ def render_html(trace: Trace) -> str:
                [[c.step, c.name, "PASS" if c.passed else "FAIL", c.source,
                  " ".join(f"{k}={v}" for k, v in c.details.items())] for c in trace.checks]),
         "<h2>Steps</h2>",
-        _table(["step", "status", "stage", "isolation", "receipt", "signed"],
-               [[s.step, s.status, s.stage, s.isolation, s.receipt, s.receipt_signed]
+        _table(["step", "status", "stage", "isolation", "receipt", "signed", "verified"],
+               [[s.step, s.status, s.stage, s.isolation, s.receipt, s.receipt_signed,
+                 s.receipt_verified]
                 for s in trace.steps]),
         "".join(f'<p class="fail">task <code>{e(t)}</code> ran without stepguard (audit '
                 'trail): no receipt, no checks</p>' for t in trace.unsecured),
