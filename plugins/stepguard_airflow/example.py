@@ -177,6 +177,10 @@ def _report(root: Path, dag_id: str, run_id: str, *, states: dict[str, str],
             line(f"  audit     {audit} ({verify_chain(audit).records} records, chain intact)")
             line(f"            stepguard audit show {audit}")
         line(f"  receipts  {root / 'state' / 'runs'}")
+        if publish and publish["outputs"][0].get("published"):
+            pub = publish["outputs"][0]["published"]
+            line(f"  next      stepguard trace {pub['name']}@{pub['version']} "
+                 f"--settings {root / 'stepguard.yaml'}")
     else:
         ran = [t for t in states if states[t] in ("success", "failed")]
         pids = {workers[t]["pid"] for t in ran if t in workers}

@@ -35,6 +35,7 @@ __all__ = [
     "ConfigurationError",
     "CredentialDenied",
     "CredentialError",
+    "EvidenceNotFound",
     "IntegrityError",
     "IsolationError",
     "ManifestError",
@@ -115,6 +116,11 @@ class ConfigurationError(StepguardError):
     """The caller's input is invalid: settings, a step spec, CLI arguments."""
 
     exit_code = 2
+
+
+class EvidenceNotFound(ConfigurationError):
+    """What an investigation named is not there: an unknown model or version in the registry, a
+    run with no receipts, a receipt that does not exist (``stepguard trace``, exit status 2)."""
 
 
 class ManifestError(ConfigurationError):

@@ -59,6 +59,7 @@ _CORE_GROUPS: dict[str, str] = {
     "registry": "stepguard.cli._signing",
     "pod": "stepguard.cli._pod",
     "audit": "stepguard.cli._audit",
+    "trace": "stepguard.cli._trace",
 }
 #: The entry-point group through which installed packages add command groups.
 _GROUPS_ENTRY_POINT = "stepguard.cli_groups"

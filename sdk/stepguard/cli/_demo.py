@@ -200,6 +200,11 @@ def _report(root: Path, run_id: str, settings: Settings,
         line(f"  audit     {audit_path} ({report.records} records, chain intact)")
         line(f"            stepguard audit show {audit_path} --run {run_id}")
     line(f"  receipts  {Path(settings.state_dir) / 'runs' / run_id}")
+    published = results["train"].output("model").published if "train" in results else None
+    if published is not None:
+        logs = f" --audit-log {audit_path}" if audit_path.exists() else ""
+        line(f"  next      stepguard trace {published.name}@{published.version} "
+             f"--registry {published.registry} --receipts {settings.state_dir}{logs}")
     if tampered:
         ok = "train" not in results
         line("  verdict   " + ("tampered data was refused; training never started" if ok

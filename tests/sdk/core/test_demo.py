@@ -49,6 +49,18 @@ def test_pipeline_runs_signs_gates_and_revokes(tmp_path, dev_stack, dev_postgres
     settings = results["settings"]
     assert verify_chain(settings.audit_path).records > 5
     assert str(settings.audit_path) in out and "chain intact" in out
+    # the report's next command traces the published model: intact, signer, the revoked lease
+    import shlex
+
+    from stepguard.cli import main
+
+    [nxt] = [ln.split("next", 1)[1].strip() for ln in out.splitlines()
+             if ln.strip().startswith("next ")]
+    assert main(shlex.split(nxt)[1:]) == 0
+    traced = capsys.readouterr().out
+    assert "record intact" in traced and model.published.signer in traced
+    assert f"lease {lease.lease}: revoked" in traced
+    out += traced
     # the minted user is gone, and its password reached no receipt, log line or audit record
     assert seen["user"] not in pg_roles()
     import base64
