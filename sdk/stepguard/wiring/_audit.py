@@ -3,18 +3,33 @@
 Uses the OpenTelemetry API only. The tracer provider is the caller's when given; otherwise the
 audit settings decide (``none`` disables auditing; other exporters are configured by
 :mod:`stepguard.audit`).
+
+The step span's parent is the current span (an orchestrator's task span), else ``TRACEPARENT``,
+else the run root :func:`stepguard.audit.run_context` derives from the run's identity, so every
+step of one pipeline run shares one trace with no state passed between them. While a step runs,
+:func:`current_audit` returns its :class:`StepAudit`, so the wiring that signs, verifies and
+gates (called from inside the lifecycle or a step body) adds its spans and verdicts to it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import contextvars
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from stepguard.receipt import ExportRecord, VerificationRecord
 from stepguard.settings import Settings
 from stepguard.spec import RunContext, StepSpec
 
 _TRACER = "stepguard"
+_current: contextvars.ContextVar[StepAudit | None] = contextvars.ContextVar(
+    "stepguard_step_audit", default=None)
+
+
+def current_audit() -> StepAudit | None:
+    """The :class:`StepAudit` of the step running in this context, if any."""
+    return _current.get()
 
 
 class StepAudit:
@@ -27,6 +42,13 @@ class StepAudit:
         self._auditor: Any = None
         self._span: Any = None
         self.trace_id: str | None = None
+        #: Signature verifications made during the step (the receipt's ``verifications``).
+        self.verifications: list[VerificationRecord] = []
+        #: Whether the step's spans reached the OTLP collector (set by :meth:`flush`).
+        self.export: ExportRecord | None = None
+        self._export_before: tuple[int, int] | None = None
+        self._inputs: list[str] = []
+        self._outputs: list[str] = []
 
     def _get_auditor(self) -> Any:
         if self._auditor is None:
@@ -40,27 +62,56 @@ class StepAudit:
         return self._auditor
 
     @contextlib.contextmanager
-    def step(self, spec: StepSpec, ctx: RunContext) -> Iterator[None]:
-        """The ``stepguard.step`` span around the whole lifecycle."""
-        if not self.enabled:
-            yield
-            return
-        from stepguard.audit import pipeline_attributes, stepguard_attributes
+    def step(self, spec: StepSpec, ctx: RunContext, *, name: str | None = None
+             ) -> Iterator[None]:
+        """The ``stepguard.step`` span around the whole lifecycle. ``name``: the instance's name
+        (``ingest.0`` for a mapped task instance), else the spec's."""
+        token = _current.set(self)
+        try:
+            if not self.enabled:
+                yield
+                return
+            from stepguard.audit import (
+                Attr,
+                export_counter,
+                pipeline_attributes,
+                run_context,
+                stepguard_attributes,
+            )
 
-        attrs = pipeline_attributes(
-            pipeline=ctx.pipeline, run_id=ctx.run_id, task=ctx.step,
-        )
-        attrs.update(stepguard_attributes(
-            step=spec.name, isolation_mode=spec.isolation.mode, try_number=ctx.try_number,
-            orchestrator=ctx.orchestrator, inputs=len(spec.inputs), outputs=len(spec.outputs),
-            credentials=len(spec.credentials),
-        ))
-        with self._get_auditor().step_span(spec.name, attrs) as span:
-            self._span = span
-            sc = span.get_span_context()
-            if sc.is_valid:
-                self.trace_id = format(sc.trace_id, "032x")
-            yield
+            attrs = pipeline_attributes(
+                pipeline=ctx.pipeline, run_id=ctx.run_id, task=ctx.step,
+            )
+            attrs.update(stepguard_attributes(
+                step=spec.name, isolation_mode=spec.isolation.mode, try_number=ctx.try_number,
+                orchestrator=ctx.orchestrator, inputs=len(spec.inputs),
+                outputs=len(spec.outputs), credentials=len(spec.credentials),
+            ))
+            instance = name or spec.name
+            suffix = instance[len(spec.name) + 1:]
+            if instance != spec.name and suffix.isdigit():
+                attrs[Attr.MAP_INDEX] = int(suffix)
+            auditor = self._get_auditor()
+            counter = export_counter(self._provider)
+            self._export_before = counter.snapshot() if counter is not None else None
+            parent = run_context(ctx.orchestrator, ctx.pipeline, ctx.run_id)
+            with auditor.step_span(instance, attrs, parent=parent) as span:
+                self._span = span
+                sc = span.get_span_context()
+                if sc.is_valid:
+                    self.trace_id = format(sc.trace_id, "032x")
+                try:
+                    yield
+                finally:
+                    digests: dict[str, Any] = {}
+                    if self._inputs:
+                        digests[Attr.INPUT_DIGESTS] = list(self._inputs)
+                    if self._outputs:
+                        digests[Attr.OUTPUT_DIGESTS] = list(self._outputs)
+                    if digests:
+                        span.set_attributes(digests)
+        finally:
+            _current.reset(token)
 
     @contextlib.contextmanager
     def control(self, control: str, operation: str, **attrs: Any) -> Iterator[None]:
@@ -73,15 +124,54 @@ class StepAudit:
         with self._get_auditor().control_span(control, operation, stepguard_attributes(**attrs)):
             yield
 
+    def attributes(self, attributes: Mapping[str, Any]) -> None:
+        """Set attributes (``artifact.*``, ``stepguard.*``) on the current span."""
+        if self.enabled and attributes:
+            self._get_auditor().set_attributes(attributes)
+
     def verdict(self, name: str, passed: bool, **attrs: Any) -> None:
         """Record the verdict of a check as an event on the current span."""
         if self.enabled:
             self._get_auditor().verdict(name, passed, **attrs)
 
-    def artifact(self, name: str, digest: str) -> None:
-        """Record an artifact digest on the current span."""
+    def input_verified(self, name: str, digest: str | None, where: str) -> None:
+        """An input matched its manifest: ``artifact.*`` on the current span (the verify span),
+        the digest listed on the step span, and the ``integrity.verified`` verdict."""
+        if not self.enabled:
+            return
+        from stepguard.audit import Attr, artifact_attributes
+
+        if digest:
+            self._inputs.append(digest)
+            self.attributes({**artifact_attributes(hash=digest, filename=where),
+                             Attr.MANIFEST_DIGEST: digest})
+        self.verdict("integrity.verified", digest is not None, input=name, digest=digest or "")
+
+    def artifact(self, name: str, digest: str, where: str | None = None) -> None:
+        """An output was hashed: ``artifact.*`` on the current span (the hash span), the digest
+        listed on the step span, and the ``integrity.hashed`` verdict."""
         if self.enabled:
+            from stepguard.audit import Attr, artifact_attributes
+
+            self._outputs.append(digest)
+            self.attributes({**artifact_attributes(hash=digest, filename=where),
+                             Attr.OUTPUT_DIGEST: digest})
             self._get_auditor().verdict("integrity.hashed", True, output=name, digest=digest)
+
+    def verified(self, record: VerificationRecord) -> None:
+        """A signature verification's outcome: kept for the receipt, and on the current span
+        (the ``signing.verify`` span) as attributes and the ``signing.verified`` verdict."""
+        if record.verified:
+            self.verifications.append(record)
+        if not self.enabled:
+            return
+        from stepguard.audit import Attr
+
+        self.attributes({Attr.POLICY: record.policy, Attr.SIGNER: record.signer,
+                         **({Attr.POLICY_KIND: record.policy_kind} if record.policy_kind
+                            else {})})
+        self.verdict("signing.verified", record.verified, policy=record.policy,
+                     signer=record.signer or None, subject=record.subject, kind=record.kind)
 
     def trace_env(self) -> dict[str, str]:
         """W3C trace context for a child process (TRACEPARENT/TRACESTATE)."""
@@ -129,8 +219,36 @@ class StepAudit:
         return segment_name(log_id, first, after.seq), data
 
     def flush(self) -> None:
-        """Push every finished span out before the process may end."""
-        if self.enabled and self._provider is not None:
-            flush = getattr(self._provider, "force_flush", None)
-            if callable(flush):
-                flush()
+        """Push every finished span out before the process may end, and note whether the
+        remote collector got them (:attr:`export`; a loss is also appended to the local log as
+        an ``export`` record naming the step span)."""
+        if not self.enabled or self._provider is None:
+            return
+        flushed = True
+        flush = getattr(self._provider, "force_flush", None)
+        if callable(flush):
+            flushed = bool(flush())
+        from stepguard.audit import export_counter, export_status
+
+        status = export_status(export_counter(self._provider), self._export_before,
+                               flushed=flushed)
+        self.export = ExportRecord(**status)
+        if status["status"] in ("lost", "unconfirmed") and self._span is not None \
+                and self.settings.audit.exporter in ("jsonl", "both"):
+            self._note_export(status)
+
+    def _note_export(self, status: Mapping[str, Any]) -> None:
+        from stepguard.audit import AuditLog
+        from stepguard.errors import AuditError
+
+        log = AuditLog(self.settings.audit_path.absolute())
+        try:
+            log.append("export", {"trace_id": self._span.trace_id,
+                                  "span_id": self._span.span_id, **status})
+        except AuditError:
+            import logging
+
+            logging.getLogger("stepguard.audit").warning(
+                "stepguard: could not note the lost spans in the local audit log")
+        finally:
+            log.release()
