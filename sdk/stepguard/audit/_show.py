@@ -196,7 +196,12 @@ def _detail_lines(entry: dict[str, Any], indent: str) -> list[str]:
         mark = "PASS" if v["passed"] else "FAIL"
         extra = _fmt_details(v["details"])
         out.append(f"{indent}{mark} {v['name']}" + (f"  {extra}" if extra else ""))
+    seen: set[str] = set()
     for key, value in entry["digests"].items():
+        text = str(value)
+        if text in seen:  # the same digest under several keys (artifact.hash, verdict): once
+            continue
+        seen.add(text)
         out.append(f"{indent}digest {key}={value}")
     for key, value in entry.get("signer", {}).items():
         # "signer transit:…", "policy release", "key transit:transit/k", "key.version 2"

@@ -167,9 +167,12 @@ class StepAudit:
             return
         from stepguard.audit import Attr
 
-        self.attributes({Attr.POLICY: record.policy, Attr.SIGNER: record.signer,
-                         **({Attr.POLICY_KIND: record.policy_kind} if record.policy_kind
-                            else {})})
+        attrs = {Attr.POLICY: record.policy}
+        if record.signer:
+            attrs[Attr.SIGNER] = record.signer
+        if record.policy_kind:
+            attrs[Attr.POLICY_KIND] = record.policy_kind
+        self.attributes(attrs)
         self.verdict("signing.verified", record.verified, policy=record.policy,
                      signer=record.signer or None, subject=record.subject, kind=record.kind)
 
