@@ -394,7 +394,13 @@ class _Run:
         with self._timed("verify_inputs"):
             for inp in self.spec.inputs:
                 with self.audit.control("integrity", "verify", input=inp.name):
-                    record, path = self._verify_one(inp, session)
+                    try:
+                        record, path = self._verify_one(inp, session)
+                    except IntegrityError as err:
+                        # A verdict, not only an error: the audit trail says which check failed.
+                        self.audit.verdict("integrity.verified", False, input=inp.name,
+                                           subject=err.subject)
+                        raise
                     self.audit.input_verified(inp.name, record.digest, record.path)
                 self.inputs.append(record)
                 verified[inp.name] = path
