@@ -251,12 +251,15 @@ class _Run:
         except BaseException as exc:
             error = exc
         self.audit.flush()
-        self.audit_head = self.audit.head()
+        after = self.audit.position()
+        self.audit_head = f"{after.seq}:{after.digest}" if after is not None else None
+        target = next(((o.name, self.out_uris[o.name], o.credential) for o in self.spec.outputs
+                       if o.name in self.out_uris), None)
         receipt = self.artifacts.hand_off(
             lambda segment: dataclasses.replace(self._receipt(error), audit_segment=segment),
-            settings=self.settings, segment=self.audit.segment(before), failed=error is not None,
-            target=next(((o.name, self.out_uris[o.name], o.credential) for o in self.spec.outputs
-                         if o.name in self.out_uris), None))
+            settings=self.settings, failed=error is not None, target=target,
+            # Read back only when it leaves the host with an object-store output.
+            segment=self.audit.segment(before, after) if target is not None else None)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "receipt.json").write_text(receipt.to_json(indent=2) + "\n")

@@ -202,10 +202,12 @@ class StepAudit:
 
         return read_head(self.settings.audit_path.absolute())
 
-    def segment(self, before: Any) -> tuple[str, bytes] | None:
+    def segment(self, before: Any, after: Any = None) -> tuple[str, bytes] | None:
         """``(name, bytes)``: the records the local log gained since ``before`` (a
-        :meth:`position`), byte for byte, named as :func:`stepguard.audit.segment_name` says."""
-        after = self.position()
+        :meth:`position`) up to ``after`` (default: now), byte for byte, named as
+        :func:`stepguard.audit.segment_name` says."""
+        if after is None:
+            after = self.position()
         if after is None or (before is not None and after.seq <= before.seq):
             return None
         import json

@@ -212,23 +212,32 @@ def fetch_verified_model(settings: Settings, name: str, version: str, *, policy:
         return fetched
 
 
+_signer_class: Any = None
+
+
 def _audited_signer(inner: Any, audit: StepAudit, method: str) -> Any:
     """``inner`` with every signature it makes in a ``stepguard.signing.sign`` span."""
-    from stepguard.signing import INTOTO_PAYLOAD_TYPE, Signer
+    global _signer_class  # noqa: PLW0603 - built once, lazily (signing loads only when used)
+    if _signer_class is None:
+        from stepguard.signing import INTOTO_PAYLOAD_TYPE, Signer
 
-    class AuditedSigner(Signer):
-        @property
-        def identity(self) -> str:
-            return str(inner.identity)
+        class AuditedSigner(Signer):
+            def __init__(self, inner: Any, audit: StepAudit, method: str) -> None:
+                self.inner, self.audit, self.method = inner, audit, method
 
-        def sign_dsse(self, payload: bytes, payload_type: str = INTOTO_PAYLOAD_TYPE) -> bytes:
-            with audit.control("signing", "sign", method=method):
-                bundle = bytes(inner.sign_dsse(payload, payload_type))
-                audit.attributes(signature_attributes(bundle, payload, inner))
-                audit.verdict("signing.signed", True)
-            return bundle
+            @property
+            def identity(self) -> str:
+                return str(self.inner.identity)
 
-    return AuditedSigner()
+            def sign_dsse(self, payload: bytes, payload_type: str = INTOTO_PAYLOAD_TYPE) -> bytes:
+                with self.audit.control("signing", "sign", method=self.method):
+                    bundle = bytes(self.inner.sign_dsse(payload, payload_type))
+                    self.audit.attributes(signature_attributes(bundle, payload, self.inner))
+                    self.audit.verdict("signing.signed", True)
+                return bundle
+
+        _signer_class = AuditedSigner
+    return _signer_class(inner, audit, method)
 
 
 def signature_attributes(bundle: bytes, payload: bytes, signer: Any) -> dict[str, Any]:
