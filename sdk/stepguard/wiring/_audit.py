@@ -27,6 +27,25 @@ _current: contextvars.ContextVar[StepAudit | None] = contextvars.ContextVar(
     "stepguard_step_audit", default=None)
 
 
+#: The provider of the last settings object seen, with the OTLP endpoint it was built for:
+#: a worker running many steps with one Settings skips the lookup (it costs tens of µs).
+_last_provider: tuple[Any, str | None, Any] | None = None
+#: Run root contexts by run identity (a few runs per process at most).
+_run_roots: dict[tuple[str, str, str], Any] = {}
+
+
+def _run_root(orchestrator: str, pipeline: str, run_id: str) -> Any:
+    key = (orchestrator, pipeline, run_id)
+    ctx = _run_roots.get(key)
+    if ctx is None:
+        from stepguard.audit import run_context
+
+        if len(_run_roots) > 64:
+            _run_roots.clear()
+        ctx = _run_roots[key] = run_context(orchestrator, pipeline, run_id)
+    return ctx
+
+
 def current_audit() -> StepAudit | None:
     """The :class:`StepAudit` of the step running in this context, if any."""
     return _current.get()
@@ -49,14 +68,22 @@ class StepAudit:
         self._export_before: tuple[int, int] | None = None
         self._inputs: list[str] = []
         self._outputs: list[str] = []
+        self._log: Any = None
 
     def _get_auditor(self) -> Any:
+        global _last_provider  # noqa: PLW0603 - a one-entry cache
         if self._auditor is None:
-            from stepguard.audit import Auditor, setup_tracing
+            from stepguard.audit import Auditor, otlp_endpoint_from_env, setup_tracing
 
             provider = self._provider
             if provider is None:
-                provider = setup_tracing(self.settings)
+                endpoint = otlp_endpoint_from_env()
+                last = _last_provider
+                if last is not None and last[0] is self.settings and last[1] == endpoint:
+                    provider = last[2]
+                else:
+                    provider = setup_tracing(self.settings)
+                    _last_provider = (self.settings, endpoint, provider)
             self._provider = provider
             self._auditor = Auditor(tracer_provider=provider)
         return self._auditor
@@ -75,7 +102,6 @@ class StepAudit:
                 Attr,
                 export_counter,
                 pipeline_attributes,
-                run_context,
                 stepguard_attributes,
             )
 
@@ -94,7 +120,7 @@ class StepAudit:
             auditor = self._get_auditor()
             counter = export_counter(self._provider)
             self._export_before = counter.snapshot() if counter is not None else None
-            parent = run_context(ctx.orchestrator, ctx.pipeline, ctx.run_id)
+            parent = _run_root(ctx.orchestrator, ctx.pipeline, ctx.run_id)
             with auditor.step_span(instance, attrs, parent=parent) as span:
                 self._span = span
                 sc = span.get_span_context()
@@ -151,11 +177,10 @@ class StepAudit:
         """An output was hashed: ``artifact.*`` on the current span (the hash span), the digest
         listed on the step span, and the ``integrity.hashed`` verdict."""
         if self.enabled:
-            from stepguard.audit import Attr, artifact_attributes
+            from stepguard.audit import artifact_attributes
 
             self._outputs.append(digest)
-            self.attributes({**artifact_attributes(hash=digest, filename=where),
-                             Attr.OUTPUT_DIGEST: digest})
+            self.attributes(artifact_attributes(hash=digest, filename=where))
             self._get_auditor().verdict("integrity.hashed", True, output=name, digest=digest)
 
     def verified(self, record: VerificationRecord) -> None:
@@ -191,7 +216,7 @@ class StepAudit:
             return None
         from stepguard.audit import read_head
 
-        head = read_head(self.settings.audit_path.absolute())
+        head = read_head(self._log_path())
         return f"{head.seq}:{head.digest}" if head is not None else None
 
     def position(self) -> Any:
@@ -200,7 +225,12 @@ class StepAudit:
             return None
         from stepguard.audit import read_head
 
-        return read_head(self.settings.audit_path.absolute())
+        return read_head(self._log_path())
+
+    def _log_path(self) -> Any:
+        if self._log is None:
+            self._log = self.settings.audit_path.absolute()
+        return self._log
 
     def segment(self, before: Any, after: Any = None) -> tuple[str, bytes] | None:
         """``(name, bytes)``: the records the local log gained since ``before`` (a
@@ -215,7 +245,7 @@ class StepAudit:
         from stepguard.audit import segment_name
 
         start = before.size if before is not None else 0
-        with open(self.settings.audit_path.absolute(), "rb") as fh:
+        with open(self._log_path(), "rb") as fh:
             genesis = json.loads(fh.readline() or b"{}")
             fh.seek(start)
             data = fh.read(after.size - start)
@@ -246,7 +276,7 @@ class StepAudit:
         from stepguard.audit import AuditLog
         from stepguard.errors import AuditError
 
-        log = AuditLog(self.settings.audit_path.absolute())
+        log = AuditLog(self._log_path())
         try:
             log.append("export", {"trace_id": self._span.trace_id,
                                   "span_id": self._span.span_id, **status})
