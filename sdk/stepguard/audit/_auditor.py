@@ -378,18 +378,25 @@ class Auditor:
         For the Airflow listener: begin when the task instance starts running, :meth:`TaskSpan.end`
         when it finishes. With ``secured=None`` the span records ``stepguard.secured=true`` only
         if a stepguard step ran inside it in this process. ``activate=True`` makes it the current
-        span so the step's spans nest under it (then end it in the same thread). ``parent``
-        (the run root of :func:`~stepguard.audit.run_context`) is used when there is no current
-        span: every task of one pipeline run then shares one trace.
+        span so the step's spans nest under it (then end it in the same thread).
+
+        ``parent`` (the run root of :func:`~stepguard.audit.run_context`) makes the task span
+        its child, so every task of one pipeline run shares the one trace derived from the run's
+        identity, whatever span is current; a current span of the orchestrator's own (Airflow
+        3's ``worker.<task>`` span, in the DAG run's trace) is kept as a link. Without
+        ``parent`` the task span is a child of the current span.
         """
         from opentelemetry import context, trace
 
         attrs = _guard_attrs(attributes)
         attrs[Attr.TASK_NAME] = task_name
-        if trace.get_current_span().get_span_context().is_valid:
-            parent = None
+        links = None
+        if parent is not None:
+            current = trace.get_current_span().get_span_context()
+            if current.is_valid:
+                links = [trace.Link(current)]
         span = self.tracer.start_span(TASK_SPAN, context=parent, attributes=attrs,
-                                      start_time=start_time)
+                                      start_time=start_time, links=links)
         token = context.attach(trace.set_span_in_context(span)) if activate else None
         task = TaskSpan(self, span, secured, token)
         _active_tasks.append(task)
