@@ -3,7 +3,10 @@
 Secured or not, every task leaves a trace: tasks of stepguard operators are marked
 ``stepguard.secured=true``; any other task is ``true`` only if a stepguard step ran inside it,
 else ``false`` -- which is how an audit finds the steps of a pipeline that still run unprotected.
-The span is the current span while the task runs, so the step's own spans nest under it.
+The span is the current span while the task runs, so the step's own spans nest under it. Its
+parent is the DAG run's root (:func:`stepguard.audit.run_context`: trace id and span id derived
+from ``airflow``, the dag id and the run id), so every task of one DAG run -- on any worker, in
+any process -- shares one trace. A mapped instance carries ``stepguard.map_index``.
 
 The listener never fails a task: an audit problem is logged, the task goes on.
 """
@@ -63,17 +66,23 @@ def on_task_instance_running(previous_state: Any, task_instance: Any) -> None:
         auditor = _auditor()
         if auditor is None:
             return
-        from stepguard.audit import pipeline_attributes, stepguard_attributes
+        from stepguard.audit import pipeline_attributes, run_context, stepguard_attributes
 
         ti = task_instance
+        map_index = getattr(ti, "map_index", -1)
+        mapped = isinstance(map_index, int) and map_index >= 0
         attrs = pipeline_attributes(pipeline=str(ti.dag_id), run_id=str(ti.run_id),
                                     task=str(ti.task_id))
         attrs.update(stepguard_attributes(
             orchestrator="airflow", try_number=int(getattr(ti, "try_number", 1) or 1),
             operator=type(getattr(ti, "task", None)).__name__,
+            map_index=map_index if mapped else None,
         ))
-        _open[_key(ti)] = auditor.begin_task(str(ti.task_id), secured=_secured(ti),
-                                             attributes=attrs, activate=True)
+        # Every task of the DAG run is a child of the run root derived from the run's identity
+        # (the same one the step inside computes), on whichever worker it runs.
+        _open[_key(ti)] = auditor.begin_task(
+            str(ti.task_id), secured=_secured(ti), attributes=attrs, activate=True,
+            parent=run_context("airflow", str(ti.dag_id), str(ti.run_id)))
     except Exception as exc:
         log.warning("stepguard: could not open the audit span for this task (%s)",
                     type(exc).__name__)

@@ -36,11 +36,13 @@ from stepguard.spec import RunContext
 
 __all__ = [
     "ErrorRecord",
+    "ExportRecord",
     "InputRecord",
     "LeaseRecord",
     "OutputRecord",
     "PublishRecord",
     "Receipt",
+    "VerificationRecord",
 ]
 
 SCHEMA = "https://stepguard.dev/receipt/v1"
@@ -160,6 +162,44 @@ class LeaseRecord:
 
 
 @dataclass(frozen=True)
+class VerificationRecord:
+    """One signature verification the step made under a named policy: an input's manifest
+    signature (``kind="input"``) or the deployment gate's model (``kind="gate"``).
+
+    ``signer`` is the identity the policy accepted, read from the verified bundle (never the
+    publisher's claim); ``subject`` names what was verified (``name:version`` for the gate, the
+    input's name for an input); ``registry`` where it came from (gate only).
+
+    >>> VerificationRecord(kind="gate", policy="release", subject="churn:7",
+    ...                    signer="transit:transit/stepguard-signing:v1:sha256:ab").verified
+    True
+    """
+
+    kind: Literal["input", "gate"]
+    policy: str
+    subject: str
+    signer: str
+    verified: bool = True
+    registry: str | None = None
+    policy_kind: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """Whether this step's spans reached the remote (OTLP) collector.
+
+    ``status``: ``ok`` (every span delivered), ``lost`` (``spans_dropped`` could not be
+    delivered: collector down, OTLP errors), ``unconfirmed`` (the flush did not finish in time;
+    they may yet be lost) or ``none`` (no remote exporter: the local log only). Whatever it says,
+    the local hash-chained log holds every span (``audit_head``/``audit_segment``).
+    """
+
+    status: Literal["ok", "lost", "unconfirmed", "none"]
+    spans_exported: int = 0
+    spans_dropped: int = 0
+
+
+@dataclass(frozen=True)
 class ErrorRecord:
     """Why a step failed: the error type and its one-line, secret-free message."""
 
@@ -191,6 +231,11 @@ class Receipt:
     schema: str = SCHEMA
     #: A signature bundle (DSSE, JSON text) over :meth:`payload`, when receipts are signed.
     signature: str | None = None
+    #: Every signature verification the step made (inputs, the deployment gate): policy and
+    #: accepted signer. Absent from the JSON when empty.
+    verifications: tuple[VerificationRecord, ...] = ()
+    #: Whether the step's spans reached the OTLP collector. Absent when auditing was off.
+    audit_export: ExportRecord | None = None
 
     def output(self, name: str) -> OutputRecord:
         """The output record called ``name`` (ConfigurationError if there is none)."""
@@ -207,9 +252,12 @@ class Receipt:
         """Plain-data form, as written to XCom / KFP outputs (no ``signature`` key when the
         receipt is unsigned)."""
         out: dict[str, Any] = to_plain(self)
-        for key in ("signature", "audit_segment"):  # absent rather than null: older readers
+        # Absent rather than null or empty: older readers refuse keys they do not know.
+        for key in ("signature", "audit_segment", "audit_export"):
             if out.get(key) is None:
                 out.pop(key, None)
+        if not out.get("verifications"):
+            out.pop("verifications", None)
         return out
 
     def payload(self) -> bytes:

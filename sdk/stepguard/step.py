@@ -242,7 +242,8 @@ class _Run:
         run_dir = self.step.run_dir
         before = self.audit.position()
         try:
-            with self.audit.step(self.spec, self.ctx):
+            with self.audit.step(self.spec, self.ctx,
+                                 name=_instance_name(self.spec.name, self.ctx.step)):
                 try:
                     self._lifecycle(command, body, run_dir)
                 finally:
@@ -250,12 +251,15 @@ class _Run:
         except BaseException as exc:
             error = exc
         self.audit.flush()
-        self.audit_head = self.audit.head()
+        after = self.audit.position()
+        self.audit_head = f"{after.seq}:{after.digest}" if after is not None else None
+        target = next(((o.name, self.out_uris[o.name], o.credential) for o in self.spec.outputs
+                       if o.name in self.out_uris), None)
         receipt = self.artifacts.hand_off(
             lambda segment: dataclasses.replace(self._receipt(error), audit_segment=segment),
-            settings=self.settings, segment=self.audit.segment(before), failed=error is not None,
-            target=next(((o.name, self.out_uris[o.name], o.credential) for o in self.spec.outputs
-                         if o.name in self.out_uris), None))
+            settings=self.settings, failed=error is not None, target=target,
+            # Read back only when it leaves the host with an object-store output.
+            segment=self.audit.segment(before, after) if target is not None else None)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "receipt.json").write_text(receipt.to_json(indent=2) + "\n")
@@ -332,20 +336,45 @@ class _Run:
                 session = stack.enter_context(open_session(
                     self.spec.credentials, settings=vault_config(self.settings),
                     context=self.ctx, ttl_s=ttl, policies=self.spec.policies))
+                self._record_leases(session)
             # Runs before the session's own exit (which then finds nothing left to revoke), so
             # the revocation is inside its span and timed on every exit path.
             stack.callback(self._revoke, session)
             self.leases = session.leases
             yield session
 
+    def _record_leases(self, session: Any) -> None:
+        """What was minted, on the acquire span: kind, hashed lease id, TTL, revocability."""
+        from stepguard.audit import credential_attributes
+
+        token = getattr(session, "token", None)
+        attrs = credential_attributes(leases=session.leases)
+        if token is not None:
+            attrs["stepguard.credentials.token_accessor"] = token.accessor_hash
+        self.audit.attributes(attrs)
+        for rec in session.leases:
+            self.audit.verdict("credentials.acquired", True, credential=rec.name, kind=rec.kind,
+                               lease=rec.lease or "", ttl_s=int(rec.ttl_s),
+                               revocable=rec.revocable)
+
     def _revoke(self, session: Any) -> None:
         with self.audit.control("credentials", "revoke"), self._timed("credentials_revoke"):
             session.revoke()
             self.leases = session.leases
             for rec in self.leases:
-                done = bool(rec.revoked) or not rec.revocable
-                self.audit.verdict("credentials.revoked", done,
-                                   lease=rec.lease or "", kind=rec.kind)
+                if rec.revocable:
+                    # PASS only when the lease really was revoked.
+                    self.audit.verdict("credentials.revoked", bool(rec.revoked),
+                                       credential=rec.name, lease=rec.lease or "",
+                                       kind=rec.kind, revoked_by=rec.revoked_by,
+                                       error=rec.error)
+                else:
+                    # It can only expire (STS, web identity) or is static (KV): never "revoked".
+                    self.audit.verdict("credentials.not_revocable", True,
+                                       credential=rec.name, lease=rec.lease or "",
+                                       kind=rec.kind,
+                                       outcome="static" if rec.static else "expires",
+                                       ttl_s=int(rec.ttl_s))
 
     @contextlib.contextmanager
     def _unwrapped(self, token: str) -> Iterator[Any]:
@@ -368,9 +397,14 @@ class _Run:
         with self._timed("verify_inputs"):
             for inp in self.spec.inputs:
                 with self.audit.control("integrity", "verify", input=inp.name):
-                    record, path = self._verify_one(inp, session)
-                    self.audit.verdict("integrity.verified", record.verified,
-                                       input=inp.name, digest=record.digest or "")
+                    try:
+                        record, path = self._verify_one(inp, session)
+                    except IntegrityError as err:
+                        # A verdict, not only an error: the audit trail says which check failed.
+                        self.audit.verdict("integrity.verified", False, input=inp.name,
+                                           subject=err.subject)
+                        raise
+                    self.audit.input_verified(inp.name, record.digest, record.path)
                 self.inputs.append(record)
                 verified[inp.name] = path
         return verified
@@ -524,7 +558,7 @@ class _Run:
                         where, mref = self.artifacts.upload_output(
                             outputs[out.name], self.out_uris[out.name], manifest,
                             out.credential)
-                    self.audit.artifact(out.name, manifest.digest)
+                    self.audit.artifact(out.name, manifest.digest, where)
                 manifests[out.name] = manifest
                 self.outputs.append(OutputRecord(
                     name=out.name, path=where, digest=manifest.digest,
@@ -547,6 +581,15 @@ class _Run:
                                             spec=self.spec, settings=self.settings,
                                             receipt=self._partial_receipt(),
                                             session=_vault_session(session))
+                    from stepguard.audit import Attr, artifact_attributes
+
+                    self.audit.attributes({
+                        **artifact_attributes(
+                            hash=manifests[out.name].digest, filename=record.uri,
+                            version=record.version, attestation_hash=record.bundle_digest,
+                            attestation_filename=record.bundle_uri),
+                        Attr.REGISTRY_URI: record.registry,
+                        **({Attr.SIGNER: record.signer} if record.signer else {})})
                 self._attach(out, record)
 
     def _attach(self, out: OutputSpec, record: PublishRecord) -> None:
@@ -585,6 +628,8 @@ class _Run:
             finished_at=datetime.now(UTC).isoformat(),
             timings_ms=dict(self.timings),
             error=err,
+            verifications=tuple(self.audit.verifications),
+            audit_export=self.audit.export,
         )
 
 

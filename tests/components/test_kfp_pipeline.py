@@ -144,6 +144,26 @@ def test_pipeline_runs_to_success_and_receipts_chain(example, env: Path, capfd) 
     out, err = capfd.readouterr()
     assert CANARY not in out + err
     _assert_no_canary(env / "kfp-root", state, env / "audit", env / "registry")
+    # The gate reports the signer its policy accepted; the audit trail alone names the signer
+    # and the verdict, in one trace for the whole KFP run, every span as documented.
+    [check] = gate.verifications
+    assert (check.kind, check.policy) == ("gate", "release")
+    assert check.signer == publish["outputs"][0]["published"]["signer"]
+    from stepguard import audit
+    from stepguard.testing.spans import check_spans, read_span_table, records_from_log
+
+    spans = records_from_log(env / "audit" / "audit.jsonl")
+    problems = check_spans(spans, read_span_table(ROOT / "docs" / "reference" / "audit.md"))
+    assert problems == [], "\n".join(sorted(set(problems)))
+    trace_id, root = audit.run_trace_ids("kfp", gate.context.pipeline, gate.context.run_id)
+    assert {s["trace_id"] for s in spans} == {trace_id}
+    # Each component's step is a child of the run root (a runner inside a sandbox joins its
+    # launcher's span through TRACEPARENT instead).
+    children = {s["attributes"]["stepguard.step"] for s in spans
+                if s["name"] == "stepguard.step" and s["parent_span_id"] == root}
+    assert children == {"verify-dataset", "train", "sign-and-publish", "verify-model"}
+    text = audit.show(env / "audit" / "audit.jsonl")
+    assert f"signer {check.signer}" in text and "PASS signing.verified  policy=release" in text
 
 
 def test_tampered_dataset_stops_at_verification_and_training_never_runs(

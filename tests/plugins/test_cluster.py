@@ -91,6 +91,27 @@ def test_every_task_runs_in_its_own_process_and_directories(cluster, good_run, d
         state = Path(workers[task]["state_dir"])
         assert (state / "audit" / "audit.jsonl").is_file(), task
         assert not (Path(workers[task]["cwd"]) / ".stepguard").exists(), task
+    # Six processes, six disks, no state passed for it: one trace for the DAG run, every task
+    # a child of the run root, and the signer and the gate's verdict in the trail.
+    from stepguard.audit import run_trace_ids
+    from stepguard.testing.spans import records_from_log
+
+    spans = [s for task in STEPS for s in records_from_log(
+        Path(workers[task]["state_dir"]) / "audit" / "audit.jsonl")]
+    ctx = ingest["context"]
+    trace_id, root = run_trace_ids("airflow", ctx["pipeline"], ctx["run_id"])
+    assert {s["trace_id"] for s in spans} == {trace_id}, ctx
+    tasks = [s for s in spans if s["name"] == "stepguard.task"]
+    assert sorted(t["attributes"]["cicd.pipeline.task.name"] for t in tasks) == sorted(STEPS)
+    assert {t["parent_span_id"] for t in tasks} == {root}
+    assert {t["status"] for t in tasks} == {"OK"}
+    assert {good_run.xcom(task)["trace_id"] for task in STEPS} == {trace_id}
+    signer = good_run.xcom("sign_and_publish")["outputs"][0]["published"]["signer"]
+    signs = [s for s in spans if s["name"] == "stepguard.signing.sign"]
+    assert signs and {s["attributes"]["stepguard.signing.signer"] for s in signs} == {signer}
+    [gate] = [s for s in spans if s["name"] == "stepguard.signing.verify"
+              and s["attributes"]["stepguard.kind"] == "gate"]
+    assert gate["attributes"]["stepguard.signing.signer"] == signer and gate["status"] == "OK"
 
 
 def test_receipts_come_back_through_xcom_and_chain(good_run):

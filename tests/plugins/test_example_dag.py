@@ -110,6 +110,7 @@ def test_example_pipeline_end_to_end_and_canary(airflow_run, pipeline_env, dev_p
     audit = (pipeline_env / "audit.jsonl").read_text()
     assert audit.count('"name":"stepguard.task"') >= 6
     assert '"stepguard.secured":false' not in audit
+    _audit_trail_alone_answers(pipeline_env / "audit.jsonl", dr, published, r_ingest, r_gate)
 
     # the canary: the minted password is nowhere
     pw = seen["password"]
@@ -121,6 +122,41 @@ def test_example_pipeline_end_to_end_and_canary(airflow_run, pipeline_env, dev_p
     assert len(files) > 10
     for form in forms:
         assert form not in blob
+
+
+def _audit_trail_alone_answers(log, dr, published, r_ingest, r_gate):
+    """After the run the audit trail alone names the signer (Transit key and version), the gate's
+    policy verdict, carries artifact.* digests and hashed lease ids, in one trace for the run; and
+    every span is as docs/reference/audit.md documents it."""
+    from stepguard import audit
+    from stepguard.testing.spans import check_spans, read_span_table, records_from_log
+
+    spans = records_from_log(log)
+    problems = check_spans(spans, read_span_table(REPO / "docs" / "reference" / "audit.md"))
+    assert problems == [], "\n".join(sorted(set(problems)))
+    trace_id, root = audit.run_trace_ids("airflow", "secure_training", str(dr.run_id))
+    assert {s["trace_id"] for s in spans} == {trace_id}
+    assert {s["parent_span_id"] for s in spans if s["name"] == "stepguard.task"} == {root}
+    by_name: dict[str, list] = {}
+    for s in spans:
+        by_name.setdefault(s["name"], []).append(s["attributes"])
+    signs = by_name["stepguard.signing.sign"]
+    assert {a["stepguard.signing.signer"] for a in signs} == {published["signer"]}
+    assert all(a["stepguard.signing.key"] == "transit:transit/stepguard-signing" and
+               a["stepguard.signing.key.version"] >= 1 for a in signs)
+    assert published["bundle_digest"] in {a["artifact.attestation.hash"] for a in signs}
+    [gate] = [a for a in by_name["stepguard.signing.verify"] if a["stepguard.kind"] == "gate"]
+    assert gate["stepguard.signing.policy"] == "release"
+    assert gate["stepguard.signing.signer"] == published["signer"]
+    assert r_gate["verifications"][0]["signer"] == published["signer"]
+    hashes = {a.get("artifact.hash") for group in by_name.values() for a in group}
+    assert r_ingest["outputs"][0]["digest"] in hashes and published is not None
+    [acquire] = by_name["stepguard.credentials.acquire"]
+    assert acquire["stepguard.credentials.lease_ids"] == [r_ingest["credentials"][0]["lease"]]
+    text = audit.show(log)
+    assert f"signer {published['signer']}" in text
+    assert "PASS signing.verified  policy=release" in text
+    assert "PASS credentials.revoked" in text
 
 
 def test_tampered_data_stops_at_verification(airflow_run, pipeline_env, capfd):

@@ -48,7 +48,16 @@ from stepguard.audit._chain import (
     read_head,
     verify_chain,
 )
-from stepguard.audit._propagation import attach_env, extract_env, inject_env
+from stepguard.audit._export import EXPORT_STATUSES, ExportCounter, export_status
+from stepguard.audit._export import counter_for as export_counter
+from stepguard.audit._propagation import (
+    attach_env,
+    extract_env,
+    inject_env,
+    run_context,
+    run_trace_ids,
+    run_traceparent,
+)
 from stepguard.audit._redact import (
     MIN_SECRET_LENGTH,
     REDACTED,
@@ -93,6 +102,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "EXPORT_STATUSES",
     "MIN_SECRET_LENGTH",
     "REDACTED",
     "STEP_SPAN",
@@ -108,6 +118,7 @@ __all__ = [
     "Auditor",
     "ChainHead",
     "ChainReport",
+    "ExportCounter",
     "FsyncPolicy",
     "JsonlSpanExporter",
     "RedactingSpanExporter",
@@ -122,6 +133,8 @@ __all__ = [
     "credential_attributes",
     "default_log_path",
     "derived_forms",
+    "export_counter",
+    "export_status",
     "extract_env",
     "flush_all",
     "get_auditor",
@@ -135,6 +148,9 @@ __all__ = [
     "redact",
     "segment_name",
     "register_secret",
+    "run_context",
+    "run_trace_ids",
+    "run_traceparent",
     "set_hash_key",
     "verify_segment",
     "verify_segments",

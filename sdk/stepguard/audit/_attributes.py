@@ -4,7 +4,7 @@ and ``k8s.*`` semantic conventions."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from stepguard.audit._redact import hash_identifier
 
@@ -31,11 +31,25 @@ class Attr:
     LEASE_HASHES = "stepguard.credentials.lease_ids"
     TOKEN_ACCESSOR_HASH = "stepguard.credentials.token_accessor"  # noqa: S105 - a key name
     CREDENTIAL_KIND = "stepguard.credentials.kind"
+    # One entry per credential, in the same order as LEASE_HASHES ("" for a lease-less one).
+    CREDENTIAL_NAMES = "stepguard.credentials.names"
+    CREDENTIAL_KINDS = "stepguard.credentials.kinds"
+    CREDENTIAL_TTLS = "stepguard.credentials.ttl_s"
+    CREDENTIAL_REVOCABLE = "stepguard.credentials.revocable"
     MANIFEST_DIGEST = "stepguard.integrity.manifest.digest"
     INPUT_DIGESTS = "stepguard.integrity.input.digests"
     OUTPUT_DIGEST = "stepguard.integrity.output.digest"
+    OUTPUT_DIGESTS = "stepguard.integrity.output.digests"
     SIGNER = "stepguard.signing.signer"
     SIGNING_METHOD = "stepguard.signing.method"
+    SIGNING_KEY = "stepguard.signing.key"
+    SIGNING_KEY_VERSION = "stepguard.signing.key.version"
+    SIGNING_SUBJECTS = "stepguard.signing.subjects"
+    SIGNING_STATEMENT = "stepguard.signing.statement"
+    POLICY = "stepguard.signing.policy"
+    POLICY_KIND = "stepguard.signing.policy.kind"
+    STEP_SPEC = "stepguard.step"  # the spec's name; STEP_NAME is the instance (train.3)
+    MAP_INDEX = "stepguard.map_index"
     ISOLATION_MODE = "stepguard.isolation.mode"
     REGISTRY_URI = "stepguard.registry.uri"
     TERMINATED = "stepguard.terminated"
@@ -124,6 +138,7 @@ def credential_attributes(
     kind: str | None = None,
     *,
     key: bytes | None = None,
+    leases: Iterable[Any] = (),
 ) -> dict[str, AttributeValue]:
     """Credential attributes with every lease id and the token accessor hashed, never raw.
 
@@ -132,9 +147,27 @@ def credential_attributes(
     ['stepguard.credentials.lease_ids', 'stepguard.credentials.token_accessor']
     >>> "abc123" in str(attrs)
     False
+
+    ``leases``: :class:`~stepguard.receipt.LeaseRecord` values (their ``lease`` is already a
+    hash, kept as it is so spans and receipts name a lease alike); one entry per credential in
+    each of ``.names``, ``.kinds``, ``.lease_ids`` (``""`` without a lease), ``.ttl_s``,
+    ``.revocable``:
+
+    >>> from stepguard.receipt import LeaseRecord
+    >>> attrs = credential_attributes(leases=[LeaseRecord(
+    ...     name="db", kind="database", lease="sha256:ab", revocable=True, ttl_s=900)])
+    >>> attrs["stepguard.credentials.lease_ids"], attrs["stepguard.credentials.ttl_s"]
+    (['sha256:ab'], [900])
     """
     out: dict[str, AttributeValue] = {}
-    hashes = [hash_identifier(lease, key=key) for lease in lease_ids]
+    records = list(leases)
+    if records:
+        out[Attr.CREDENTIAL_NAMES] = [str(r.name) for r in records]
+        out[Attr.CREDENTIAL_KINDS] = [str(r.kind) for r in records]
+        out[Attr.CREDENTIAL_TTLS] = [int(r.ttl_s or 0) for r in records]
+        out[Attr.CREDENTIAL_REVOCABLE] = [bool(r.revocable) for r in records]
+    hashes = [str(r.lease or "") for r in records]
+    hashes += [hash_identifier(lease, key=key) for lease in lease_ids]
     if hashes:
         out[Attr.LEASE_HASHES] = hashes
     if token_accessor:

@@ -242,6 +242,9 @@ class TaskSpan:
         elif error or state in ("failed", "upstream_failed"):
             self.span.set_attribute(Attr.ERROR_TYPE, redact(error or state))
             self.span.set_status(Status(StatusCode.ERROR, str(redact(error or state))))
+        else:
+            # The outcome is known: an audit record says so rather than leaving it unset.
+            self.span.set_status(Status(StatusCode.OK))
         self.span.end(end_time=end_time)
         self._auditor.flush()
 
@@ -307,25 +310,32 @@ class Auditor:
         return self._provider if self._provider is not None else trace.get_tracer_provider()
 
     def step_span(self, name: str, attributes: Attributes | None = None, *,
-                  secured: bool = True, parent_from_env: bool = True) -> _Scope:
+                  secured: bool = True, parent_from_env: bool = True,
+                  parent: Context | None = None) -> _Scope:
         """Context manager for the ``stepguard.step`` span of one step; yields an
         :class:`AuditSpan`.
 
         The parent is the current span (Airflow's task span, our ``stepguard.task`` span); when
         there is none and ``parent_from_env`` is true, the ``TRACEPARENT`` environment variable set
-        by :func:`inject_env` in the launching process. An exception marks the span as an error
-        with ``error.type``; the provider is flushed when the step ends.
+        by :func:`inject_env` in the launching process; else ``parent`` (the run root of
+        :func:`~stepguard.audit.run_context`), else a new trace. An exception marks the span as
+        an error with ``error.type``; the provider is flushed when the step ends.
         """
         _, trace = _otel()
         attrs = _guard_attrs(attributes)
         attrs[Attr.STEP_NAME] = name
         attrs.setdefault(Attr.SECURED, secured)
-        parent = None
-        if parent_from_env and "TRACEPARENT" in os.environ and \
-                not trace.get_current_span().get_span_context().is_valid:
-            from stepguard.audit._propagation import extract_env
+        chosen = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            if parent_from_env and "TRACEPARENT" in os.environ:
+                from stepguard.audit._propagation import extract_env
 
-            parent = extract_env(os.environ)
+                chosen = extract_env(os.environ)
+                if not trace.get_current_span(chosen).get_span_context().is_valid:
+                    chosen = parent
+            else:
+                chosen = parent
+        parent = chosen
         if _active_tasks:
             _active_tasks[-1].steps += 1
         return _Scope(self, STEP_SPAN, attrs, parent, self._flush_on_step_end)
@@ -362,19 +372,31 @@ class Auditor:
 
     def begin_task(self, task_name: str, *, secured: bool | None = None,
                    attributes: Attributes | None = None, start_time: int | None = None,
-                   activate: bool = False) -> TaskSpan:
+                   activate: bool = False, parent: Context | None = None) -> TaskSpan:
         """Start a ``stepguard.task`` span for an orchestrator task, ours or not.
 
         For the Airflow listener: begin when the task instance starts running, :meth:`TaskSpan.end`
         when it finishes. With ``secured=None`` the span records ``stepguard.secured=true`` only
         if a stepguard step ran inside it in this process. ``activate=True`` makes it the current
         span so the step's spans nest under it (then end it in the same thread).
+
+        ``parent`` (the run root of :func:`~stepguard.audit.run_context`) makes the task span
+        its child, so every task of one pipeline run shares the one trace derived from the run's
+        identity, whatever span is current; a current span of the orchestrator's own (Airflow
+        3's ``worker.<task>`` span, in the DAG run's trace) is kept as a link. Without
+        ``parent`` the task span is a child of the current span.
         """
         from opentelemetry import context, trace
 
         attrs = _guard_attrs(attributes)
         attrs[Attr.TASK_NAME] = task_name
-        span = self.tracer.start_span(TASK_SPAN, attributes=attrs, start_time=start_time)
+        links = None
+        if parent is not None:
+            current = trace.get_current_span().get_span_context()
+            if current.is_valid:
+                links = [trace.Link(current)]
+        span = self.tracer.start_span(TASK_SPAN, context=parent, attributes=attrs,
+                                      start_time=start_time, links=links)
         token = context.attach(trace.set_span_in_context(span)) if activate else None
         task = TaskSpan(self, span, secured, token)
         _active_tasks.append(task)
@@ -383,12 +405,14 @@ class Auditor:
     def record_task(self, task_name: str, *, secured: bool, start_time: int | None = None,
                     end_time: int | None = None, state: str = "success",
                     error: BaseException | str | None = None,
-                    attributes: Attributes | None = None) -> str:
+                    attributes: Attributes | None = None,
+                    parent: Context | None = None) -> str:
         """Record a finished task as one ``stepguard.task`` span (times in ns since the epoch);
         returns its trace id. For tasks observed only after the fact."""
         start = start_time if start_time is not None else time.time_ns()
         task = TaskSpan(self, self.tracer.start_span(
-            TASK_SPAN, attributes={**_guard_attrs(attributes), Attr.TASK_NAME: task_name},
+            TASK_SPAN, context=parent,
+            attributes={**_guard_attrs(attributes), Attr.TASK_NAME: task_name},
             start_time=start), secured, None)
         task.end(state, error, end_time=end_time)
         return task.trace_id

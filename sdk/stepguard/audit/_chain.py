@@ -189,9 +189,12 @@ class AuditLog:
         # After fork the descriptors (and their flock) are shared with the parent: reopen.
         if self._fd is None or self._head_fd is None or self._pid != _pid:
             self._last = None
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             flags = os.O_CLOEXEC | os.O_CREAT
-            self._fd = os.open(self.path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
+            try:  # reopened at every step: the directory is made only the first time
+                self._fd = os.open(self.path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._fd = os.open(self.path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
             self._head_fd = os.open(self.head_path, flags | os.O_RDWR, 0o600)
             self._pid = _pid
         return self._fd, self._head_fd

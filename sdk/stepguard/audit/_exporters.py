@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Link, Status, StatusCode
 
 from stepguard.audit._chain import AuditLog
+from stepguard.audit._export import ExportCounter
 from stepguard.audit._redact import contains_secret, has_secrets, redact
 from stepguard.errors import AuditError
 
@@ -189,13 +190,24 @@ class RedactingSpanExporter(SpanExporter):
     covers every span the provider exports, including other libraries' and Airflow's.
     """
 
-    def __init__(self, inner: SpanExporter) -> None:
+    def __init__(self, inner: SpanExporter, counter: ExportCounter | None = None) -> None:
         self.inner = inner
+        #: Spans delivered and not delivered (see :mod:`stepguard.audit._export`).
+        self.counter = counter if counter is not None else ExportCounter()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if has_secrets():
             spans = [redact_span(s) if _span_has_secret(s) else s for s in spans]
-        return self.inner.export(spans)
+        try:
+            result = self.inner.export(spans)
+        except BaseException:
+            self.counter.add(dropped=len(spans))
+            raise
+        if result == SpanExportResult.SUCCESS:
+            self.counter.add(exported=len(spans))
+        else:
+            self.counter.add(dropped=len(spans))
+        return result
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return bool(self.inner.force_flush(timeout_millis))

@@ -157,6 +157,9 @@ def configure(
         processor = (BatchSpanProcessor(exporter) if otlp_processor == "batch"
                      else SimpleSpanProcessor(exporter))
         provider.add_span_processor(processor)
+        from stepguard.audit._export import register_counter
+
+        register_counter(provider, exporter.counter)
     _signals.register_flush_target(provider)
     handlers = _signals.install_signal_flush() if install_signal_handlers else False
     if set_global:

@@ -13,6 +13,7 @@ from stepguard.audit._chain import iter_records, verify_chain
 from stepguard.errors import AuditError
 
 _LEASE_KEYS = (Attr.LEASE_HASHES, Attr.TOKEN_ACCESSOR_HASH)
+_SIGNING_KEYS = (Attr.SIGNING_KEY, Attr.SIGNING_KEY_VERSION, Attr.POLICY, Attr.POLICY_KIND)
 
 
 def _ms(span: dict[str, Any]) -> float | None:
@@ -58,7 +59,7 @@ def _summary(span: dict[str, Any]) -> dict[str, Any]:
             if key.endswith(("digest", ".hash")):
                 out["digests"].setdefault(key, value)
     signer = {k: v for k, v in attrs.items() if k.startswith("stepguard.signing.")
-              and ("signer" in k or "identity" in k)}
+              and ("signer" in k or "identity" in k or k in _SIGNING_KEYS)}
     if signer:
         out["signer"] = signer
     leases = {k: v for k, v in attrs.items() if k in _LEASE_KEYS}
@@ -77,7 +78,11 @@ def timeline(path: str | os.PathLike[str], run_id: str | None = None) -> dict[st
                  "log_id": report.log_id}
     except AuditError as err:
         chain = {"ok": False, "error": str(err), "details": list(err.details)}
-    spans = [rec for _, rec in iter_records(path) if rec.get("kind") == "span"]
+    records = [rec for _, rec in iter_records(path)]
+    spans = [rec for rec in records if rec.get("kind") == "span"]
+    # Spans that did not reach the OTLP collector, noted by the step that lost them.
+    exports = {(r.get("trace_id"), r.get("span_id")): r for r in records
+               if r.get("kind") == "export"}
     by_id = {(s.get("trace_id"), s.get("span_id")): s for s in spans}
 
     def owner(span: dict[str, Any]) -> dict[str, Any] | None:
@@ -111,8 +116,14 @@ def timeline(path: str | os.PathLike[str], run_id: str | None = None) -> dict[st
         entry = _summary(span)
         entry["task"] = attrs.get(Attr.TASK_NAME)
         entry["secured"] = attrs.get(Attr.SECURED)
+        if Attr.MAP_INDEX in attrs:
+            entry["map_index"] = attrs[Attr.MAP_INDEX]
         if span.get("name") == STEP_SPAN:
             entry["step"] = attrs.get(Attr.STEP_NAME)
+            lost = exports.get((span.get("trace_id"), span.get("span_id")))
+            if lost is not None:
+                entry["export"] = {k: lost.get(k) for k in
+                                   ("status", "spans_exported", "spans_dropped")}
             entry["controls"] = [_summary(c) for c in sorted(
                 controls.get(id(span), []), key=lambda s: s.get("start_ns") or 0)]
             run["steps"].append(entry)
@@ -158,9 +169,16 @@ def show(path: str | os.PathLike[str], run_id: str | None = None) -> str:
         entries.sort(key=lambda e: e[1]["start"])
         for kind, entry in entries:
             label = entry.get("step") if kind == "step" else entry.get("task")
+            if kind == "task" and "map_index" in entry:
+                label = f"{label}.{entry['map_index']}"
             err = f"  error.type={entry['error_type']}" if "error_type" in entry else ""
             lines.append(f"  {entry['start']} {kind} {label}  {entry['status']}  "
                          f"{entry['duration_ms']} ms  secured={entry['secured']}{err}")
+            if "export" in entry:
+                exp = entry["export"]
+                lines.append(f"      EXPORT {str(exp['status']).upper()}: "
+                             f"{exp['spans_dropped']} span(s) not delivered to the OTLP "
+                             "collector (this log holds them)")
             lines += _detail_lines(entry, "      ")
             for control in entry.get("controls", []):
                 name = str(control["name"]).removeprefix("stepguard.")
@@ -178,10 +196,16 @@ def _detail_lines(entry: dict[str, Any], indent: str) -> list[str]:
         mark = "PASS" if v["passed"] else "FAIL"
         extra = _fmt_details(v["details"])
         out.append(f"{indent}{mark} {v['name']}" + (f"  {extra}" if extra else ""))
+    seen: set[str] = set()
     for key, value in entry["digests"].items():
+        text = str(value)
+        if text in seen:  # the same digest under several keys (artifact.hash, verdict): once
+            continue
+        seen.add(text)
         out.append(f"{indent}digest {key}={value}")
     for key, value in entry.get("signer", {}).items():
-        out.append(f"{indent}signer {key}={value}")
+        # "signer transit:…", "policy release", "key transit:transit/k", "key.version 2"
+        out.append(f"{indent}{key.removeprefix('stepguard.signing.')} {value}")
     for key, value in entry.get("leases", {}).items():
         out.append(f"{indent}lease {key}={value}")
     return out

@@ -19,6 +19,7 @@ controls and base modules, and nothing imports it from below.
 ``verify_input_signature(...)``        require an input's manifest signature under its policy
 ``fetch_verified(settings, ...)``      the deployment gate: fetch a model verified by policy
 ``StepAudit(settings, provider)``      the lifecycle's spans and verdicts
+``current_audit()``                    the running step's StepAudit (signing, gate spans)
 ``sign_receipt``/``check_receipt``     receipts signed by the producer, verified by consumers
 ``s3_client(credential)``              an S3 client from one just-in-time AWS credential
 ``enforce_floor(spec, settings)``      refuse a step that breaches the settings' policy floor
@@ -34,7 +35,7 @@ controls and base modules, and nothing imports it from below.
 
 from __future__ import annotations
 
-from stepguard.wiring._audit import StepAudit
+from stepguard.wiring._audit import StepAudit, current_audit
 from stepguard.wiring._floor import enforce_floor
 from stepguard.wiring._receipts import RECEIPT_PAYLOAD_TYPE, check_receipt, sign_receipt
 from stepguard.wiring._signing import (
@@ -58,6 +59,7 @@ __all__ = [
     "StepAudit",
     "build_policy",
     "check_receipt",
+    "current_audit",
     "enforce_floor",
     "fetch_verified",
     "fetch_verified_model",

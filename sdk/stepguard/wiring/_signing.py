@@ -4,19 +4,26 @@
 signer and registry out of settings, hands Transit the one Vault client (the step token's when a
 credential session is open), and runs the publish and fetch the step lifecycle and the adapters
 need.
+
+Every signature made here is a ``stepguard.signing.sign`` span (signer, key and version, bundle
+digest, statement subjects) and every verification a ``stepguard.signing.verify`` span (policy,
+accepted signer, the ``signing.verified`` verdict), in the running step's trace
+(:func:`~stepguard.wiring._audit.current_audit`); the verifications also go into its receipt.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stepguard.errors import ConfigurationError
-from stepguard.receipt import PublishRecord, Receipt
+from stepguard.receipt import PublishRecord, Receipt, VerificationRecord
 from stepguard.settings import PolicySettings, Settings
 from stepguard.spec import InputSpec, OutputSpec, StepSpec
+from stepguard.wiring._audit import StepAudit, current_audit
 from stepguard.wiring._vault import vault_client
 
 if TYPE_CHECKING:
@@ -81,16 +88,50 @@ def policy_from_settings(settings: Settings, name: str, *,
         yield build_policy(named, client.hvac())
 
 
+@contextlib.contextmanager
+def _verify_span(kind: str, policy: str, subject: str, settings: Settings,
+                 registry: str | None = None) -> Iterator[dict[str, str]]:
+    """The ``signing.verify`` span of one verification; the caller puts the accepted signer in
+    the yielded dict. A failure is a FAIL verdict (and an error span), then re-raised."""
+    audit = current_audit()
+    found: dict[str, str] = {}
+    policy_kind = _policy_kind(settings, policy)
+    if audit is None:
+        yield found
+        return
+    with audit.control("signing", "verify", kind=kind, subject=subject):
+        try:
+            yield found
+        except BaseException as exc:
+            audit.verified(VerificationRecord(
+                kind=kind, policy=policy, subject=subject, signer="", verified=False,  # type: ignore[arg-type]
+                registry=registry, policy_kind=policy_kind))
+            audit.attributes({"stepguard.signing.error": type(exc).__name__})
+            raise
+        audit.verified(VerificationRecord(
+            kind=kind, policy=policy, subject=subject, signer=found.get("signer", ""),  # type: ignore[arg-type]
+            registry=registry, policy_kind=policy_kind))
+
+
+def _policy_kind(settings: Settings, name: str) -> str | None:
+    try:
+        return str(settings.policy(name).kind)
+    except ConfigurationError:
+        return None
+
+
 def verify_input_signature(inp: InputSpec, manifest: Any, settings: Settings, *,
                            session: CredentialSession | None = None) -> str:
     """Require ``inp``'s manifest to be signed under its named policy; return the signer."""
     from stepguard.signing import load_bundle, verify_manifest_signature
 
     assert inp.signature is not None and inp.signature_policy is not None
-    with policy_from_settings(settings, inp.signature_policy, session=session) as policy:
+    with _verify_span("input", inp.signature_policy, inp.name, settings) as found, \
+            policy_from_settings(settings, inp.signature_policy, session=session) as policy:
         verify_manifest_signature(Path(inp.signature), policy, manifest=manifest)
         bundle = load_bundle(Path(inp.signature).read_bytes(), subject=inp.signature)
         verified = policy.verify_bundle(bundle, subject=inp.signature)
+        found["signer"] = str(verified.signer)
     return str(verified.signer)
 
 
@@ -120,6 +161,9 @@ def publish_output(out: OutputSpec, path: Path, manifest: Any, *, spec: StepSpec
         if spec.signing.signer == "transit":
             client = stack.enter_context(vault_client(settings, session=session)).hvac()
         signer = signer_from_spec(spec.signing, vault_client=client)
+        audit = current_audit()
+        if audit is not None and audit.enabled:
+            signer = _audited_signer(signer, audit, spec.signing.signer)
         registry = open_registry(url, s3_client=_storage_client(url, spec, session))
         rec = registry.publish(path, pub.name, pub.version, signer=signer,
                                provenance=provenance, manifest=manifest,
@@ -161,6 +205,95 @@ def fetch_verified_model(settings: Settings, name: str, version: str, *, policy:
     if not url:
         raise ConfigurationError("no registry given and none in settings",
                                  subject="registry.url")
-    with policy_from_settings(settings, policy) as verified_by:
-        return open_registry(url, s3_client=s3_client).fetch_model(name, version,
-                                                                   policy=verified_by, dest=dest)
+    with _verify_span("gate", policy, f"{name}:{version}", settings, registry=url) as found, \
+            policy_from_settings(settings, policy) as verified_by:
+        fetched = open_registry(url, s3_client=s3_client).fetch_model(
+            name, version, policy=verified_by, dest=dest)
+        found["signer"] = fetched.signer
+        return fetched
+
+
+_signer_class: Any = None
+_KEYID = re.compile(rb'"keyid"\s*:\s*"([A-Za-z0-9:/._+-]*)"')
+_HINT = re.compile(rb'"hint"\s*:\s*"([A-Za-z0-9+/=_-]*)"')
+
+
+def _audited_signer(inner: Any, audit: StepAudit, method: str) -> Any:
+    """``inner`` with every signature it makes in a ``stepguard.signing.sign`` span."""
+    global _signer_class  # noqa: PLW0603 - built once, lazily (signing loads only when used)
+    if _signer_class is None:
+        from stepguard.signing import INTOTO_PAYLOAD_TYPE, Signer
+
+        class AuditedSigner(Signer):
+            def __init__(self, inner: Any, audit: StepAudit, method: str) -> None:
+                self.inner, self.audit, self.method = inner, audit, method
+
+            @property
+            def identity(self) -> str:
+                return str(self.inner.identity)
+
+            def sign_dsse(self, payload: bytes, payload_type: str = INTOTO_PAYLOAD_TYPE) -> bytes:
+                with self.audit.control("signing", "sign", method=self.method):
+                    bundle = bytes(self.inner.sign_dsse(payload, payload_type))
+                    self.audit.attributes(signature_attributes(bundle, payload, self.inner))
+                return bundle
+
+        _signer_class = AuditedSigner
+    return _signer_class(inner, audit, method)
+
+
+def signature_attributes(bundle: bytes, payload: bytes, signer: Any) -> dict[str, Any]:
+    """What a ``signing.sign`` span records of one signature: the signer identity, the key and
+    its version (Transit), the bundle's digest, the statement type and subjects
+    (``name@sha256:<hex>``; the first one's digest also as ``artifact.hash``).
+
+    >>> import json
+    >>> stmt = json.dumps({"_type": "https://in-toto.io/Statement/v1", "predicateType": "p",
+    ...     "subject": [{"name": "churn", "digest": {"sha256": "ab" * 32}}]}).encode()
+    >>> b = json.dumps({"verificationMaterial": {"publicKey": {"hint": "cd" * 16}},
+    ...     "dsseEnvelope": {"signatures": [{"keyid": "transit:transit/release:v3"}]}}).encode()
+    >>> a = signature_attributes(b, stmt, None)
+    >>> a["stepguard.signing.signer"], a["stepguard.signing.key.version"]
+    ('transit:transit/release:v3:sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd', 3)
+    >>> a["stepguard.signing.subjects"]
+    ['churn@sha256:abababababababababababababababababababababababababababababababab']
+    """
+    import hashlib
+    import json
+
+    from stepguard.audit import Attr, artifact_attributes
+
+    out: dict[str, Any] = {}
+    # The bundle was made a moment ago by our own signer: its key id and public-key hint are
+    # read without parsing the whole document (the payload inside it is parsed below).
+    found = _KEYID.search(bundle)
+    keyid = found.group(1).decode() if found else ""
+    found = _HINT.search(bundle)
+    hint = found.group(1).decode() if found else ""
+    if keyid.startswith("transit:") and hint:
+        key, _, version = keyid.removeprefix("transit:").rpartition(":v")
+        out[Attr.SIGNER] = f"{keyid}:sha256:{hint}"
+        out[Attr.SIGNING_KEY] = f"transit:{key}"
+        if version.isdigit():
+            out[Attr.SIGNING_KEY_VERSION] = int(version)
+    elif hint:
+        out[Attr.SIGNER] = f"key:sha256:{hint}"
+        out[Attr.SIGNING_KEY] = f"sha256:{hint}"
+    elif signer is not None:
+        out[Attr.SIGNER] = str(signer.identity)
+    subjects: list[str] = []
+    try:
+        statement = json.loads(payload)
+        out[Attr.SIGNING_STATEMENT] = str(statement.get("predicateType") or "")
+        for sub in statement.get("subject") or []:
+            digest = (sub.get("digest") or {}).get("sha256")
+            if digest:
+                subjects.append(f"{sub.get('name', '')}@sha256:{digest}")
+    except (ValueError, AttributeError, TypeError):
+        pass
+    if subjects:
+        out[Attr.SIGNING_SUBJECTS] = subjects
+    out.update(artifact_attributes(
+        hash=subjects[0].rpartition("@")[2] if subjects else None,
+        attestation_hash="sha256:" + hashlib.sha256(bundle).hexdigest()))
+    return out

@@ -4,7 +4,6 @@ local hash-chained log."""
 from __future__ import annotations
 
 import base64
-import json
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -12,111 +11,107 @@ from typing import Any
 import pytest
 
 from stepguard import audit
-from stepguard.audit import Attr
 from stepguard.errors import ConfigurationError, IntegrityError
 
-CONTROLS = [
-    ("credentials", "acquire"),
-    ("integrity", "verify"),
-    ("isolation", "run"),
-    ("integrity", "hash"),
-    ("signing", "sign"),
-    ("registry", "publish"),
-    ("credentials", "revoke"),
-]
+
+def _keypair(d: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv = d / "release.pem"
+    priv.write_bytes(key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
+    return priv
 
 
-def run_full_step(auditor: audit.Auditor, *, fail_verify: bool = False) -> str:
-    """One secured step as the lifecycle emits it; returns its trace id."""
-    attrs = {**audit.pipeline_attributes("train", "run-42", "fit"),
-             **audit.stepguard_attributes(step__id="fit-1")}
-    with auditor.step_span("fit", attrs) as step:
-        with auditor.control_span("credentials", "acquire", audit.credential_attributes(
-                ["database/creds/trainer/lease-abc123"], token_accessor="accessor-xyz789",
-                kind="database")):
-            pass
-        with auditor.control_span("integrity", "verify",
-                                  {Attr.MANIFEST_DIGEST: "sha256:" + "a" * 64}):
-            auditor.verdict("inputs-match-manifest", not fail_verify, files=3)
-            if fail_verify:
-                raise IntegrityError("inputs do not match manifest", subject="data/x.csv")
-        with auditor.control_span("isolation", "run", {Attr.ISOLATION_MODE: "sandbox",
-                                                       **audit.k8s_attributes(namespace="ml")}):
-            pass
-        with auditor.control_span("integrity", "hash", audit.artifact_attributes(
-                hash="sha256:" + "b" * 64, filename="model.safetensors")):
-            pass
-        with auditor.control_span("signing", "sign", {
-                Attr.SIGNER: "key:sha256:cafe", **audit.artifact_attributes(
-                    attestation_filename="model.sig", attestation_hash="sha256:" + "c" * 64)}):
-            auditor.verdict("signature-made", True)
-        with auditor.control_span("registry", "publish", {Attr.REGISTRY_URI: "file:///reg"}):
-            pass
-        with auditor.control_span("credentials", "revoke"):
-            auditor.verdict("leases-revoked", True, count=1)
-        return step.trace_id
+def run_real_step(tmp_path: Path, *, tamper: bool = False) -> Any:
+    """One secured step through the real lifecycle: a verified input, a body, a hashed output
+    signed and published with a key. Returns its receipt (or the error's)."""
+    from stepguard.integrity import create_manifest
+    from stepguard.settings import Settings
+    from stepguard.spec import RunContext, StepSpec
+    from stepguard.step import run_step
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.csv").write_text("1,2\n")
+    manifest = tmp_path / "data.manifest.json"
+    manifest.write_text(create_manifest(data).to_json())
+    if tamper:
+        (data / "x.csv").write_text("1,3\n")
+    settings = Settings.from_dict({
+        "state_dir": str(tmp_path / "state"),
+        "audit": {"exporter": "jsonl", "path": str(tmp_path / "audit.jsonl")},
+        "registry": {"url": f"file://{tmp_path / 'registry'}"}})
+    spec = StepSpec.from_dict({
+        "name": "fit", "isolation": {"mode": "process"},
+        "inputs": [{"name": "data", "path": str(data), "manifest": str(manifest)}],
+        "outputs": [{"name": "model", "path": str(tmp_path / "model"),
+                     "publish": {"name": "m", "version": "1"}}],
+        "signing": {"signer": "key", "key": str(_keypair(tmp_path))}})
+
+    def body(env):
+        (env.outputs["model"] / "model.safetensors").write_bytes(b"w")
+    return run_step(spec, body=body, settings=settings,
+                    context=RunContext(pipeline="train", run_id="run-42", step="fit"))
+
+
+CONTROLS = ["stepguard.integrity.verify", "stepguard.isolation.run",
+            "stepguard.integrity.hash", "stepguard.signing.sign", "stepguard.signing.sign",
+            "stepguard.registry.publish"]
 
 
 def test_full_step_reaches_a_real_otlp_receiver_as_the_expected_tree(otlp_receiver, tmp_path):
-    setup = audit.configure(audit_dir=tmp_path, install_signal_handlers=False)
-    assert setup.otlp_endpoint == otlp_receiver.endpoint
-    trace_id = run_full_step(setup.auditor())
+    receipt = run_real_step(tmp_path)
     # No wait needed in principle: the step end force-flushes the batch processor.
     spans = list(otlp_receiver.spans)
     assert len(spans) == 1 + len(CONTROLS)
-    by_name = {(s["name"]): s for s in spans}
-    step = by_name["stepguard.step"]
-    assert step["parent_span_id"] is None
-    assert {s["trace_id"] for s in spans} == {trace_id}
-    children = [s for s in spans if s is not step]
-    assert [s["name"] for s in children] == [f"stepguard.{c}.{o}" for c, o in CONTROLS]
-    assert all(s["parent_span_id"] == step["span_id"] for s in children)
+    step = next(s for s in spans if s["name"] == "stepguard.step")
+    by_id = {s["span_id"]: s for s in spans}
+    assert step["parent_span_id"] == audit.run_trace_ids("python", "train", "run-42")[1]
+    assert {s["trace_id"] for s in spans} == {receipt.trace_id}
+    children = sorted((s for s in spans if s is not step), key=lambda s: s["name"])
+    assert sorted(s["name"] for s in children) == sorted(CONTROLS)
+    signs = [s for s in children if s["name"] == "stepguard.signing.sign"]
+    publish = next(s for s in children if s["name"] == "stepguard.registry.publish")
+    # Signing happens inside the publish; every other control is a child of the step.
+    assert all(s["parent_span_id"] == publish["span_id"] for s in signs)
+    assert all(by_id[s["parent_span_id"]] is step for s in children if s not in signs)
     assert all(s["status"] == 1 for s in spans)  # STATUS_CODE_OK
-    assert step["attributes"]["cicd.pipeline.name"] == "train"
-    assert step["attributes"]["cicd.pipeline.run.id"] == "run-42"
-    assert step["attributes"]["cicd.pipeline.task.name"] == "fit"
-    assert step["attributes"]["stepguard.secured"] is True
-    assert step["attributes"]["stepguard.step.id"] == "fit-1"
+    attrs = step["attributes"]
+    assert (attrs["cicd.pipeline.name"], attrs["cicd.pipeline.run.id"],
+            attrs["cicd.pipeline.task.name"]) == ("train", "run-42", "fit")
+    assert attrs["stepguard.secured"] is True and attrs["stepguard.step.name"] == "fit"
     assert step["resource"]["service.name"] == "stepguard"
-    acquire = by_name["stepguard.credentials.acquire"]["attributes"]
-    assert acquire["stepguard.control"] == "credentials"
-    assert acquire["stepguard.operation"] == "acquire"
-    assert acquire["stepguard.credentials.lease_ids"][0].startswith("sha256:")
-    assert "lease-abc123" not in json.dumps(acquire)
-    assert "accessor-xyz789" not in json.dumps(acquire)
-    verify = by_name["stepguard.integrity.verify"]
-    assert verify["events"] == [("stepguard.verdict", {
-        "stepguard.verdict.name": "inputs-match-manifest", "stepguard.verdict.passed": True,
-        "stepguard.verdict.files": 3})]
-    assert by_name["stepguard.integrity.hash"]["attributes"]["artifact.hash"] == "sha256:" + "b" * 64
-    sign = by_name["stepguard.signing.sign"]["attributes"]
-    assert sign["artifact.attestation.filename"] == "model.sig"
-    assert sign["stepguard.signing.signer"] == "key:sha256:cafe"
-    assert by_name["stepguard.isolation.run"]["attributes"]["k8s.namespace.name"] == "ml"
+    verify = next(s for s in children if s["name"] == "stepguard.integrity.verify")
+    assert verify["attributes"]["artifact.hash"] == receipt.inputs[0].digest
+    assert verify["events"][0][1]["stepguard.verdict.name"] == "integrity.verified"
+    hashed = next(s for s in children if s["name"] == "stepguard.integrity.hash")
+    assert hashed["attributes"]["artifact.hash"] == receipt.output("model").digest
+    published = receipt.output("model").published
+    assert publish["attributes"]["artifact.attestation.hash"] == published.bundle_digest
+    assert {s["attributes"]["stepguard.signing.signer"] for s in signs} == {published.signer}
     # The same spans are in the local log, chained.
-    report = audit.verify_chain(setup.audit_log)
+    report = audit.verify_chain(tmp_path / "audit.jsonl")
     assert report.kinds["span"] == len(spans)
-    setup.shutdown()
+    assert receipt.audit_export is not None and receipt.audit_export.status == "ok"
 
 
 def test_failed_control_sets_error_status_and_error_type(otlp_receiver, tmp_path):
-    setup = audit.configure(audit_dir=tmp_path, install_signal_handlers=False)
     with pytest.raises(IntegrityError):
-        run_full_step(setup.auditor(), fail_verify=True)
+        run_real_step(tmp_path, tamper=True)
     spans = {s["name"]: s for s in otlp_receiver.wait_for(2)}
-    assert set(spans) == {"stepguard.step", "stepguard.credentials.acquire",
-                          "stepguard.integrity.verify"}
+    assert set(spans) == {"stepguard.step", "stepguard.integrity.verify"}
     for name in ("stepguard.step", "stepguard.integrity.verify"):
         assert spans[name]["status"] == 2  # STATUS_CODE_ERROR
         assert spans[name]["attributes"]["error.type"] == "stepguard.errors.IntegrityError"
     events = dict(spans["stepguard.integrity.verify"]["events"])
+    assert events["exception"]["exception.message"].endswith("manifest: x.csv")
     assert events["stepguard.verdict"]["stepguard.verdict.passed"] is False
-    assert events["exception"]["exception.message"] == \
-        "inputs do not match manifest: data/x.csv"
-    text = audit.show(setup.audit_log)
-    assert "FAIL inputs-match-manifest" in text
+    text = audit.show(tmp_path / "audit.jsonl")
+    assert "FAIL integrity.verified  input=data subject=x.csv" in text
+    assert "integrity.verify  ERROR" in text
     assert "error.type=stepguard.errors.IntegrityError" in text
-    setup.shutdown()
 
 
 def _forms(secret: str) -> list[bytes]:

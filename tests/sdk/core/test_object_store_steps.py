@@ -304,3 +304,48 @@ def test_unreachable_object_store_is_transient(tmp_path, worker_env, chdir_back)
     with pytest.raises(TransientError) as info:
         run_step(spec, body=lambda env: None, settings=settings)
     assert not isinstance(info.value, IntegrityError)
+
+
+def test_credentials_in_the_audit_trail_name_kind_lease_ttl_and_what_was_revoked(
+        tmp_path, worker_env, chdir_back, monkeypatch):
+    """A database lease (revocable) and a web-identity credential (it can only expire): the
+    acquire span names both with hashed lease ids -- the receipt's own values -- TTL and
+    revocability; only the database lease gets ``credentials.revoked`` PASS, the web-identity
+    one ``credentials.not_revocable`` (expires), never "revoked"."""
+    from stepguard import audit
+    from stepguard.testing.spans import records_from_log
+
+    monkeypatch.setitem(EXTRA, "audit", {"exporter": "jsonl"})
+    settings = _worker(tmp_path / "worker", worker_env)
+    spec = StepSpec.from_dict({
+        "name": "ingest", "isolation": {"mode": "process"},
+        "credentials": [_lake(worker_env),
+                        {"name": "db", "kind": "database", "role": "stepguard-step"}],
+        "outputs": [{"name": "d", "path": str(tmp_path / "out")}]})
+    receipt = run_step(spec, body=lambda env: (env.outputs["d"] / "x").write_text("x"),
+                       settings=settings,
+                       context=RunContext(pipeline="p", run_id="creds-1", step="ingest"))
+    leases = {c.name: c for c in receipt.credentials}
+    assert leases["db"].revocable and leases["db"].revoked
+    assert not leases["lake"].revocable and not leases["lake"].revoked
+    spans = {s["name"]: s for s in records_from_log(settings.audit_path)}
+    acquire = spans["stepguard.credentials.acquire"]["attributes"]
+    assert acquire["stepguard.credentials.names"] == ["lake", "db"]
+    assert acquire["stepguard.credentials.kinds"] == ["aws_web_identity", "database"]
+    assert acquire["stepguard.credentials.lease_ids"] == [leases["lake"].lease or "",
+                                                          leases["db"].lease]
+    assert leases["db"].lease.startswith("sha256:")
+    assert acquire["stepguard.credentials.revocable"] == [False, True]
+    assert all(t > 0 for t in acquire["stepguard.credentials.ttl_s"])
+    verdicts = [(e["attributes"]["stepguard.verdict.name"],
+                 e["attributes"]["stepguard.verdict.credential"],
+                 e["attributes"]["stepguard.verdict.passed"])
+                for e in spans["stepguard.credentials.revoke"]["events"]]
+    assert verdicts == [("credentials.not_revocable", "lake", True),
+                        ("credentials.revoked", "db", True)]
+    outcome = spans["stepguard.credentials.revoke"]["events"][0]["attributes"]
+    assert outcome["stepguard.verdict.outcome"] == "expires"
+    text = audit.show(settings.audit_path)
+    assert "PASS credentials.not_revocable  credential=lake" in text
+    assert "PASS credentials.revoked  credential=lake" not in text
+    assert f"lease={leases['db'].lease}" in text
