@@ -197,10 +197,20 @@ def build_base(podman: Podman, *, packages: Sequence[str] = BASE_PACKAGES,
 
 
 def _build_wheel(root: Path, out: Path) -> Path:
+    """Our wheel, built from a clean copy of the sources (no ``build/`` left in the checkout,
+    no stray files in the wheel) with fixed timestamps, so the same sources hash the same."""
+    src = out / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        if (root / name).exists():
+            shutil.copy(root / name, src / name)
+    for name in ("sdk", "plugins", "components"):
+        shutil.copytree(root / name, src / name, ignore=skip)
     env = dict(os.environ, SOURCE_DATE_EPOCH="315532800")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(root)], capture_output=True, env=env, timeout=600, check=False)
+         "-w", str(out), str(src)], capture_output=True, env=env, timeout=600, check=False)
     wheels = sorted(out.glob("stepguard-*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-5:]
