@@ -71,7 +71,8 @@ class PodmanKube:
     """Pods, ConfigMaps and NetworkPolicies through podman; see the module docs.
 
     ``created`` lists ``(kind, namespace/name)`` in creation order and ``deleted`` likewise,
-    so tests can assert that cleanup ran on every path.
+    so tests can assert that cleanup ran on every path; ``manifests`` keeps every object as it
+    was created (deleted ones too), for checks such as "no secret in any manifest".
     """
 
     podman: Podman
@@ -81,6 +82,7 @@ class PodmanKube:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     created: list[tuple[str, str]] = field(default_factory=list)
     deleted: list[tuple[str, str]] = field(default_factory=list)
+    manifests: list[dict[str, Any]] = field(default_factory=list)
     _played: dict[str, _Played] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -141,6 +143,7 @@ class PodmanKube:
         name = body["metadata"]["name"]
         key = f"{namespace}/{name}"
         self.pods[key] = copy.deepcopy(body)
+        self.manifests.append(copy.deepcopy(body))
         played = copy.deepcopy(body)
         spec = played["spec"]
         token_dir = self._tokens(name, namespace, spec)
@@ -258,6 +261,7 @@ class _Core:
     def create_namespaced_config_map(self, namespace: str, body: dict[str, Any]) -> None:
         key = f"{namespace}/{body['metadata']['name']}"
         self._kube.config_maps[key] = body
+        self._kube.manifests.append(body)
         self._kube.created.append(("ConfigMap", key))
 
     def delete_namespaced_config_map(self, name: str, namespace: str, **_: Any) -> None:
@@ -274,6 +278,7 @@ class _Networking:
     def create_namespaced_network_policy(self, namespace: str, body: dict[str, Any]) -> None:
         key = f"{namespace}/{body['metadata']['name']}"
         self._kube.policies[key] = body
+        self._kube.manifests.append(body)
         self._kube.created.append(("NetworkPolicy", key))
 
     def delete_namespaced_network_policy(self, name: str, namespace: str, **_: Any) -> None:
