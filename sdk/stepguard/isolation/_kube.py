@@ -205,7 +205,8 @@ def run_pod(
                 created_pod = True
             except Exception as exc:
                 raise IsolationError(f"could not create the pod ({type(exc).__name__})",
-                                     subject=f"{namespace}/{name}") from exc
+                                     subject=f"{namespace}/{name}",
+                                     details=list(getattr(exc, "details", None) or [])) from exc
             end = start + deadline_s + _SCHEDULE_SLACK_S
             current: Any = None
 

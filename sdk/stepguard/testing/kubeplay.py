@@ -51,9 +51,11 @@ TokenIssuer = Callable[[Mapping[str, Any]], str]
 
 
 def _yaml(docs: list[dict[str, Any]]) -> bytes:
-    import yaml
+    """A YAML stream of JSON documents (podman's YAML parser trips over PyYAML's folded
+    long strings; JSON is YAML without folding)."""
+    import json
 
-    return yaml.safe_dump_all(docs, sort_keys=False).encode()
+    return "".join(f"---\n{json.dumps(d)}\n" for d in docs).encode()
 
 
 @dataclass
