@@ -97,12 +97,12 @@ def _settings(dev_stack, tmp_path: Path, image: str, **pods: Any) -> Settings:
 CHECK_BODY = (
     "import hashlib, os, pathlib, sys; "
     "v = os.environ.get('API_TOKEN', ''); "
-    "ok = hashlib.sha256(v.encode()).hexdigest() == '%s'; "
+    f"ok = hashlib.sha256(v.encode()).hexdigest() == '{hashlib.sha256(CANARY.encode()).hexdigest()}'; "
     "out = os.environ.get('STEPGUARD_OUTPUT_MODEL'); "
     "out and (pathlib.Path(out) / 'model.bin').write_bytes(b'weights' if ok else b'no'); "
     "print('body ran, credential', 'matches' if ok else 'MISSING'); "
     "sys.exit(0 if ok else 3)"
-) % hashlib.sha256(CANARY.encode()).hexdigest()
+)
 
 
 def _run(kube, spec: StepSpec, settings: Settings, run_id: str, body: str = CHECK_BODY,
