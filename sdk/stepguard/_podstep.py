@@ -119,6 +119,14 @@ def pod_config(spec: StepSpec, settings: Settings) -> dict[str, str]:
     files: dict[str, str] = {}
     inner = spec.to_dict()
     inner["isolation"] = {"mode": "process", "network": "none", "gpus": spec.isolation.gpus}
+    for i, inp in enumerate(inner.get("inputs") or ()):
+        # A producer's receipt or a manifest on the orchestrator's disk travels in the
+        # ConfigMap (neither holds a secret); an object URI or JSON text stays as it is.
+        if inp.get("receipt") and not _inline(inp["receipt"]):
+            inp["receipt"] = _read(inp["receipt"], f"inputs.{inp['name']}.receipt")
+        if inp.get("manifest") and not _inline(inp["manifest"]):
+            files[f"manifest-{i}.json"] = _read(inp["manifest"], f"inputs.{inp['name']}.manifest")
+            inp["manifest"] = f"{_CONFIG_DIR}/manifest-{i}.json"
     data = settings.to_dict()
     data.pop("pods", None)
     data["state_dir"] = "/tmp/.stepguard"  # noqa: S108 -- the pod's private emptyDir
@@ -135,6 +143,12 @@ def pod_config(spec: StepSpec, settings: Settings) -> dict[str, str]:
         vault.update(auth="token", role=None, mount=None, jwt_path=None)
     data["vault"] = vault
     receipts = dict(data.get("receipts") or {})
+    transit = receipts.get("signer") == "transit" or (
+        receipts.get("policy") and settings.policy(receipts["policy"]).kind == "transit")
+    if transit and settings.pods.vault_login != "jwt":
+        raise ConfigurationError(
+            "receipts signed or checked with Transit need a Vault login inside the pod",
+            subject="pods.vault_login", hint="set pods.vault_login: jwt (and pods.jwt_role)")
     if receipts.get("signer") == "key":
         raise ConfigurationError(
             "a receipt signing key file cannot be handed to a pod (a ConfigMap is not a secret)",
@@ -151,6 +165,10 @@ def pod_config(spec: StepSpec, settings: Settings) -> dict[str, str]:
     files["step.json"] = json.dumps(inner, sort_keys=True)
     files["settings.json"] = json.dumps(data, sort_keys=True)
     return files
+
+
+def _inline(value: str) -> bool:
+    return is_uri(value) or value.lstrip().startswith("{")
 
 
 def _read(path: str, field: str) -> str:
@@ -246,7 +264,9 @@ def run_in_pod(step: Step, command: Sequence[str], *, kube_api: Any = None,
     if settings.pods.otlp_endpoint:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = settings.pods.otlp_endpoint
     audit = StepAudit(settings, step.tracer_provider)
-    tee = _Tee(stdout)
+    import sys
+
+    tee = _Tee(stdout if stdout is not None else getattr(sys.stdout, "buffer", None))
     started = time.monotonic()
     with audit.step(spec, ctx), _handover(step, ctx) as (wrapped, _session):
         env.update(audit.trace_env())

@@ -44,7 +44,7 @@ from stepguard.errors import IsolationError
 from stepguard.isolation import KubeApi
 from stepguard.testing.podman import Podman
 
-__all__ = ["PodmanKube", "TokenIssuer"]
+__all__ = ["PodmanKube", "TokenIssuer", "from_environment", "jwt_issuer"]
 
 #: ``(claims) -> JWT``: mints the projected token a kubelet would (audience, expiry, subject).
 TokenIssuer = Callable[[Mapping[str, Any]], str]
@@ -288,3 +288,28 @@ class _Networking:
         if self._kube.policies.pop(key, None) is None:
             raise IsolationError("no such NetworkPolicy", subject=key)
         self._kube.deleted.append(("NetworkPolicy", key))
+
+
+def jwt_issuer(key_path: str | Path, issuer: str) -> TokenIssuer:
+    """A :data:`TokenIssuer` signing ES256 with the PEM key at ``key_path`` as ``issuer`` --
+    what a cluster's service-account issuer is to Vault's JWT auth (needs PyJWT: ``[dev]``)."""
+    from stepguard.testing import dev_import
+
+    pyjwt = dev_import("jwt")
+    key = Path(key_path).read_bytes()
+
+    def issue(claims: Mapping[str, Any]) -> str:
+        token: str = pyjwt.encode({**claims, "iss": issuer}, key, algorithm="ES256")
+        return token
+
+    return issue
+
+
+def from_environment() -> KubeApi:
+    """The factory for ``STEPGUARD_KUBE_API=stepguard.testing.kubeplay:from_environment``:
+    podman under :func:`~stepguard.testing.podman.podman_dir`; projected tokens signed with
+    ``$STEPGUARD_POD_JWT_KEY`` as ``$STEPGUARD_POD_JWT_ISSUER`` when both are set."""
+    key = os.environ.get("STEPGUARD_POD_JWT_KEY")
+    issuer = os.environ.get("STEPGUARD_POD_JWT_ISSUER")
+    issue = jwt_issuer(key, issuer) if key and issuer else None
+    return PodmanKube(Podman.default(), token_issuer=issue).api()
