@@ -59,7 +59,7 @@ from stepguard.spec import RunContext, StepSpec
 if TYPE_CHECKING:
     from stepguard.step import Step
 
-__all__ = ["RECEIPT_MARKER", "pod_config", "pod_egress", "run_in_pod"]
+__all__ = ["RECEIPT_MARKER", "check_pod_spec", "pod_config", "pod_egress", "run_in_pod"]
 
 #: Prefix of the one line the step runner prints with its receipt (``stepguard exec
 #: --receipt-line``).
@@ -69,7 +69,25 @@ _TOKEN_PATH = "/var/run/secrets/stepguard/vault/token"  # noqa: S105 -- a path
 
 
 def check_pod_spec(spec: StepSpec) -> None:
-    """Refuse what a pod cannot do: host paths as inputs or outputs."""
+    """Refuse what a pod step cannot do: reach Vault or the object store with no network,
+    host paths as inputs or outputs. Called where the spec is parsed (the Airflow operators at
+    DAG parse) and again before the pod is made.
+
+    >>> check_pod_spec(StepSpec.from_dict({"name": "t", "isolation": {"mode": "pod"},
+    ...     "credentials": [{"name": "api", "kind": "kv", "path": "x"}]}))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    stepguard.errors.ConfigurationError: a pod with no network cannot reach Vault or the ...
+    """
+    if spec.isolation.network == "none" and (
+            spec.credentials or any(is_uri(i.path) for i in spec.inputs)
+            or any(is_uri(o.path) for o in spec.outputs)):
+        # The step runner inside the pod reaches Vault and the object store itself.
+        raise ConfigurationError(
+            "a pod with no network cannot reach Vault or the object store",
+            subject="isolation.network",
+            hint="network: [] opens only Vault, DNS, the object store and OTLP (from "
+                 "settings); add host:port entries for anything else")
     for kind, items in (("inputs", spec.inputs), ("outputs", spec.outputs)):
         for item in items:
             if not is_uri(item.path):

@@ -332,16 +332,6 @@ class StepSpec:
             dup = {n for n in names if names.count(n) > 1}
             if dup:
                 raise ConfigurationError(f"duplicate {kind} name", subject=sorted(dup)[0])
-        if self.isolation.mode == "pod" and self.isolation.network == "none" and (
-                self.credentials
-                or any(i.path.startswith("s3://") for i in self.inputs)
-                or any(o.path.startswith("s3://") for o in self.outputs)):
-            # The step runner inside the pod reaches Vault and the object store itself.
-            raise ConfigurationError(
-                "a pod with no network cannot reach Vault or the object store",
-                subject="isolation.network",
-                hint="network: [] opens only Vault, DNS, the object store and OTLP (from "
-                     "settings); add host:port entries for anything else")
         for key in self.env:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ConfigurationError("invalid environment variable name",

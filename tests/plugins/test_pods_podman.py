@@ -271,9 +271,10 @@ def test_tampered_input_stops_in_the_pod_before_the_body(kube, podman_image, orc
 
 
 def test_refused_configurations(tmp_path):
+    closed = StepSpec.from_dict({"name": "t", "isolation": {"mode": "pod"},
+                                 "credentials": [{"name": "api", "kind": "kv", "path": "x"}]})
     with pytest.raises(ConfigurationError) as info:
-        StepSpec.from_dict({"name": "t", "isolation": {"mode": "pod"},
-                            "credentials": [{"name": "api", "kind": "kv", "path": "x"}]})
+        run_in_pod(Step(closed, settings=Settings.from_dict({})), ["true"])
     assert info.value.subject == "isolation.network"
     with pytest.raises(ConfigurationError) as info:
         Settings.from_dict({"pods": {"image": "r/x@" + PLACEHOLDER_DIGEST}})
