@@ -114,7 +114,7 @@ def pod_egress(spec: StepSpec, settings: Settings) -> tuple[str, ...]:
     >>> s = Settings.from_dict({"vault": {"addr": "http://localhost:8200"},
     ...                         "pods": {"otlp_endpoint": "http://10.0.0.9:4318"}})
     >>> pod_egress(StepSpec.from_dict({"name": "t", "isolation": {"mode": "pod",
-    ...     "network": []}}), s)
+    ...     "network": []}, "credentials": [{"name": "api", "kind": "kv", "path": "x"}]}), s)
     ('127.0.0.1:8200', '10.0.0.9:4318')
     """
     entries = [] if spec.isolation.network == "none" else list(spec.isolation.network)
