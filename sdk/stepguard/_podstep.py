@@ -278,7 +278,10 @@ def run_in_pod(step: Step, command: Sequence[str], *, kube_api: Any = None,
         vault_kubernetes_auth=spec.isolation.vault_kubernetes_auth
         or settings.pods.vault_login == "jwt")
     files = pod_config(spec, settings)
-    env = dict(spec.env)
+    from stepguard.isolation._kube import default_pod_name
+
+    name = default_pod_name(ctx)
+    env = {**spec.env, "STEPGUARD_POD": name}
     if settings.pods.otlp_endpoint:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = settings.pods.otlp_endpoint
     audit = StepAudit(settings, step.tracer_provider)
@@ -292,6 +295,7 @@ def run_in_pod(step: Step, command: Sequence[str], *, kube_api: Any = None,
             result = run_isolated(
                 runner_command(command, ctx), iso, env=env, deadline_s=spec.deadline_s,
                 context=ctx, kube_api=kube_api, wrapped_token_env=wrapped or None,
+                pod_name=name,
                 stdout=typing.cast("typing.IO[bytes]", tee), pod_options={
                     "config_map": files, "poll_s": poll_s,
                     "vault_audience": settings.pods.jwt_audience,

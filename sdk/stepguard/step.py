@@ -223,6 +223,8 @@ class _Run:
         self.outputs: list[OutputRecord] = []
         self.leases: tuple[LeaseRecord, ...] = ()
         self.isolation: dict[str, str] = {"mode": self.spec.isolation.mode}
+        if os.environ.get("STEPGUARD_POD"):  # the step runner as a pod's entrypoint
+            self.isolation["pod"] = os.environ["STEPGUARD_POD"]
         self.started = datetime.now(UTC)
         self.audit_head: str | None = None
         self.deadline = time.monotonic() + self.spec.deadline_s

@@ -148,6 +148,7 @@ def test_wrapped_login_in_a_pod_with_object_store_output(kube, podman_image, orc
     assert receipt.status == "succeeded"
     assert receipt.context.run_id == run_id and receipt.context.step == "train"
     assert receipt.isolation["mode"] == "process"  # inside the pod, the pod is the isolation
+    assert receipt.isolation["pod"].startswith("sg-train-")
     out = receipt.output("model")
     assert out.path == f"s3://{BUCKET}/runs/{run_id}/model/data/"
     s3 = aws_admin_session.client("s3", endpoint_url=orchestrator.moto_endpoint)
