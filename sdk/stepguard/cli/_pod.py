@@ -50,13 +50,19 @@ def _cmd_render(args: argparse.Namespace) -> int:
     if args.runner:
         # What `mode: pod` creates: the step runner around the command, its ConfigMap, and a
         # policy open to Vault, DNS, the object store and OTLP only.
-        from stepguard._podstep import check_pod_spec, pod_config, pod_egress, runner_command
+        from stepguard._podstep import (
+            check_pod_spec,
+            jwt_login,
+            pod_config,
+            pod_egress,
+            runner_command,
+        )
         from stepguard.isolation import build_config_map
 
         check_pod_spec(spec)
         if iso.network != "none":
             iso = dataclasses.replace(iso, network=pod_egress(spec, settings))
-        if settings.pods.vault_login == "jwt":
+        if jwt_login(spec, settings):
             iso = dataclasses.replace(iso, vault_kubernetes_auth=True)
             extra = {"vault_audience": settings.pods.jwt_audience,
                      "vault_token_expiry_s": settings.pods.token_expiry_s}
