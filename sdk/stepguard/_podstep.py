@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 import time
 import typing
 from collections.abc import Iterator, Sequence
@@ -276,7 +277,7 @@ def run_in_pod(step: Step, command: Sequence[str], *, kube_api: Any = None,
     """Run ``command`` under the step runner in a pod; return the pod's checked receipt."""
     import dataclasses
 
-    from stepguard.isolation import run_isolated
+    from stepguard.isolation import default_pod_name, run_isolated
     from stepguard.wiring import StepAudit, check_receipt
 
     spec, settings, ctx = step.spec, step.settings, step.context
@@ -288,15 +289,11 @@ def run_in_pod(step: Step, command: Sequence[str], *, kube_api: Any = None,
         network=pod_egress(spec, settings) if spec.isolation.network != "none" else "none",
         vault_kubernetes_auth=jwt_login(spec, settings))
     files = pod_config(spec, settings)
-    from stepguard.isolation._kube import default_pod_name
-
     name = default_pod_name(ctx)
     env = {**spec.env, "STEPGUARD_POD": name}
     if settings.pods.otlp_endpoint:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = settings.pods.otlp_endpoint
     audit = StepAudit(settings, step.tracer_provider)
-    import sys
-
     tee = _Tee(stdout if stdout is not None else getattr(sys.stdout, "buffer", None))
     started = time.monotonic()
     with audit.step(spec, ctx), _handover(step, ctx) as (wrapped, _session):
