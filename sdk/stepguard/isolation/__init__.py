@@ -19,20 +19,25 @@ from stepguard.isolation._check import (
     violations_summary,
 )
 from stepguard.isolation._inprocess import call_in_process
-from stepguard.isolation._pod import build_network_policy, build_pod
+from stepguard.isolation._kube import KubeApi, default_pod_name
+from stepguard.isolation._pod import CONFIG_DIR, build_config_map, build_network_policy, build_pod
 from stepguard.isolation._result import RunResult
 from stepguard.isolation._run import run_isolated
 from stepguard.isolation._sandbox import find_bwrap
 
 __all__ = [
+    "CONFIG_DIR",
+    "KubeApi",
     "RunResult",
     "Violation",
     "assert_pod_ok",
+    "build_config_map",
     "build_network_policy",
     "build_pod",
     "call_in_process",
     "check_pod",
     "check_schema",
+    "default_pod_name",
     "find_bwrap",
     "run_isolated",
     "violations_summary",
