@@ -2,7 +2,8 @@
 
 The lifecycle calls :func:`run_isolated` for a command and :func:`call_in_process` for a Python
 callable; the pod builder (:func:`build_pod`,
-:func:`build_network_policy`) and the validator (:func:`check_pod`, :func:`assert_pod_ok`) also
+:func:`build_network_policy`, :func:`merge_volumes` for a caller's own volumes), the GPU check
+every runner makes (:func:`require_gpus`, :func:`probe_gpus`) and the validator (:func:`check_pod`, :func:`assert_pod_ok`) also
 serve ``stepguard pod render`` / ``stepguard pod check`` and the Airflow/KFP adapters.
 
 Nothing heavy is imported here: ``kubernetes`` and ``kubernetes_validate`` load only when a pod
@@ -18,13 +19,16 @@ from stepguard.isolation._check import (
     check_schema,
     violations_summary,
 )
+from stepguard.isolation._gpu import GpuProbe, probe_gpus, require_gpus
 from stepguard.isolation._inprocess import call_in_process
 from stepguard.isolation._pod import build_network_policy, build_pod
+from stepguard.isolation._podres import merge_volumes
 from stepguard.isolation._result import RunResult
 from stepguard.isolation._run import run_isolated
 from stepguard.isolation._sandbox import find_bwrap
 
 __all__ = [
+    "GpuProbe",
     "RunResult",
     "Violation",
     "assert_pod_ok",
@@ -34,6 +38,9 @@ __all__ = [
     "check_pod",
     "check_schema",
     "find_bwrap",
+    "merge_volumes",
+    "probe_gpus",
+    "require_gpus",
     "run_isolated",
     "violations_summary",
 ]
