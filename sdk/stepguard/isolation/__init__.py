@@ -1,10 +1,10 @@
 """Isolation: run a step body in a bubblewrap sandbox, a plain process, or a restricted pod.
 
 The lifecycle calls :func:`run_isolated` for a command and :func:`call_in_process` for a Python
-callable; the pod builder (:func:`build_pod`,
-:func:`build_network_policy`, :func:`merge_volumes` for a caller's own volumes), the GPU check
-every runner makes (:func:`require_gpus`, :func:`probe_gpus`) and the validator (:func:`check_pod`, :func:`assert_pod_ok`) also
-serve ``stepguard pod render`` / ``stepguard pod check`` and the Airflow/KFP adapters.
+callable; the pod builder (:func:`build_pod`, :func:`build_network_policy`, :func:`merge_volumes`
+for a caller's own volumes), the GPU check every runner makes (:func:`require_gpus`,
+:func:`probe_gpus`) and the validator (:func:`check_pod`, :func:`assert_pod_ok`) also serve
+``stepguard pod render`` / ``stepguard pod check`` and the Airflow/KFP adapters.
 
 Nothing heavy is imported here: ``kubernetes`` and ``kubernetes_validate`` load only when a pod
 is run or a manifest is checked against the schema.
