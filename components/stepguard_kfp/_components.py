@@ -33,6 +33,7 @@ def verify_dataset(
     expected_digest: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """Verify a dataset against its manifest (and an optional pinned root digest).
 
@@ -44,7 +45,7 @@ def verify_dataset(
     return verify_dataset_step(
         dataset_path=dataset_path, manifest_path=manifest_path,
         manifest_out=dataset_manifest.path, expected_digest=expected_digest,
-        pipeline=pipeline, run_id=run_id,
+        pipeline=pipeline, run_id=run_id, settings_path=settings_path,
     )
 
 
@@ -59,13 +60,17 @@ def secure_train(
     model_manifest: Output[Artifact],
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
+    wrapped_credentials: str = "",
 ) -> str:
     """Run the training command through the step runner (``stepguard exec``).
 
     ``step_spec`` is the training StepSpec (YAML/JSON) without inputs/outputs: the component adds
     the dataset (pinned to the digest in ``dataset_receipt``) and the model output. Inside a KFP
     pod the pod is the isolation boundary; outside one (``kfp.local``) the body runs in the
-    bubblewrap sandbox with the same spec. Returns the step receipt (JSON).
+    bubblewrap sandbox with the same spec. ``wrapped_credentials``: a single-use wrapping token
+    for the step's credentials, minted by the submitter (else the runner logs in to Vault in the
+    pod). Returns the step receipt (JSON).
     """
     from stepguard_kfp._runtime import secure_train_step
 
@@ -73,6 +78,7 @@ def secure_train(
         step_spec=step_spec, command=[str(c) for c in command], dataset_path=dataset_path,
         dataset_manifest=dataset_manifest.path, dataset_receipt=dataset_receipt,
         model_dir=model.path, manifest_out=model_manifest.path, pipeline=pipeline, run_id=run_id,
+        settings_path=settings_path, wrapped_credentials=wrapped_credentials,
     )
 
 
@@ -88,6 +94,7 @@ def sign_and_publish(
     signing_key: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """Verify the model against the training receipt, then sign and publish it.
 
@@ -101,6 +108,7 @@ def sign_and_publish(
         model_dir=model.path, manifest_path=model_manifest.path, train_receipt=train_receipt,
         model_name=model_name, model_version=model_version, registry=registry,
         signer=signer, signing_key=signing_key, pipeline=pipeline, run_id=run_id,
+        settings_path=settings_path,
     )
 
 
@@ -114,6 +122,7 @@ def verify_model(
     registry: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """The deployment gate: fetch the model and verify its signature against an explicit policy.
 
@@ -127,7 +136,7 @@ def verify_model(
     return verify_model_step(
         publish_receipt=publish_receipt, model_name=model_name, model_version=model_version,
         signature_policy=signature_policy, out_dir=verified_model.path, registry=registry,
-        pipeline=pipeline, run_id=run_id,
+        pipeline=pipeline, run_id=run_id, settings_path=settings_path,
     )
 
 
@@ -143,6 +152,8 @@ def secure_train_container(
     receipt: dsl.OutputPath(str),  # type: ignore[valid-type]
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
+    wrapped_credentials: str = "",
 ) -> dsl.ContainerSpec:
     """Container form of :func:`secure_train` for clusters: the step runner is the entrypoint.
 
@@ -165,5 +176,7 @@ def secure_train_container(
             "--receipt-out", receipt,
             "--pipeline", pipeline,
             "--run-id", run_id,
+            "--settings-path", settings_path,
+            "--wrapped-credentials", wrapped_credentials,
         ],
     )
