@@ -18,6 +18,17 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need_pkgs+=(postgresql)
 fi
+# Pods for real (tests/plugins/test_pods_podman.py, main.sh --cluster): podman runs our Pod and
+# ConfigMap manifests with `kube play`; runc (crun refuses the hybrid cgroup mount some hosts
+# have), catatonit for the pod's infra container, iptables + uidmap for podman's networking and
+# user namespaces, mmdebstrap + a keyring to build the image's base root filesystem.
+command -v podman >/dev/null 2>&1 || need_pkgs+=(podman)
+command -v runc >/dev/null 2>&1 || need_pkgs+=(runc)
+command -v catatonit >/dev/null 2>&1 || need_pkgs+=(catatonit)
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
+command -v newuidmap >/dev/null 2>&1 || need_pkgs+=(uidmap)
+command -v mmdebstrap >/dev/null 2>&1 || need_pkgs+=(mmdebstrap)
+[ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need_pkgs+=(debian-archive-keyring)
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing Debian packages: ${need_pkgs[*]}"

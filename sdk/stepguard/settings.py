@@ -32,7 +32,9 @@ from stepguard.errors import ConfigurationError
 from stepguard.floor import Floor
 
 __all__ = [
+    "PLACEHOLDER_DIGEST",
     "AuditSettings",
+    "PodSettings",
     "PolicySettings",
     "RegistrySettings",
     "Settings",
@@ -140,6 +142,61 @@ class ReceiptSettings:
             raise ConfigurationError("a receipt signer needs 'key'", subject="receipts.key")
 
 
+#: The all-zero digest that stood in for an unreleased image: never runnable, always refused.
+PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """How steps run as pods (``SecureKubernetesPodOperator``, ``mode: pod``, KFP components).
+
+    ``image`` is the stepguard runtime image, ``REPO@sha256:DIGEST`` (one setting for the Airflow
+    operator, ``stepguard pod render`` and the KFP components; the all-zero placeholder digest
+    is refused). ``vault_login`` is how the step runner inside the pod gets its credentials:
+    ``wrapped`` -- the orchestrator mints them and hands over one single-use response-wrapped
+    token that lives ``wrap_ttl_s`` (default 20 min: GPU scheduling plus a large image pull) --
+    or ``jwt`` -- the pod logs in itself with Vault's JWT auth (role ``jwt_role`` at
+    ``jwt_mount``) and a projected service-account token whose audience is ``jwt_audience``
+    only, valid ``token_expiry_s``. ``vault_addr`` / ``otlp_endpoint`` are the addresses as
+    seen from inside the pod (default: ``vault.addr`` / none).
+
+    >>> PodSettings(image="ghcr.io/acme/stepguard@" + PLACEHOLDER_DIGEST)
+    Traceback (most recent call last):
+    ...
+    stepguard.errors.ConfigurationError: the all-zero placeholder digest is not an image: pods.image
+    """
+
+    image: str | None = None
+    vault_login: Literal["wrapped", "jwt"] = "wrapped"
+    wrap_ttl_s: int = 1200
+    jwt_role: str | None = None
+    jwt_mount: str = "jwt"
+    jwt_audience: str = "vault"
+    token_expiry_s: int = 600
+    vault_addr: str | None = None
+    otlp_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image is not None:
+            if "@sha256:" not in self.image:
+                raise ConfigurationError("must be pinned by digest (REPO@sha256:<64 hex>)",
+                                         subject="pods.image")
+            if self.image.endswith(PLACEHOLDER_DIGEST):
+                raise ConfigurationError("the all-zero placeholder digest is not an image",
+                                         subject="pods.image",
+                                         hint="set pods.image to the digest you built and "
+                                              "reviewed (components/image/Containerfile)")
+        if not 60 <= self.wrap_ttl_s <= 3600:
+            raise ConfigurationError("must be between 60 s and 1 h", subject="pods.wrap_ttl_s")
+        if not 600 <= self.token_expiry_s <= 3600:
+            # 600 s is the shortest a kubelet issues; an hour bounds a stolen token.
+            raise ConfigurationError("must be between 600 s and 1 h",
+                                     subject="pods.token_expiry_s")
+        if self.vault_login == "jwt" and not self.jwt_role:
+            raise ConfigurationError("JWT login from the pod needs a role",
+                                     subject="pods.jwt_role")
+
+
 @dataclass(frozen=True)
 class Settings:
     """All stepguard settings. ``state_dir`` holds receipts, manifests and the audit log.
@@ -155,6 +212,7 @@ class Settings:
     state_dir: str = ".stepguard"
     receipts: ReceiptSettings = field(default_factory=ReceiptSettings)
     floor: Floor | None = None
+    pods: PodSettings = field(default_factory=PodSettings)
 
     def policy(self, name: str) -> PolicySettings:
         """The verification policy called ``name`` (ConfigurationError naming it if absent)."""
@@ -216,6 +274,7 @@ _SECTIONS = {
     "registry": RegistrySettings,
     "audit": AuditSettings,
     "receipts": ReceiptSettings,
+    "pods": PodSettings,
 }
 
 

@@ -21,17 +21,21 @@ from stepguard.isolation._check import (
 )
 from stepguard.isolation._gpu import GpuProbe, probe_gpus, require_gpus
 from stepguard.isolation._inprocess import call_in_process
-from stepguard.isolation._pod import build_network_policy, build_pod
+from stepguard.isolation._kube import KubeApi
+from stepguard.isolation._pod import CONFIG_DIR, build_config_map, build_network_policy, build_pod
 from stepguard.isolation._podres import merge_volumes
 from stepguard.isolation._result import RunResult
 from stepguard.isolation._run import run_isolated
 from stepguard.isolation._sandbox import find_bwrap
 
 __all__ = [
+    "CONFIG_DIR",
     "GpuProbe",
+    "KubeApi",
     "RunResult",
     "Violation",
     "assert_pod_ok",
+    "build_config_map",
     "build_network_policy",
     "build_pod",
     "call_in_process",

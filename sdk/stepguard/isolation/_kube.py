@@ -11,9 +11,17 @@ because no API server can run in CI):
 * ``core.read_namespaced_pod_log(name, namespace, follow=True, _preload_content=False)`` ->
   an object with ``.stream(amt)`` yielding bytes and ``.release_conn()``
 * ``core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)``
+* ``core.create_namespaced_config_map(namespace, body)`` and
+  ``core.delete_namespaced_config_map(name, namespace)`` -- only when the step runner in the pod
+  gets a ConfigMap (its spec, settings and Vault CA; never a secret)
 
-The NetworkPolicy is created before the pod, so the pod never runs unfenced, and both are deleted
-in ``finally`` -- after success, failure, the deadline, KeyboardInterrupt or SIGTERM.
+The NetworkPolicy is created before the pod, so the pod never runs unfenced, then the ConfigMap,
+then the pod; all three are deleted in ``finally`` -- after success, failure, the deadline,
+KeyboardInterrupt or SIGTERM.
+
+:class:`stepguard.testing.kubeplay.PodmanKube` implements exactly these calls with ``podman kube
+play`` of the same manifests, so the tests run our pods in a real container runtime; the API
+server itself (admission, NetworkPolicy enforcement) stays at the contract level.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import IO, Any
 from stepguard._private.signals import Terminated, unwind_on
 from stepguard.errors import ConfigurationError, IsolationError, StepTimeout
 from stepguard.isolation._check import assert_pod_ok
-from stepguard.isolation._pod import build_network_policy, build_pod
+from stepguard.isolation._pod import build_config_map, build_network_policy, build_pod
 from stepguard.isolation._result import RunResult
 from stepguard.spec import IsolationSpec, RunContext
 
@@ -138,8 +146,12 @@ def run_pod(
     gpus: int | None = None,
     wrapped_token_env: Mapping[str, str] | None = None,
     poll_s: float = 1.0,
+    config_map: Mapping[str, str] | None = None,
+    vault_audience: str | None = None,
+    vault_token_expiry_s: int | None = None,
 ) -> RunResult:
-    """Create NetworkPolicy + Pod, follow the logs, wait, and delete both on every path."""
+    """Create NetworkPolicy (+ ConfigMap) + Pod, follow the logs, wait, and delete them all on
+    every path. ``config_map`` (file name -> text) is mounted read-only at ``/etc/stepguard``."""
     if secret_files:
         raise ConfigurationError(
             "secret files cannot be handed to a pod without storing them in the cluster; "
@@ -155,8 +167,16 @@ def run_pod(
                           subject=name or context.step)
     name = name or default_pod_name(context)
     namespace = spec.namespace or "default"
+    extra: dict[str, Any] = {}
+    if vault_audience is not None:
+        extra["vault_audience"] = vault_audience
+    if vault_token_expiry_s is not None:
+        extra["vault_token_expiry_s"] = vault_token_expiry_s
+    cmap = None if config_map is None else build_config_map(
+        name, config_map, context=context, namespace=spec.namespace)
     pod = build_pod(spec, name=name, command=command, env=env, context=context,
-                    wrapped_token_env=wrapped_token_env, deadline_s=deadline_s)
+                    wrapped_token_env=wrapped_token_env, deadline_s=deadline_s,
+                    config_map=name if cmap is not None else None, **extra)
     policy = build_network_policy(spec, name=name, context=context)
     # Our own manifests, checked like anyone's: a regression here must fail before creation.
     assert_pod_ok(pod, schema=False)
@@ -170,7 +190,7 @@ def run_pod(
         close_sink = True
     else:
         sink = stdout
-    created_policy = created_pod = False
+    created_policy = created_pod = created_cmap = False
     start = time.monotonic()
     logs: threading.Thread | None = None
     try:
@@ -178,6 +198,9 @@ def run_pod(
             try:
                 api.networking.create_namespaced_network_policy(namespace, policy)
                 created_policy = True
+                if cmap is not None:
+                    api.core.create_namespaced_config_map(namespace, cmap)
+                    created_cmap = True
                 api.core.create_namespaced_pod(namespace, pod)
                 created_pod = True
             except Exception as exc:
@@ -233,6 +256,11 @@ def run_pod(
                 api.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
             except Exception as exc:  # reported below; the policy is still deleted
                 problems.append(f"pod {namespace}/{name}: {type(exc).__name__}")
+        if created_cmap:
+            try:
+                api.core.delete_namespaced_config_map(name, namespace)
+            except Exception as exc:
+                problems.append(f"configmap {namespace}/{name}: {type(exc).__name__}")
         if created_policy:
             try:
                 api.networking.delete_namespaced_network_policy(name, namespace)

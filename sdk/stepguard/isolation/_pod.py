@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stepguard.errors import ConfigurationError, PolicyViolation
+from stepguard.settings import PLACEHOLDER_DIGEST
 from stepguard.spec import IsolationSpec, RunContext
 
 DIGEST_IMAGE = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
@@ -23,6 +24,7 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SVC = re.compile(r"^(?P<svc>[a-z0-9-]+)\.(?P<ns>[a-z0-9-]+)\.svc(\.cluster\.local)?$")
 VAULT_TOKEN_DIR = "/var/run/secrets/stepguard/vault"  # noqa: S105 -- a path, not a secret
 VAULT_AUDIENCE = "vault"
+CONFIG_DIR = "/etc/stepguard"  # the step's ConfigMap: spec, settings, Vault CA (read-only)
 DEFAULT_CPU = "1"
 DEFAULT_MEMORY = "2Gi"
 SCRATCH_DIR = "/tmp"  # noqa: S108 -- an emptyDir private to the pod
@@ -42,6 +44,10 @@ def check_image(spec: IsolationSpec) -> str:
     """The image reference, refusing a mutable tag unless ``allow_unpinned_image``."""
     if not spec.image:
         raise ConfigurationError("a pod needs an image", subject="isolation.image")
+    if spec.image.endswith("@" + PLACEHOLDER_DIGEST):
+        raise ConfigurationError("the all-zero placeholder digest is not an image",
+                                 subject=spec.image,
+                                 hint="set pods.image to the digest you built and reviewed")
     if not DIGEST_IMAGE.match(spec.image):
         if not spec.allow_unpinned_image:
             raise PolicyViolation(
@@ -71,6 +77,9 @@ def build_pod(
     context: RunContext,
     wrapped_token_env: Mapping[str, str] | None = None,
     deadline_s: float | None = None,
+    config_map: str | None = None,
+    vault_audience: str = VAULT_AUDIENCE,
+    vault_token_expiry_s: int = _TOKEN_TTL_S,
     user_volumes: Sequence[Mapping[str, Any]] = (),
     user_volume_mounts: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
@@ -80,8 +89,13 @@ def build_pod(
     wrapping token) for runners that cannot use Vault Kubernetes auth: it is useless once the
     step runner inside has unwrapped it, so it may sit in the pod spec; a real credential never
     does. ``deadline_s`` becomes ``activeDeadlineSeconds`` (default: longer for GPU pods).
-    Sizes, ``/dev/shm``, caches and the caller's ``user_volumes``/``user_volume_mounts`` are
-    fitted by :func:`stepguard.isolation._podres.finish_pod` (docs/reference/isolation.md).
+    ``config_map`` names a ConfigMap
+    (:func:`build_config_map`) mounted read-only at ``/etc/stepguard``: the step runner's spec,
+    settings and Vault CA. With ``spec.vault_kubernetes_auth`` a projected service-account
+    token for ``vault_audience`` only, valid ``vault_token_expiry_s``, is mounted at
+    ``/var/run/secrets/stepguard/vault/token``. Sizes, ``/dev/shm``, caches and the caller's
+    ``user_volumes``/``user_volume_mounts`` are fitted by
+    :func:`stepguard.isolation._podres.finish_pod` (docs/reference/isolation.md).
 
     >>> from stepguard.spec import IsolationSpec, RunContext
     >>> spec = IsolationSpec(mode="pod", image="ghcr.io/acme/train@sha256:" + "a" * 64, gpus=1)
@@ -118,6 +132,11 @@ def build_pod(
         {"name": "scratch", "emptyDir": {"sizeLimit": spec.scratch_size}},
         {"name": "home", "emptyDir": {"sizeLimit": "64Mi"}},
     ]
+    if config_map:
+        _check_name(config_map)
+        mounts.append({"name": "stepguard-config", "mountPath": CONFIG_DIR, "readOnly": True})
+        volumes.append({"name": "stepguard-config",
+                        "configMap": {"name": config_map, "defaultMode": 0o444}})
     if spec.vault_kubernetes_auth:
         # Not the automounted token (long-lived, API-server audience): a projected one that only
         # Vault accepts and that expires within minutes.
@@ -125,8 +144,8 @@ def build_pod(
         volumes.append({"name": "vault-token", "projected": {
             "defaultMode": 0o400,
             "sources": [{"serviceAccountToken": {
-                "audience": VAULT_AUDIENCE,
-                "expirationSeconds": _TOKEN_TTL_S,
+                "audience": vault_audience,
+                "expirationSeconds": int(vault_token_expiry_s),
                 "path": "token",
             }}],
         }})
@@ -195,6 +214,24 @@ def build_pod(
     return finish_pod({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec},
                       spec, env=env, deadline_s=deadline_s, volumes=user_volumes,
                       volume_mounts=user_volume_mounts)
+
+
+def build_config_map(name: str, data: Mapping[str, str], *, context: RunContext,
+                     namespace: str | None = None) -> dict[str, Any]:
+    """The ConfigMap a step pod mounts at ``/etc/stepguard`` (never a secret: spec, settings,
+    CA certificates). Labelled like the pod, so whatever cleans up one finds the other.
+
+    >>> from stepguard.spec import RunContext
+    >>> cm = build_config_map("sg-train-1", {"step.json": "{}"}, context=RunContext(run_id="r1"))
+    >>> cm["kind"], sorted(cm["data"])
+    ('ConfigMap', ['step.json'])
+    """
+    _check_name(name)
+    metadata: dict[str, Any] = {"name": name, "labels": pod_labels(context, name)}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
+            "immutable": True, "data": dict(sorted(data.items()))}
 
 
 def _egress_rule(entry: str) -> dict[str, Any]:

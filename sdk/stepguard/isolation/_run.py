@@ -30,6 +30,7 @@ def run_isolated(
     pod_name: str | None = None,
     kube_api: Any = None,
     wrapped_token_env: Mapping[str, str] | None = None,
+    pod_options: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Run ``command`` isolated as ``spec.mode`` says, and wait for it (at most ``deadline_s``).
 
@@ -55,7 +56,9 @@ def run_isolated(
     * ``gpus``: overrides ``spec.gpus`` (0 hides GPUs even when the spec asks for them).
     * pod mode only: ``context`` (labels), ``pod_name``, ``kube_api`` (a
       ``KubeApi(core, networking)``; default from in-cluster config or kubeconfig), and
-      ``wrapped_token_env`` (response-wrapped, single-use Vault token variables for the pod).
+      ``wrapped_token_env`` (response-wrapped, single-use Vault token variables for the pod),
+      ``pod_options`` (``config_map``: file name -> text mounted at ``/etc/stepguard``;
+      ``vault_audience`` / ``vault_token_expiry_s`` of the projected Vault token; ``poll_s``).
 
     Returns a :class:`RunResult` whatever the body's exit status (a non-zero status is the
     caller's verdict). Raises :class:`~stepguard.errors.StepTimeout` after killing the whole
@@ -83,6 +86,7 @@ def run_isolated(
             command, spec, env=env or {}, secret_files=secret_files or {},
             deadline_s=deadline_s, context=context or RunContext(), name=pod_name,
             stdout=stdout, api=kube_api, gpus=effective_gpus, wrapped_token_env=wrapped_token_env,
+            **dict(pod_options or {}),
         )
     if wrapped_token_env:
         raise ConfigurationError("wrapped tokens are for pods; give a local body its env",
