@@ -7,6 +7,7 @@ over its arguments. Receipts travel between components as JSON string outputs, a
 small artifacts; credentials never travel: each component mints its own from Vault in the pod.
 
 ``install_kfp_package=False`` and no ``packages_to_install``: nothing is installed at run time.
+The image is the one image setting (``pods.image``; see :mod:`stepguard_kfp._imageref`).
 """
 
 # No "from __future__ import annotations": KFP reads the real annotation objects.
@@ -14,7 +15,10 @@ small artifacts; credentials never travel: each component mints its own from Vau
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
-from stepguard_kfp._image import DEFAULT_IMAGE
+from stepguard_kfp._imageref import component_image
+
+#: The runtime image, from the one image setting (``pods.image``) when this module is imported.
+IMAGE = component_image(strict=False)
 
 __all__ = [
     "secure_train",
@@ -25,7 +29,7 @@ __all__ = [
 ]
 
 
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def verify_dataset(
     dataset_path: str,
     manifest_path: str,
@@ -49,7 +53,7 @@ def verify_dataset(
     )
 
 
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def secure_train(
     step_spec: str,
     command: list,  # type: ignore[type-arg]
@@ -82,7 +86,7 @@ def secure_train(
     )
 
 
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def sign_and_publish(
     model: Input[Model],
     model_manifest: Input[Artifact],
@@ -112,7 +116,7 @@ def sign_and_publish(
     )
 
 
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def verify_model(
     publish_receipt: str,
     model_name: str,
@@ -163,7 +167,7 @@ def secure_train_container(
     :func:`secure_train` there (same runtime code).
     """
     return dsl.ContainerSpec(
-        image=DEFAULT_IMAGE,
+        image=IMAGE,
         command=["python3", "-m", "stepguard_kfp.train"],
         args=[
             "--step-spec", step_spec,

@@ -20,6 +20,7 @@ from typing import Any
 from stepguard.errors import ConfigurationError, PolicyViolation
 from stepguard.spec import IsolationSpec, RunContext, StepSpec
 from stepguard_kfp._image import check_pinned
+from stepguard_kfp._imageref import set_task_image
 
 __all__ = ["HardeningGap", "HardeningReport", "harden"]
 
@@ -189,6 +190,7 @@ def harden(
     def gap(setting: str, wanted: str, remedy_key: str | None = None) -> None:
         gaps.append(HardeningGap(setting, wanted, REMEDIES[remedy_key or setting]))
 
+    set_task_image(task)  # the one image setting, whenever the components were imported
     image = getattr(getattr(task, "container_spec", None), "image", None)
     if image is not None:
         try:
