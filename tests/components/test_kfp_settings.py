@@ -146,3 +146,63 @@ def test_component_yamls_take_settings_path() -> None:
     doc = yaml.safe_load(stepguard_kfp.component_yaml("secure_train").read_text())
     assert "wrapped_credentials" in doc["root"]["inputDefinitions"]["parameters"]
     assert json.dumps(doc).count("wrapped_credentials") >= 2
+
+
+# -- the runtime image: the one image setting, never the placeholder in a compiled pipeline ----
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL = "registry.example/stepguard-runtime@sha256:" + "ab" * 32
+
+
+def _compile_example(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("STEPGUARD_")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "dags_examples" / "kfp_secure_training.py"),
+         "--compile", str(tmp_path / "ir.yaml")],
+        capture_output=True, text=True, env=full, cwd=tmp_path, timeout=300, check=False)
+
+
+def test_compiled_example_carries_the_configured_image(tmp_path: Path) -> None:
+    proc = _compile_example(tmp_path, STEPGUARD_PODS_IMAGE=REAL)
+    assert proc.returncode == 0, proc.stderr
+    docs = list(yaml.safe_load_all((tmp_path / "ir.yaml").read_text()))
+    images = {ex["container"]["image"]
+              for ex in docs[0]["deploymentSpec"]["executors"].values()}
+    assert images == {REAL}
+    assert "0" * 64 not in (tmp_path / "ir.yaml").read_text()
+    k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(ex["configMapAsVolume"][0]["configMapName"] == "stepguard-settings"
+               for ex in k8s.values())
+
+
+def test_compiling_the_example_without_an_image_is_refused(tmp_path: Path) -> None:
+    proc = _compile_example(tmp_path)
+    assert proc.returncode == 2
+    assert "all-zero placeholder image" in proc.stderr and "STEPGUARD_PODS_IMAGE" in proc.stderr
+    assert not (tmp_path / "ir.yaml").exists()
+
+
+def test_harden_gives_a_task_the_configured_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kfp import dsl
+
+    from stepguard.errors import ConfigurationError
+    from stepguard.spec import IsolationSpec
+    from stepguard_kfp import harden, verify_dataset
+
+    monkeypatch.setenv("STEPGUARD_PODS_IMAGE", REAL)
+    seen = []
+
+    @dsl.pipeline(name="p")
+    def pipeline(data: str, manifest: str) -> None:
+        task = verify_dataset(dataset_path=data, manifest_path=manifest)
+        harden(task, IsolationSpec(mode="pod"), deadline_s=60)
+        seen.append(task.container_spec.image)
+
+    assert seen == [REAL]
+    monkeypatch.setenv("STEPGUARD_PODS_IMAGE", "registry.example/x@sha256:" + "0" * 64)
+    with pytest.raises(ConfigurationError, match="placeholder"):
+        @dsl.pipeline(name="q")
+        def refused(data: str, manifest: str) -> None:
+            harden(verify_dataset(dataset_path=data, manifest_path=manifest),
+                   IsolationSpec(mode="pod"), deadline_s=60)
