@@ -157,7 +157,9 @@ def load_settings(settings_path: str = "", *, environ: Mapping[str, str] | None 
     ``settings_path`` (the component's parameter) wins, then ``$STEPGUARD_CONFIG``, then the
     mounted ConfigMap's ``/etc/stepguard/stepguard.yaml``. Outside a pod (``kfp.local``) the
     usual :meth:`Settings.load` search applies. Inside a pod, settings must exist, and an OTLP
-    audit exporter must have an endpoint.
+    audit exporter must have an endpoint: ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` (a
+    ConfigMap key), else the settings' ``pods.otlp_endpoint``, which is then exported to this
+    process's environment for the exporter and the step runner.
     """
     env = os.environ if environ is None else environ
     pod = _in_pod(env) if in_pod is None else in_pod
@@ -176,10 +178,16 @@ def load_settings(settings_path: str = "", *, environ: Mapping[str, str] | None 
         settings = replace(settings, state_dir=POD_STATE_DIR)
     endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    from_settings = getattr(getattr(settings, "pods", None), "otlp_endpoint", None)
+    if not endpoint and from_settings:
+        endpoint = str(from_settings)
+        if environ is None:  # this process and the step runner it starts export there
+            os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
     if settings.audit.exporter in ("otlp", "both") and not endpoint:
         raise ConfigurationError(
-                f"audit exporter {settings.audit.exporter!r} has no OTLP endpoint in this pod "
-                "(spans would go to localhost and be lost)",
-                subject="OTEL_EXPORTER_OTLP_ENDPOINT",
-                hint="add OTEL_EXPORTER_OTLP_ENDPOINT to the settings ConfigMap")
+            f"audit exporter {settings.audit.exporter!r} has no OTLP endpoint in this pod "
+            "(spans would go to localhost and be lost)",
+            subject="OTEL_EXPORTER_OTLP_ENDPOINT",
+            hint="add OTEL_EXPORTER_OTLP_ENDPOINT to the settings ConfigMap, or set "
+                 "pods.otlp_endpoint in its stepguard.yaml")
     return settings

@@ -127,6 +127,10 @@ def test_an_otlp_exporter_without_endpoint_is_refused_in_a_pod(tmp_path: Path) -
     ok = load_settings(str(path), environ={
         **POD_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.obs.svc:4318"})
     assert ok.audit.exporter == "otlp"
+    # The endpoint may also be the settings' own pods.otlp_endpoint.
+    path = _settings_file(tmp_path, audit={"exporter": "otlp"},
+                          pods={"otlp_endpoint": "http://otel-collector.obs.svc:4318"})
+    assert load_settings(str(path), environ=POD_ENV).audit.exporter == "otlp"
 
 
 def test_outside_a_pod_the_usual_search_applies(tmp_path: Path) -> None:
