@@ -199,7 +199,7 @@ def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,
 
     >>> from stepguard.isolation import build_pod, check_pod
     >>> from stepguard.spec import IsolationSpec, RunContext
-    >>> pod = build_pod(IsolationSpec(mode="pod", image="r/i@sha256:" + "0" * 64), name="p",
+    >>> pod = build_pod(IsolationSpec(mode="pod", image="r/i@sha256:" + "a" * 64), name="p",
     ...                 command=["true"], env={}, context=RunContext(run_id="r"))
     >>> check_pod(pod, schema=False)
     []
