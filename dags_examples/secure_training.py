@@ -124,7 +124,32 @@ def poison_dataset(ingest_receipt: dict[str, Any]) -> None:
         s3.put_object(Bucket=bucket, Key=key, Body=_flip_label(text).encode())
 
 
+#: One line (a pod's command is stored in its manifest): the training script from the image.
+POD_TRAIN = ["python3", "-c",
+             "import stepguard.testing.examples as e; exec(e.TRAIN_SCRIPT)"]
+
+
 def _train_task(dataset: Any) -> BaseOperator:
+    if STORE and os.environ.get("STEPGUARD_TRAIN_POD"):
+        # The step runner is the pod's entrypoint (image: the pods.image setting): it logs in
+        # to Vault from inside the pod, verifies the dataset it downloads against the ingest
+        # receipt, trains, uploads the model and hands its signed receipt back to this task.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        return SecureStepOperator(
+            task_id="train",
+            spec={
+                "inputs": [{"name": "dataset"}],
+                "outputs": [{"name": "model", "path": _where("train", "model", "model")}],
+                "isolation": {"mode": "pod", "network": [], "cpu": "1", "memory": "1Gi"},
+                "deadline_s": 600,
+                "credentials": [LAKE],
+                "storage": {"credential": LAKE["name"], "endpoint_url": endpoint},
+                "env": {"AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
+                        **({"AWS_ENDPOINT_URL": endpoint} if endpoint else {})},
+            },
+            receipts={"dataset": dataset},
+            command=POD_TRAIN,
+        )
     namespace = os.environ.get("STEPGUARD_K8S_NAMESPACE")
     image = os.environ.get("STEPGUARD_TRAIN_IMAGE")
     if namespace and image:
@@ -174,6 +199,7 @@ def build_dag(dag_id: str, *, tampered: bool = False) -> DAG:
         )
         verify = VerifyDatasetOperator(task_id="verify_dataset", dataset=ingest.output,
                                        credential=_lake())
+        train = _train_task(ingest.output)
         if tampered:
             from airflow.providers.standard.operators.python import PythonOperator
 
@@ -182,9 +208,14 @@ def build_dag(dag_id: str, *, tampered: bool = False) -> DAG:
                 python_callable=poison_dataset,
                 op_args=[ingest.output],
             )
-            ingest >> attacker >> verify  # type: ignore[operator]
-        train = _train_task(ingest.output)
-        verify >> train  # type: ignore[operator]
+            if os.environ.get("STEPGUARD_TRAIN_POD"):
+                # After the lake copy was verified: the training pod's own check catches it.
+                verify >> attacker >> train  # type: ignore[operator]
+            else:
+                ingest >> attacker >> verify  # type: ignore[operator]
+                verify >> train  # type: ignore[operator]
+        else:
+            verify >> train  # type: ignore[operator]
         publish = SignAndPublishModelOperator(
             task_id="sign_and_publish",
             model=train.output,

@@ -481,17 +481,30 @@ def _decoded(value: Any) -> Any:
     return value
 
 
-def example_env(root: Path, info: Any) -> tuple[dict[str, str], dict[str, str]]:
+def example_env(root: Path, info: Any, *,
+                pod_image: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(env, worker_env) for the example DAG in cluster shape: nothing shared but Vault, the
     object store and the metadata DB. Data, models, receipts and audit segments go to the dev
     stack's S3 endpoint under a prefix of its own, with a just-in-time web-identity credential
     per task (no AWS keys anywhere); receipts are signed with Transit and every consumer
-    verifies them; the registry is in the object store; workers log in with AppRole."""
+    verifies them; the registry is in the object store; workers log in with AppRole.
+
+    With ``pod_image`` (``stepguard.testing.podman.build_image()``) ``train`` runs as a pod:
+    the step runner is its entrypoint, it logs in to Vault itself (JWT auth with a projected
+    token signed by the dev stack's trusted issuer key), reads the dataset from and writes the
+    model to the object store, and signs its receipt with Transit. The workers create the pod
+    through ``STEPGUARD_KUBE_API`` (podman ``kube play`` of the exact manifests)."""
     import uuid
 
     pg = info.postgres
     store = f"s3://stepguard-data/cluster-{uuid.uuid4().hex[:8]}"
     cfg = root / "stepguard.yaml"
+    pods = ""
+    if pod_image:
+        from stepguard.testing.devstack._vault import JWT_AUDIENCE, JWT_ROLE
+
+        pods = (f'pods: {{image: "{pod_image}", vault_login: jwt, jwt_role: {JWT_ROLE}, '
+                f"jwt_audience: {JWT_AUDIENCE}}}\n")
     cfg.write_text(
         f'vault: {{addr: "{info.vault_addr}", auth: approle}}\n'
         f'registry: {{url: "{store}/registry"}}\n'
@@ -499,7 +512,7 @@ def example_env(root: Path, info: Any) -> tuple[dict[str, str], dict[str, str]]:
         "audit: {exporter: jsonl}\n"
         "policies:\n"
         "  release: {kind: transit, key: stepguard-signing, min_version: 1}\n"
-        "  steps: {kind: transit, key: stepguard-signing, min_version: 1}\n")
+        "  steps: {kind: transit, key: stepguard-signing, min_version: 1}\n" + pods)
     env = {
         "STEPGUARD_CONFIG": str(cfg), "STEPGUARD_SERVING_DIR": str(root / "serving"),
         # Read when the DAG is parsed: every task's data goes through the object store.
@@ -516,4 +529,12 @@ def example_env(root: Path, info: Any) -> tuple[dict[str, str], dict[str, str]]:
         "VAULT_ROLE_ID": info.approle_role_id,
         "VAULT_SECRET_ID_FILE": str(info.approle_secret_id_file),
     }
+    if pod_image:
+        env["STEPGUARD_TRAIN_POD"] = "1"  # read when the DAG is parsed
+        worker_env.update({
+            "STEPGUARD_KUBE_API": "stepguard.testing.kubeplay:from_environment",
+            # The cluster's service-account issuer, as the dev OpenBao's jwt/ mount trusts it.
+            "STEPGUARD_POD_JWT_KEY": str(info.jwt_private_key_path),
+            "STEPGUARD_POD_JWT_ISSUER": info.jwt_issuer,
+        })
     return env, worker_env

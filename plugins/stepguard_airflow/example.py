@@ -101,7 +101,8 @@ def _run_cluster(root: Path, info: Any, dag_id: str, *, tampered: bool) -> bool:
     base = root / "cluster"
     shutil.rmtree(base / "airflow", ignore_errors=True)  # a fresh AIRFLOW_HOME per run
     base.mkdir(parents=True, exist_ok=True)
-    env, worker_env = example_env(root, info)
+    pod_image = _pod_image()
+    env, worker_env = example_env(root, info, pod_image=pod_image)
     _say(f"starting airflow scheduler, dag-processor and api-server (AIRFLOW_HOME="
          f"{base / 'airflow'}, metadata DB in the dev stack's PostgreSQL) ...")
     with AirflowCluster(base, info, dags=[EXAMPLE], env=env, worker_env=worker_env) as cluster:
@@ -112,6 +113,22 @@ def _run_cluster(root: Path, info: Any, dag_id: str, *, tampered: bool) -> bool:
         _say(f"shutdown: {problem}")
     return _report(root, dag_id, run.run_id, states=run.states, receipts=_receipts(run.xcoms),
                    tampered=tampered, workers=run.workers)
+
+
+def _pod_image() -> str | None:
+    """The runtime image for ``train`` as a pod (built once per content hash), or None with
+    the reason printed where podman cannot run here (``train`` then runs in the sandbox)."""
+    from stepguard.testing.podman import Podman, build_image, unavailable
+
+    podman = Podman.default()
+    reason = unavailable(podman)
+    if reason:
+        _say(f"train runs in the sandbox, not as a pod: {reason}")
+        return None
+    _say("building (or reusing) the stepguard runtime image for the training pod ...")
+    image = build_image(podman)
+    _say(f"training pod image: {image}")
+    return image
 
 
 def _receipts(xcoms: dict[tuple[str, str], Any]) -> dict[str, Any]:
@@ -150,14 +167,20 @@ def _report(root: Path, dag_id: str, run_id: str, *, states: dict[str, str],
     if failed:
         err = failed.get("error") or {}
         line(f"  verify    STOPPED: {err.get('type')}: {err.get('message')}: {err.get('subject')}")
+    in_pod = receipts["_failed"].get("train")
+    if in_pod:
+        err = in_pod.get("error") or {}
+        line(f"  train     STOPPED in the pod: {err.get('type')}: {err.get('message')}: "
+             f"{err.get('subject')}")
     train = receipts.get("train")
     if train:
         model = train["outputs"][0]
         # No ingest receipt (its XCom lost): nothing to check the input against.
         verified = ingest is not None and \
             train["inputs"][0]["digest"] == ingest["outputs"][0]["digest"]
-        line(f"  train     {train['isolation'].get('mode')}, input verified against the ingest "
-             f"receipt: {verified}")
+        iso = train["isolation"]
+        mode = f"pod {iso['pod']}" if iso.get("pod") else iso.get("mode")
+        line(f"  train     {mode}, input verified against the ingest receipt: {verified}")
         line(f"  model     {model['digest']}  ({model['files']} files)")
     publish = receipts.get("sign_and_publish")
     if publish and publish["outputs"][0].get("published"):
@@ -197,6 +220,10 @@ def _report(root: Path, dag_id: str, run_id: str, *, states: dict[str, str],
     if tampered:
         ok = states.get("verify_dataset") == "failed" and "train" not in receipts and \
             states.get("train") == "upstream_failed"
+        if in_pod:  # train as a pod: the lake copy was poisoned after verify_dataset passed
+            ok = states.get("train") == "failed" and "train" not in receipts and \
+                (in_pod.get("error") or {}).get("type") == "IntegrityError" and \
+                "body" not in (in_pod.get("timings_ms") or {})
         line("  verdict   " + ("tampered data was refused; training never started" if ok
                               else "TAMPERED DATA WAS NOT CAUGHT"))
         return ok and apart

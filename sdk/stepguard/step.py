@@ -181,6 +181,10 @@ class Step:
                 subject=f"{self.spec.name}.isolation.mode",
                 hint="set isolation.mode: process, or pass the body as a command",
             )
+        if command is not None and self.spec.isolation.mode == "pod":
+            from stepguard._podstep import run_in_pod  # the step runner is the pod's entrypoint
+
+            return run_in_pod(self, command)
         from stepguard.wiring import StepAudit
 
         return _Run(self, StepAudit(self.settings, self.tracer_provider)).execute(command, body)
@@ -219,6 +223,8 @@ class _Run:
         self.outputs: list[OutputRecord] = []
         self.leases: tuple[LeaseRecord, ...] = ()
         self.isolation: dict[str, str] = {"mode": self.spec.isolation.mode}
+        if os.environ.get("STEPGUARD_POD"):  # the step runner as a pod's entrypoint
+            self.isolation["pod"] = os.environ["STEPGUARD_POD"]
         self.started = datetime.now(UTC)
         self.audit_head: str | None = None
         self.deadline = time.monotonic() + self.spec.deadline_s
@@ -312,12 +318,13 @@ class _Run:
 
         wrapped = os.environ.pop(WRAPPED_ENV, None)
         if wrapped:
-            if self.spec.credentials:
-                raise ConfigurationError(
-                    "credentials were handed over wrapped, and the spec asks for more",
-                    subject=WRAPPED_ENV,
-                    hint="mint them in one place: the orchestrator, or this step runner")
             with self._unwrapped(wrapped) as delivered:
+                # A pod's spec names the credentials the orchestrator minted for it.
+                if {c.name for c in self.spec.credentials} - set(delivered.values):
+                    raise ConfigurationError(
+                        "credentials were handed over wrapped, and the spec asks for more",
+                        subject=WRAPPED_ENV,
+                        hint="mint them in one place: the orchestrator, or this step runner")
                 yield delivered
             return
         if not self.spec.credentials:
@@ -473,14 +480,7 @@ class _Run:
             child_env["STEPGUARD_STEP"] = self.spec.name
             child_env.update(self.audit.trace_env())
             secret_files: dict[str, bytes] | None = None
-            wrapped: dict[str, str] | None = None
-            if session is not None and mode == "pod":
-                # Values never go into a pod spec (etcd, kubectl get): the pod's step runner
-                # gets one single-use wrapped token and unwraps it inside.
-                from stepguard.credentials import wrap_for_delivery
-
-                wrapped = wrap_for_delivery(session).env()
-            elif session is not None:
+            if session is not None:  # a pod never gets here: stepguard._podstep runs it
                 child_env.update(session.env())
                 secret_files = session.file_payloads() or None
             iso = self.spec.isolation
@@ -498,7 +498,6 @@ class _Run:
                 secret_files=secret_files,
                 deadline_s=self._remaining(),
                 cwd=str(Path(self.spec.workdir).absolute()) if self.spec.workdir else None,
-                wrapped_token_env=wrapped,
                 context=self.ctx,
             )
             self.isolation["exit_code"] = str(result.exit_code)

@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from stepguard.errors import ConfigurationError
+from stepguard.errors import ConfigurationError, StepguardError
 
 __all__ = ["register"]
 
@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    default=os.environ.get("STEPGUARD_ORCHESTRATOR", "cli"),
                    help="what launched this step (recorded in the receipt and spans)")
     p.add_argument("--receipt-out", help="also write the receipt JSON to this file")
+    p.add_argument("--receipt-line", action="store_true",
+                   help="print the receipt as one last line 'stepguard-receipt: {...}', also "
+                        "when the step fails (how a pod hands its receipt back)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=_cmd_exec)
 
@@ -74,11 +77,20 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     # The step runner owns its process: SIGTERM (pod deletion, a cancelled run) unwinds through
     # every `finally`, so leases are revoked and sandboxes removed before it exits with 143.
     with unwind_on(signal.SIGTERM, take_over=True):
-        receipt = run_step(spec, command=cmd, context=context, settings=settings)
+        try:
+            receipt = run_step(spec, command=cmd, context=context, settings=settings)
+        except StepguardError as err:
+            failed = getattr(err, "receipt", None)
+            if args.receipt_line and failed is not None:
+                print(f"stepguard-receipt: {failed.to_json()}", flush=True)
+            raise
     text = receipt.to_json(indent=2)
     if args.receipt_out:
         Path(args.receipt_out).write_text(text + "\n")
-    print(text)
+    if args.receipt_line:
+        print(f"stepguard-receipt: {receipt.to_json()}", flush=True)
+    else:
+        print(text)
     return 0
 
 

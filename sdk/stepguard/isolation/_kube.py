@@ -57,7 +57,23 @@ class KubeApi:
 
     @classmethod
     def from_environment(cls) -> KubeApi:
-        """In-cluster configuration when running in a pod, else the local kubeconfig."""
+        """``$STEPGUARD_KUBE_API`` (``module:factory``, a callable returning a KubeApi: e.g.
+        ``stepguard.testing.kubeplay:from_environment`` runs pods in podman), else the
+        in-cluster configuration when running in a pod, else the local kubeconfig."""
+        factory = os.environ.get("STEPGUARD_KUBE_API", "").strip()
+        if factory:
+            import importlib
+
+            module, _, attr = factory.partition(":")
+            try:
+                made = getattr(importlib.import_module(module), attr or "from_environment")()
+            except (ImportError, AttributeError) as exc:
+                raise ConfigurationError("cannot load the Kubernetes API factory",
+                                         subject="STEPGUARD_KUBE_API") from exc
+            if not isinstance(made, KubeApi):
+                raise ConfigurationError("the factory did not return a KubeApi",
+                                         subject="STEPGUARD_KUBE_API")
+            return made
         try:
             from kubernetes import client, config  # type: ignore[import-untyped]
         except ImportError as exc:
@@ -205,7 +221,8 @@ def run_pod(
                 created_pod = True
             except Exception as exc:
                 raise IsolationError(f"could not create the pod ({type(exc).__name__})",
-                                     subject=f"{namespace}/{name}") from exc
+                                     subject=f"{namespace}/{name}",
+                                     details=list(getattr(exc, "details", None) or [])) from exc
             end = start + deadline_s + _SCHEDULE_SLACK_S
             current: Any = None
 

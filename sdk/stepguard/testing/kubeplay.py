@@ -44,16 +44,18 @@ from stepguard.errors import IsolationError
 from stepguard.isolation import KubeApi
 from stepguard.testing.podman import Podman
 
-__all__ = ["PodmanKube", "TokenIssuer"]
+__all__ = ["PodmanKube", "TokenIssuer", "from_environment", "jwt_issuer"]
 
 #: ``(claims) -> JWT``: mints the projected token a kubelet would (audience, expiry, subject).
 TokenIssuer = Callable[[Mapping[str, Any]], str]
 
 
 def _yaml(docs: list[dict[str, Any]]) -> bytes:
-    import yaml
+    """A YAML stream of JSON documents (podman's YAML parser trips over PyYAML's folded
+    long strings; JSON is YAML without folding)."""
+    import json
 
-    return yaml.safe_dump_all(docs, sort_keys=False).encode()
+    return "".join(f"---\n{json.dumps(d)}\n" for d in docs).encode()
 
 
 @dataclass
@@ -71,7 +73,8 @@ class PodmanKube:
     """Pods, ConfigMaps and NetworkPolicies through podman; see the module docs.
 
     ``created`` lists ``(kind, namespace/name)`` in creation order and ``deleted`` likewise,
-    so tests can assert that cleanup ran on every path.
+    so tests can assert that cleanup ran on every path; ``manifests`` keeps every object as it
+    was created (deleted ones too), for checks such as "no secret in any manifest".
     """
 
     podman: Podman
@@ -81,6 +84,7 @@ class PodmanKube:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     created: list[tuple[str, str]] = field(default_factory=list)
     deleted: list[tuple[str, str]] = field(default_factory=list)
+    manifests: list[dict[str, Any]] = field(default_factory=list)
     _played: dict[str, _Played] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -141,6 +145,7 @@ class PodmanKube:
         name = body["metadata"]["name"]
         key = f"{namespace}/{name}"
         self.pods[key] = copy.deepcopy(body)
+        self.manifests.append(copy.deepcopy(body))
         played = copy.deepcopy(body)
         spec = played["spec"]
         token_dir = self._tokens(name, namespace, spec)
@@ -258,6 +263,7 @@ class _Core:
     def create_namespaced_config_map(self, namespace: str, body: dict[str, Any]) -> None:
         key = f"{namespace}/{body['metadata']['name']}"
         self._kube.config_maps[key] = body
+        self._kube.manifests.append(body)
         self._kube.created.append(("ConfigMap", key))
 
     def delete_namespaced_config_map(self, name: str, namespace: str, **_: Any) -> None:
@@ -274,6 +280,7 @@ class _Networking:
     def create_namespaced_network_policy(self, namespace: str, body: dict[str, Any]) -> None:
         key = f"{namespace}/{body['metadata']['name']}"
         self._kube.policies[key] = body
+        self._kube.manifests.append(body)
         self._kube.created.append(("NetworkPolicy", key))
 
     def delete_namespaced_network_policy(self, name: str, namespace: str, **_: Any) -> None:
@@ -281,3 +288,28 @@ class _Networking:
         if self._kube.policies.pop(key, None) is None:
             raise IsolationError("no such NetworkPolicy", subject=key)
         self._kube.deleted.append(("NetworkPolicy", key))
+
+
+def jwt_issuer(key_path: str | Path, issuer: str) -> TokenIssuer:
+    """A :data:`TokenIssuer` signing ES256 with the PEM key at ``key_path`` as ``issuer`` --
+    what a cluster's service-account issuer is to Vault's JWT auth (needs PyJWT: ``[dev]``)."""
+    from stepguard.testing import dev_import
+
+    pyjwt = dev_import("jwt")
+    key = Path(key_path).read_bytes()
+
+    def issue(claims: Mapping[str, Any]) -> str:
+        token: str = pyjwt.encode({**claims, "iss": issuer}, key, algorithm="ES256")
+        return token
+
+    return issue
+
+
+def from_environment() -> KubeApi:
+    """The factory for ``STEPGUARD_KUBE_API=stepguard.testing.kubeplay:from_environment``:
+    podman under :func:`~stepguard.testing.podman.podman_dir`; projected tokens signed with
+    ``$STEPGUARD_POD_JWT_KEY`` as ``$STEPGUARD_POD_JWT_ISSUER`` when both are set."""
+    key = os.environ.get("STEPGUARD_POD_JWT_KEY")
+    issuer = os.environ.get("STEPGUARD_POD_JWT_ISSUER")
+    issue = jwt_issuer(key, issuer) if key and issuer else None
+    return PodmanKube(Podman.default(), token_issuer=issue).api()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stepguard.settings import Settings
+from stepguard.settings import PodSettings, Settings
 from stepguard.spec import RunContext, StepSpec
 from stepguard.step import run_step
 
@@ -82,11 +82,21 @@ def test_pod_mode_hands_over_a_wrapped_token_never_values(tmp_path, approle_env,
         delivered = unwrap_delivery(token, settings=VaultConfig(addr=dev_stack.vault_addr,
                                                                 auth=None))
         seen["unwrapped"] = delivered.values["api"].reveal("token")
+        # What the step runner in the pod prints last: its receipt.
+        from stepguard.receipt import Receipt
+
+        done = Receipt(step="train", context=RunContext(run_id="pod-1", step="train"),
+                       status="succeeded")
+        kw["stdout"].write(f"stepguard-receipt: {done.to_json()}\n".encode())
         return RunResult(exit_code=0, duration_s=0.0, mode="pod")
 
     monkeypatch.setattr(isolation, "run_isolated", pod_boundary)
-    spec = _spec(tmp_path, "pod", "env")
-    receipt = run_step(spec, command=["python", "-c", "pass"], settings=approle_env,
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "pod", "network": []},
+        "credentials": [{"name": "api", "kind": "kv", "path": "stepguard/delivery-canary"}]})
+    settings = approle_env.with_overrides(
+        pods=PodSettings(image="localhost/stepguard-runtime@sha256:" + "1" * 64))
+    receipt = run_step(spec, command=["python", "-c", "pass"], settings=settings,
                        context=RunContext(run_id="pod-1", step="train"))
     assert receipt.status == "succeeded"
     assert seen["unwrapped"] == CANARY          # the pod's runner gets the value ...

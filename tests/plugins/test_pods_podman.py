@@ -1,0 +1,301 @@
+"""Steps as real pods: the exact Pod + ConfigMap manifests our code builds, run by ``podman kube
+play`` from an image built from our wheel, against the dev stack's OpenBao, PostgreSQL and moto.
+
+The step runner (``stepguard exec``) is the pod's entrypoint and gets its credentials inside the
+pod, both ways: a single-use wrapped token handed over by the orchestrator, and Vault JWT auth
+with a projected token (minted by the test's issuer key, which the dev OpenBao's ``jwt/`` mount
+trusts). Skips only where podman cannot run (the reason says what is missing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stepguard._podstep import run_in_pod
+from stepguard.errors import ConfigurationError, IntegrityError, OperationalError
+from stepguard.settings import PLACEHOLDER_DIGEST, Settings
+from stepguard.spec import RunContext, StepSpec
+from stepguard.step import Step
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
+
+CANARY = "PodCanary/+=9-secret"
+BUCKET = "stepguard-data"
+
+
+@pytest.fixture(scope="session")
+def podman_image() -> tuple[Any, str]:
+    """(Podman, image reference by digest); built once per content hash, then reused."""
+    from stepguard.testing.podman import Podman, build_image, unavailable
+
+    podman = Podman.default()
+    reason = unavailable(podman)
+    if reason:
+        pytest.skip(reason)
+    return podman, build_image(podman)
+
+
+@pytest.fixture
+def kube(podman_image, dev_stack):
+    """A PodmanKube whose projected tokens are signed by the dev OpenBao's trusted JWT key."""
+    import jwt as pyjwt
+
+    from stepguard.testing.kubeplay import PodmanKube
+
+    key = dev_stack.jwt_private_key_path.read_bytes()
+
+    def issue(claims):
+        return pyjwt.encode({**claims, "iss": dev_stack.jwt_issuer}, key, algorithm="ES256")
+
+    k = PodmanKube(podman_image[0], token_issuer=issue)
+    yield k
+    leaked = [n for n in k.running() if n in {key.split("/")[1] for key in k.pods}]
+    for name in leaked:
+        k.podman.run("pod", "rm", "-f", "-t", "0", name, check=False)
+    assert not leaked, f"pods left behind: {leaked}"
+
+
+@pytest.fixture
+def canary(vault_client):
+    vault_client.secrets.kv.v2.create_or_update_secret(
+        path="stepguard/pod-canary", secret={"token": CANARY}, mount_point="secret")
+    return CANARY
+
+
+@pytest.fixture
+def orchestrator(dev_stack, monkeypatch, tmp_path):
+    """The orchestrator's environment: AppRole login, the S3 endpoint; no AWS keys."""
+    monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
+    monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dev_stack.moto_endpoint)
+    monkeypatch.setenv("AWS_REGION", dev_stack.aws_region)
+    for name in ("VAULT_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    return dev_stack
+
+
+def _settings(dev_stack, tmp_path: Path, image: str, **pods: Any) -> Settings:
+    return Settings.from_dict({
+        "vault": {"addr": dev_stack.vault_addr, "auth": "approle"},
+        "audit": {"exporter": "none"}, "state_dir": str(tmp_path / "state"),
+        "pods": {"image": image, **pods}})
+
+
+# One line (podman's kube play mangles arguments with newlines); the body compares a hash, so
+# the secret is never in the pod's command.
+CHECK_BODY = (
+    "import hashlib, os, pathlib, sys; "
+    "v = os.environ.get('API_TOKEN', ''); "
+    f"ok = hashlib.sha256(v.encode()).hexdigest() == '{hashlib.sha256(CANARY.encode()).hexdigest()}'; "
+    "out = os.environ.get('STEPGUARD_OUTPUT_MODEL'); "
+    "out and (pathlib.Path(out) / 'model.bin').write_bytes(b'weights' if ok else b'no'); "
+    "print('body ran, credential', 'matches' if ok else 'MISSING'); "
+    "sys.exit(0 if ok else 3)"
+)
+
+
+def _run(kube, spec: StepSpec, settings: Settings, run_id: str, body: str = CHECK_BODY,
+         **kw: Any):
+    log = io.BytesIO()
+    step = Step(spec, settings=settings, context=RunContext(pipeline="p", run_id=run_id,
+                                                            step=spec.name))
+    try:
+        receipt = run_in_pod(step, ["python3", "-c", body],
+                             kube_api=kube.api(), stdout=log, poll_s=0.1, **kw)
+    finally:
+        kube.last_log = log.getvalue()  # type: ignore[attr-defined]
+    return receipt
+
+
+def _no_secret_anywhere(kube, receipt, *values: str) -> None:
+    blobs = [json.dumps(kube.manifests), kube.last_log.decode(errors="replace"), receipt.to_json() if receipt else ""]
+    for value in values:
+        for blob in blobs:
+            assert value not in blob
+
+
+def _wrapped_token(kube) -> str:
+    (pod,) = kube.pods.values()
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    return env["STEPGUARD_WRAPPED_CREDENTIALS"]
+
+
+def test_wrapped_login_in_a_pod_with_object_store_output(kube, podman_image, orchestrator,
+                                                         canary, tmp_path, vault_client,
+                                                         aws_admin_session):
+    run_id = f"podw-{uuid.uuid4().hex[:8]}"
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "pod", "network": []},
+        "env": {"AWS_REGION": orchestrator.aws_region},
+        "credentials": [{"name": "api", "kind": "kv", "path": "stepguard/pod-canary"},
+                        {"name": "lake", "kind": "aws_web_identity",
+                         "role": orchestrator.web_identity_role_arn}],
+        "storage": {"credential": "lake", "endpoint_url": orchestrator.moto_endpoint},
+        "outputs": [{"name": "model", "path": f"s3://{BUCKET}/runs/{{run_id}}/model"}],
+    })
+    receipt = _run(kube, spec, _settings(orchestrator, tmp_path, podman_image[1]), run_id)
+    assert receipt.status == "succeeded"
+    assert receipt.context.run_id == run_id and receipt.context.step == "train"
+    assert receipt.isolation["mode"] == "process"  # inside the pod, the pod is the isolation
+    assert receipt.isolation["pod"].startswith("sg-train-")
+    out = receipt.output("model")
+    assert out.path == f"s3://{BUCKET}/runs/{run_id}/model/data/"
+    s3 = aws_admin_session.client("s3", endpoint_url=orchestrator.moto_endpoint)
+    body = s3.get_object(Bucket=BUCKET, Key=f"runs/{run_id}/model/data/model.bin")["Body"]
+    assert body.read() == b"weights"
+    stored = s3.get_object(Bucket=BUCKET, Key=f"runs/{run_id}/model/receipt.json")["Body"]
+    assert json.loads(stored.read())["outputs"] == json.loads(receipt.to_json())["outputs"]
+    # Cleanup on the success path: pod, ConfigMap and policy, in reverse order of creation.
+    assert [k for k, _ in kube.deleted] == ["Pod", "ConfigMap", "NetworkPolicy"]
+    # The wrapped token was single-use: the pod used it, a second unwrap fails.
+    token = _wrapped_token(kube)
+    with pytest.raises(Exception, match="wrapping token|invalid|permission denied"):
+        vault_client.sys.unwrap(token)
+    _no_secret_anywhere(kube, receipt, CANARY)  # the spent wrapping token is in the env
+    assert b"credential matches" in kube.last_log
+    # The policy opens Vault and the object store (plus DNS), nothing else.
+    (policy,) = [m for m in kube.manifests if m["kind"] == "NetworkPolicy"]
+    ports = sorted(r["ports"][0]["port"] for r in policy["spec"]["egress"][1:])
+    assert ports == sorted({_port(orchestrator.vault_addr), _port(orchestrator.moto_endpoint)})
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+
+
+def test_jwt_login_in_a_pod_mints_nothing_outside(kube, podman_image, orchestrator, canary,
+                                                  tmp_path, monkeypatch):
+    # The orchestrator has no Vault login at all: only the pod can get credentials.
+    for name in ("VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    from stepguard.testing.devstack._vault import JWT_AUDIENCE, JWT_ROLE
+
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "pod", "network": []},
+        "credentials": [{"name": "api", "kind": "kv", "path": "stepguard/pod-canary"}]})
+    settings = _settings(orchestrator, tmp_path, podman_image[1], vault_login="jwt",
+                         jwt_role=JWT_ROLE, jwt_audience=JWT_AUDIENCE)
+    receipt = _run(kube, spec, settings, f"podj-{uuid.uuid4().hex[:8]}")
+    assert receipt.status == "succeeded"
+    assert [c.kind for c in receipt.credentials] == ["kv"]
+    (pod,) = kube.pods.values()
+    podspec = pod["spec"]
+    assert podspec["automountServiceAccountToken"] is False
+    (proj,) = [v["projected"] for v in podspec["volumes"] if "projected" in v]
+    sat = proj["sources"][0]["serviceAccountToken"]
+    assert sat["audience"] == JWT_AUDIENCE and sat["expirationSeconds"] == 600
+    env = {e["name"] for e in podspec["containers"][0]["env"]}
+    assert "STEPGUARD_WRAPPED_CREDENTIALS" not in env
+    (cm,) = [m for m in kube.manifests if m["kind"] == "ConfigMap"]
+    inside = json.loads(cm["data"]["settings.json"])["vault"]
+    assert inside["auth"] == "jwt" and inside["role"] == JWT_ROLE
+    assert inside["jwt_path"] == "/var/run/secrets/stepguard/vault/token"
+    _no_secret_anywhere(kube, receipt, CANARY)
+
+
+def test_pod_killed_mid_step_revokes_leases_and_removes_everything(
+        kube, podman_image, orchestrator, tmp_path, pg_roles):
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "pod", "network": []},
+        "credentials": [{"name": "db", "kind": "database", "role": "stepguard-step"}]})
+    before = pg_roles()
+    started = threading.Event()
+
+    def killer():
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            for key in list(kube.pods):
+                ns, name = key.split("/")
+                try:
+                    phase = kube.read_pod(name, ns).status.phase
+                except Exception:
+                    phase = None
+                if phase == "Running" and pg_roles() - before:
+                    time.sleep(3)  # the runner has unwrapped and the body is running
+                    kube.podman.run("pod", "kill", name, check=False)
+                    started.set()
+                    return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    body = "import time; print('training', flush=True); time.sleep(120)"
+    with pytest.raises(OperationalError, match="without a receipt"):
+        _run(kube, spec, _settings(orchestrator, tmp_path, podman_image[1]),
+             f"podk-{uuid.uuid4().hex[:8]}", body=body)
+    t.join(5)
+    assert started.is_set()
+    assert [k for k, _ in kube.deleted] == ["Pod", "ConfigMap", "NetworkPolicy"]
+    assert not kube.config_maps and not kube.policies
+    assert not [n for n in kube.running() if n.startswith("sg-train-")]
+    assert pg_roles() - before == set()  # the JIT database user was dropped
+
+
+def test_tampered_input_stops_in_the_pod_before_the_body(kube, podman_image, orchestrator,
+                                                         tmp_path, aws_admin_session):
+    run_id = f"podt-{uuid.uuid4().hex[:8]}"
+    s3 = aws_admin_session.client("s3", endpoint_url=orchestrator.moto_endpoint)
+    lake = {"name": "lake", "kind": "aws_web_identity",
+            "role": orchestrator.web_identity_role_arn}
+    storage = {"credential": "lake", "endpoint_url": orchestrator.moto_endpoint}
+    settings = _settings(orchestrator, tmp_path, podman_image[1])
+    produce = StepSpec.from_dict({
+        "name": "ingest", "isolation": {"mode": "pod", "network": []},
+        "env": {"AWS_REGION": orchestrator.aws_region}, "credentials": [lake],
+        "storage": storage,
+        "outputs": [{"name": "data", "path": f"s3://{BUCKET}/runs/{{run_id}}/data"}]})
+    made = _run(kube, produce, settings, run_id,
+                body="import os, pathlib; pathlib.Path(os.environ['STEPGUARD_OUTPUT_DATA'],"
+                     " 'rows.csv').write_text('a,b\\n1,2\\n')")
+    s3.put_object(Bucket=BUCKET, Key=f"runs/{run_id}/data/data/rows.csv", Body=b"a,b\n6,6\n")
+    consume = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "pod", "network": []},
+        "env": {"AWS_REGION": orchestrator.aws_region}, "credentials": [lake],
+        "storage": storage,
+        "inputs": [{"name": "data", "path": made.output("data").path,
+                    "receipt": made.to_json()}]})
+    with pytest.raises(IntegrityError) as info:
+        _run(kube, consume, settings, run_id, body="print('BODY RAN')")
+    assert b"BODY RAN" not in kube.last_log
+    assert info.value.receipt.status == "failed"  # type: ignore[attr-defined]
+
+
+def test_refused_configurations(tmp_path):
+    closed = StepSpec.from_dict({"name": "t", "isolation": {"mode": "pod"},
+                                 "credentials": [{"name": "api", "kind": "kv", "path": "x"}]})
+    with pytest.raises(ConfigurationError) as info:
+        run_in_pod(Step(closed, settings=Settings.from_dict({})), ["true"])
+    assert info.value.subject == "isolation.network"
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_dict({"pods": {"image": "r/x@" + PLACEHOLDER_DIGEST}})
+    assert info.value.subject == "pods.image"
+    spec = StepSpec.from_dict({"name": "t", "isolation": {"mode": "pod", "network": []},
+                               "inputs": [{"name": "d", "path": str(tmp_path),
+                                           "manifest": str(tmp_path / "m.json")}]})
+    settings = Settings.from_dict({"pods": {"image": "r/x@sha256:" + "1" * 64},
+                                   "audit": {"exporter": "none"}})
+    with pytest.raises(ConfigurationError) as info:
+        run_in_pod(Step(spec, settings=settings), ["true"])
+    assert info.value.subject == "inputs.d.path"
+    key = tmp_path / "k.pem"
+    key.write_text("not a key")
+    signed = Settings.from_dict({"pods": {"image": "r/x@sha256:" + "1" * 64},
+                                 "receipts": {"signer": "key", "key": str(key)}})
+    ok = StepSpec.from_dict({"name": "t", "isolation": {"mode": "pod"}})
+    with pytest.raises(ConfigurationError) as info:
+        run_in_pod(Step(ok, settings=signed), ["true"])
+    assert info.value.subject == "receipts.signer"
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_dict({"pods": {"vault_login": "jwt"}})
+    assert info.value.subject == "pods.jwt_role"
