@@ -154,7 +154,10 @@ def test_gpu_request_without_a_gpu_is_refused(mode: str, tmp_path: Path) -> None
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU: see test_gpu.py")
 def test_step_runner_refuses_a_gpu_step_without_a_gpu(tmp_path: Path) -> None:
     spec = tmp_path / "step.yaml"
+    # The input does not exist: the GPU refusal comes first, before credentials or inputs.
     spec.write_text(yaml.safe_dump({"name": "train", "deadline_s": 60,
+                                    "inputs": [{"name": "data", "path": str(tmp_path / "no"),
+                                                "manifest": str(tmp_path / "no.json")}],
                                     "isolation": {"mode": "process", "gpus": 1}}))
     env = {**os.environ, "STEPGUARD_AUDIT_EXPORTER": "none",
            "STEPGUARD_STATE_DIR": str(tmp_path / "state")}
