@@ -116,6 +116,8 @@ def use_settings(
     if not mount_path.startswith("/") or mount_path.rstrip("/") in ("", "/tmp"):  # noqa: S108
         raise ConfigurationError("settings mount path must be an absolute, dedicated directory",
                                  subject=mount_path)
+    if vault_auth not in (None, "jwt", "wrapped"):
+        raise ConfigurationError("vault_auth is jwt or wrapped", subject=str(vault_auth))
     kubernetes.use_config_map_as_volume(task, config_map, mount_path=mount_path)
     if env_keys:
         kubernetes.use_config_map_as_env(task, config_map, {k: k for k in env_keys},
@@ -124,8 +126,6 @@ def use_settings(
         # Only then: kfp.local applies task variables too, and has no such file.
         task.set_env_variable("STEPGUARD_CONFIG", f"{mount_path.rstrip('/')}/{SETTINGS_FILE}")
     if vault_auth is not None:
-        if vault_auth not in ("jwt", "wrapped"):
-            raise ConfigurationError("vault_auth is jwt or wrapped", subject=str(vault_auth))
         kubernetes.add_pod_label(task, label_key=VAULT_AUTH_LABEL, label_value=vault_auth)
     return task
 
@@ -139,7 +139,7 @@ def settings_file(settings_path: str = "", *, environ: Mapping[str, str] | None 
                   in_pod: bool | None = None) -> str | None:
     """The settings file a component uses (see :func:`load_settings`); None: the usual search.
 
-    >>> settings_file("/cfg/s.yaml", environ={}) , settings_file("", environ={}, in_pod=False)
+    >>> settings_file("/cfg/s.yaml", environ={}), settings_file("", environ={}, in_pod=False)
     ('/cfg/s.yaml', None)
     """
     env = os.environ if environ is None else environ
