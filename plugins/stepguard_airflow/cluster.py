@@ -501,10 +501,8 @@ def example_env(root: Path, info: Any, *,
     cfg = root / "stepguard.yaml"
     pods = ""
     if pod_image:
-        from stepguard.testing.devstack._vault import JWT_AUDIENCE, JWT_ROLE
-
-        pods = (f'pods: {{image: "{pod_image}", vault_login: jwt, jwt_role: {JWT_ROLE}, '
-                f"jwt_audience: {JWT_AUDIENCE}}}\n")
+        pods = (f'pods: {{image: "{pod_image}", vault_login: jwt, jwt_role: {info.jwt_role}, '
+                f"jwt_audience: {info.jwt_audience}}}\n")
     cfg.write_text(
         f'vault: {{addr: "{info.vault_addr}", auth: approle}}\n'
         f'registry: {{url: "{store}/registry"}}\n'

@@ -59,7 +59,8 @@ from stepguard.spec import RunContext, StepSpec
 if TYPE_CHECKING:
     from stepguard.step import Step
 
-__all__ = ["RECEIPT_MARKER", "check_pod_spec", "pod_config", "pod_egress", "run_in_pod"]
+__all__ = ["RECEIPT_MARKER", "check_pod_spec", "jwt_login", "pod_config", "pod_egress",
+           "run_in_pod"]
 
 #: Prefix of the one line the step runner prints with its receipt (``stepguard exec
 #: --receipt-line``).
@@ -96,6 +97,13 @@ def check_pod_spec(spec: StepSpec) -> None:
                     subject=f"{kind}.{item.name}.path")
 
 
+def jwt_login(spec: StepSpec, settings: Settings) -> bool:
+    """Whether the pod logs in itself with its projected token: ``pods.vault_login: jwt``, or a
+    spec that asks for the token (``isolation.vault_kubernetes_auth``) -- the runner is then
+    pointed at it, never left with a token it does not use."""
+    return settings.pods.vault_login == "jwt" or spec.isolation.vault_kubernetes_auth
+
+
 def _host_port(url: str, field: str) -> str:
     parts = urlsplit(url if "://" in url else f"http://{url}")
     host = parts.hostname or ""
@@ -119,7 +127,7 @@ def pod_egress(spec: StepSpec, settings: Settings) -> tuple[str, ...]:
     """
     entries = [] if spec.isolation.network == "none" else list(spec.isolation.network)
     vault = settings.pods.vault_addr or settings.vault.addr
-    if vault and (spec.credentials or settings.pods.vault_login == "jwt"
+    if vault and (spec.credentials or jwt_login(spec, settings)
                   or settings.receipts.signer == "transit"):
         entries.append(_host_port(vault, "pods.vault_addr"))
     if spec.storage is not None and spec.storage.endpoint_url:
@@ -154,7 +162,10 @@ def pod_config(spec: StepSpec, settings: Settings) -> dict[str, str]:
     if settings.vault.ca_cert:
         files["vault-ca.pem"] = _read(settings.vault.ca_cert, "vault.ca_cert")
         vault["ca_cert"] = f"{_CONFIG_DIR}/vault-ca.pem"
-    if settings.pods.vault_login == "jwt":
+    if jwt_login(spec, settings):
+        if not settings.pods.jwt_role:
+            raise ConfigurationError("JWT login from the pod needs a role",
+                                     subject="pods.jwt_role")
         vault.update(auth="jwt", role=settings.pods.jwt_role, mount=settings.pods.jwt_mount,
                      jwt_path=_TOKEN_PATH)
     else:
@@ -163,7 +174,7 @@ def pod_config(spec: StepSpec, settings: Settings) -> dict[str, str]:
     receipts = dict(data.get("receipts") or {})
     transit = receipts.get("signer") == "transit" or (
         receipts.get("policy") and settings.policy(receipts["policy"]).kind == "transit")
-    if transit and settings.pods.vault_login != "jwt":
+    if transit and not jwt_login(spec, settings):
         raise ConfigurationError(
             "receipts signed or checked with Transit need a Vault login inside the pod",
             subject="pods.vault_login", hint="set pods.vault_login: jwt (and pods.jwt_role)")
@@ -247,7 +258,7 @@ class _Tee(io.RawIOBase):
 def _handover(step: Step, ctx: RunContext) -> Iterator[tuple[dict[str, str], Any]]:
     """``(wrapped token env, session)``: the orchestrator's part of the wrapped login."""
     spec, settings = step.spec, step.settings
-    if settings.pods.vault_login != "wrapped" or not spec.credentials:
+    if jwt_login(spec, settings) or not spec.credentials:
         yield {}, None
         return
     from stepguard.credentials import open_session, wrap_for_delivery
@@ -275,8 +286,7 @@ def run_in_pod(step: Step, command: Sequence[str], *, kube_api: Any = None,
     iso = dataclasses.replace(
         spec.isolation, image=spec.isolation.image or settings.pods.image,
         network=pod_egress(spec, settings) if spec.isolation.network != "none" else "none",
-        vault_kubernetes_auth=spec.isolation.vault_kubernetes_auth
-        or settings.pods.vault_login == "jwt")
+        vault_kubernetes_auth=jwt_login(spec, settings))
     files = pod_config(spec, settings)
     from stepguard.isolation._kube import default_pod_name
 

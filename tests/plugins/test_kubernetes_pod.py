@@ -180,8 +180,8 @@ def test_credentials_reach_the_pod_only_as_a_single_use_wrapped_token(
     monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
     monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
     monkeypatch.setenv("STEPGUARD_VAULT_AUTH", "approle")
-    op = _op(kubeconfig, credentials=[{"name": "db", "kind": "database",
-                                       "role": "stepguard-step"}])
+    op = _op(kubeconfig, network=["10.0.0.5:8200"],
+             credentials=[{"name": "db", "kind": "database", "role": "stepguard-step"}])
     with op._credentials({"run_id": "manual__1"}) as token:
         assert token and isinstance(token, str)
         session = op._stepguard_session
@@ -229,8 +229,8 @@ def test_on_kill_revokes_the_step_credentials(airflow_db, kubeconfig, dev_stack,
     monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
     monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
     monkeypatch.setenv("STEPGUARD_VAULT_AUTH", "approle")
-    op = _op(kubeconfig, credentials=[{"name": "db", "kind": "database",
-                                       "role": "stepguard-step"}])
+    op = _op(kubeconfig, network=["10.0.0.5:8200"],
+             credentials=[{"name": "db", "kind": "database", "role": "stepguard-step"}])
     with op._credentials({"run_id": "manual__kill"}):
         session = op._stepguard_session
         assert session.leases and not any(rec.revoked for rec in session.leases)
@@ -249,3 +249,18 @@ def test_deferrable_is_refused_and_platform_default_overridden(airflow_db, kubec
         _op(kubeconfig, deferrable=True)
     monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
     assert _op(kubeconfig).deferrable is False
+
+
+def test_credentials_with_no_network_are_refused_when_the_dag_is_parsed(kubeconfig):
+    from stepguard.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as info:
+        _op(kubeconfig, credentials=[{"name": "db", "kind": "database", "role": "r"}])
+    assert info.value.subject == "network"
+
+
+def test_the_placeholder_digest_is_refused_when_the_dag_is_parsed(kubeconfig):
+    from stepguard.errors import PolicyViolation
+
+    with pytest.raises(PolicyViolation, match="placeholder"):
+        _op(kubeconfig, image="ghcr.io/stepguard/stepguard-runtime@sha256:" + "0" * 64)

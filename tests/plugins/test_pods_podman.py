@@ -179,8 +179,7 @@ def test_jwt_login_in_a_pod_mints_nothing_outside(kube, podman_image, orchestrat
     # The orchestrator has no Vault login at all: only the pod can get credentials.
     for name in ("VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE"):
         monkeypatch.delenv(name, raising=False)
-    from stepguard.testing.devstack._vault import JWT_AUDIENCE, JWT_ROLE
-
+    JWT_AUDIENCE, JWT_ROLE = orchestrator.jwt_audience, orchestrator.jwt_role  # noqa: N806
     spec = StepSpec.from_dict({
         "name": "train", "isolation": {"mode": "pod", "network": []},
         "credentials": [{"name": "api", "kind": "kv", "path": "stepguard/pod-canary"}]})
@@ -299,3 +298,18 @@ def test_refused_configurations(tmp_path):
     with pytest.raises(ConfigurationError) as info:
         Settings.from_dict({"pods": {"vault_login": "jwt"}})
     assert info.value.subject == "pods.jwt_role"
+
+
+def test_a_mounted_vault_token_is_what_the_runner_logs_in_with():
+    """isolation.vault_kubernetes_auth mounts a projected token: the runner is pointed at it."""
+    from stepguard._podstep import pod_config
+
+    spec = StepSpec.from_dict({"name": "t", "isolation": {"mode": "pod", "network": [],
+                                                          "vault_kubernetes_auth": True},
+                               "credentials": [{"name": "api", "kind": "kv", "path": "x"}]})
+    with pytest.raises(ConfigurationError) as info:
+        pod_config(spec, Settings.from_dict({}))
+    assert info.value.subject == "pods.jwt_role"
+    files = pod_config(spec, Settings.from_dict({"pods": {"jwt_role": "stepguard-step"}}))
+    vault = json.loads(files["settings.json"])["vault"]
+    assert (vault["auth"], vault["jwt_path"]) == ("jwt", "/var/run/secrets/stepguard/vault/token")

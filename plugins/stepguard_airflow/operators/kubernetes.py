@@ -123,7 +123,8 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         cluster-wide policy already isolates step pods.
     :param allow_unpinned_image: accept an image tag instead of a digest (warns).
     :param stepguard_conn_id: the ``stepguard`` connection (Vault address and login).
-    :param wrap_ttl_s: lifetime of the wrapping token (the pod must start within it).
+    :param wrap_ttl_s: lifetime of the wrapping token (the pod must be scheduled, pull its
+        image and start within it); default ``pods.wrap_ttl_s`` (20 min).
     """
 
     template_fields: Sequence[str] = tuple(KubernetesPodOperator.template_fields)
@@ -139,7 +140,7 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         network_policy: bool = True,
         allow_unpinned_image: bool = False,
         stepguard_conn_id: str | None = "stepguard_default",
-        wrap_ttl_s: int = 300,
+        wrap_ttl_s: int | None = None,
         **kwargs: Any,
     ) -> None:
         from stepguard.errors import ConfigurationError
@@ -181,6 +182,14 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         self.credentials = tuple(
             c if isinstance(c, CredentialRequest) else _credential_from(c) for c in credentials)
         self.network = "none" if network == "none" else tuple(network)
+        if self.credentials and self.network == "none":
+            # The step runner in the pod unwraps its credentials at Vault: a pod that can
+            # reach nothing would sit there until its deadline with a token it cannot use.
+            raise ConfigurationError(
+                "a pod with no network cannot reach Vault to unwrap its credentials",
+                subject="network",
+                hint="network=['<vault ip>:8200', ...]: Vault, the object store and the OTLP "
+                     "collector, nothing else")
         self.network_policy = network_policy
         self.allow_unpinned_image = allow_unpinned_image
         self.stepguard_conn_id = stepguard_conn_id
@@ -342,7 +351,8 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
                     ttl_s=ttl) as session:
                 self._stepguard_session = session
                 try:
-                    delivery = wrap_for_delivery(session, ttl_s=self.wrap_ttl_s)
+                    delivery = wrap_for_delivery(
+                        session, ttl_s=self.wrap_ttl_s or settings.pods.wrap_ttl_s)
                     from airflow.sdk.log import mask_secret
 
                     token = delivery.token.get_secret_value()

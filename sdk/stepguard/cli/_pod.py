@@ -32,18 +32,54 @@ def _cmd_render(args: argparse.Namespace) -> int:
     if not command:
         raise ConfigurationError("no command to render (stepguard pod render --spec S -- CMD)",
                                  subject="CMD")
+    import dataclasses
+
+    from stepguard.settings import Settings
+
     spec = StepSpec.from_file(args.spec)
+    settings = Settings.load(args.settings if args.settings else "auto")
+    iso = spec.isolation
+    if not iso.image and settings.pods.image:  # the one image setting (pods.image)
+        iso = dataclasses.replace(iso, image=settings.pods.image)
     ctx = RunContext(pipeline=args.pipeline, run_id=args.run_id or "render",
                      step=spec.name, orchestrator="cli")
     name = args.name or f"sg-{spec.name.lower().replace('_', '-').replace('.', '-')}"[:63]
-    pod = build_pod(spec.isolation, name=name, command=command, env=dict(spec.env), context=ctx,
-                    deadline_s=spec.deadline_s)
-    policy = build_network_policy(spec.isolation, name=name, context=ctx)
+    docs: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    env = dict(spec.env)
+    if args.runner:
+        # What `mode: pod` creates: the step runner around the command, its ConfigMap, and a
+        # policy open to Vault, DNS, the object store and OTLP only.
+        from stepguard._podstep import (
+            check_pod_spec,
+            jwt_login,
+            pod_config,
+            pod_egress,
+            runner_command,
+        )
+        from stepguard.isolation import build_config_map
+
+        check_pod_spec(spec)
+        if iso.network != "none":
+            iso = dataclasses.replace(iso, network=pod_egress(spec, settings))
+        if jwt_login(spec, settings):
+            iso = dataclasses.replace(iso, vault_kubernetes_auth=True)
+            extra = {"vault_audience": settings.pods.jwt_audience,
+                     "vault_token_expiry_s": settings.pods.token_expiry_s}
+        command = runner_command(command, ctx)
+        env["STEPGUARD_POD"] = name
+        docs.append(build_config_map(name, pod_config(spec, settings), context=ctx,
+                                     namespace=iso.namespace))
+        extra["config_map"] = name
+    pod = build_pod(iso, name=name, command=command, env=env, context=ctx,
+                    deadline_s=spec.deadline_s, **extra)
+    policy = build_network_policy(iso, name=name, context=ctx)
     assert_pod_ok(pod, kubernetes_version=args.kubernetes_version)
+    docs = [pod, policy, *docs]
     if args.json:
-        print(json.dumps([pod, policy], indent=2, sort_keys=True))
+        print(json.dumps(docs, indent=2, sort_keys=True))
     else:
-        sys.stdout.write(yaml.safe_dump_all([pod, policy], sort_keys=True))
+        sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=True))
     return 0
 
 
@@ -114,6 +150,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--kubernetes-version", default=None,
                    help="schema version to validate against (default: newest bundled)")
     r.add_argument("--json", action="store_true", help="JSON list instead of YAML documents")
+    r.add_argument("--settings", help="settings file (default: $STEPGUARD_CONFIG or "
+                                      "./stepguard.yaml); pods.image is the default image")
+    r.add_argument("--runner", action="store_true",
+                   help="render what mode: pod creates: the step runner (stepguard exec) as "
+                        "the entrypoint, plus its ConfigMap (spec, settings, Vault CA)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     r.set_defaults(func=_cmd_render)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from stepguard.errors import ConfigurationError, PolicyViolation
 from stepguard.isolation._pod import DIGEST_IMAGE
+from stepguard.settings import PLACEHOLDER_DIGEST
 
 _BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
                   "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
@@ -68,7 +69,8 @@ RULES: dict[str, str] = {
     "restricted.run-as-user": "runAsUser never 0",
     "restricted.seccomp": "seccomp RuntimeDefault or Localhost set for every container",
     "restricted.capabilities": "drop ALL; add at most NET_BIND_SERVICE",
-    "stepguard.image-digest": "every image pinned by @sha256 digest",
+    "stepguard.image-digest": "every image pinned by @sha256 digest (never the all-zero "
+                              "placeholder)",
     "stepguard.sa-token": "automountServiceAccountToken false",
     "stepguard.projected-token": "projected service-account tokens name an audience that is not "
                                  "the API server's, and expire within 3600 s",
@@ -332,6 +334,9 @@ def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,
         if not DIGEST_IMAGE.match(image):
             v(Violation("stepguard.image-digest", f"{where}.image",
                         f"image {image!r} is not pinned by digest"))
+        elif image.endswith("@" + PLACEHOLDER_DIGEST):
+            v(Violation("stepguard.image-digest", f"{where}.image",
+                        "the all-zero placeholder digest is not an image"))
         if sc.get("readOnlyRootFilesystem") is not True:
             v(Violation("stepguard.read-only-root", f"{sw}.readOnlyRootFilesystem",
                         "root filesystem is writable"))

@@ -50,6 +50,7 @@ __all__ = [
     "build_base",
     "build_image",
     "podman_dir",
+    "prune",
     "repo_root",
     "unavailable",
 ]
@@ -278,7 +279,20 @@ def build_image(podman: Podman | None = None, *, root: Path | None = None,
             digest = podman.image_digest(tag)
             if digest is None:
                 raise OperationalError("the built image has no digest", subject=tag)
+            prune(podman)
     return f"{IMAGE_REPO}@{digest}"
+
+
+def prune(podman: Podman, *, keep: int = 4) -> None:
+    """Drop the build stages and all but the ``keep`` newest runtime images (every source
+    change makes a new one; checkouts sharing the cache rebuild theirs in seconds). An image a
+    container still uses stays."""
+    podman.run("image", "prune", "--force", check=False, timeout=300)
+    listed = podman.run("images", "--filter", f"reference={IMAGE_REPO}", "--format",
+                        "{{.ID}}", check=False).stdout.decode().split()
+    old = list(dict.fromkeys(listed))[keep:]  # newest first
+    if old:
+        podman.run("rmi", *old, check=False, timeout=300)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,3 +82,30 @@ def test_render_refuses_a_tag_image(tmp_path: Path) -> None:
 def test_check_reports_unreadable_input(tmp_path: Path) -> None:
     r = cli("pod", "check", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "cannot read manifest" in r.stderr
+
+
+def test_render_runner_shows_the_step_runner_pod_its_config_map_and_egress(tmp_path: Path) -> None:
+    (tmp_path / "step.yaml").write_text(
+        "name: train\n"
+        "isolation: {mode: pod, network: []}\n"
+        "credentials: [{name: api, kind: kv, path: stepguard/x}]\n"
+        "outputs: [{name: model, path: 's3://b/runs/{run_id}/model'}]\n"
+        "storage: {endpoint_url: 'http://10.0.0.7:9000'}\n")
+    image = "localhost/stepguard-runtime@sha256:" + "1" * 64
+    (tmp_path / "s.yaml").write_text(
+        f'vault: {{addr: "https://10.0.0.5:8200"}}\npods: {{image: "{image}", '
+        "vault_login: jwt, jwt_role: step}\n")
+    r = cli("pod", "render", "--spec", str(tmp_path / "step.yaml"), "--settings",
+            str(tmp_path / "s.yaml"), "--runner", "--name", "sg-train", "--", "python3", "t.py")
+    assert r.returncode == 0, r.stderr
+    pod, policy, cm = yaml.safe_load_all(r.stdout)
+    box = pod["spec"]["containers"][0]
+    assert box["image"] == image  # the one image setting
+    assert box["command"][:2] == ["stepguard", "exec"] and box["command"][-2:] == ["python3",
+                                                                                   "t.py"]
+    assert cm["kind"] == "ConfigMap" and set(cm["data"]) == {"step.json", "settings.json"}
+    assert json.loads(cm["data"]["settings.json"])["vault"]["auth"] == "jwt"
+    cidrs = [r["to"][0].get("ipBlock", {}).get("cidr") for r in policy["spec"]["egress"][1:]]
+    assert cidrs == ["10.0.0.5/32", "10.0.0.7/32"]  # Vault and the object store, nothing else
+    (proj,) = [v["projected"] for v in pod["spec"]["volumes"] if "projected" in v]
+    assert proj["sources"][0]["serviceAccountToken"]["audience"] == "vault"
