@@ -16,9 +16,11 @@ verify dataset -> secure train -> sign + publish -> verify gate
 
 Receipts (JSON) and manifests flow between the tasks; credentials never do.
 
-Compile for a cluster::
+Compile for a cluster (the runtime image is the one image setting; the all-zero placeholder is
+refused; every task mounts the platform's ``stepguard-settings`` ConfigMap)::
 
-    .venv/bin/python dags_examples/kfp_secure_training.py --compile secure_training.yaml
+    STEPGUARD_PODS_IMAGE=REPO@sha256:DIGEST \
+        .venv/bin/python dags_examples/kfp_secure_training.py --compile secure_training.yaml
 
 Run locally through ``kfp.local`` against the dev stack (``stepguard dev up``, then source its
 env file and point ``STEPGUARD_CONFIG`` at settings with a registry and a ``release`` policy)::
@@ -41,6 +43,7 @@ from stepguard_kfp import (
     harden,
     secure_train,
     sign_and_publish,
+    use_settings,
     verify_dataset,
     verify_model,
 )
@@ -98,6 +101,7 @@ def secure_training(
                               expected_digest=dataset_digest, **run)
     verified.set_display_name("verify dataset")
     harden(verified, SHORT_STEP, deadline_s=600, pipeline=PIPELINE_NAME)
+    use_settings(verified)
 
     trained = secure_train(
         step_spec=json.dumps(TRAIN_STEP.to_dict()),
@@ -109,6 +113,7 @@ def secure_training(
     )
     trained.set_display_name("secure train")
     harden(trained, TRAIN_STEP, pipeline=PIPELINE_NAME)
+    use_settings(trained, vault_auth="jwt")
 
     published = sign_and_publish(
         model=trained.outputs["model"],
@@ -119,6 +124,7 @@ def secure_training(
     )
     published.set_display_name("sign and publish")
     harden(published, SHORT_STEP, deadline_s=600, pipeline=PIPELINE_NAME)
+    use_settings(published, vault_auth="jwt")
 
     gate = verify_model(
         publish_receipt=published.outputs["Output"],
@@ -127,6 +133,7 @@ def secure_training(
     )
     gate.set_display_name("verify gate")
     harden(gate, SHORT_STEP, deadline_s=600, pipeline=PIPELINE_NAME)
+    use_settings(gate, vault_auth="jwt")
     return gate.outputs["Output"]
 
 
@@ -157,7 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         from kfp import compiler
 
+        from stepguard.errors import StepguardError
+        from stepguard_kfp._imageref import assert_ir_runnable
+
         compiler.Compiler().compile(secure_training, args.compile)
+        try:
+            # A cluster cannot pull the placeholder: set STEPGUARD_PODS_IMAGE (pods.image).
+            assert_ir_runnable(args.compile)
+        except StepguardError as err:
+            Path(args.compile).unlink()
+            print(f"stepguard: error: {err.diagnostics()}", file=sys.stderr)
+            return err.exit_code
         print(args.compile)
     if args.local:
         if not (args.dataset and args.manifest):

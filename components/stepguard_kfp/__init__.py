@@ -10,8 +10,10 @@ Components (each a thin call into the stepguard SDK, run from the digest-pinned 
 * :func:`verify_model` -- the deployment gate: signature checked against an explicit policy.
 
 :func:`harden` applies an :class:`~stepguard.spec.IsolationSpec` to a task and returns a
-:class:`HardeningReport` of what KFP cannot express. Compiled YAMLs of the components ship in
-``stepguard_kfp/yaml`` (:func:`component_yaml`).
+:class:`HardeningReport` of what KFP cannot express. :func:`use_settings` mounts the platform's
+settings ConfigMap (Vault address and CA, login, policies, registry, OTLP and object-store
+endpoints) on a task; every component also takes ``settings_path``. Compiled YAMLs of the
+components ship in ``stepguard_kfp/yaml`` (:func:`component_yaml`).
 
 kfp is imported only when a component or ``harden`` is first used, so the runtime modules the
 components execute stay light.
@@ -32,11 +34,13 @@ __all__ = [
     "DEFAULT_IMAGE",
     "HardeningGap",
     "HardeningReport",
+    "SETTINGS_CONFIG_MAP",
     "component_yaml",
     "harden",
     "secure_train",
     "secure_train_container",
     "sign_and_publish",
+    "use_settings",
     "verify_dataset",
     "verify_model",
 ]
@@ -55,6 +59,8 @@ _LAZY = {
     "HardeningGap": "stepguard_kfp._harden",
     "HardeningReport": "stepguard_kfp._harden",
     "harden": "stepguard_kfp._harden",
+    "SETTINGS_CONFIG_MAP": "stepguard_kfp._settings",
+    "use_settings": "stepguard_kfp._settings",
     **{name: "stepguard_kfp._components" for name in COMPONENT_NAMES},
 }
 
@@ -68,6 +74,7 @@ if TYPE_CHECKING:
     )
     from stepguard_kfp._harden import HardeningGap, HardeningReport, harden
     from stepguard_kfp._image import DEFAULT_IMAGE
+    from stepguard_kfp._settings import SETTINGS_CONFIG_MAP, use_settings
 
 
 def component_yaml(name: str) -> Path:

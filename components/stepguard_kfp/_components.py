@@ -7,6 +7,7 @@ over its arguments. Receipts travel between components as JSON string outputs, a
 small artifacts; credentials never travel: each component mints its own from Vault in the pod.
 
 ``install_kfp_package=False`` and no ``packages_to_install``: nothing is installed at run time.
+The image is the one image setting (``pods.image``; see :mod:`stepguard_kfp._imageref`).
 """
 
 # No "from __future__ import annotations": KFP reads the real annotation objects.
@@ -14,7 +15,10 @@ small artifacts; credentials never travel: each component mints its own from Vau
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
-from stepguard_kfp._image import DEFAULT_IMAGE
+from stepguard_kfp._imageref import component_image
+
+#: The runtime image, from the one image setting (``pods.image``) when this module is imported.
+IMAGE = component_image(strict=False)
 
 __all__ = [
     "secure_train",
@@ -25,7 +29,7 @@ __all__ = [
 ]
 
 
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def verify_dataset(
     dataset_path: str,
     manifest_path: str,
@@ -33,6 +37,7 @@ def verify_dataset(
     expected_digest: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """Verify a dataset against its manifest (and an optional pinned root digest).
 
@@ -44,11 +49,11 @@ def verify_dataset(
     return verify_dataset_step(
         dataset_path=dataset_path, manifest_path=manifest_path,
         manifest_out=dataset_manifest.path, expected_digest=expected_digest,
-        pipeline=pipeline, run_id=run_id,
+        pipeline=pipeline, run_id=run_id, settings_path=settings_path,
     )
 
 
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def secure_train(
     step_spec: str,
     command: list,  # type: ignore[type-arg]
@@ -59,13 +64,17 @@ def secure_train(
     model_manifest: Output[Artifact],
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
+    wrapped_credentials: str = "",
 ) -> str:
     """Run the training command through the step runner (``stepguard exec``).
 
     ``step_spec`` is the training StepSpec (YAML/JSON) without inputs/outputs: the component adds
     the dataset (pinned to the digest in ``dataset_receipt``) and the model output. Inside a KFP
     pod the pod is the isolation boundary; outside one (``kfp.local``) the body runs in the
-    bubblewrap sandbox with the same spec. Returns the step receipt (JSON).
+    bubblewrap sandbox with the same spec. ``wrapped_credentials``: a single-use wrapping token
+    for the step's credentials, minted by the submitter (else the runner logs in to Vault in the
+    pod). Returns the step receipt (JSON).
     """
     from stepguard_kfp._runtime import secure_train_step
 
@@ -73,10 +82,11 @@ def secure_train(
         step_spec=step_spec, command=[str(c) for c in command], dataset_path=dataset_path,
         dataset_manifest=dataset_manifest.path, dataset_receipt=dataset_receipt,
         model_dir=model.path, manifest_out=model_manifest.path, pipeline=pipeline, run_id=run_id,
+        settings_path=settings_path, wrapped_credentials=wrapped_credentials,
     )
 
 
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def sign_and_publish(
     model: Input[Model],
     model_manifest: Input[Artifact],
@@ -88,6 +98,7 @@ def sign_and_publish(
     signing_key: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """Verify the model against the training receipt, then sign and publish it.
 
@@ -101,10 +112,11 @@ def sign_and_publish(
         model_dir=model.path, manifest_path=model_manifest.path, train_receipt=train_receipt,
         model_name=model_name, model_version=model_version, registry=registry,
         signer=signer, signing_key=signing_key, pipeline=pipeline, run_id=run_id,
+        settings_path=settings_path,
     )
 
 
-@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # type: ignore[untyped-decorator]
 def verify_model(
     publish_receipt: str,
     model_name: str,
@@ -114,6 +126,7 @@ def verify_model(
     registry: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """The deployment gate: fetch the model and verify its signature against an explicit policy.
 
@@ -127,7 +140,7 @@ def verify_model(
     return verify_model_step(
         publish_receipt=publish_receipt, model_name=model_name, model_version=model_version,
         signature_policy=signature_policy, out_dir=verified_model.path, registry=registry,
-        pipeline=pipeline, run_id=run_id,
+        pipeline=pipeline, run_id=run_id, settings_path=settings_path,
     )
 
 
@@ -143,6 +156,8 @@ def secure_train_container(
     receipt: dsl.OutputPath(str),  # type: ignore[valid-type]
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
+    wrapped_credentials: str = "",
 ) -> dsl.ContainerSpec:
     """Container form of :func:`secure_train` for clusters: the step runner is the entrypoint.
 
@@ -152,7 +167,7 @@ def secure_train_container(
     :func:`secure_train` there (same runtime code).
     """
     return dsl.ContainerSpec(
-        image=DEFAULT_IMAGE,
+        image=IMAGE,
         command=["python3", "-m", "stepguard_kfp.train"],
         args=[
             "--step-spec", step_spec,
@@ -165,5 +180,7 @@ def secure_train_container(
             "--receipt-out", receipt,
             "--pipeline", pipeline,
             "--run-id", run_id,
+            "--settings-path", settings_path,
+            "--wrapped-credentials", wrapped_credentials,
         ],
     )

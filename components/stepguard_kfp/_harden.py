@@ -20,6 +20,7 @@ from typing import Any
 from stepguard.errors import ConfigurationError, PolicyViolation
 from stepguard.spec import IsolationSpec, RunContext, StepSpec
 from stepguard_kfp._image import check_pinned
+from stepguard_kfp._imageref import set_task_image
 
 __all__ = ["HardeningGap", "HardeningReport", "harden"]
 
@@ -67,12 +68,14 @@ REMEDIES: Mapping[str, str] = {
         "the namespace is per run in KFP: submit the run into that namespace (a KFP profile)"
     ),
     "vault_kubernetes_auth": (
-        "kfp-kubernetes cannot add a projected service-account token with a Vault audience: use "
-        "Vault JWT auth with a response-wrapped token handed over by the orchestrator instead"
+        "kfp-kubernetes cannot add a projected service-account token with a Vault audience: "
+        "label the task with use_settings(task, vault_auth='jwt') and let the platform's "
+        "admission mutation project the token (docs/concepts/kfp.md), or hand over a wrapped "
+        "token (secure_train(wrapped_credentials=...))"
     ),
     "image": (
-        "the component's image is not pinned by digest; recompile with "
-        "scripts/compile_components.py --image REPO@sha256:DIGEST"
+        "the component's image is not pinned by digest; set the one image setting "
+        "(STEPGUARD_PODS_IMAGE / pods.image) to REPO@sha256:DIGEST"
     ),
     "security_context": (
         "this kfp-kubernetes has no set_security_context (added in 2.16): enforce runAsNonRoot "
@@ -189,6 +192,7 @@ def harden(
     def gap(setting: str, wanted: str, remedy_key: str | None = None) -> None:
         gaps.append(HardeningGap(setting, wanted, REMEDIES[remedy_key or setting]))
 
+    set_task_image(task)  # the one image setting, whenever the components were imported
     image = getattr(getattr(task, "container_spec", None), "image", None)
     if image is not None:
         try:

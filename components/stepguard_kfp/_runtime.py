@@ -96,10 +96,10 @@ def _context(pipeline: str, run_id: str, step: str) -> RunContext:
     )
 
 
-def _settings() -> Any:
-    from stepguard.settings import Settings
+def _settings(settings_path: str = "") -> Any:
+    from stepguard_kfp._settings import load_settings
 
-    return Settings.load()
+    return load_settings(settings_path)
 
 
 def _fail(err: StepguardError) -> SystemExit:
@@ -147,6 +147,7 @@ def verify_dataset_step(
     expected_digest: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """Verify ``dataset_path`` against ``manifest_path``; copy the manifest to ``manifest_out``.
 
@@ -165,7 +166,8 @@ def verify_dataset_step(
             deadline_s=SHORT_DEADLINE_S,
         )
         receipt = run_step(spec, body=lambda env: None,
-                           context=_context(pipeline, run_id, spec.name), settings=_settings())
+                           context=_context(pipeline, run_id, spec.name),
+                           settings=_settings(settings_path))
         _copy_file(manifest_path, manifest_out)
         return receipt.to_json()
 
@@ -225,10 +227,10 @@ def build_train_spec(
     )
 
 
-def _run_forwarding_signals(argv: list[str]) -> int:
+def _run_forwarding_signals(argv: list[str], env: dict[str, str] | None = None) -> int:
     """Run the step runner; a SIGTERM to this process (pod deletion, KFP run cancelled) is passed
     on so the runner stops the body and revokes the credentials before it exits."""
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, env=env)
 
     def forward(signum: int, frame: object) -> None:
         proc.send_signal(signum)
@@ -264,16 +266,20 @@ def secure_train_step(
     manifest_out: str,
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
+    wrapped_credentials: str = "",
 ) -> str:
     """Run ``command`` as a secured step through ``stepguard exec`` and return its receipt.
 
-    Credentials are minted by the runner in this process tree and revoked when it ends; the
-    receipt (hashed lease ids only) is the sole thing handed back to KFP.
+    Credentials are minted by the runner in this process tree and revoked when it ends -- or,
+    with ``wrapped_credentials``, handed over by the submitter as a single-use wrapping token the
+    runner unwraps once; the receipt (hashed lease ids only) is the sole thing handed back.
     """
 
     def run() -> str:
         if not command:
             raise ConfigurationError("no training command given", subject="command")
+        settings = _settings(settings_path)  # a pod without settings is refused here
         digest = _dataset_digest(dataset_receipt)
         spec = build_train_spec(step_spec, dataset_path=dataset_path,
                                 dataset_manifest=dataset_manifest, dataset_digest=digest,
@@ -288,7 +294,19 @@ def secure_train_step(
                     "--receipt-out", str(receipt_file), "--", *command]
             # The body's output and the runner's (its receipt, its one-line errors) go to the
             # task log; the receipt itself is read from the file, not parsed from the log.
-            returncode = _run_forwarding_signals(argv)
+            from stepguard_kfp._settings import settings_file
+
+            env = dict(os.environ)
+            found = settings_file(settings_path)
+            if found:  # the runner loads the same settings file
+                env["STEPGUARD_CONFIG"] = found
+            if in_kfp_pod():
+                env.setdefault("STEPGUARD_STATE_DIR", settings.state_dir)
+            if wrapped_credentials:
+                from stepguard.credentials import WRAPPED_ENV
+
+                env[WRAPPED_ENV] = wrapped_credentials
+            returncode = _run_forwarding_signals(argv, env)
             if returncode != 0:
                 raise SystemExit(returncode)
             receipt = Receipt.load(receipt_file)
@@ -313,6 +331,7 @@ def sign_and_publish_step(
     signing_key: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """Verify the model against the training receipt, then sign and publish exactly those bytes."""
 
@@ -341,7 +360,7 @@ def sign_and_publish_step(
                                 symlinks=True)
 
             receipt = run_step(spec, body=body, context=_context(pipeline, run_id, spec.name),
-                               settings=_settings())
+                               settings=_settings(settings_path))
         published = receipt.output("model")
         if published.digest != trained.digest:
             raise IntegrityError("published model differs from the trained model",
@@ -366,6 +385,7 @@ def verify_model_step(
     registry: str = "",
     pipeline: str = "kfp",
     run_id: str = "",
+    settings_path: str = "",
 ) -> str:
     """Fetch the published model, verify its signature against the settings policy named
     ``signature_policy`` and its digest against ``publish_receipt``, then hand the verified
@@ -381,7 +401,7 @@ def verify_model_step(
         if not signature_policy.strip():
             raise ConfigurationError("a signature policy is required (there is no default)",
                                      subject="signature_policy")
-        settings = _settings()
+        settings = _settings(settings_path)
         settings.policy(signature_policy)  # an unknown policy fails before any download
         published = _load_receipt(publish_receipt, "publish").output("model")
         spec = StepSpec(

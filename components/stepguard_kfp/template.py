@@ -50,13 +50,17 @@ def pipeline_name(pi: "PipelineInstance") -> str:
 
 
 def build_pipeline(pi: "PipelineInstance", *, short_isolation: "IsolationSpec | None" = None,
-                   short_deadline_s: float = 600) -> Any:
+                   short_deadline_s: float = 600,
+                   settings_config_map: "str | None" = "stepguard-settings",
+                   vault_auth: str = "jwt") -> Any:
     """A KFP pipeline (no parameters; returns the gate's receipt) for one template instance.
 
     ``short_isolation`` is the pod of the verification and publishing tasks (default: a
     restricted pod with network ``none``; on a cluster give the Vault and registry hosts it may
     reach). Compile it with ``kfp.compiler.Compiler().compile(p, "p.yaml")`` or run it with
-    ``kfp.local``.
+    ``kfp.local``. Every task mounts the platform's settings ConfigMap
+    ``settings_config_map`` (:func:`stepguard_kfp.use_settings`; ``None``: none) and is labelled
+    for the Vault login ``vault_auth`` (``jwt`` or ``wrapped``).
     """
     from kfp import dsl
 
@@ -66,9 +70,14 @@ def build_pipeline(pi: "PipelineInstance", *, short_isolation: "IsolationSpec | 
         harden,
         secure_train,
         sign_and_publish,
+        use_settings,
         verify_dataset,
         verify_model,
     )
+
+    def settings(task: Any, auth: Any = vault_auth) -> None:
+        if settings_config_map:
+            use_settings(task, settings_config_map, vault_auth=auth)
 
     inst, template = pi.instance, pi.template
     if not inst.manifest:
@@ -91,12 +100,14 @@ def build_pipeline(pi: "PipelineInstance", *, short_isolation: "IsolationSpec | 
         verified = verify_dataset(dataset_path=dataset, manifest_path=manifest, **run)
         verified.set_display_name(f"verify dataset ({inst.name})")
         harden(verified, short, deadline_s=short_deadline_s, pipeline=name)
+        settings(verified, None)
 
         trained = secure_train(step_spec=step_spec, command=command, dataset_path=dataset,
                                dataset_manifest=verified.outputs["dataset_manifest"],
                                dataset_receipt=verified.outputs["Output"], **run)
         trained.set_display_name(f"secure train ({inst.name})")
         harden(trained, train, pipeline=name)
+        settings(trained)
 
         published = sign_and_publish(
             model=trained.outputs["model"], model_manifest=trained.outputs["model_manifest"],
@@ -105,6 +116,7 @@ def build_pipeline(pi: "PipelineInstance", *, short_isolation: "IsolationSpec | 
             signer=signing.signer, signing_key=signing.key or "", **run)
         published.set_display_name(f"sign and publish ({inst.name})")
         harden(published, short, deadline_s=short_deadline_s, pipeline=name)
+        settings(published)
 
         gate = verify_model(publish_receipt=published.outputs["Output"],
                             model_name=pi.model_name, model_version=version,
@@ -112,6 +124,7 @@ def build_pipeline(pi: "PipelineInstance", *, short_isolation: "IsolationSpec | 
                             registry=template.registry or "", **run)
         gate.set_display_name(f"verify gate ({inst.name})")
         harden(gate, short, deadline_s=short_deadline_s, pipeline=name)
+        settings(gate)
         return gate.outputs["Output"]  # type: ignore[no-any-return]
 
     return pipeline

@@ -25,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--pipeline", default="kfp")
     p.add_argument("--run-id", default="")
+    p.add_argument("--settings-path", default="")
+    p.add_argument("--wrapped-credentials", default="")
     args = p.parse_args(argv)
     try:
         command = json.loads(args.command_json)
@@ -40,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         step_spec=args.step_spec, command=command, dataset_path=args.dataset_path,
         dataset_manifest=args.dataset_manifest, dataset_receipt=args.dataset_receipt,
         model_dir=args.model_dir, manifest_out=args.manifest_out, pipeline=args.pipeline,
-        run_id=args.run_id,
+        run_id=args.run_id, settings_path=args.settings_path,
+        wrapped_credentials=args.wrapped_credentials,
     )
     out = Path(args.receipt_out)
     out.parent.mkdir(parents=True, exist_ok=True)

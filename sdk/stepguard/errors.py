@@ -36,6 +36,7 @@ __all__ = [
     "CredentialDenied",
     "CredentialError",
     "EvidenceNotFound",
+    "GpuUnavailable",
     "IntegrityError",
     "IsolationError",
     "ManifestError",
@@ -177,6 +178,11 @@ class CredentialDenied(CredentialError):
 
 class IsolationError(OperationalError):
     """The sandbox or pod could not be created, or was torn down abnormally."""
+
+
+class GpuUnavailable(IsolationError):
+    """The step asks for GPUs that are not visible where it runs (and does not say they are
+    optional): it would otherwise train on the CPU for hours, or fail deep inside the body."""
 
 
 class StepTimeout(IsolationError):

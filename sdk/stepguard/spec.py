@@ -24,6 +24,7 @@ stepguard.errors.ConfigurationError: unknown setting: step.isolaton
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ from stepguard.errors import ConfigurationError
 __all__ = [
     "CredentialKind",
     "CredentialRequest",
+    "DEFAULT_DEADLINE_S",
+    "GPU_DEADLINE_S",
     "InputSpec",
     "IsolationMode",
     "IsolationSpec",
@@ -226,6 +229,12 @@ class IsolationSpec:
     ``network`` is ``"none"`` (default: loopback only, nothing of the host) or an allowlist of
     ``host:port`` entries (pods: NetworkPolicy egress; the local sandbox cannot filter by host and
     refuses an allowlist unless ``unsafe_host_network`` is set).
+
+    ``gpus: N`` where fewer than N GPUs are visible fails the step
+    (:class:`~stepguard.errors.GpuUnavailable`) unless ``gpus_optional`` says the body may run
+    without them. ``shm_size`` sizes the memory-backed ``/dev/shm`` of a pod (default: none for
+    CPU pods, which keep the runtime's 64 MiB; per-GPU default with GPUs, see
+    docs/reference/isolation.md).
     """
 
     mode: IsolationMode = "sandbox"
@@ -246,6 +255,8 @@ class IsolationSpec:
     vault_kubernetes_auth: bool = False
     read_only_paths: tuple[str, ...] = ()
     scratch_size: str = "1Gi"
+    gpus_optional: bool = False
+    shm_size: str | None = None
 
     def __post_init__(self) -> None:
         if self.gpus < 0:
@@ -303,11 +314,20 @@ class StorageSpec:
 
 
 _AWS_KINDS = ("aws_iam", "aws_sts", "aws_web_identity")
+#: A step's deadline when its spec sets none (seconds).
+DEFAULT_DEADLINE_S = 3600.0
+#: A GPU step's deadline when its spec sets none: twelve hours.
+GPU_DEADLINE_S = 12 * 3600.0
 
 
 @dataclass(frozen=True)
 class StepSpec:
-    """A secured step: inputs, outputs, credentials, isolation, signing and a deadline."""
+    """A secured step: inputs, outputs, credentials, isolation, signing and a deadline.
+
+    >>> gpu = IsolationSpec(gpus=1)
+    >>> StepSpec(name="s").deadline_s, StepSpec(name="t", isolation=gpu).deadline_s
+    (3600.0, 43200.0)
+    """
 
     name: str
     inputs: tuple[InputSpec, ...] = ()
@@ -316,13 +336,18 @@ class StepSpec:
     policies: tuple[str, ...] = ()
     isolation: IsolationSpec = field(default_factory=IsolationSpec)
     signing: SigningSpec | None = None
-    deadline_s: float = 3600.0
+    #: Unset (NaN): :data:`DEFAULT_DEADLINE_S`, or :data:`GPU_DEADLINE_S` when the step asks
+    #: for GPUs (training runs for hours; the deadline still bounds it).
+    deadline_s: float = math.nan
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
     storage: StorageSpec | None = None
 
     def __post_init__(self) -> None:
         _check_name("step", self.name)
+        if math.isnan(self.deadline_s):
+            object.__setattr__(self, "deadline_s",
+                               GPU_DEADLINE_S if self.isolation.gpus else DEFAULT_DEADLINE_S)
         self._check_storage_credentials()
         if not 0 < self.deadline_s <= 7 * 24 * 3600:
             raise ConfigurationError("must be between 0 and 7 days", subject="step.deadline_s")

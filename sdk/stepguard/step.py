@@ -284,6 +284,10 @@ class _Run:
         from stepguard.wiring import enforce_floor  # the platform's floor, before anything runs
 
         enforce_floor(self.spec, self.settings)
+        iso = self.spec.isolation
+        if command is not None and iso.gpus and iso.mode != "pod" and not iso.gpus_optional:
+            from stepguard.isolation import require_gpus
+            require_gpus(iso.gpus)  # before any credential is minted or byte downloaded
         out_paths = self._prepare_outputs()
         with self.artifacts, self._credentials() as session, self.pins:
             self.artifacts.open_for(session, self.settings)

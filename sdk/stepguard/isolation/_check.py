@@ -78,6 +78,10 @@ RULES: dict[str, str] = {
     "stepguard.limits": "cpu and memory limits on every container",
     "stepguard.deadline": "activeDeadlineSeconds set (Pods and Jobs)",
     "stepguard.restart-policy": "restartPolicy Never (Pods and Jobs)",
+    "stepguard.memory-volume": "memory-backed emptyDirs (/dev/shm) have a sizeLimit no larger "
+                               "than the memory limit of a container mounting them",
+    "stepguard.writable-home": "with a read-only root, HOME (when set) lies on a writable "
+                               "volume mount",
 }
 
 
@@ -197,7 +201,7 @@ def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,
 
     >>> from stepguard.isolation import build_pod, check_pod
     >>> from stepguard.spec import IsolationSpec, RunContext
-    >>> pod = build_pod(IsolationSpec(mode="pod", image="r/i@sha256:" + "0" * 64), name="p",
+    >>> pod = build_pod(IsolationSpec(mode="pod", image="r/i@sha256:" + "a" * 64), name="p",
     ...                 command=["true"], env={}, context=RunContext(run_id="r"))
     >>> check_pod(pod, schema=False)
     []
@@ -343,6 +347,8 @@ def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,
                 v(Violation("stepguard.limits", f"{where}.resources.limits",
                             f"no {' or '.join(missing)} limit"))
 
+    out.extend(_memory_volume_violations(pod, prefix))
+    out.extend(_home_violations(containers))
     if pod.get("automountServiceAccountToken") is not False:
         v(Violation("stepguard.sa-token", f"{prefix}.automountServiceAccountToken",
                     "service-account token is mounted (set false; use a projected token)"))
@@ -366,6 +372,62 @@ def check_pod(manifest: Mapping[str, Any], *, schema: bool = True,
             v(Violation("stepguard.restart-policy", f"{prefix}.restartPolicy",
                         f"restartPolicy {pod.get('restartPolicy', 'Always')!r}"))
     return out
+
+
+def _quantity(value: object) -> int | None:
+    from stepguard.isolation._limits import parse_bytes
+
+    try:
+        return parse_bytes(str(value), subject="quantity")
+    except ConfigurationError:
+        return None
+
+
+def _memory_volume_violations(pod: Mapping[str, Any], prefix: str) -> list[Violation]:
+    """Podman and some runtimes ignore emptyDir medium/sizeLimit; the rule is checked here."""
+    found: list[Violation] = []
+    sized: dict[str, tuple[int, str]] = {}
+    for i, vol in enumerate(pod.get("volumes") or []):
+        ed = vol.get("emptyDir") if isinstance(vol, Mapping) else None
+        if not isinstance(ed, Mapping) or ed.get("medium") != "Memory":
+            continue
+        limit = ed.get("sizeLimit")
+        size = _quantity(limit) if limit is not None else None
+        if size is None:
+            found.append(Violation("stepguard.memory-volume",
+                                   f"{prefix}.volumes[{i}].emptyDir.sizeLimit",
+                                   f"memory-backed volume {vol.get('name')!r} has no size limit"))
+        else:
+            sized[str(vol.get("name"))] = (size, str(limit))
+    for where, c in _containers(pod, prefix):
+        memory = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+        mem = _quantity(memory) if memory is not None else None
+        for j, m in enumerate(c.get("volumeMounts") or []):
+            hit = sized.get(str(m.get("name")))
+            if hit and mem is not None and hit[0] > mem:
+                found.append(Violation(
+                    "stepguard.memory-volume", f"{where}.volumeMounts[{j}]",
+                    f"memory-backed volume {m.get('name')!r} ({hit[1]}) exceeds the memory "
+                    f"limit {memory}"))
+    return found
+
+
+def _home_violations(containers: list[tuple[str, Mapping[str, Any]]]) -> list[Violation]:
+    found: list[Violation] = []
+    for where, c in containers:
+        if (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+            continue
+        home = next((str(e.get("value")) for e in c.get("env") or []
+                     if isinstance(e, Mapping) and e.get("name") == "HOME" and "value" in e),
+                    None)
+        if home is None:
+            continue
+        writable = [str(m.get("mountPath", "")).rstrip("/") for m in c.get("volumeMounts") or []
+                    if not m.get("readOnly")]
+        if not any(home.rstrip("/") == p or home.startswith(p + "/") for p in writable if p):
+            found.append(Violation("stepguard.writable-home", f"{where}.env.HOME",
+                                   f"HOME {home!r} is on the read-only root"))
+    return found
 
 
 def _is_api_audience(audience: str) -> bool:

@@ -214,6 +214,11 @@ def run_local(
         raise StepTimeout("the deadline passed before the body could start",
                           subject=os.path.basename(str(command[0])))
     _check_env(env, secret_files)
+    if gpus > 0:
+        # One check for the sandbox and the step runner inside a pod (mode process there).
+        from stepguard.isolation._gpu import require_gpus
+
+        gpus = require_gpus(gpus, optional=spec.gpus_optional)
     for name in secret_files:
         if name in env:
             raise ConfigurationError("secret file name also set as a plain variable",

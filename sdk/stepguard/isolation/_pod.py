@@ -76,21 +76,26 @@ def build_pod(
     env: Mapping[str, str],
     context: RunContext,
     wrapped_token_env: Mapping[str, str] | None = None,
-    deadline_s: float = 3600.0,
+    deadline_s: float | None = None,
     config_map: str | None = None,
     vault_audience: str = VAULT_AUDIENCE,
     vault_token_expiry_s: int = _TOKEN_TTL_S,
+    user_volumes: Sequence[Mapping[str, Any]] = (),
+    user_volume_mounts: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """A Pod manifest (plain dict) for ``command`` under ``spec``.
 
     ``wrapped_token_env`` carries a response-wrapped, single-use Vault token (variable name ->
     wrapping token) for runners that cannot use Vault Kubernetes auth: it is useless once the
     step runner inside has unwrapped it, so it may sit in the pod spec; a real credential never
-    does. ``deadline_s`` becomes ``activeDeadlineSeconds``. ``config_map`` names a ConfigMap
+    does. ``deadline_s`` becomes ``activeDeadlineSeconds`` (default: longer for GPU pods).
+    ``config_map`` names a ConfigMap
     (:func:`build_config_map`) mounted read-only at ``/etc/stepguard``: the step runner's spec,
     settings and Vault CA. With ``spec.vault_kubernetes_auth`` a projected service-account
     token for ``vault_audience`` only, valid ``vault_token_expiry_s``, is mounted at
-    ``/var/run/secrets/stepguard/vault/token``.
+    ``/var/run/secrets/stepguard/vault/token``. Sizes, ``/dev/shm``, caches and the caller's
+    ``user_volumes``/``user_volume_mounts`` are fitted by
+    :func:`stepguard.isolation._podres.finish_pod` (docs/reference/isolation.md).
 
     >>> from stepguard.spec import IsolationSpec, RunContext
     >>> spec = IsolationSpec(mode="pod", image="ghcr.io/acme/train@sha256:" + "a" * 64, gpus=1)
@@ -175,7 +180,7 @@ def build_pod(
         node_selector.setdefault("nvidia.com/gpu.present", "true")
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "activeDeadlineSeconds": max(1, math.ceil(deadline_s)),
+        "activeDeadlineSeconds": max(1, math.ceil(deadline_s or 1)),
         "terminationGracePeriodSeconds": 10,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -204,7 +209,11 @@ def build_pod(
     metadata: dict[str, Any] = {"name": name, "labels": labels}
     if spec.namespace:
         metadata["namespace"] = spec.namespace
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    from stepguard.isolation._podres import finish_pod
+
+    return finish_pod({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec},
+                      spec, env=env, deadline_s=deadline_s, volumes=user_volumes,
+                      volume_mounts=user_volume_mounts)
 
 
 def build_config_map(name: str, data: Mapping[str, str], *, context: RunContext,

@@ -271,6 +271,17 @@ CASES: list[tuple[str, str, Any]] = [
     ("stepguard.limits", "no limits", _set("spec.containers.0.resources", {})),
     ("stepguard.deadline", "no deadline", _del("spec.activeDeadlineSeconds")),
     ("stepguard.restart-policy", "restart on failure", _set("spec.restartPolicy", "OnFailure")),
+    ("stepguard.memory-volume", "unbounded memory-backed /dev/shm", lambda p: (
+        p["spec"]["volumes"].append({"name": "shm", "emptyDir": {"medium": "Memory"}}),
+        c0(p)["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"}))),
+    ("stepguard.memory-volume", "/dev/shm larger than the memory limit", lambda p: (
+        p["spec"]["volumes"].append({"name": "shm", "emptyDir": {"medium": "Memory",
+                                                                 "sizeLimit": "3Gi"}}),
+        c0(p)["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"}))),
+    ("stepguard.writable-home", "HOME on the read-only root", lambda p: [
+        e.update(value="/root") for e in c0(p)["env"] if e["name"] == "HOME"]),
+    ("stepguard.writable-home", "HOME volume mounted read-only", lambda p: [
+        m.update(readOnly=True) for m in c0(p)["volumeMounts"] if m["name"] == "home"]),
 ]
 
 

@@ -528,11 +528,12 @@ def test_process_mode_environment_is_exactly_what_was_given(
     assert res.network == "host"
 
 
-def test_gpu_request_without_a_gpu_runs_without_devices() -> None:
+def test_optional_gpu_request_without_a_gpu_runs_without_devices() -> None:
     if os.path.exists("/dev/nvidia0"):
         pytest.skip("this machine has a GPU; see test_gpu.py")
-    res, text = sandboxed("import glob; print(glob.glob('/dev/nvidia*'))",
-                          spec=IsolationSpec(mode="sandbox", gpus=1))
+    with pytest.warns(UserWarning, match="gpus_optional"):
+        res, text = sandboxed("import glob; print(glob.glob('/dev/nvidia*'))",
+                              spec=IsolationSpec(mode="sandbox", gpus=1, gpus_optional=True))
     assert res.exit_code == 0 and text.strip() == "[]" and not res.gpus_visible
 
 
