@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stepguard._artifacts import Artifacts, is_uri
+from stepguard._naming import instance_name, output_path, path_component
 from stepguard.errors import (
     BodyFailed,
     ConfigurationError,
@@ -81,52 +81,6 @@ class StepEnv:
     context: RunContext
 
 
-def _path_component(value: str) -> str:
-    """``value`` as one safe path component: other characters become ``_``, and so do the
-    dots of ``.`` and ``..``.
-
-    >>> _path_component("manual__2026-11-22T06:00"), _path_component("..")
-    ('manual__2026-11-22T06_00', '__')
-    """
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", value)
-    return safe if safe.strip(".") else "_" * max(len(safe), 1)
-
-
-def _instance_name(spec_name: str, context_step: str) -> str:
-    """The spec's name, or the orchestrator's name for one numbered instance of it
-    (``train.3``, a mapped Airflow task instance) when the run context gives one. Any other
-    context step name (the default ``step``, a caller's label such as ``train.eval``, which
-    could be another spec's name) does not replace the spec's name.
-
-    >>> _instance_name("train", "train.3"), _instance_name("train", "step")
-    ('train.3', 'train')
-    >>> _instance_name("train", "train.eval")
-    'train'
-    """
-    suffix = context_step[len(spec_name) + 1:]
-    if context_step.startswith(spec_name + ".") and suffix.isascii() and suffix.isdigit():
-        return context_step
-    return spec_name
-
-
-def output_path(template: str, ctx: RunContext, step: str) -> str:
-    """Expand ``{run_id}``, ``{step}`` and ``{try_number}`` in an output path, so every run
-    writes to a fresh directory (run ids and step names are made path-safe first). ``step`` is
-    the step's name, for a mapped Airflow task instance ``<task>.<index>``.
-
-    >>> output_path("out/{run_id}/model", RunContext(run_id="manual__2026-11-22T06:00"), "train")
-    'out/manual__2026-11-22T06_00/model'
-    """
-    try:
-        return template.format_map({"run_id": _path_component(ctx.run_id),
-                                    "step": _path_component(step),
-                                    "try_number": str(ctx.try_number)})
-    except (KeyError, ValueError, IndexError) as exc:
-        raise ConfigurationError(
-            "output path has an unknown placeholder (known: {run_id}, {step}, {try_number})",
-            subject=template) from exc
-
-
 class Step:
     """A configured secured step. :meth:`run` executes the whole lifecycle once.
 
@@ -162,8 +116,8 @@ class Step:
         '/srv/sg/runs/r1/train.3'
         """
         return (Path(self.settings.state_dir).resolve() / "runs"
-                / _path_component(self.context.run_id)
-                / _path_component(_instance_name(self.spec.name, self.context.step)))
+                / path_component(self.context.run_id)
+                / path_component(instance_name(self.spec.name, self.context.step)))
 
     def run(
         self,
@@ -249,7 +203,7 @@ class _Run:
         before = self.audit.position()
         try:
             with self.audit.step(self.spec, self.ctx,
-                                 name=_instance_name(self.spec.name, self.ctx.step)):
+                                 name=instance_name(self.spec.name, self.ctx.step)):
                 try:
                     self._lifecycle(command, body, run_dir)
                 finally:
@@ -303,7 +257,7 @@ class _Run:
     def _prepare_outputs(self) -> dict[str, Path]:
         paths: dict[str, Path] = {}
         for out in self.spec.outputs:
-            where = output_path(out.path, self.ctx, _instance_name(self.spec.name, self.ctx.step))
+            where = output_path(out.path, self.ctx, instance_name(self.spec.name, self.ctx.step))
             if is_uri(where):
                 self.out_uris[out.name] = where  # in scratch, once credentials are open
                 continue
