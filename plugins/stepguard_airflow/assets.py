@@ -187,7 +187,7 @@ def task_receipt(context: Mapping[str, Any], value: Any) -> tuple[Any, str | Non
     if not is_asset(value):
         return value, None
     from stepguard.errors import StepguardError
-    from stepguard_airflow._common import step_name, task_failure
+    from stepguard_airflow._failures import step_name, task_failure
 
     try:
         return receipt_from_event(context, value)

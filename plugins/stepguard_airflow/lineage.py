@@ -152,7 +152,7 @@ def _outputs(receipt: Receipt) -> list[Any]:
 
 
 def _verdicts(record: StepRecord) -> Any:
-    from stepguard_airflow._common import control_of_name
+    from stepguard_airflow._failures import control_of_name
     from stepguard_airflow.facets import StepguardVerdictsRunFacet
 
     receipt = record.receipt

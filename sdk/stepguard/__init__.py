@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from stepguard._private.version import VERSION as __version__
 from stepguard.errors import (
     ConfigurationError,
     CredentialDenied,
@@ -29,8 +30,6 @@ from stepguard.errors import (
     StepTimeout,
     VerificationError,
 )
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "Step": "stepguard.step",

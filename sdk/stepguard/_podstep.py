@@ -42,7 +42,7 @@ import time
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from stepguard._artifacts import is_uri
@@ -57,8 +57,15 @@ from stepguard.receipt import Receipt
 from stepguard.settings import Settings
 from stepguard.spec import RunContext, StepSpec
 
-if TYPE_CHECKING:
-    from stepguard.step import Step
+
+class Step(typing.Protocol):
+    """What a pod run needs of a :class:`stepguard.step.Step` (a protocol, so this module,
+    which ``Step.run`` calls for ``mode: pod``, does not import the step module back)."""
+
+    spec: StepSpec
+    settings: Settings
+    context: RunContext
+    tracer_provider: object | None
 
 __all__ = ["RECEIPT_MARKER", "check_pod_spec", "jwt_login", "pod_config", "pod_egress",
            "run_in_pod"]

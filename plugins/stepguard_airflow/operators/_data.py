@@ -21,9 +21,8 @@ from stepguard_airflow._common import (
     execute_step,
     receipt_xcom,
     revoke_on_kill,
-    step_name,
-    task_failure,
 )
+from stepguard_airflow._failures import step_name, task_failure
 from stepguard_airflow.assets import asset_outlets, resolve_receipt, task_receipt
 from stepguard_airflow.lineage import LineageMixin
 from stepguard_airflow.operators._step import receipt_arg

@@ -18,9 +18,8 @@ from stepguard_airflow._common import (
     resolve_spec,
     revoke_on_kill,
     spec_data,
-    step_name,
-    task_failure,
 )
+from stepguard_airflow._failures import step_name, task_failure
 from stepguard_airflow.assets import asset_outlets, resolve_receipt
 from stepguard_airflow.lineage import LineageMixin
 

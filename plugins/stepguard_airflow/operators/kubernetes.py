@@ -31,7 +31,8 @@ from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCal
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s  # type: ignore[import-untyped]
 
-from stepguard_airflow._common import run_context, step_name, task_failure
+from stepguard_airflow._common import run_context
+from stepguard_airflow._failures import step_name, task_failure
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

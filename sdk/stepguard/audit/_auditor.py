@@ -294,7 +294,7 @@ class Auditor:
         if self._tracer is None:
             from opentelemetry import trace
 
-            from stepguard import __version__
+            from stepguard._private.version import VERSION as __version__
 
             if self._provider is not None:
                 self._tracer = self._provider.get_tracer(_SCOPE, __version__)
