@@ -26,12 +26,31 @@ Run locally through ``kfp.local`` against the dev stack (``stepguard dev up``, t
 env file and point ``STEPGUARD_CONFIG`` at settings with a registry and a ``release`` policy)::
 
     .venv/bin/python dags_examples/kfp_secure_training.py --local --dataset DIR --manifest FILE
+
+Every task is hardened for a cluster, which takes the runtime image from ``pods.image``: set it
+for ``--local`` too (any pinned digest; the subprocess runner starts no container).
+
+``--containers`` (with ``--local``) runs every component in a container of the runtime image
+instead: ``kfp.local.DockerRunner`` on podman's Docker API (:mod:`stepguard.testing.kfpdocker`),
+the image built from this checkout (:func:`stepguard.testing.podman.build_image`, which becomes
+``pods.image``), on the host's network (the dev stack listens on loopback). Only the pipeline
+root is mounted in the containers, at the same path: the dataset, the manifest and every path
+the settings name (registry, audit log, Vault CA or JWT file) must lie under
+``--pipeline-root``. The settings file (``STEPGUARD_CONFIG``) is copied there and handed to the
+components as ``STEPGUARD_CONFIG``, as the mounted settings ConfigMap is in a pod::
+
+    .venv/bin/python dags_examples/kfp_secure_training.py --local --containers \
+        --pipeline-root ROOT --dataset ROOT/data --manifest ROOT/data.manifest.json
 """
 
 # ruff: noqa: PLR0917  (a KFP pipeline takes its parameters by name)
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +98,7 @@ SHORT_STEP = IsolationSpec(mode="pod", cpu="1", memory="1Gi",
 TRAIN_COMMAND = ["python3", "-c", TRAIN_CODE]
 
 
-@dsl.pipeline(name=PIPELINE_NAME,
-              description="verify dataset -> secure train -> sign+publish -> verify gate")
-def secure_training(
+def _secure_training(
     dataset_path: str,
     manifest_path: str,
     model_name: str,
@@ -91,7 +108,7 @@ def secure_training(
     signer: str = "transit",
     signing_key: str = "stepguard-signing",
     signature_policy: str = "release",
-    train_command: list = TRAIN_COMMAND,
+    train_command: list = TRAIN_COMMAND,  # type: ignore[type-arg]  # KFP reads the bare type
 ) -> str:
     """The pipeline; its output is the gate's receipt (JSON)."""
     run = {"pipeline": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
@@ -134,27 +151,90 @@ def secure_training(
     gate.set_display_name("verify gate")
     harden(gate, SHORT_STEP, deadline_s=600, pipeline=PIPELINE_NAME)
     use_settings(gate, vault_auth="jwt")
-    return gate.outputs["Output"]
+    return gate.outputs["Output"]  # type: ignore[no-any-return]
 
 
-def run_local(pipeline_root: Path, **arguments: Any) -> str:
-    """Run the pipeline through ``kfp.local.SubprocessRunner``; returns the gate's receipt.
+def pipeline() -> Any:
+    """The pipeline, built (and every task hardened) now, with the image ``pods.image`` names
+    now. Raises ConfigurationError where ``pods.image`` is not set or is the placeholder."""
+    return dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="verify dataset -> secure train -> sign+publish -> verify gate",
+    )(_secure_training)
 
-    Settings (Vault, registry, policies, audit) come from the environment / ``STEPGUARD_CONFIG``
-    exactly as in a pod. Raises RuntimeError naming the failed task.
+
+def __getattr__(name: str) -> Any:
+    if name == "secure_training":  # built on use: importing the example needs no settings
+        return pipeline()
+    raise AttributeError(name)
+
+
+#: The host's variables handed to the component containers when set (Vault login by AppRole,
+#: the object store, the OTLP collector); every other setting comes from the settings file.
+CONTAINER_ENV = ("VAULT_ADDR", "VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE", "VAULT_CACERT",
+                 "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_DEFAULT_REGION", "OTEL_EXPORTER_OTLP_ENDPOINT", "STEPGUARD_AUDIT_EXPORTER")
+
+
+@contextlib.contextmanager
+def _containers(pipeline_root: Path, image: str | None,
+                env: Mapping[str, str] | None) -> Iterator[Any]:
+    """DockerRunner on podman for the block, with ``pods.image`` set to the runtime image."""
+    from stepguard.testing.kfpdocker import container_runner, docker_api, real_exit_codes
+    from stepguard.testing.podman import build_image
+
+    image = image or build_image()
+    handed = {k: os.environ[k] for k in CONTAINER_ENV if os.environ.get(k)}
+    config = os.environ.get("STEPGUARD_CONFIG")
+    if config:  # the mounted settings file: under the pipeline root, readable by uid 65534
+        mounted = pipeline_root / ".stepguard" / "stepguard.yaml"
+        mounted.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(config, mounted)
+        mounted.parent.chmod(0o755)
+        mounted.chmod(0o644)
+        handed["STEPGUARD_CONFIG"] = str(mounted)
+    handed.update(env or {})
+    previous = os.environ.get("STEPGUARD_PODS_IMAGE")
+    os.environ["STEPGUARD_PODS_IMAGE"] = image
+    try:
+        with docker_api(), real_exit_codes():
+            yield container_runner(env=handed, network="host", name=PIPELINE_NAME)
+    finally:
+        if previous is None:
+            os.environ.pop("STEPGUARD_PODS_IMAGE", None)
+        else:
+            os.environ["STEPGUARD_PODS_IMAGE"] = previous
+
+
+def run_local(pipeline_root: Path, *, containers: bool = False, image: str | None = None,
+              env: Mapping[str, str] | None = None, **arguments: Any) -> str:
+    """Run the pipeline through ``kfp.local``; returns the gate's receipt.
+
+    By default ``SubprocessRunner``: settings (Vault, registry, policies, audit) come from the
+    environment / ``STEPGUARD_CONFIG`` exactly as in a pod. ``containers=True`` runs each
+    component in a container of ``image`` (default: :func:`stepguard.testing.podman.build_image`)
+    instead, as the module docs say; ``env`` adds variables to every container. Raises
+    RuntimeError naming the failed task.
     """
     from kfp import local
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=True)
-    run = secure_training(**arguments)
-    return str(run.output)
+    with contextlib.ExitStack() as stack:
+        if containers:
+            runner = stack.enter_context(_containers(pipeline_root, image, env))
+        else:
+            runner = local.SubprocessRunner(use_venv=False)
+        local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
+        run = pipeline()(**arguments)
+        return str(run.output)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compile", metavar="PATH", help="write the pipeline IR YAML")
     p.add_argument("--local", action="store_true", help="run through kfp.local")
+    p.add_argument("--containers", action="store_true",
+                   help="with --local: every component in a container of the runtime image "
+                        "(podman's Docker API)")
     p.add_argument("--dataset")
     p.add_argument("--manifest")
     p.add_argument("--model-name", default="churn-model")
@@ -167,23 +247,25 @@ def main(argv: list[str] | None = None) -> int:
         from stepguard.errors import StepguardError
         from stepguard_kfp._imageref import assert_ir_runnable
 
-        compiler.Compiler().compile(secure_training, args.compile)
         try:
             # A cluster cannot pull the placeholder: set STEPGUARD_PODS_IMAGE (pods.image).
+            compiler.Compiler().compile(pipeline(), args.compile)
             assert_ir_runnable(args.compile)
         except StepguardError as err:
-            Path(args.compile).unlink()
+            Path(args.compile).unlink(missing_ok=True)
             print(f"stepguard: error: {err.diagnostics()}", file=sys.stderr)
             return err.exit_code
         print(args.compile)
     if args.local:
         if not (args.dataset and args.manifest):
             p.error("--local needs --dataset and --manifest")
-        receipt = run_local(Path(args.pipeline_root).absolute(),
+        # In a container, python3 is the image's stepguard environment; here, this interpreter.
+        command = TRAIN_COMMAND if args.containers else [sys.executable, "-c", TRAIN_CODE]
+        receipt = run_local(Path(args.pipeline_root).absolute(), containers=args.containers,
                             dataset_path=str(Path(args.dataset).absolute()),
                             manifest_path=str(Path(args.manifest).absolute()),
                             model_name=args.model_name, model_version=args.model_version,
-                            train_command=[sys.executable, "-c", TRAIN_CODE])
+                            train_command=command)
         print(receipt)
     if not (args.compile or args.local):
         p.print_help()

@@ -19,7 +19,7 @@ from typing import Any
 
 from stepguard.errors import ConfigurationError, PolicyViolation
 from stepguard.spec import IsolationSpec, RunContext, StepSpec
-from stepguard_kfp._image import check_pinned
+from stepguard_kfp._image import IMAGE_DIGEST, check_pinned
 from stepguard_kfp._imageref import set_task_image
 
 __all__ = ["HardeningGap", "HardeningReport", "harden"]
@@ -162,8 +162,12 @@ def harden(
     deadline is the step deadline plus ``grace_s``, so the step runner inside the pod times the
     body out and revokes credentials before Kubernetes kills the pod. Caching is turned off: a
     verification step served from cache never verified anything. Pod labels name the step (and
-    ``pipeline``), or come from ``context`` when given; they are fixed at compile time.
+    ``pipeline``), or come from ``context`` when given; they are fixed at compile time. The task
+    runs the one image setting, ``pods.image`` (``STEPGUARD_PODS_IMAGE``); where it is not set the
+    task would run the all-zero placeholder, and ``harden`` raises ConfigurationError.
 
+    >>> import os
+    >>> os.environ["STEPGUARD_PODS_IMAGE"] = "registry.example/sg@sha256:" + "5" * 64
     >>> from kfp import dsl
     >>> from stepguard.spec import IsolationSpec
     >>> from stepguard_kfp import harden, verify_dataset
@@ -175,6 +179,7 @@ def harden(
     ...     assert "runtime_class" in report.gap_settings
     >>> p.name
     'p'
+    >>> del os.environ["STEPGUARD_PODS_IMAGE"]
     """
     deadline: float | None
     if isinstance(spec, StepSpec):
@@ -198,7 +203,8 @@ def harden(
         try:
             check_pinned(image)
         except ConfigurationError:
-            if not iso.allow_unpinned_image:
+            # The placeholder is no image at all (pods.image is not set): never a mere gap.
+            if not iso.allow_unpinned_image or image.endswith("@" + IMAGE_DIGEST):
                 raise
             gap("image", image)
 

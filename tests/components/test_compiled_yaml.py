@@ -91,6 +91,7 @@ def _platform(spec_path: Path) -> dict:
     return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
+@pytest.mark.usefixtures("pods_image")
 def test_hardened_pipeline_ir_carries_the_isolation_settings(tmp_path: Path) -> None:
     from kfp import compiler, dsl
 
@@ -152,6 +153,7 @@ def test_doctests_of_the_package() -> None:
     assert failures == 0
 
 
+@pytest.mark.usefixtures("pods_image")
 def test_example_pipeline_ir_is_hardened_on_every_task(tmp_path: Path) -> None:
     import importlib.util
 

@@ -24,6 +24,9 @@ def test_reference_example_runs(index: int, tmp_path: Path, monkeypatch: pytest.
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("STEPGUARD_CONFIG", raising=False)
     monkeypatch.setenv("STEPGUARD_AUDIT_EXPORTER", "none")
+    # The page's examples harden tasks, which take the image from pods.image (docs say so).
+    monkeypatch.setenv("STEPGUARD_PODS_IMAGE", "registry.example/stepguard-runtime@sha256:"
+                       + "5" * 64)
     saved = os.environ.get("STEPGUARD_STATE_DIR")
     try:
         exec(compile(BLOCKS[index], f"{DOC.name}[{index}]", "exec"), {"__name__": "doc"})

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("kfp")
+pytestmark = [pytest.mark.usefixtures("pods_image")]
 
 
 def _task_in_pipeline(apply):

@@ -40,7 +40,7 @@ def example():
 
 
 @pytest.fixture
-def env(dev_stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def env(dev_stack, pods_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Settings and Vault login for the component processes, exactly as a pod would get them."""
     import hvac
     from cryptography.hazmat.primitives import serialization as s

@@ -183,7 +183,7 @@ def test_compiled_example_carries_the_configured_image(tmp_path: Path) -> None:
 def test_compiling_the_example_without_an_image_is_refused(tmp_path: Path) -> None:
     proc = _compile_example(tmp_path)
     assert proc.returncode == 2
-    assert "all-zero placeholder image" in proc.stderr and "STEPGUARD_PODS_IMAGE" in proc.stderr
+    assert "all-zero placeholder" in proc.stderr and "STEPGUARD_PODS_IMAGE" in proc.stderr
     assert not (tmp_path / "ir.yaml").exists()
 
 

@@ -54,7 +54,7 @@ def _instance(template, root: Path, region: str, **over):
 
 
 @pytest.fixture
-def env(dev_stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def env(dev_stack, pods_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     import hvac
 
     from stepguard.template import PipelineTemplate
@@ -115,6 +115,7 @@ def _constant(node, name: str):
     return None
 
 
+@pytest.mark.usefixtures("pods_image")
 def test_template_compiles_with_the_same_controls(tmp_path: Path) -> None:
     from kfp import compiler
 
