@@ -82,6 +82,27 @@ def test_unpinned_image_is_refused_unless_the_spec_allows_it() -> None:
     assert "image" in report.gap_settings
 
 
+@pytest.mark.parametrize("allow_unpinned", [False, True])
+def test_without_pods_image_the_placeholder_is_refused(
+        allow_unpinned: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stepguard.errors import ConfigurationError
+    from stepguard.spec import IsolationSpec
+    from stepguard_kfp import harden
+
+    monkeypatch.delenv("STEPGUARD_PODS_IMAGE")
+    monkeypatch.delenv("STEPGUARD_CONFIG", raising=False)
+    from stepguard_kfp import DEFAULT_IMAGE
+
+    def placeholder(t):  # as a task of components imported before any setting was in place
+        t.container_spec.image = DEFAULT_IMAGE
+        return t
+
+    spec = IsolationSpec(mode="pod", allow_unpinned_image=allow_unpinned)
+    with pytest.raises(ConfigurationError, match="all-zero placeholder") as info:
+        _task_in_pipeline(lambda t: harden(placeholder(t), spec))
+    assert "STEPGUARD_PODS_IMAGE" in info.value.diagnostics()
+
+
 def test_unknown_toleration_field_is_refused() -> None:
     from stepguard.errors import ConfigurationError
     from stepguard.spec import IsolationSpec
