@@ -18,11 +18,12 @@ image a cluster pulls:
   *assumes success*. A secured step refused with exit 3 (tampered data) was reported as
   SUCCESS. Inside this block the container is kept until its status is read, then removed.
 
-What this cannot run: the Python-function components (``verify_dataset``, ``secure_train``,
-``sign_and_publish``, ``verify_model``) need the ``kfp`` executor (``python3 -m
-kfp.dsl.executor_main``) inside the image, which the runtime image does not install; the
-container component ``secure_train_container`` (``python3 -m stepguard_kfp.train``) needs only
-stepguard and runs.
+Every component runs: the Python-function components (``verify_dataset``, ``secure_train``,
+``sign_and_publish``, ``verify_model``) start with KFP's executor (``python3 -m
+kfp.dsl.executor_main``), which the runtime image's lock installs; the container component
+``secure_train_container`` (``python3 -m stepguard_kfp.train``) needs only stepguard. The example
+pipeline's ``run_local(..., containers=True)`` (``dags_examples/kfp_secure_training.py``) puts
+the four together.
 
 >>> env = kfp_pod_env("train")
 >>> sorted(env)
