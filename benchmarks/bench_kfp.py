@@ -144,6 +144,10 @@ def main() -> int:
 
         iso = IsolationSpec(mode="pod", gpus=1, cpu="4", memory="8Gi",
                             node_selector={"pool": "gpu"})
+        # harden takes the image from pods.image and refuses the placeholder: any pinned digest
+        # serves a compile-only measurement.
+        os.environ.setdefault("STEPGUARD_PODS_IMAGE",
+                              "registry.example/stepguard-runtime@sha256:" + "5" * 64)
 
         def build(hardened: bool):
             @dsl.pipeline
