@@ -261,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--local needs --dataset and --manifest")
         # In a container, python3 is the image's stepguard environment; here, this interpreter.
         command = TRAIN_COMMAND if args.containers else [sys.executable, "-c", TRAIN_CODE]
-        receipt = run_local(Path(args.pipeline_root).absolute(), containers=args.containers,
-                            dataset_path=str(Path(args.dataset).absolute()),
-                            manifest_path=str(Path(args.manifest).absolute()),
-                            model_name=args.model_name, model_version=args.model_version,
-                            train_command=command)
+        from stepguard.errors import StepguardError
+
+        try:
+            receipt = run_local(Path(args.pipeline_root).absolute(), containers=args.containers,
+                                dataset_path=str(Path(args.dataset).absolute()),
+                                manifest_path=str(Path(args.manifest).absolute()),
+                                model_name=args.model_name, model_version=args.model_version,
+                                train_command=command)
+        except StepguardError as err:  # e.g. pods.image not set, podman unavailable
+            print(f"stepguard: error: {err.diagnostics()}", file=sys.stderr)
+            return err.exit_code
         print(receipt)
     if not (args.compile or args.local):
         p.print_help()
