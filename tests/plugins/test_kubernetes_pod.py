@@ -264,3 +264,75 @@ def test_the_placeholder_digest_is_refused_when_the_dag_is_parsed(kubeconfig):
 
     with pytest.raises(PolicyViolation, match="placeholder"):
         _op(kubeconfig, image="ghcr.io/stepguard/stepguard-runtime@sha256:" + "0" * 64)
+
+
+def test_user_volumes_are_added_to_the_scratch_dir_not_replacing_it(airflow_db, kubeconfig):
+    from kubernetes.client import ApiClient
+    from kubernetes.client import models as k8s
+
+    from stepguard.errors import ConfigurationError
+
+    data = k8s.V1Volume(name="data", empty_dir=k8s.V1EmptyDirVolumeSource())
+    op = _op(kubeconfig, volumes=[data],
+             volume_mounts=[k8s.V1VolumeMount(name="data", mount_path="/data")])
+    m = ApiClient().sanitize_for_serialization(op.build_pod_request_obj())
+    mounts = {v["mountPath"]: v["name"] for v in m["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts == {"/tmp": "scratch", "/data": "data"}
+    assert {v["name"] for v in m["spec"]["volumes"]} == {"scratch", "data"}
+    # The runner's pod gets the same volumes, merged into its own (scratch, home, /dev/shm).
+    assert op.stepguard_volumes == ([{"name": "data", "emptyDir": {}}],
+                                    [{"name": "data", "mountPath": "/data"}])
+    with pytest.raises(ConfigurationError) as info:
+        _op(kubeconfig, volumes=[data],
+            volume_mounts=[k8s.V1VolumeMount(name="data", mount_path="/tmp")])
+    assert info.value.subject == "/tmp"
+
+
+def test_stock_arguments_become_the_runner_pods_step(airflow_db, kubeconfig):
+    """The pod the task creates is the step runner's: the KPO arguments that shape it land in
+    the step spec (see _kporunner's table)."""
+    from kubernetes.client import models as k8s
+
+    from stepguard_airflow._common import resolve_spec
+    from stepguard_airflow.operators import _kporunner
+
+    op = _op(kubeconfig, network=[], arguments=["--epochs", "3"], env_vars={"MODE": "full"},
+             node_selector={"pool": "gpu"}, service_account_name="trainer",
+             active_deadline_seconds=7200,
+             tolerations=[k8s.V1Toleration(key="gpu", operator="Exists", effect="NoSchedule")],
+             container_resources=k8s.V1ResourceRequirements(limits={
+                 "cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}),
+             inputs={"data": {"path": "s3://lake/data/", "manifest": "s3://lake/m.json"}},
+             outputs={"model": "s3://lake/model/"},
+             spec={"storage": {"endpoint_url": "http://10.0.0.7:9000"}})
+    spec = resolve_spec(_kporunner.spec_data(op), "pod", None)
+    iso = spec.isolation
+    assert (iso.mode, iso.image, iso.namespace, iso.network) == ("pod", DIGEST, "ml", ())
+    assert (iso.cpu, iso.memory, iso.gpus) == ("8", "64Gi", 2)
+    assert iso.node_selector == {"pool": "gpu"} and iso.service_account == "trainer"
+    assert iso.tolerations == ({"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},)
+    assert spec.deadline_s == 7200 and spec.env == {"MODE": "full"}
+    assert [(i.name, i.path) for i in spec.inputs] == [("data", "s3://lake/data/")]
+    assert [(o.name, o.path) for o in spec.outputs] == [("model", "s3://lake/model/")]
+    assert _kporunner.body_argv(op) == ["python", "-m", "train", "--epochs", "3"]
+
+
+@pytest.mark.parametrize("kwargs, subject", [
+    ({"outputs": {"model": "s3://lake/model/"}}, "isolation.network"),
+    ({"network": [], "inputs": {"data": {"path": "/mnt/data", "manifest": "/mnt/m.json"}}},
+     "inputs.data.path"),
+    ({"pod_template_file": "/etc/pod.yaml"}, "pod_template_file"),
+    ({"env_vars": "secret-ref"}, "env_vars.K"),
+])
+def test_step_arguments_a_pod_cannot_honour_are_refused_at_parse_time(airflow_db, kubeconfig,
+                                                                      kwargs, subject):
+    from kubernetes.client import models as k8s
+
+    from stepguard.errors import ConfigurationError
+
+    if kwargs.get("env_vars") == "secret-ref":
+        kwargs = {"env_vars": [k8s.V1EnvVar(name="K", value_from=k8s.V1EnvVarSource(
+            secret_key_ref=k8s.V1SecretKeySelector(name="s", key="k")))]}
+    with pytest.raises(ConfigurationError) as info:
+        _op(kubeconfig, **kwargs)
+    assert info.value.subject == subject
