@@ -389,7 +389,7 @@ def _kpo_dag(orchestrator, *, train_receipt: Any = None, ingest: bool = True,
     write = ("import os, pathlib; pathlib.Path(os.environ['STEPGUARD_OUTPUT_DATA'], "
              "'rows.csv').write_text('a,b\\\\n1,2\\\\n')")
     train = ("import os, pathlib; print('BODY RAN'); "
-             "pathlib.Path(os.environ['STEPGUARD_OUTPUT_MODEL'], 'w.bin').write_bytes(b'w')")
+             "pathlib.Path(os.environ['STEPGUARD_OUTPUT_MODEL'], 'weights.json').write_text('[1]')")
     receipt = "ingest.output" if train_receipt is None else repr(train_receipt)
     return f"""
         import pendulum

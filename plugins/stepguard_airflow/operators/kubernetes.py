@@ -377,6 +377,10 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
                 "volume_mounts": self.stepguard_volumes[1], "wrap_ttl_s": self.wrap_ttl_s})
         out = receipt_xcom(receipt)
         context["ti"].xcom_push(key=RECEIPT_KEY, value=out)
+        if not self.do_xcom_push:
+            # The stock do_xcom_push (default off) is about the KPO's xcom sidecar, which the
+            # runner pod does not need: the receipt is the task's value whatever it says.
+            context["ti"].xcom_push(key="return_value", value=out)
         return out
 
     def get_or_create_pod(self, pod_request_obj: k8s.V1Pod, context: Context) -> k8s.V1Pod:
