@@ -305,7 +305,7 @@ def test_stock_arguments_become_the_runner_pods_step(airflow_db, kubeconfig):
              inputs={"data": {"path": "s3://lake/data/", "manifest": "s3://lake/m.json"}},
              outputs={"model": "s3://lake/model/"},
              spec={"storage": {"endpoint_url": "http://10.0.0.7:9000"}})
-    spec = resolve_spec(_kporunner.spec_data(op), "pod", None)
+    spec = resolve_spec(_kporunner.spec_data(op, "train"), "pod", None)
     iso = spec.isolation
     assert (iso.mode, iso.image, iso.namespace, iso.network) == ("pod", DIGEST, "ml", ())
     assert (iso.cpu, iso.memory, iso.gpus) == ("8", "64Gi", 2)

@@ -77,12 +77,11 @@ def _env(env_vars: Any) -> dict[str, str]:
     return env
 
 
-def spec_data(op: Any, *, receipt_inputs: Sequence[str] = ()) -> dict[str, Any]:
-    """The step spec (a mapping, templates rendered or not) for ``op``'s pod."""
-    from stepguard_airflow._common import step_name
-
+def spec_data(op: Any, name: str, *, receipt_inputs: Sequence[str] = ()) -> dict[str, Any]:
+    """The step spec (a mapping, templates rendered or not) for ``op``'s pod, named ``name``
+    unless its ``spec=`` names it."""
     data: dict[str, Any] = dict(op.step_spec or {})
-    data.setdefault("name", step_name(op.task_id))
+    data.setdefault("name", name)
     iso: dict[str, Any] = dict(data.get("isolation") or {})
     iso["mode"] = "pod"
     if op.image:
@@ -112,11 +111,11 @@ def spec_data(op: Any, *, receipt_inputs: Sequence[str] = ()) -> dict[str, Any]:
                                *(_plain(c) for c in op.credentials)]
     inputs = list(data.get("inputs") or ())
     named = {i.get("name") for i in inputs if isinstance(i, Mapping)}
-    for name, given in (op.inputs or {}).items():
+    for input_name, given in (op.inputs or {}).items():
         # A URI (its receipt from receipts=), or an input spec: {"path": ..., "manifest": ...}.
         item = dict(given) if isinstance(given, Mapping) else {"path": str(given)}
-        inputs.append({**item, "name": name})
-        named.add(name)
+        inputs.append({**item, "name": input_name})
+        named.add(input_name)
     inputs += [{"name": n} for n in receipt_inputs if n not in named]
     if inputs:
         data["inputs"] = inputs

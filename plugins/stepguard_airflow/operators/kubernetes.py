@@ -257,7 +257,8 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         from stepguard._podstep import check_pod_spec
         from stepguard_airflow._common import coerce_spec, resolve_spec
 
-        data = _kporunner.spec_data(self, receipt_inputs=tuple(self.receipts or ()))
+        data = _kporunner.spec_data(self, step_name(self.task_id),
+                                    receipt_inputs=tuple(self.receipts or ()))
         coerce_spec(data, step_name(self.task_id), tuple(self.receipts or ()))
         if "{{" not in json.dumps(data, default=str):
             spec = resolve_spec(data, None, None, dict.fromkeys(self.receipts or ()))
@@ -363,7 +364,8 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
 
         receipts = ({k: resolve_receipt(context, v) for k, v in self.receipts.items()}
                     if self.receipts else None)
-        data = _kporunner.spec_data(self, receipt_inputs=tuple(receipts or ()))
+        data = _kporunner.spec_data(self, step_name(self.task_id),
+                                    receipt_inputs=tuple(receipts or ()))
         try:
             spec = resolve_spec(data, "pod", None, receipts)
             command = _kporunner.body_argv(self)
