@@ -164,35 +164,8 @@ def test_lifecycle_callbacks_are_attached(airflow_db, kubeconfig):
     assert StepguardPodCallbacks in op.callbacks
 
 
-@pytest.mark.services
-def test_credentials_reach_the_pod_only_as_a_single_use_wrapped_token(
-        airflow_db, kubeconfig, dev_stack, dev_postgres, monkeypatch, tmp_path):
-    """Real OpenBao: the operator mints the step's credentials, wraps them in one token for the
-    pod, and revokes the leases when the task ends. The pod itself is not run (no API server):
-    the unwrap a step runner does inside the pod is done here, once."""
-    from stepguard.credentials import unwrap_delivery
-    from stepguard.errors import CredentialDenied
-
-    for var in ("VAULT_TOKEN", "STEPGUARD_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VAULT_ADDR", dev_stack.vault_addr)
-    monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
-    monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
-    monkeypatch.setenv("STEPGUARD_VAULT_AUTH", "approle")
-    op = _op(kubeconfig, network=["10.0.0.5:8200"],
-             credentials=[{"name": "db", "kind": "database", "role": "stepguard-step"}])
-    with op._credentials({"run_id": "manual__1"}) as token:
-        assert token and isinstance(token, str)
-        session = op._stepguard_session
-        delivered = unwrap_delivery(token)
-        values = delivered.values["db"]
-        username = values.reveal("username")
-        assert username
-        with pytest.raises(CredentialDenied):
-            unwrap_delivery(token)  # single use: a second reader is refused
-    assert session.leases and all(rec.revoked for rec in session.leases)
-    assert op._stepguard_session is None
+# The single-use wrapped token handed to the pod: test_pods_podman.py, with a real pod
+# (test_wrapped_login_in_a_pod_with_object_store_output: the second unwrap is refused).
 
 
 def test_pod_lifecycle_callbacks_record_span_events(airflow_db, kubeconfig):
@@ -220,8 +193,11 @@ def test_pod_lifecycle_callbacks_record_span_events(airflow_db, kubeconfig):
 @pytest.mark.services
 def test_on_kill_revokes_the_step_credentials(airflow_db, kubeconfig, dev_stack, dev_postgres,
                                               monkeypatch, tmp_path):
-    """Killing the task revokes the leases at once (the pod deletion needs an API server, which
-    does not run here; its failure is logged and does not stop the revocation)."""
+    """Killing the task revokes the leases the task minted for its pod at once (the session
+    the runner code opens for the wrapped hand-over), not at their TTL."""
+    from stepguard.credentials import VaultConfig, open_session
+    from stepguard.spec import CredentialRequest, RunContext
+
     for var in ("VAULT_TOKEN", "STEPGUARD_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
@@ -231,13 +207,13 @@ def test_on_kill_revokes_the_step_credentials(airflow_db, kubeconfig, dev_stack,
     monkeypatch.setenv("STEPGUARD_VAULT_AUTH", "approle")
     op = _op(kubeconfig, network=["10.0.0.5:8200"],
              credentials=[{"name": "db", "kind": "database", "role": "stepguard-step"}])
-    with op._credentials({"run_id": "manual__kill"}):
-        session = op._stepguard_session
+    request = CredentialRequest(name="db", kind="database", role="stepguard-step")
+    with open_session([request], settings=VaultConfig.from_env(),
+                      context=RunContext(run_id="manual__kill", step="train"),
+                      ttl_s=600) as session:
         assert session.leases and not any(rec.revoked for rec in session.leases)
-        op._stepguard_policy = ("ml", "stepguard-test-policy")
-        op.on_kill()
+        op.on_kill()  # no pod was created (no API server): only the revocation matters here
         assert all(rec.revoked for rec in session.leases)
-        assert op._stepguard_policy is None
 
 
 def test_deferrable_is_refused_and_platform_default_overridden(airflow_db, kubeconfig, monkeypatch):

@@ -30,6 +30,9 @@ What is checked when the DAG is parsed (the stock arguments, as before):
 * a pod step that needs the network (credentials, object-store data) with ``network="none"``
   is a DAG import error; ``on_kill`` revokes the credentials (the pod, its ConfigMap and policy
   are deleted by the runner code on every path, SIGTERM included).
+
+``StepguardPodCallbacks`` stays attached for code that drives the stock pod lifecycle; the
+runner's pod is recorded by the step's own spans (``stepguard.step``, ``isolation.run``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCal
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s  # type: ignore[import-untyped]
 
-from stepguard_airflow._common import run_context, step_name, task_failure
+from stepguard_airflow._common import step_name, task_failure
 from stepguard_airflow.operators import _kporunner
 
 if TYPE_CHECKING:
@@ -237,8 +240,6 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         self.allow_unpinned_image = allow_unpinned_image
         self.stepguard_conn_id = stepguard_conn_id
         self.wrap_ttl_s = wrap_ttl_s
-        self._stepguard_session: Any = None
-        self._stepguard_policy: tuple[str, str] | None = None
         self.inputs = dict(inputs) if inputs else None
         self.outputs = dict(outputs) if outputs else None
         from stepguard_airflow.operators._step import receipt_arg
@@ -385,84 +386,15 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
             context["ti"].xcom_push(key="return_value", value=out)
         return out
 
-    def get_or_create_pod(self, pod_request_obj: k8s.V1Pod, context: Context) -> k8s.V1Pod:
-        """Create the NetworkPolicy first, so the pod never runs a moment without it."""
-        if self.network_policy:
-            body = self.network_policy_manifest(pod_request_obj)
-            ns = pod_request_obj.metadata.namespace
-            from kubernetes.client import NetworkingV1Api
-
-            NetworkingV1Api(self.client.api_client).create_namespaced_network_policy(ns, body)
-            self._stepguard_policy = (ns, body["metadata"]["name"])
-            _event("network_policy_created", pod_request_obj)
-        return super().get_or_create_pod(pod_request_obj, context)
-
-    def _delete_network_policy(self) -> None:
-        if self._stepguard_policy is None:
-            return
-        ns, name = self._stepguard_policy
-        self._stepguard_policy = None
-        try:
-            from kubernetes.client import NetworkingV1Api
-
-            NetworkingV1Api(self.client.api_client).delete_namespaced_network_policy(name, ns)
-        except Exception as exc:
-            log.warning("could not delete NetworkPolicy %s/%s (%s)", ns, name,
-                        type(exc).__name__)
-
-    def _credentials(self, context: Context) -> Any:
-        """Mint the step's credentials and wrap them for the pod; revoke on exit."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def cm() -> Any:
-            if not self.credentials:
-                yield None
-                return
-            from stepguard.credentials import VaultConfig, open_session, wrap_for_delivery
-            from stepguard_airflow.hooks import StepguardHook
-
-            hook = StepguardHook(self.stepguard_conn_id)
-            settings = hook.get_settings()
-            ctx = run_context(context, step_name(self.task_id))
-            ttl = float(self.active_deadline_seconds or DEFAULT_DEADLINE_S) + \
-                settings.vault.ttl_margin_s
-            with hook.login_env(settings), open_session(
-                    self.credentials, settings=VaultConfig.from_env(), context=ctx,
-                    ttl_s=ttl) as session:
-                self._stepguard_session = session
-                try:
-                    delivery = wrap_for_delivery(
-                        session, ttl_s=self.wrap_ttl_s or settings.pods.wrap_ttl_s)
-                    from airflow.sdk.log import mask_secret
-
-                    token = delivery.token.get_secret_value()
-                    mask_secret(token)
-                    yield token
-                finally:
-                    self._stepguard_session = None
-
-        return cm()
-
     def on_kill(self) -> None:
-        """Revoke the step's credentials at once (SIGTERM also unwinds the runner code, which
-        deletes the pod, its ConfigMap and policy); a stock pod and policy are deleted too."""
+        """Revoke the step's credentials at once (Airflow's SIGTERM handling only calls this);
+        the runner code deletes the pod, its ConfigMap and its policy on every path."""
+        from stepguard_airflow._common import revoke_on_kill
+
         try:
             super().on_kill()
         finally:
-            self._delete_network_policy()
-            from stepguard_airflow._common import revoke_on_kill
-
             revoke_on_kill()
-            session = self._stepguard_session
-            if session is not None:
-                close = getattr(session, "close", None) or getattr(session, "revoke", None)
-                if callable(close):
-                    try:
-                        close()
-                    except Exception as exc:
-                        log.warning("credential revocation on kill failed (%s)",
-                                    type(exc).__name__)
 
 
 def _credential_from(data: Mapping[str, Any]) -> CredentialRequest:
