@@ -9,9 +9,10 @@ through XCom; each step verifies its input against the receipt of the step that 
 * ``verify_dataset``: the data lake copy is checked against that manifest; any modified, added
   or missing file stops the run here.
 * ``train``: runs in the local bubblewrap sandbox (no network, read-only view of the verified
-  input, private /tmp). With ``STEPGUARD_K8S_NAMESPACE`` and ``STEPGUARD_TRAIN_IMAGE`` (a
-  digest-pinned image holding stepguard and the training code) set when the DAG is parsed, it
-  runs as a restricted pod instead (``SecureKubernetesPodOperator``).
+  input, private /tmp). With ``STEPGUARD_EXAMPLE_STORE``, ``STEPGUARD_TRAIN_POD`` and
+  ``STEPGUARD_TRAIN_IMAGE`` (a digest-pinned image holding stepguard and the training code) set
+  when the DAG is parsed, it runs as a restricted pod instead (``SecureKubernetesPodOperator``,
+  in ``STEPGUARD_K8S_NAMESPACE``), the step runner as its entrypoint.
 * ``sign_and_publish``: the model, verified against the training receipt, is signed with the
   Vault Transit key and published to the registry.
 * ``gate``: the model is fetched back from the registry and verified under the ``release``
@@ -131,36 +132,30 @@ POD_TRAIN = ["python3", "-c",
 
 def _train_task(dataset: Any) -> BaseOperator:
     if STORE and os.environ.get("STEPGUARD_TRAIN_POD"):
-        # The step runner is the pod's entrypoint (image: the pods.image setting): it logs in
-        # to Vault from inside the pod, verifies the dataset it downloads against the ingest
+        # SecureKubernetesPodOperator: the step runner is the pod's entrypoint (image: a
+        # digest-pinned runtime image with stepguard and the training code). It logs in to
+        # Vault from inside the pod, verifies the dataset it downloads against the ingest
         # receipt, trains, uploads the model and hands its signed receipt back to this task.
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        return SecureStepOperator(
-            task_id="train",
-            spec={
-                "inputs": [{"name": "dataset"}],
-                "outputs": [{"name": "model", "path": _where("train", "model", "model")}],
-                "isolation": {"mode": "pod", "network": [], "cpu": "1", "memory": "1Gi"},
-                "deadline_s": 600,
-                "credentials": [LAKE],
-                "storage": {"credential": LAKE["name"], "endpoint_url": endpoint},
-                "env": {"AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
-                        **({"AWS_ENDPOINT_URL": endpoint} if endpoint else {})},
-            },
-            receipts={"dataset": dataset},
-            command=POD_TRAIN,
-        )
-    namespace = os.environ.get("STEPGUARD_K8S_NAMESPACE")
-    image = os.environ.get("STEPGUARD_TRAIN_IMAGE")
-    if namespace and image:
+        from kubernetes.client import models as k8s  # type: ignore[import-untyped]
+
         from stepguard_airflow.operators.kubernetes import SecureKubernetesPodOperator
 
-        # In a cluster the step runner is the pod's entrypoint: it verifies the input, runs the
-        # body, hashes the output, all inside the restricted pod.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
         return SecureKubernetesPodOperator(
-            task_id="train", namespace=namespace, image=image,
-            cmds=["stepguard", "exec", "--spec", "/etc/stepguard/train.yaml", "--",
-                  "python", "-m", "train"],
+            task_id="train",
+            namespace=os.environ.get("STEPGUARD_K8S_NAMESPACE", "default"),
+            image=os.environ["STEPGUARD_TRAIN_IMAGE"],
+            cmds=POD_TRAIN,
+            network=[],  # Vault, the object store and OTLP from settings; nothing else
+            credentials=[LAKE],
+            receipts={"dataset": dataset},
+            outputs={"model": _where("train", "model", "model")},
+            spec={"storage": {"credential": LAKE["name"], "endpoint_url": endpoint}},
+            env_vars={"AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
+                      **({"AWS_ENDPOINT_URL": endpoint} if endpoint else {})},
+            container_resources=k8s.V1ResourceRequirements(limits={"cpu": "1",
+                                                                   "memory": "1Gi"}),
+            active_deadline_seconds=600,
         )
     storage: dict[str, Any] = {"credentials": [LAKE], "storage": {"credential": LAKE["name"]}} \
         if STORE else {}

@@ -214,8 +214,13 @@ def execute_step(
     settings_file: str | None = None,
     receipts: Mapping[str, Any] | None = None,
     gate: dict[str, Any] | None = None,
+    pod: Mapping[str, Any] | None = None,
 ) -> Receipt:
     """Run ``spec`` through :func:`stepguard.step.run_step` for an Airflow task instance.
+
+    ``pod``: keyword arguments for :func:`stepguard._podstep.run_in_pod` (``kube_api``,
+    ``volumes``, ``volume_mounts``) of a ``mode: pod`` step, plus ``wrap_ttl_s`` (overrides
+    ``pods.wrap_ttl_s``) -- what ``SecureKubernetesPodOperator`` brings from its arguments.
 
     Settings come from the ``stepguard`` connection (when defined) on top of the settings
     file/environment; ``spec`` may be a function of those settings. Relative output paths are
@@ -240,6 +245,12 @@ def execute_step(
     try:
         hook = StepguardHook(conn_id)
         settings: Settings = hook.get_settings(settings_file)
+        if pod is not None and pod.get("wrap_ttl_s"):
+            pod = dict(pod)
+            settings = replace(settings, pods=replace(settings.pods,
+                                                      wrap_ttl_s=int(pod.pop("wrap_ttl_s"))))
+        elif pod is not None:
+            pod = {k: v for k, v in pod.items() if k != "wrap_ttl_s"}
         if callable(spec):
             spec = spec(settings)
     except StepguardError as err:
@@ -249,8 +260,14 @@ def execute_step(
     try:
         spec = anchor_outputs(spec, settings, ctx)
         with receipts_as_inputs(spec, receipts) as final, hook.login_env(settings):
-            receipt = run_step(final, command=command, body=body, context=ctx,
-                               settings=settings)
+            if pod is not None and command is not None:
+                from stepguard._podstep import run_in_pod
+
+                receipt = run_in_pod(Step(final, settings=settings, context=ctx), command,
+                                     **pod)
+            else:
+                receipt = run_step(final, command=command, body=body, context=ctx,
+                                   settings=settings)
     except StepguardError as err:
         failed = getattr(err, "receipt", None)
         if failed is not None:

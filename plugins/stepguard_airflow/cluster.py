@@ -568,6 +568,7 @@ def example_env(root: Path, info: Any, *,
     }
     if pod_image:
         env["STEPGUARD_TRAIN_POD"] = "1"  # read when the DAG is parsed
+        env["STEPGUARD_TRAIN_IMAGE"] = pod_image
         worker_env.update({
             "STEPGUARD_KUBE_API": "stepguard.testing.kubeplay:from_environment",
             # The cluster's service-account issuer, as the dev OpenBao's jwt/ mount trusts it.

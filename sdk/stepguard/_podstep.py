@@ -40,7 +40,7 @@ import json
 import sys
 import time
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -152,7 +152,11 @@ def pod_config(spec: StepSpec, settings: Settings) -> dict[str, str]:
     receipt signing key file is refused (sign receipts with Transit from a pod)."""
     files: dict[str, str] = {}
     inner = spec.to_dict()
-    inner["isolation"] = {"mode": "process", "network": "none", "gpus": spec.isolation.gpus}
+    # The pod is the isolation; what the runner inside still checks is the GPU request (fail
+    # clearly where none is visible, unless optional). shm_size is the pod's (a mounted
+    # /dev/shm), so it stays outside.
+    inner["isolation"] = {"mode": "process", "network": "none", "gpus": spec.isolation.gpus,
+                          "gpus_optional": spec.isolation.gpus_optional}
     for i, inp in enumerate(inner.get("inputs") or ()):
         # A producer's receipt or a manifest on the orchestrator's disk travels in the
         # ConfigMap (neither holds a secret); an object URI or JSON text stays as it is.
@@ -280,8 +284,14 @@ def _handover(step: Step, ctx: RunContext) -> Iterator[tuple[dict[str, str], Any
 
 
 def run_in_pod(step: Step, command: Sequence[str], *, kube_api: Any = None,
-               stdout: Any = None, poll_s: float = 1.0) -> Receipt:
-    """Run ``command`` under the step runner in a pod; return the pod's checked receipt."""
+               stdout: Any = None, poll_s: float = 1.0,
+               volumes: Sequence[Mapping[str, Any]] = (),
+               volume_mounts: Sequence[Mapping[str, Any]] = ()) -> Receipt:
+    """Run ``command`` under the step runner in a pod; return the pod's checked receipt.
+
+    ``volumes``/``volume_mounts`` (plain Kubernetes dicts) are added to the pod's own (merged by
+    :func:`stepguard.isolation.merge_volumes`: a clash with scratch, home or ``/dev/shm`` is
+    refused, never a silent replacement)."""
     import dataclasses
 
     from stepguard.isolation import default_pod_name, run_isolated
@@ -313,7 +323,8 @@ def run_in_pod(step: Step, command: Sequence[str], *, kube_api: Any = None,
                 stdout=typing.cast("typing.IO[bytes]", tee), pod_options={
                     "config_map": files, "poll_s": poll_s,
                     "vault_audience": settings.pods.jwt_audience,
-                    "vault_token_expiry_s": settings.pods.token_expiry_s})
+                    "vault_token_expiry_s": settings.pods.token_expiry_s,
+                    "user_volumes": tuple(volumes), "user_volume_mounts": tuple(volume_mounts)})
     audit.flush()
     subject = f"pod {result.pod_name}"
     receipt = receipt_from_log(bytes(tee.buf), ctx, subject)

@@ -164,35 +164,8 @@ def test_lifecycle_callbacks_are_attached(airflow_db, kubeconfig):
     assert StepguardPodCallbacks in op.callbacks
 
 
-@pytest.mark.services
-def test_credentials_reach_the_pod_only_as_a_single_use_wrapped_token(
-        airflow_db, kubeconfig, dev_stack, dev_postgres, monkeypatch, tmp_path):
-    """Real OpenBao: the operator mints the step's credentials, wraps them in one token for the
-    pod, and revokes the leases when the task ends. The pod itself is not run (no API server):
-    the unwrap a step runner does inside the pod is done here, once."""
-    from stepguard.credentials import unwrap_delivery
-    from stepguard.errors import CredentialDenied
-
-    for var in ("VAULT_TOKEN", "STEPGUARD_CONFIG"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VAULT_ADDR", dev_stack.vault_addr)
-    monkeypatch.setenv("VAULT_ROLE_ID", dev_stack.approle_role_id)
-    monkeypatch.setenv("VAULT_SECRET_ID_FILE", str(dev_stack.approle_secret_id_file))
-    monkeypatch.setenv("STEPGUARD_VAULT_AUTH", "approle")
-    op = _op(kubeconfig, network=["10.0.0.5:8200"],
-             credentials=[{"name": "db", "kind": "database", "role": "stepguard-step"}])
-    with op._credentials({"run_id": "manual__1"}) as token:
-        assert token and isinstance(token, str)
-        session = op._stepguard_session
-        delivered = unwrap_delivery(token)
-        values = delivered.values["db"]
-        username = values.reveal("username")
-        assert username
-        with pytest.raises(CredentialDenied):
-            unwrap_delivery(token)  # single use: a second reader is refused
-    assert session.leases and all(rec.revoked for rec in session.leases)
-    assert op._stepguard_session is None
+# The single-use wrapped token handed to the pod: test_pods_podman.py, with a real pod
+# (test_wrapped_login_in_a_pod_with_object_store_output: the second unwrap is refused).
 
 
 def test_pod_lifecycle_callbacks_record_span_events(airflow_db, kubeconfig):
@@ -220,8 +193,11 @@ def test_pod_lifecycle_callbacks_record_span_events(airflow_db, kubeconfig):
 @pytest.mark.services
 def test_on_kill_revokes_the_step_credentials(airflow_db, kubeconfig, dev_stack, dev_postgres,
                                               monkeypatch, tmp_path):
-    """Killing the task revokes the leases at once (the pod deletion needs an API server, which
-    does not run here; its failure is logged and does not stop the revocation)."""
+    """Killing the task revokes the leases the task minted for its pod at once (the session
+    the runner code opens for the wrapped hand-over), not at their TTL."""
+    from stepguard.credentials import VaultConfig, open_session
+    from stepguard.spec import CredentialRequest, RunContext
+
     for var in ("VAULT_TOKEN", "STEPGUARD_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
@@ -231,13 +207,13 @@ def test_on_kill_revokes_the_step_credentials(airflow_db, kubeconfig, dev_stack,
     monkeypatch.setenv("STEPGUARD_VAULT_AUTH", "approle")
     op = _op(kubeconfig, network=["10.0.0.5:8200"],
              credentials=[{"name": "db", "kind": "database", "role": "stepguard-step"}])
-    with op._credentials({"run_id": "manual__kill"}):
-        session = op._stepguard_session
+    request = CredentialRequest(name="db", kind="database", role="stepguard-step")
+    with open_session([request], settings=VaultConfig.from_env(),
+                      context=RunContext(run_id="manual__kill", step="train"),
+                      ttl_s=600) as session:
         assert session.leases and not any(rec.revoked for rec in session.leases)
-        op._stepguard_policy = ("ml", "stepguard-test-policy")
-        op.on_kill()
+        op.on_kill()  # no pod was created (no API server): only the revocation matters here
         assert all(rec.revoked for rec in session.leases)
-        assert op._stepguard_policy is None
 
 
 def test_deferrable_is_refused_and_platform_default_overridden(airflow_db, kubeconfig, monkeypatch):
@@ -264,3 +240,75 @@ def test_the_placeholder_digest_is_refused_when_the_dag_is_parsed(kubeconfig):
 
     with pytest.raises(PolicyViolation, match="placeholder"):
         _op(kubeconfig, image="ghcr.io/stepguard/stepguard-runtime@sha256:" + "0" * 64)
+
+
+def test_user_volumes_are_added_to_the_scratch_dir_not_replacing_it(airflow_db, kubeconfig):
+    from kubernetes.client import ApiClient
+    from kubernetes.client import models as k8s
+
+    from stepguard.errors import ConfigurationError
+
+    data = k8s.V1Volume(name="data", empty_dir=k8s.V1EmptyDirVolumeSource())
+    op = _op(kubeconfig, volumes=[data],
+             volume_mounts=[k8s.V1VolumeMount(name="data", mount_path="/data")])
+    m = ApiClient().sanitize_for_serialization(op.build_pod_request_obj())
+    mounts = {v["mountPath"]: v["name"] for v in m["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts == {"/tmp": "scratch", "/data": "data"}
+    assert {v["name"] for v in m["spec"]["volumes"]} == {"scratch", "data"}
+    # The runner's pod gets the same volumes, merged into its own (scratch, home, /dev/shm).
+    assert op.stepguard_volumes == ([{"name": "data", "emptyDir": {}}],
+                                    [{"name": "data", "mountPath": "/data"}])
+    with pytest.raises(ConfigurationError) as info:
+        _op(kubeconfig, volumes=[data],
+            volume_mounts=[k8s.V1VolumeMount(name="data", mount_path="/tmp")])
+    assert info.value.subject == "/tmp"
+
+
+def test_stock_arguments_become_the_runner_pods_step(airflow_db, kubeconfig):
+    """The pod the task creates is the step runner's: the KPO arguments that shape it land in
+    the step spec (see _kporunner's table)."""
+    from kubernetes.client import models as k8s
+
+    from stepguard_airflow._common import resolve_spec
+    from stepguard_airflow.operators import _kporunner
+
+    op = _op(kubeconfig, network=[], arguments=["--epochs", "3"], env_vars={"MODE": "full"},
+             node_selector={"pool": "gpu"}, service_account_name="trainer",
+             active_deadline_seconds=7200,
+             tolerations=[k8s.V1Toleration(key="gpu", operator="Exists", effect="NoSchedule")],
+             container_resources=k8s.V1ResourceRequirements(limits={
+                 "cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}),
+             inputs={"data": {"path": "s3://lake/data/", "manifest": "s3://lake/m.json"}},
+             outputs={"model": "s3://lake/model/"},
+             spec={"storage": {"endpoint_url": "http://10.0.0.7:9000"}})
+    spec = resolve_spec(_kporunner.spec_data(op, "train"), "pod", None)
+    iso = spec.isolation
+    assert (iso.mode, iso.image, iso.namespace, iso.network) == ("pod", DIGEST, "ml", ())
+    assert (iso.cpu, iso.memory, iso.gpus) == ("8", "64Gi", 2)
+    assert iso.node_selector == {"pool": "gpu"} and iso.service_account == "trainer"
+    assert iso.tolerations == ({"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},)
+    assert spec.deadline_s == 7200 and spec.env == {"MODE": "full"}
+    assert [(i.name, i.path) for i in spec.inputs] == [("data", "s3://lake/data/")]
+    assert [(o.name, o.path) for o in spec.outputs] == [("model", "s3://lake/model/")]
+    assert _kporunner.body_argv(op) == ["python", "-m", "train", "--epochs", "3"]
+
+
+@pytest.mark.parametrize("kwargs, subject", [
+    ({"outputs": {"model": "s3://lake/model/"}}, "isolation.network"),
+    ({"network": [], "inputs": {"data": {"path": "/mnt/data", "manifest": "/mnt/m.json"}}},
+     "inputs.data.path"),
+    ({"pod_template_file": "/etc/pod.yaml"}, "pod_template_file"),
+    ({"env_vars": "secret-ref"}, "env_vars.K"),
+])
+def test_step_arguments_a_pod_cannot_honour_are_refused_at_parse_time(airflow_db, kubeconfig,
+                                                                      kwargs, subject):
+    from kubernetes.client import models as k8s
+
+    from stepguard.errors import ConfigurationError
+
+    if kwargs.get("env_vars") == "secret-ref":
+        kwargs = {"env_vars": [k8s.V1EnvVar(name="K", value_from=k8s.V1EnvVarSource(
+            secret_key_ref=k8s.V1SecretKeySelector(name="s", key="k")))]}
+    with pytest.raises(ConfigurationError) as info:
+        _op(kubeconfig, **kwargs)
+    assert info.value.subject == subject

@@ -313,3 +313,162 @@ def test_a_mounted_vault_token_is_what_the_runner_logs_in_with():
     files = pod_config(spec, Settings.from_dict({"pods": {"jwt_role": "stepguard-step"}}))
     vault = json.loads(files["settings.json"])["vault"]
     assert (vault["auth"], vault["jwt_path"]) == ("jwt", "/var/run/secrets/stepguard/vault/token")
+
+
+def test_a_lost_span_export_in_the_pod_is_in_the_returned_receipt(kube, podman_image,
+                                                                  orchestrator, tmp_path):
+    """The pod's OTLP collector is down: its receipt says so, and the receipt the orchestrator
+    checked and returned keeps the field."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there
+    spec = StepSpec.from_dict({
+        "name": "train", "isolation": {"mode": "pod", "network": []},
+        "env": {"OTEL_EXPORTER_OTLP_TIMEOUT": "1", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "1"}})
+    settings = _settings(orchestrator, tmp_path, podman_image[1], otlp_endpoint=dead)
+    receipt = _run(kube, spec, settings, f"pode-{uuid.uuid4().hex[:8]}", body="print('ok')")
+    assert receipt.audit_export is not None
+    assert receipt.audit_export.status == "lost" and receipt.audit_export.spans_dropped > 0
+    assert receipt.audit_export.spans_exported == 0
+    (cm,) = [m for m in kube.manifests if m["kind"] == "ConfigMap"]
+    assert json.loads(cm["data"]["settings.json"])["audit"]["exporter"] == "both"
+
+
+def test_the_in_pod_spec_keeps_the_gpu_request_and_its_optionality():
+    """gpus_optional travels into the pod (else the runner inside refuses a pod step that may
+    run on CPU); shm_size is the pod's own /dev/shm, not the runner's."""
+    from stepguard._podstep import pod_config
+    from stepguard.isolation import build_pod
+
+    spec = StepSpec.from_dict({"name": "t", "isolation": {
+        "mode": "pod", "network": [], "gpus": 1, "gpus_optional": True, "shm_size": "2Gi",
+        "image": "r/x@sha256:" + "1" * 64}})
+    inner = json.loads(pod_config(spec, Settings.from_dict({}))["step.json"])
+    assert inner["isolation"]["gpus"] == 1 and inner["isolation"]["gpus_optional"] is True
+    assert "shm_size" not in inner["isolation"]
+    assert StepSpec.from_dict(inner).isolation.gpus_optional is True  # the runner accepts it
+    pod = build_pod(spec.isolation, name="t", command=["true"], env={},
+                    context=RunContext(step="t"))
+    (shm,) = [v for v in pod["spec"]["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+
+
+# -- SecureKubernetesPodOperator: the operator's own pods, really run -----------------------------
+
+@pytest.fixture
+def kpo_worker(kube, podman_image, orchestrator, stepguard_env, monkeypatch):
+    """An Airflow worker whose SecureKubernetesPodOperator pods run in podman; a key policy."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from stepguard_airflow.operators import _kporunner
+
+    root = stepguard_env
+    key = ec.generate_private_key(ec.SECP256R1())
+    (root / "k.pem").write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                                   ser.NoEncryption()))
+    cfg = root / "stepguard.yaml"
+    cfg.write_text(f'vault: {{addr: "{orchestrator.vault_addr}", auth: approle}}\n'
+                   f'pods: {{image: "{podman_image[1]}"}}\n')
+    monkeypatch.setenv("STEPGUARD_CONFIG", str(cfg))
+    monkeypatch.setattr(_kporunner, "kube_api", lambda op: kube.api())
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    return root
+
+
+def _kpo_dag(orchestrator, *, train_receipt: Any = None, ingest: bool = True,
+             publish: str | None = None) -> str:
+    lake = {"name": "lake", "kind": "aws_web_identity",
+            "role": orchestrator.web_identity_role_arn}
+    step = {"storage": {"credential": "lake", "endpoint_url": orchestrator.moto_endpoint}}
+    region = orchestrator.aws_region
+    write = ("import os, pathlib; pathlib.Path(os.environ['STEPGUARD_OUTPUT_DATA'], "
+             "'rows.csv').write_text('a,b\\\\n1,2\\\\n')")
+    train = ("import os, pathlib; print('BODY RAN'); "
+             "pathlib.Path(os.environ['STEPGUARD_OUTPUT_MODEL'], 'weights.json').write_text('[1]')")
+    receipt = "ingest.output" if train_receipt is None else repr(train_receipt)
+    return f"""
+        import pendulum
+        from airflow.sdk import DAG
+        from kubernetes.client import models as k8s
+        from stepguard_airflow.operators import SignAndPublishModelOperator
+        from stepguard_airflow.operators.kubernetes import SecureKubernetesPodOperator
+
+        common = dict(namespace="ml", network=[], credentials=[{lake!r}], spec={step!r},
+                      env_vars={{"AWS_REGION": {region!r}}}, image={{image!r}})
+        with DAG("{{dag_id}}", schedule=None, start_date=pendulum.datetime(2024, 1, 1)) as dag:
+            if {ingest!r}:
+                ingest = SecureKubernetesPodOperator(
+                    task_id="ingest", cmds=["python3", "-c", {write!r}],
+                    outputs={{"data": "s3://{BUCKET}/kpo/{{{{ run_id }}}}/data"}}, **common)
+            train = SecureKubernetesPodOperator(
+                task_id="train", cmds=["python3", "-c", {train!r}],
+                receipts={{"data": {receipt}}},
+                outputs={{"model": "s3://{BUCKET}/kpo/{{{{ run_id }}}}/model"}},
+                volumes=[k8s.V1Volume(name="data", empty_dir=k8s.V1EmptyDirVolumeSource())],
+                volume_mounts=[k8s.V1VolumeMount(name="data", mount_path="/data")], **common)
+            if {publish!r}:
+                SignAndPublishModelOperator(
+                    task_id="publish", model=train.output, name="churn", version="1",
+                    signing={{"signer": "key", "key": {publish!r}}},
+                    registry="s3://{BUCKET}/kpo-registry", credential={lake!r})
+    """
+
+
+@pytest.mark.airflow
+def test_operator_pod_runs_the_step_runner_and_its_receipt_chains(
+        airflow_run, kpo_worker, kube, podman_image, orchestrator, capfd):
+    source = _kpo_dag(orchestrator, publish=str(kpo_worker / "k.pem"))
+    dag, _ = airflow_run.write(source.replace("{image!r}", repr(podman_image[1])))
+    dr = dag.test()
+    out = capfd.readouterr().out
+    assert airflow_run.states(dr) == {"ingest": "success", "train": "success",
+                                      "publish": "success"}, out[-4000:]
+    ingest, train = airflow_run.xcom_of(dr, "ingest"), airflow_run.xcom_of(dr, "train")
+    assert airflow_run.xcom_of(dr, "train", "stepguard_receipt") == train
+    assert train["isolation"]["mode"] == "process" and train["isolation"]["pod"]
+    assert train["context"]["run_id"] == dr.run_id and train["context"]["step"] == "train"
+    (data,) = train["inputs"]
+    assert data["verified"] is True and data["path"] == ingest["outputs"][0]["path"]
+    assert train["outputs"][0]["path"].startswith(f"s3://{BUCKET}/kpo/")
+    published = airflow_run.xcom_of(dr, "publish")
+    (trained,) = published["inputs"]
+    assert trained["verified"] is True and trained["path"] == train["outputs"][0]["path"]
+    # The operator's pods: the step runner as entrypoint, its ConfigMap, the user's volume
+    # added to (not replacing) the pod's /tmp; all removed.
+    pods = [m for m in kube.manifests if m["kind"] == "Pod"]
+    assert len(pods) == 2
+    for pod in pods:
+        c = pod["spec"]["containers"][0]
+        assert c["command"][:2] == ["stepguard", "exec"]
+        assert pod["metadata"]["namespace"] == "ml"
+    mounts = {m["mountPath"] for m in pods[1]["spec"]["containers"][0]["volumeMounts"]}
+    assert {"/tmp", "/data", "/etc/stepguard"} <= mounts
+    assert sorted(kube.deleted) == sorted(kube.created)
+
+
+@pytest.mark.airflow
+def test_operator_pod_stops_on_a_tampered_input_before_the_body(
+        airflow_run, kpo_worker, kube, podman_image, orchestrator, capfd, aws_admin_session):
+    source = _kpo_dag(orchestrator).replace("{image!r}", repr(podman_image[1]))
+    first, _ = airflow_run.write(source)
+    dr = first.test()
+    assert airflow_run.states(dr)["ingest"] == "success", capfd.readouterr().out[-4000:]
+    made = airflow_run.xcom_of(dr, "ingest")
+    key = made["outputs"][0]["path"].split(f"s3://{BUCKET}/", 1)[1] + "rows.csv"
+    s3 = aws_admin_session.client("s3", endpoint_url=orchestrator.moto_endpoint)
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"a,b\n6,6\n")  # after the receipt was made
+    capfd.readouterr()
+    second, _ = airflow_run.write(_kpo_dag(orchestrator, train_receipt=made, ingest=False)
+                                  .replace("{image!r}", repr(podman_image[1])))
+    dr = second.test()
+    out = capfd.readouterr().out
+    assert airflow_run.states(dr) == {"train": "failed"}
+    assert "IntegrityError" in out
+    assert "BODY RAN" not in out
+    failed = airflow_run.xcom_of(dr, "train", "stepguard_failed_receipt")
+    assert failed["status"] == "failed" and failed["error"]["type"] == "IntegrityError"

@@ -1,7 +1,16 @@
-"""``SecureKubernetesPodOperator``: the cncf-kubernetes ``KubernetesPodOperator`` with a
-restricted pod, checked when the DAG is parsed.
+"""``SecureKubernetesPodOperator``: the cncf-kubernetes ``KubernetesPodOperator`` as a stepguard
+step -- the step runner is the pod's entrypoint, and the pod's receipt joins the chain.
 
-It is a drop-in subclass: every argument of the stock operator keeps working. What changes:
+When the task runs, the pod is the one :mod:`stepguard._podstep` builds for ``isolation.mode:
+pod`` (the same code as ``SecureStepOperator(isolation="pod")``): ``stepguard exec`` with the
+step spec and settings from a read-only ConfigMap, the body (``cmds`` + ``arguments``) under it;
+inputs and outputs are object-store URIs (``inputs=``/``outputs=``, or upstream ``receipts=``);
+the runner logs in to Vault inside the pod (a single-use wrapped token, or JWT auth), verifies
+the inputs, runs the body, uploads and hashes the outputs and prints its receipt, which is read
+back, checked and returned (XCom ``return_value`` and ``stepguard_receipt``). Which stock
+arguments shape that pod is listed in :mod:`stepguard_airflow.operators._kporunner`.
+
+What is checked when the DAG is parsed (the stock arguments, as before):
 
 * restricted defaults where the DAG author set nothing: non-root uid 65534, ``seccomp``
   ``RuntimeDefault``, no privilege escalation, every capability dropped, read-only root (with
@@ -12,13 +21,18 @@ It is a drop-in subclass: every argument of the stock operator keeps working. Wh
   (with the task's labels, sidecars, templates applied) is checked again before it is created;
 * ``log_pod_spec_on_failure`` is off (a pod spec in a task log is a leak waiting to happen);
 * credentials are delivered as one response-wrapped, single-use Vault token in
-  ``STEPGUARD_WRAPPED_CREDENTIALS``: the step runner in the pod (``stepguard exec``) unwraps it; the
+  ``STEPGUARD_WRAPPED_CREDENTIALS`` (or the pod logs in itself, ``pods.vault_login: jwt``): the
   real credentials never pass through Airflow, XCom, rendered fields or etcd, and the leases are
   revoked when the task ends, however it ends;
 * a default-deny NetworkPolicy selecting exactly this pod is created with it and deleted with
-  it (``network``: ``"none"`` or a ``host:port`` allowlist);
-* the pod's lifecycle is recorded as events on the audit span through the operator's
-  callbacks; ``on_kill`` deletes the pod and the policy and revokes the credentials.
+  it (``network``: ``"none"``, or an allowlist to which Vault, the object store and the OTLP
+  collector from settings are added; ``[]`` opens only those);
+* a pod step that needs the network (credentials, object-store data) with ``network="none"``
+  is a DAG import error; ``on_kill`` revokes the credentials (the pod, its ConfigMap and policy
+  are deleted by the runner code on every path, SIGTERM included).
+
+``StepguardPodCallbacks`` stays attached for code that drives the stock pod lifecycle; the
+runner's pod is recorded by the step's own spans (``stepguard.step``, ``isolation.run``).
 """
 
 from __future__ import annotations
@@ -31,8 +45,8 @@ from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCal
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s  # type: ignore[import-untyped]
 
-from stepguard_airflow._common import run_context
 from stepguard_airflow._failures import step_name, task_failure
+from stepguard_airflow.operators import _kporunner
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -126,9 +140,22 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
     :param stepguard_conn_id: the ``stepguard`` connection (Vault address and login).
     :param wrap_ttl_s: lifetime of the wrapping token (the pod must be scheduled, pull its
         image and start within it); default ``pods.wrap_ttl_s`` (20 min).
+    :param inputs: input name -> object-store URI (verified against its receipt from
+        ``receipts=``), or -> an input spec mapping (``{"path": "s3://...", "manifest":
+        "s3://.../manifest.json"}``); verified inside the pod before the body starts (templated).
+    :param outputs: output name -> object-store URI the runner uploads to (templated).
+    :param receipts: input name -> upstream receipt (e.g. ``ingest.output``): the input is
+        verified against the digest its producer recorded; its path may come from the receipt
+        (templated).
+    :param spec: more of the step spec (a mapping: ``storage``, ``signing``, ``policies``...);
+        the arguments above are added to it.
+
+    The task's return value is the pod's checked receipt (also pushed as ``stepguard_receipt``),
+    so ``SignAndPublishModelOperator(model=train.output)`` chains after it.
     """
 
-    template_fields: Sequence[str] = tuple(KubernetesPodOperator.template_fields)
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields,
+                                      "inputs", "outputs", "receipts")
     _stepguard_secured = True
     #: Violations of these rules depend on values only known once templates are rendered.
     _TEMPLATE_DEPENDENT: ClassVar[frozenset[str]] = frozenset({"stepguard.image-digest"})
@@ -142,10 +169,19 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         allow_unpinned_image: bool = False,
         stepguard_conn_id: str | None = "stepguard_default",
         wrap_ttl_s: int | None = None,
+        inputs: Mapping[str, str | Mapping[str, Any]] | None = None,
+        outputs: Mapping[str, str] | None = None,
+        receipts: Mapping[str, Any] | None = None,
+        spec: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         from stepguard.errors import ConfigurationError
         from stepguard.spec import CredentialRequest
+
+        _kporunner.refuse_pod_templates(kwargs)
+        # What the DAG author asked for (the defaults below are for the parse-time check).
+        self.stepguard_resources = kwargs.get("container_resources")
+        self.stepguard_deadline_s = kwargs.get("active_deadline_seconds")
 
         if kwargs.get("deferrable"):
             # Deferring hands the pod to the triggerer while this process exits: the step's
@@ -167,11 +203,20 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
             requests={"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"},
         ))
         kwargs.setdefault("termination_grace_period", 10)
-        if kwargs.get("volumes") is None and kwargs.get("volume_mounts") is None:
-            # A read-only root needs somewhere to write.
-            kwargs["volumes"] = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(
-                size_limit="1Gi"))]
-            kwargs["volume_mounts"] = [k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)]
+        # A read-only root needs somewhere to write: the /tmp emptyDir stays, the user's
+        # volumes are added to it (merge_volumes refuses a clash with it, naming it).
+        from stepguard.isolation import merge_volumes
+
+        user_volumes = (_kporunner.to_dicts(kwargs.get("volumes")),
+                        _kporunner.to_dicts(kwargs.get("volume_mounts")))
+        merge_volumes({"spec": {
+            "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}],
+            "containers": [{"volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}]}]}},
+            *user_volumes)
+        kwargs["volumes"] = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(
+            size_limit="1Gi")), *(kwargs.get("volumes") or ())]
+        kwargs["volume_mounts"] = [k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH),
+                                   *(kwargs.get("volume_mounts") or ())]
         callbacks = kwargs.get("callbacks")
         if callbacks is None:
             kwargs["callbacks"] = StepguardPodCallbacks
@@ -195,9 +240,32 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         self.allow_unpinned_image = allow_unpinned_image
         self.stepguard_conn_id = stepguard_conn_id
         self.wrap_ttl_s = wrap_ttl_s
-        self._stepguard_session: Any = None
-        self._stepguard_policy: tuple[str, str] | None = None
+        self.inputs = dict(inputs) if inputs else None
+        self.outputs = dict(outputs) if outputs else None
+        from stepguard_airflow.operators._step import receipt_arg
+
+        self.receipts = {k: receipt_arg(v) for k, v in receipts.items()} if receipts else None
+        self.step_spec = dict(spec) if spec else None
+        self.stepguard_volumes = user_volumes
         self.check_pod_spec(parse_time=True)
+        self._check_step()
+
+    def _check_step(self) -> None:
+        """The step spec as far as it is known when the DAG is parsed (templates aside)."""
+        import json
+        from dataclasses import replace
+
+        from stepguard._podstep import check_pod_spec
+        from stepguard_airflow._common import coerce_spec, resolve_spec
+
+        data = _kporunner.spec_data(self, step_name(self.task_id),
+                                    receipt_inputs=tuple(self.receipts or ()))
+        coerce_spec(data, step_name(self.task_id), tuple(self.receipts or ()))
+        if "{{" not in json.dumps(data, default=str):
+            spec = resolve_spec(data, None, None, dict.fromkeys(self.receipts or ()))
+            # An input's path from an upstream receipt is known when the task runs.
+            check_pod_spec(replace(spec, inputs=tuple(
+                i for i in spec.inputs if i.name not in (self.receipts or {}))))
 
     # -- the check ----------------------------------------------------------------------------
 
@@ -290,95 +358,43 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
     # -- execution ----------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
-        from stepguard.errors import StepguardError
+        """Run the body under the step runner in the pod; return the pod's checked receipt."""
+        from stepguard_airflow._common import execute_step, receipt_xcom, resolve_spec
+        from stepguard_airflow.assets import resolve_receipt
+        from stepguard_airflow.operators._step import RECEIPT_KEY
 
+        receipts = ({k: resolve_receipt(context, v) for k, v in self.receipts.items()}
+                    if self.receipts else None)
+        data = _kporunner.spec_data(self, step_name(self.task_id),
+                                    receipt_inputs=tuple(receipts or ()))
         try:
-            with self._credentials(context) as wrapped:
-                if wrapped is not None:
-                    from stepguard.credentials import WRAPPED_ENV
-
-                    self.env_vars = [*(self.env_vars or []),
-                                     k8s.V1EnvVar(name=WRAPPED_ENV, value=wrapped)]
-                return super().execute(context)
-        except StepguardError as err:
+            spec = resolve_spec(data, "pod", None, receipts)
+            command = _kporunner.body_argv(self)
+            api = _kporunner.kube_api(self)
+        except Exception as err:
             raise task_failure(step_name(self.task_id), err) from None
-        finally:
-            self._delete_network_policy()
-
-    def get_or_create_pod(self, pod_request_obj: k8s.V1Pod, context: Context) -> k8s.V1Pod:
-        """Create the NetworkPolicy first, so the pod never runs a moment without it."""
-        if self.network_policy:
-            body = self.network_policy_manifest(pod_request_obj)
-            ns = pod_request_obj.metadata.namespace
-            from kubernetes.client import NetworkingV1Api
-
-            NetworkingV1Api(self.client.api_client).create_namespaced_network_policy(ns, body)
-            self._stepguard_policy = (ns, body["metadata"]["name"])
-            _event("network_policy_created", pod_request_obj)
-        return super().get_or_create_pod(pod_request_obj, context)
-
-    def _delete_network_policy(self) -> None:
-        if self._stepguard_policy is None:
-            return
-        ns, name = self._stepguard_policy
-        self._stepguard_policy = None
-        try:
-            from kubernetes.client import NetworkingV1Api
-
-            NetworkingV1Api(self.client.api_client).delete_namespaced_network_policy(name, ns)
-        except Exception as exc:
-            log.warning("could not delete NetworkPolicy %s/%s (%s)", ns, name,
-                        type(exc).__name__)
-
-    def _credentials(self, context: Context) -> Any:
-        """Mint the step's credentials and wrap them for the pod; revoke on exit."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def cm() -> Any:
-            if not self.credentials:
-                yield None
-                return
-            from stepguard.credentials import VaultConfig, open_session, wrap_for_delivery
-            from stepguard_airflow.hooks import StepguardHook
-
-            hook = StepguardHook(self.stepguard_conn_id)
-            settings = hook.get_settings()
-            ctx = run_context(context, step_name(self.task_id))
-            ttl = float(self.active_deadline_seconds or DEFAULT_DEADLINE_S) + \
-                settings.vault.ttl_margin_s
-            with hook.login_env(settings), open_session(
-                    self.credentials, settings=VaultConfig.from_env(), context=ctx,
-                    ttl_s=ttl) as session:
-                self._stepguard_session = session
-                try:
-                    delivery = wrap_for_delivery(
-                        session, ttl_s=self.wrap_ttl_s or settings.pods.wrap_ttl_s)
-                    from airflow.sdk.log import mask_secret
-
-                    token = delivery.token.get_secret_value()
-                    mask_secret(token)
-                    yield token
-                finally:
-                    self._stepguard_session = None
-
-        return cm()
+        receipt = execute_step(
+            context=context, spec=spec, command=command, conn_id=self.stepguard_conn_id,
+            receipts=receipts, pod={
+                "kube_api": api, "volumes": self.stepguard_volumes[0],
+                "volume_mounts": self.stepguard_volumes[1], "wrap_ttl_s": self.wrap_ttl_s})
+        out = receipt_xcom(receipt)
+        context["ti"].xcom_push(key=RECEIPT_KEY, value=out)
+        if not self.do_xcom_push:
+            # The stock do_xcom_push (default off) is about the KPO's xcom sidecar, which the
+            # runner pod does not need: the receipt is the task's value whatever it says.
+            context["ti"].xcom_push(key="return_value", value=out)
+        return out
 
     def on_kill(self) -> None:
-        """Delete the pod (stock), then the NetworkPolicy, then revoke the credentials."""
+        """Revoke the step's credentials at once (Airflow's SIGTERM handling only calls this);
+        the runner code deletes the pod, its ConfigMap and its policy on every path."""
+        from stepguard_airflow._common import revoke_on_kill
+
         try:
             super().on_kill()
         finally:
-            self._delete_network_policy()
-            session = self._stepguard_session
-            if session is not None:
-                close = getattr(session, "close", None) or getattr(session, "revoke", None)
-                if callable(close):
-                    try:
-                        close()
-                    except Exception as exc:
-                        log.warning("credential revocation on kill failed (%s)",
-                                    type(exc).__name__)
+            revoke_on_kill()
 
 
 def _credential_from(data: Mapping[str, Any]) -> CredentialRequest:

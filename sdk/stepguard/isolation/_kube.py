@@ -165,9 +165,12 @@ def run_pod(
     config_map: Mapping[str, str] | None = None,
     vault_audience: str | None = None,
     vault_token_expiry_s: int | None = None,
+    user_volumes: Sequence[Mapping[str, Any]] = (),
+    user_volume_mounts: Sequence[Mapping[str, Any]] = (),
 ) -> RunResult:
     """Create NetworkPolicy (+ ConfigMap) + Pod, follow the logs, wait, and delete them all on
-    every path. ``config_map`` (file name -> text) is mounted read-only at ``/etc/stepguard``."""
+    every path. ``config_map`` (file name -> text) is mounted read-only at ``/etc/stepguard``;
+    ``user_volumes``/``user_volume_mounts`` are merged into the pod's own (``build_pod``)."""
     if secret_files:
         raise ConfigurationError(
             "secret files cannot be handed to a pod without storing them in the cluster; "
@@ -192,7 +195,8 @@ def run_pod(
         name, config_map, context=context, namespace=spec.namespace)
     pod = build_pod(spec, name=name, command=command, env=env, context=context,
                     wrapped_token_env=wrapped_token_env, deadline_s=deadline_s,
-                    config_map=name if cmap is not None else None, **extra)
+                    config_map=name if cmap is not None else None,
+                    user_volumes=user_volumes, user_volume_mounts=user_volume_mounts, **extra)
     policy = build_network_policy(spec, name=name, context=context)
     # Our own manifests, checked like anyone's: a regression here must fail before creation.
     assert_pod_ok(pod, schema=False)
