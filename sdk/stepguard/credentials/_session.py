@@ -196,7 +196,6 @@ class CredentialSession:
             if not auth.get("client_token"):
                 raise CredentialError("Vault returned no step token", subject=path)
             self._step_token = str(auth["client_token"])
-            guard(self._step_token)
             self._token = TokenRecord(
                 accessor_hash=hashed_id(str(auth.get("accessor", ""))), child=True,
                 policies=tuple(auth.get("policies") or self._policies),
@@ -213,8 +212,12 @@ class CredentialSession:
         self.timings["token_s"] = time.monotonic() - t0
         # Renewals start with the token, not after the credentials: issuing them can take
         # longer than a short heartbeat (IAM propagation waits, a slow secrets backend), and
-        # the token must not expire under the issuance.
+        # the token must not expire under the issuance -- nor under its own registration with
+        # the log maskers, which comes next and, in a long-lived process, can take seconds
+        # (nothing has logged the token before it).
         self._schedule_renewal()
+        if cfg.child_token:
+            guard(self._step_token)
 
         for req in requests:
             t1 = time.monotonic()

@@ -126,12 +126,13 @@ def test_a_slow_log_masker_does_not_let_short_ttls_expire(dev_stack, short_role,
                                                           monkeypatch):
     """Each value is registered with the log masker after Vault answered, and Airflow's masker
     recompiles one regex over every secret it has seen, so in a long-lived process it slows down.
-    TTLs count from the request, so renewals are scheduled from then: with 1.5 s per
-    registration, a 3 s step token and a 5 s database lease still live through the step."""
+    TTLs count from the request and renewals are scheduled before the values are registered:
+    with 1.2 s per registration, a 3 s step token and a 5 s database lease live through the
+    step (scheduled from the end of registration, the token's first renewal came too late)."""
     from stepguard.audit import _redact
 
     def slow_sink(forms):
-        time.sleep(1.5)
+        time.sleep(1.2)
 
     monkeypatch.setattr(_redact._guard, "sinks", (*_redact._guard.sinks, slow_sink))
     with warnings.catch_warnings():
