@@ -123,3 +123,18 @@ def airflow_run(airflow_db: Path) -> Iterator[Any]:
         xcom_of = staticmethod(xcom)
 
     yield _Helpers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_airflow_masker() -> Iterator[None]:
+    """Each test starts with Airflow's secrets masker as a task process has it: empty.
+
+    A real task runs in a process of its own, so the masker only holds that task's secrets;
+    this session runs hundreds of tasks in one process, and the masker recompiles one pattern
+    over everything it holds on every new secret. stepguard's own registry is left alone.
+    """
+    yield
+    if "airflow.sdk._shared.secrets_masker" in sys.modules:
+        from airflow.sdk._shared.secrets_masker import _secrets_masker
+
+        _secrets_masker().reset_masker()
