@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,12 @@ deadline_s: 900
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # Only what the command line and the settings file say: a dev stack started earlier in the
+    # session exports VAULT_ADDR and friends, which settings rightly take over the file.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VAULT_", "BAO_", "STEPGUARD_", "OTEL_", "AWS_"))}
     return subprocess.run([sys.executable, "-m", "stepguard.cli", *args], capture_output=True,
-                          text=True, timeout=120, check=False)
+                          text=True, timeout=120, check=False, env=env)
 
 
 @pytest.fixture(scope="module")
