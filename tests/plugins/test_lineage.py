@@ -25,12 +25,37 @@ import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("dagfile", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-runs = {}
+from airflow.models.xcom import XComModel
+from airflow.utils.session import create_session
+from sqlalchemy import select
+runs, xcoms = {}, {}
 for dag_id in sys.argv[2:]:
     dr = getattr(module, dag_id).test()
     runs[dag_id] = dr.run_id
+    with create_session() as session:
+        for row in session.scalars(select(XComModel).where(
+                XComModel.dag_id == dr.dag_id, XComModel.run_id == dr.run_id)):
+            xcoms.setdefault(dag_id, {}).setdefault(row.task_id, {})[row.key] = \
+                XComModel.deserialize_value(row)
 print("RUNS=" + json.dumps(runs))
+print("XCOMS=" + json.dumps(xcoms, default=str))
 """
+
+
+def _own_metadata_db(home: Path, root: Path) -> dict[str, str]:
+    """A copy of the session's migrated metadata DB for a run in another process: a second
+    process writing the SQLite file the test process holds connections to corrupted it
+    ("database disk image is malformed") after enough runs."""
+    import sqlite3
+
+    target = root / "airflow-subprocess.db"
+    src, dst = sqlite3.connect(home / "airflow.db"), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{target}"}
 
 DAGS = """
 import pendulum
@@ -96,14 +121,16 @@ def lineage_run(airflow_run, stepguard_env, monkeypatch):
             dag_id="{dag_id}", source=str(source), key=str(root / "k.pem"),
             registry=f"file://{root / 'registry'}"))
         env = {**os.environ, "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
-            {"type": "file", "log_file_path": str(events_file), "append": True})}
+            {"type": "file", "log_file_path": str(events_file), "append": True}),
+            **_own_metadata_db(airflow_run.home, root)}
         path = airflow_run.home / "dags" / f"{dag_id}.py"
         r = subprocess.run([sys.executable, "-c", RUN, str(path), *suffixes],
                            capture_output=True, text=True, timeout=600, env=env, cwd=root)
         assert r.returncode == 0, r.stderr[-3000:]
         runs = json.loads(r.stdout.rsplit("RUNS=", 1)[1].splitlines()[0])
+        xcoms = json.loads(r.stdout.rsplit("XCOMS=", 1)[1].splitlines()[0])
         events = [json.loads(line) for line in events_file.read_text().splitlines()]
-        return dag_id, runs, events
+        return dag_id, runs, events, xcoms
 
     return run
 
@@ -134,9 +161,9 @@ def _by_ns_name(datasets):
 
 def test_complete_events_carry_the_receipts_digests_signer_and_gate_verdict(
         airflow_run, lineage_run):
-    dag_id, runs, events = lineage_run("chain")
+    dag_id, runs, events, xcoms = lineage_run("chain")
     run = SimpleNamespace(dag_id=dag_id, run_id=runs["chain"])
-    receipts = {t: airflow_run.xcom_of(run, t)
+    receipts = {t: xcoms["chain"].get(t, {}).get("return_value")
                 for t in ("ingest", "verify", "train", "publish", "gate")}
     assert all(r is not None for r in receipts.values()), receipts
     job = run.dag_id
@@ -187,9 +214,9 @@ def test_complete_events_carry_the_receipts_digests_signer_and_gate_verdict(
 
 
 def test_fail_event_names_the_integrity_verdict_and_the_file(airflow_run, lineage_run):
-    dag_id, runs, events = lineage_run("tampered")
+    dag_id, runs, events, xcoms = lineage_run("tampered")
     run = SimpleNamespace(dag_id=f"{dag_id}_tampered", run_id=runs["tampered"])
-    failed = airflow_run.xcom_of(run, "verify", "stepguard_failed_receipt")
+    failed = xcoms["tampered"]["verify"]["stepguard_failed_receipt"]
     ev = _task_event(events, run.dag_id, "verify", "FAIL")
     verdicts = ev["run"]["facets"]["stepguard_verdicts"]
     assert verdicts["status"] == "failed"
@@ -261,7 +288,8 @@ def test_lineage_links_the_consumer_dag_to_the_producer_dag_by_digest(airflow_ru
     path.write_text(example.read_text())
     events_file = stepguard_env / "openlineage.jsonl"
     env = {**os.environ, "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
-        {"type": "file", "log_file_path": str(events_file), "append": True})}
+        {"type": "file", "log_file_path": str(events_file), "append": True}),
+        **_own_metadata_db(airflow_run.home, stepguard_env)}
     r = subprocess.run([sys.executable, "-c", ACROSS, str(path)], capture_output=True,
                        text=True, timeout=600, env=env, cwd=stepguard_env)
     assert r.returncode == 0, r.stderr[-3000:]
