@@ -218,7 +218,7 @@ def execute_step(
 ) -> Receipt:
     """Run ``spec`` through :func:`stepguard.step.run_step` for an Airflow task instance.
 
-    ``pod``: keyword arguments for :func:`stepguard._podstep.run_in_pod` (``kube_api``,
+    ``pod``: keyword arguments for :func:`stepguard.pods.run_in_pod` (``kube_api``,
     ``volumes``, ``volume_mounts``) of a ``mode: pod`` step, plus ``wrap_ttl_s`` (overrides
     ``pods.wrap_ttl_s``) -- what ``SecureKubernetesPodOperator`` brings from its arguments.
 
@@ -261,7 +261,7 @@ def execute_step(
         spec = anchor_outputs(spec, settings, ctx)
         with receipts_as_inputs(spec, receipts) as final, hook.login_env(settings):
             if pod is not None and command is not None:
-                from stepguard._podstep import run_in_pod
+                from stepguard.pods import run_in_pod
 
                 receipt = run_in_pod(Step(final, settings=settings, context=ctx), command,
                                      **pod)

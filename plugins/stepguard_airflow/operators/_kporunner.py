@@ -1,4 +1,4 @@
-"""What ``SecureKubernetesPodOperator`` hands to the step runner pod (:mod:`stepguard._podstep`).
+"""What ``SecureKubernetesPodOperator`` hands to the step runner pod (:mod:`stepguard.pods`).
 
 The operator is an adapter: its pod is built by :func:`stepguard.isolation.build_pod` with the
 step runner (``stepguard exec``) as the entrypoint and the body (``cmds`` + ``arguments``) under

@@ -1,7 +1,7 @@
 """``SecureKubernetesPodOperator``: the cncf-kubernetes ``KubernetesPodOperator`` as a stepguard
 step -- the step runner is the pod's entrypoint, and the pod's receipt joins the chain.
 
-When the task runs, the pod is the one :mod:`stepguard._podstep` builds for ``isolation.mode:
+When the task runs, the pod is the one :mod:`stepguard.pods` builds for ``isolation.mode:
 pod`` (the same code as ``SecureStepOperator(isolation="pod")``): ``stepguard exec`` with the
 step spec and settings from a read-only ConfigMap, the body (``cmds`` + ``arguments``) under it;
 inputs and outputs are object-store URIs (``inputs=``/``outputs=``, or upstream ``receipts=``);
@@ -255,7 +255,7 @@ class SecureKubernetesPodOperator(KubernetesPodOperator):
         import json
         from dataclasses import replace
 
-        from stepguard._podstep import check_pod_spec
+        from stepguard.pods import check_pod_spec
         from stepguard_airflow._common import coerce_spec, resolve_spec
 
         data = _kporunner.spec_data(self, step_name(self.task_id),
