@@ -286,7 +286,8 @@ def test_trace_of_a_run_stopped_by_tampered_data(airflow_run, pipeline_env, capf
     verify = next(s for s in doc["steps"] if s["step"] == "verify_dataset")
     assert verify["status"] == "failed" and verify["error"].startswith("IntegrityError")
     [failed] = [c for c in verify["checks"] if not c["passed"]]
-    assert failed["name"] == "integrity.verify" and "churn.csv" in failed["details"]["message"]
+    # the FAIL verdict the integrity control recorded, naming the file
+    assert failed["name"] == "integrity.verified" and "churn.csv" in json.dumps(failed["details"])
     assert doc["unsecured"] == ["attacker_poisons_data_lake"]
     code, text, _ = _trace(capfd, "--run", dr.run_id)
     assert "[FAIL] data" in text and "attacker_poisons_data_lake  ran WITHOUT stepguard" in text
