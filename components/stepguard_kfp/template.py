@@ -12,6 +12,11 @@ both render as ``mode: pod`` (under ``kfp.local``, which starts no pod, the body
 bubblewrap sandbox with the same spec). The instance needs a ``manifest`` for its dataset.
 The step runner in each pod checks the floor in the pod's stepguard settings again.
 
+Every task runs the one runtime image, taken from the ``pods.image`` setting (the all-zero
+placeholder digest is refused):
+
+>>> import os
+>>> os.environ["STEPGUARD_PODS_IMAGE"] = "registry.example/sg@sha256:" + "5" * 64
 >>> from stepguard.template import PipelineTemplate
 >>> from stepguard_kfp.template import build_pipeline
 >>> t = PipelineTemplate.from_dict({"name": "training", "train_command": ["python3", "-m", "t"],
@@ -19,6 +24,7 @@ The step runner in each pod checks the floor in the pod's stepguard settings aga
 >>> p = build_pipeline(t.instantiate(name="churn", dataset="/d", manifest="/d.json"))
 >>> p.name
 'training-churn'
+>>> del os.environ["STEPGUARD_PODS_IMAGE"]
 """
 
 # No "from __future__ import annotations": KFP reads the pipeline function's real annotations.

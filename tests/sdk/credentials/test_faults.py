@@ -199,5 +199,7 @@ def test_a_hanging_renewal_does_not_starve_other_sessions(fault_proxy, dev_stack
                           handle_sigterm=False) as good:
             time.sleep(4.5)
             assert good.token.renewals >= 1
+            # Still valid (an expired token is refused with 403, raised as CredentialDenied);
+            # Vault reports a token in its last second as ttl 0, so the value is not compared.
             body = good.step_api().request("GET", "auth/token/lookup-self", what="lookup")
-            assert body is not None and body["data"]["ttl"] > 0
+            assert body is not None and body["data"]["ttl"] >= 0
